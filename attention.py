@@ -1,0 +1,230 @@
+"""Causal self-attention in NumPy, in the order you would draw it on a whiteboard.
+
+    1. the exam rule:        causal_mask       which keys each query may see
+    2. turning scores into probabilities: softmax
+    3. one attention step:   scaled_dot_product_attention
+    4. the parallel graders: split_heads / merge_heads
+    5. single-head causal attention, then the seed exercise's multi-head block
+    6. the layer the GPT model uses: multi_head_attention (Q/K/V lenses, heads, KV cache, W_O)
+
+Shape letters: B batch, T new tokens this call, D d_model, H query heads, H_kv key/value heads,
+d_head = D // H, t_q query positions, t_k key positions (t_k = cached + new).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from rope import apply_rope
+
+if TYPE_CHECKING:  # only for type hints; cache.py does not import this module
+    from cache import KVCache
+
+# A finite "minus infinity" for masked logits (the seed exercise's choice). exp(-1e9 - max) is
+# exactly 0.0 in float32 and float64, so masked keys get zero probability; and a row whose every
+# key is masked becomes uniform instead of 0/0 = NaN, which -inf would give.
+NEG_INF = -1e9
+
+
+# --- 1. The exam rule ----------------------------------------------------------------------------
+
+def causal_mask(t_q: int, t_k: int | None = None) -> np.ndarray:
+    """Boolean (t_q, t_k) mask, True where a query may attend to a key.
+
+    The t_q queries are the LAST t_q of the t_k positions (bottom-right aligned): query i sits at
+    absolute position t_k - t_q + i and sees keys j <= t_k - t_q + i. With t_q == t_k this is the
+    familiar lower triangle; with t_q == 1 (one decode step) it is a single row of True; with a
+    chunk of new tokens after a cache it is a rectangle whose diagonal is shifted right.
+    """
+    t_k = t_q if t_k is None else t_k
+    for name, value in (("t_q", t_q), ("t_k", t_k)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"causal_mask: {name} must be a positive int, got {value!r}")
+    if t_q > t_k:
+        raise ValueError(f"causal_mask: t_q={t_q} queries cannot be the last of t_k={t_k} keys")
+    # np.tril with offset k keeps j <= i + k; the offset t_k - t_q shifts the diagonal right.
+    return np.tril(np.ones((t_q, t_k), dtype=bool), k=t_k - t_q)
+
+
+# --- 2. Scores to probabilities ------------------------------------------------------------------
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax: subtracting the row max keeps exp() <= 1, so logits of 1e4 or
+    -1e9 never overflow. Same shape in and out."""
+    x = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+# --- 3. One attention step -----------------------------------------------------------------------
+
+def scaled_dot_product_attention(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """softmax(q k^T / sqrt(d) + mask) v.
+
+    q (..., t_q, d), k and v (..., t_k, d), mask bool broadcastable to (..., t_q, t_k), True = may
+    attend. Returns out (..., t_q, d) and weights (..., t_q, t_k).
+
+    The mask goes on the logits BEFORE softmax: a masked logit becomes NEG_INF, so softmax gives it
+    exactly zero probability and renormalises over the visible keys. Zeroing probabilities after
+    softmax would leave rows that no longer sum to one (and the future already mixed into the max).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])  # a Python float, so float32 inputs stay float32
+    scores = (q @ k.swapaxes(-1, -2)) * scale  # (..., t_q, d) @ (..., d, t_k) -> (..., t_q, t_k)
+    if mask is not None:
+        scores = np.where(mask, scores, NEG_INF)
+    weights = softmax(scores, axis=-1)
+    return weights @ v, weights  # (..., t_q, t_k) @ (..., t_k, d) -> (..., t_q, d)
+
+
+# --- 4. The parallel graders ---------------------------------------------------------------------
+
+def split_heads(x: np.ndarray, n_heads: int) -> np.ndarray:
+    """(B, T, D) -> (B, H, T, D // H): cut the width into H slices, then put heads before time so
+    every head is an independent (T, d_head) attention problem."""
+    B, T, D = x.shape
+    if D % n_heads:
+        raise ValueError(f"split_heads: width {D} is not divisible by n_heads={n_heads}")
+    x = x.reshape(B, T, n_heads, D // n_heads)  # (B, T, D) -> (B, T, H, d_head)
+    return x.transpose(0, 2, 1, 3)  # (B, T, H, d_head) -> (B, H, T, d_head)
+
+
+def merge_heads(x: np.ndarray) -> np.ndarray:
+    """(B, H, T, d_head) -> (B, T, H * d_head): the exact inverse of split_heads (transpose back
+    first, then reshape), so head h's output lands in columns [h * d_head, (h + 1) * d_head)."""
+    B, H, T, d_head = x.shape
+    x = x.transpose(0, 2, 1, 3)  # (B, H, T, d_head) -> (B, T, H, d_head)
+    return x.reshape(B, T, H * d_head)  # (B, T, H, d_head) -> (B, T, D)
+
+
+def grouped_attention(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Attention where H query heads share H_kv key/value heads in groups of G = H // H_kv.
+
+    q (B, H, t_q, d), k and v (B, H_kv, t_k, d), mask broadcastable to (B, 1, t_q, t_k).
+    Query head h reads key/value head h // G (as torch's enable_gqa does). G == 1 is ordinary
+    multi-head attention, H_kv == 1 is multi-query attention. The sharing is a broadcast over a
+    size-1 axis, so K and V are never copied H // H_kv times.
+    Returns out (B, H, t_q, d) and weights (B, H, t_q, t_k).
+    """
+    B, H, t_q, d = q.shape
+    H_kv, t_k = k.shape[1], k.shape[2]
+    q = q.reshape(B, H_kv, H // H_kv, t_q, d)  # (B, H, t_q, d) -> (B, H_kv, G, t_q, d)
+    k, v = k[:, :, None], v[:, :, None]  # (B, H_kv, t_k, d) -> (B, H_kv, 1, t_k, d)
+    if mask is not None:
+        mask = mask[:, :, None]  # (B, 1, t_q, t_k) -> (B, 1, 1, t_q, t_k)
+    out, weights = scaled_dot_product_attention(q, k, v, mask)
+    out = out.reshape(B, H, t_q, d)  # (B, H_kv, G, t_q, d) -> (B, H, t_q, d)
+    return out, weights.reshape(B, H, t_q, t_k)  # (B, H_kv, G, t_q, t_k) -> (B, H, t_q, t_k)
+
+
+# --- 5. Single head, then the seed exercise ------------------------------------------------------
+
+def single_head_causal_attention(
+    x: np.ndarray, w_q: np.ndarray, w_k: np.ndarray, w_v: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The smallest complete version: x (B, T, D), weights (D, d) -> out (B, T, d) and the (B, T, T)
+    attention weights, whose upper triangle (the future) is exactly zero."""
+    q, k, v = x @ w_q, x @ w_k, x @ w_v  # three lenses on the same tokens: (B, T, d) each
+    return scaled_dot_product_attention(q, k, v, causal_mask(x.shape[1]))
+
+
+def layer_norm(
+    x: np.ndarray, gamma: np.ndarray | None = None, beta: np.ndarray | None = None,
+    eps: float = 1e-5,
+) -> np.ndarray:
+    """Normalise the last axis to mean 0, variance 1 (biased variance, as torch does), then scale
+    by gamma and shift by beta when given. Same shape in and out."""
+    mean = x.mean(axis=-1, keepdims=True)
+    var = x.var(axis=-1, keepdims=True)
+    x = (x - mean) / np.sqrt(var + eps)
+    if gamma is not None:
+        x = x * gamma
+    if beta is not None:
+        x = x + beta
+    return x
+
+
+def causal_self_attention_block(
+    x: np.ndarray, w_q: np.ndarray, w_k: np.ndarray, w_v: np.ndarray, w_o: np.ndarray,
+    num_heads: int,
+) -> np.ndarray:
+    """The block-exercise pipeline, step for step: x (N, T, D), weights (D, D) -> (N, T, D).
+
+    project -> split heads -> masked scaled scores (-1e9) -> softmax -> weighted sum -> merge heads
+    -> output projection -> + x -> LayerNorm (eps 1e-5, no learned scale or shift).
+    """
+    x = np.asarray(x)
+    if x.ndim != 3:
+        raise ValueError(f"causal_self_attention_block: x must be (N, T, d_model), got {x.shape}")
+    D = x.shape[-1]
+    for name, w in (("w_q", w_q), ("w_k", w_k), ("w_v", w_v), ("w_o", w_o)):
+        if np.shape(w) != (D, D):
+            raise ValueError(
+                f"causal_self_attention_block: {name} must be ({D}, {D}), got {np.shape(w)}")
+    if not isinstance(num_heads, (int, np.integer)) or num_heads < 1 or D % num_heads:
+        raise ValueError(
+            f"causal_self_attention_block: num_heads={num_heads!r} must divide d_model={D}")
+    q = split_heads(x @ w_q, num_heads)  # (N, T, D) -> (N, H, T, d_head)
+    k = split_heads(x @ w_k, num_heads)  # (N, T, D) -> (N, H, T, d_head)
+    v = split_heads(x @ w_v, num_heads)  # (N, T, D) -> (N, H, T, d_head)
+    per_head, _ = scaled_dot_product_attention(q, k, v, causal_mask(x.shape[1]))
+    concat = merge_heads(per_head)  # (N, H, T, d_head) -> (N, T, D)
+    return layer_norm(concat @ w_o + x)
+
+
+# --- 6. The layer the GPT model uses -------------------------------------------------------------
+
+@dataclass
+class AttentionParams:
+    """One layer's projections, used as x @ W + b (GPT-2's layout).
+
+    w_q (D, H * d_head), w_k and w_v (D, H_kv * d_head), w_o (H * d_head, D); biases match the
+    output width. Separate Q/K/V matrices, because they are three different lenses on the same
+    token: what am I looking for, what do I contain, what do I pass on.
+    """
+
+    w_q: np.ndarray
+    b_q: np.ndarray
+    w_k: np.ndarray
+    b_k: np.ndarray
+    w_v: np.ndarray
+    b_v: np.ndarray
+    w_o: np.ndarray
+    b_o: np.ndarray
+    n_heads: int
+    n_kv_heads: int
+
+
+def multi_head_attention(
+    x: np.ndarray,
+    p: AttentionParams,
+    mask: np.ndarray | None,
+    cache: KVCache | None = None,
+    rotate: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Causal multi-head self-attention for T new tokens: x (B, T, D) -> (B, T, D).
+
+    The naive path (cache=None, all tokens at once) and the cached path (the new tokens only, keys
+    and values of earlier ones read from the cache) run this same code. mask (1 or B, 1, T, t_k)
+    comes from the caller, built once per forward from the positions. rotate is RoPE's (cos, sin)
+    for the new positions, or None for models with learned position embeddings.
+    Returns the output (B, T, D) and the attention weights (B, H, T, t_k).
+    """
+    q = split_heads(x @ p.w_q + p.b_q, p.n_heads)  # (B, T, D) -> (B, H, T, d_head)
+    k = split_heads(x @ p.w_k + p.b_k, p.n_kv_heads)  # (B, T, D) -> (B, H_kv, T, d_head)
+    v = split_heads(x @ p.w_v + p.b_v, p.n_kv_heads)  # (B, T, D) -> (B, H_kv, T, d_head)
+    if rotate is not None:  # RoPE turns q and k by their absolute positions; v is left alone
+        q, k = apply_rope(q, *rotate), apply_rope(k, *rotate)
+    if cache is not None:
+        # Only K and V are worth keeping: a past query is never asked again.
+        k, v = cache.append(k, v)  # (B, H_kv, T, d_head) -> (B, H_kv, cached + T, d_head)
+    out, weights = grouped_attention(q, k, v, mask)  # (B, H, T, d_head)
+    # W_O mixes what the heads found; before it each head's slice is only that head's opinion.
+    return merge_heads(out) @ p.w_o + p.b_o, weights  # (B, H, T, d_head) -> (B, T, D)

@@ -1,0 +1,36 @@
+"""Rotary position embeddings (RoPE): positions enter attention by rotating q and k.
+
+Each head vector of size d_head is cut into d_head / 2 pairs; pair i is rotated by the angle
+position * base ** (-2i / d_head). A dot product of two rotated vectors then depends only on the
+difference of their positions, which is what attention should care about.
+
+Pairing convention: half-split, pair i = (x[i], x[i + d_head / 2]), as in Hugging Face's Llama
+(`rotate_half`) and GPT-NeoX. The interleaved convention of the original paper and Meta's llama
+code, pair i = (x[2i], x[2i + 1]), is the same rotation after a fixed permutation of the
+dimensions of W_q and W_k; we use half-split so our numbers can be checked against Hugging Face's
+implementation directly, and because two contiguous halves need no strided gather.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rope_angles(
+    positions: np.ndarray, d_head: int, base: float = 10000.0, dtype: np.dtype = np.float64
+) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin for integer positions (1 or B, T): each (1 or B, 1, T, d_head // 2), ready to
+    broadcast over the head axis of q and k (B, H, T, d_head)."""
+    if d_head % 2:
+        raise ValueError(f"rope_angles: d_head must be even to form pairs, got {d_head}")
+    inv_freq = base ** (-np.arange(0, d_head, 2, dtype=np.float64) / d_head)  # (d_head / 2,)
+    angles = np.asarray(positions, dtype=np.float64)[..., None] * inv_freq  # (B, T, d_head / 2)
+    angles = angles[:, None]  # (B, T, d_head / 2) -> (B, 1, T, d_head / 2): one angle for all heads
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate each (x[i], x[i + d/2]) pair of x (B, H, T, d) by its angle. Same shape out."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]  # (B, H, T, d) -> two (B, H, T, d / 2) halves
+    return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
