@@ -1,0 +1,406 @@
+"""attention.py against hand-worked examples, independent formulas and PyTorch.
+
+Every reference here is written separately from the code under test: masks from the rule "query i
+sits at absolute position t_k - t_q + i" spelled out in Python loops, attention from torch, and
+head slices by plain column indexing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn.functional import layer_norm as torch_layer_norm
+from torch.nn.functional import scaled_dot_product_attention as torch_sdpa
+
+from attention import (
+    NEG_INF,
+    AttentionParams,
+    causal_mask,
+    causal_self_attention_block,
+    grouped_attention,
+    layer_norm,
+    merge_heads,
+    multi_head_attention,
+    scaled_dot_product_attention,
+    single_head_causal_attention,
+    softmax,
+    split_heads,
+)
+
+FEW = settings(max_examples=25, deadline=None)
+
+
+def rule_mask(t_q: int, t_k: int) -> np.ndarray:
+    """The causal rule written out literally, one cell at a time (no tril, no offsets)."""
+    allowed = np.zeros((t_q, t_k), dtype=bool)
+    for i in range(t_q):
+        position = t_k - t_q + i  # absolute position of query i: the queries are the last t_q
+        for j in range(t_k):
+            allowed[i, j] = j <= position
+    return allowed
+
+
+def random_params(rng: np.random.Generator, D: int, H: int, H_kv: int | None = None,
+                  dtype: type = np.float64) -> AttentionParams:
+    """Random projections and biases in the x @ W + b layout (std chosen so softmax is not flat)."""
+    H_kv = H if H_kv is None else H_kv
+    kv = H_kv * (D // H)
+
+    def normal(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.5).astype(dtype)
+
+    return AttentionParams(normal(D, D), normal(D), normal(D, kv), normal(kv), normal(D, kv),
+                           normal(kv), normal(D, D), normal(D), H, H_kv)
+
+
+# --- causal_mask ---------------------------------------------------------------------------------
+
+def test_causal_mask_square_by_hand():
+    expected = np.array([[1, 0, 0],
+                         [1, 1, 0],
+                         [1, 1, 1]], dtype=bool)
+    got = causal_mask(3)
+    assert got.dtype == np.bool_
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_causal_mask_rectangle_by_hand():
+    # 2 new queries after 3 cached keys: they sit at absolute positions 3 and 4.
+    expected = np.array([[1, 1, 1, 1, 0],   # position 3 sees keys 0..3
+                         [1, 1, 1, 1, 1]],  # position 4 sees keys 0..4
+                        dtype=bool)
+    np.testing.assert_array_equal(causal_mask(2, 5), expected)
+
+
+def test_causal_mask_one_decode_step_sees_everything():
+    # A single decode query is the newest token: it sees every key, including itself.
+    np.testing.assert_array_equal(causal_mask(1, 4), np.ones((1, 4), dtype=bool))
+
+
+@FEW
+@given(t_k=st.integers(1, 24), data=st.data())
+def test_causal_mask_is_bottom_right_aligned(t_k, data):
+    t_q = data.draw(st.integers(1, t_k), label="t_q")
+    got = causal_mask(t_q, t_k)
+    assert got.shape == (t_q, t_k)
+    np.testing.assert_array_equal(got, rule_mask(t_q, t_k))
+    # The last t_q rows of the square mask are the same thing: chunking never changes the rule.
+    np.testing.assert_array_equal(got, causal_mask(t_k)[t_k - t_q:])
+
+
+@pytest.mark.parametrize(("args", "name"), [
+    ((0,), "t_q"), ((-2,), "t_q"), ((2.0,), "t_q"), ((True,), "t_q"), (("3",), "t_q"),
+    ((2, 0), "t_k"), ((2, 1.5), "t_k"), ((3, 2), "t_q=3"),
+])
+def test_causal_mask_refuses_bad_arguments(args, name):
+    with pytest.raises(ValueError, match=name):
+        causal_mask(*args)
+
+
+# --- softmax -------------------------------------------------------------------------------------
+
+@FEW
+@given(rows=st.integers(1, 5), cols=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_softmax_matches_torch_and_rows_sum_to_one(rows, cols, seed):
+    x = np.random.default_rng(seed).standard_normal((rows, cols)) * 5
+    got = softmax(x)
+    np.testing.assert_allclose(got.sum(axis=-1), 1.0, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got, torch.softmax(torch.from_numpy(x), dim=-1).numpy(),
+                               rtol=0, atol=1e-12)
+    # Another axis, same reference.
+    np.testing.assert_allclose(softmax(x, axis=0),
+                               torch.softmax(torch.from_numpy(x), dim=0).numpy(), rtol=0,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_is_stable_for_huge_logits(dtype):
+    x = np.array([[1e4, 0.0, -1e4],
+                  [1e4, 1e4, 0.0],
+                  [-1e9, 0.0, -1e9],
+                  [-1e9, -1e9, -1e9]], dtype=dtype)
+    # Underflow to 0 is the point (masked keys); overflow or 0/0 would raise here.
+    with np.errstate(over="raise", divide="raise", invalid="raise", under="ignore"):
+        got = softmax(x)
+    assert got.dtype == dtype
+    expected = np.array([[1.0, 0.0, 0.0],
+                         [0.5, 0.5, 0.0],
+                         [0.0, 1.0, 0.0],
+                         [1 / 3, 1 / 3, 1 / 3]])  # an all-masked row is uniform, not NaN
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
+
+
+# --- scaled_dot_product_attention ----------------------------------------------------------------
+
+def test_attention_by_hand():
+    # d = 1, so the scale is 1. Scores for both queries: [1 * 0, 1 * ln 3] = [0, ln 3].
+    q = np.array([[1.0], [1.0]])
+    k = np.array([[0.0], [math.log(3.0)]])
+    v = np.array([[1.0], [5.0]])
+    out, w = scaled_dot_product_attention(q, k, v, causal_mask(2))
+    # Query 0 may only see key 0: weight 1. Query 1 sees both: softmax([0, ln 3]) = [1/4, 3/4].
+    np.testing.assert_allclose(w, [[1.0, 0.0], [0.25, 0.75]], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(out, [[1.0], [0.25 * 1 + 0.75 * 5]], rtol=0, atol=1e-14)
+
+
+def test_mask_is_applied_before_softmax():
+    # If the future were zeroed AFTER softmax, query 0 would keep only e^0 / (e^0 + e^ln3) = 1/4
+    # of its mass and its row would sum to 1/4; applied before softmax it renormalises to 1.
+    q = np.array([[1.0], [1.0]])
+    k = np.array([[0.0], [math.log(3.0)]])
+    _, w = scaled_dot_product_attention(q, k, np.ones((2, 1)), causal_mask(2))
+    np.testing.assert_allclose(w.sum(axis=-1), 1.0, rtol=0, atol=1e-15)
+    assert w[0, 0] == 1.0
+
+
+def torch_reference(q, k, v, allowed):
+    """torch's fused attention with an explicit boolean mask (True = may attend) and its weights
+    recomputed from scratch with -inf on masked scores."""
+    tq, tk, tv, tm = (torch.from_numpy(a) for a in (q, k, v, allowed))
+    out = torch_sdpa(tq, tk, tv, attn_mask=tm)
+    scores = tq @ tk.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    weights = torch.softmax(scores.masked_fill(~tm, float("-inf")), dim=-1)
+    return out.numpy(), weights.numpy()
+
+
+@FEW
+@given(B=st.integers(1, 3), H=st.integers(1, 3), t_k=st.integers(1, 10), d=st.integers(1, 8),
+       seed=st.integers(0, 2**16), data=st.data())
+def test_attention_matches_torch_with_rectangular_mask(B, H, t_k, d, seed, data):
+    t_q = data.draw(st.integers(1, t_k), label="t_q")  # includes t_q < t_k (chunk after cache)
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((B, H, t_q, d))
+    k, v = rng.standard_normal((2, B, H, t_k, d))
+    allowed = rule_mask(t_q, t_k)
+    out, w = scaled_dot_product_attention(q, k, v, causal_mask(t_q, t_k))
+    ref_out, ref_w = torch_reference(q, k, v, allowed)
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(w, ref_w, rtol=0, atol=1e-12)
+    assert np.all(w[..., ~allowed] == 0.0)  # the future gets exactly zero, not "about zero"
+    np.testing.assert_allclose(w.sum(axis=-1), 1.0, rtol=0, atol=1e-12)
+
+
+def test_attention_without_mask_matches_torch():
+    rng = np.random.default_rng(1)
+    q, k, v = rng.standard_normal((3, 2, 5, 4))
+    out, w = scaled_dot_product_attention(q, k, v)
+    ref_out, ref_w = torch_reference(q, k, v, np.ones((5, 5), dtype=bool))
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(w, ref_w, rtol=0, atol=1e-12)
+
+
+def test_attention_keeps_float32():
+    rng = np.random.default_rng(2)
+    q, k, v = rng.standard_normal((3, 1, 4, 8)).astype(np.float32)
+    out, w = scaled_dot_product_attention(q, k, v, causal_mask(4))
+    assert out.dtype == np.float32 and w.dtype == np.float32
+    ref_out, _ = torch_reference(q, k, v, rule_mask(4, 4))
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_constant_is_finite():
+    # The seed's choice: a finite large negative, so an all-masked row cannot become NaN.
+    assert NEG_INF == -1e9
+
+
+# --- split_heads / merge_heads -------------------------------------------------------------------
+
+@FEW
+@given(B=st.integers(1, 3), T=st.integers(1, 6), H=st.integers(1, 4), d_head=st.integers(1, 5),
+       seed=st.integers(0, 2**16))
+def test_split_and_merge_heads(B, T, H, d_head, seed):
+    x = np.random.default_rng(seed).standard_normal((B, T, H * d_head))
+    heads = split_heads(x, H)
+    assert heads.shape == (B, H, T, d_head)
+    for h in range(H):  # head h is exactly columns [h * d_head, (h + 1) * d_head) of the input
+        np.testing.assert_array_equal(heads[:, h], x[:, :, h * d_head:(h + 1) * d_head])
+    merged = merge_heads(heads)
+    assert merged.shape == (B, T, H * d_head)
+    np.testing.assert_array_equal(merged, x)
+
+
+def test_split_heads_refuses_indivisible_width():
+    with pytest.raises(ValueError, match="n_heads=3"):
+        split_heads(np.zeros((1, 2, 8)), 3)
+
+
+# --- single head ---------------------------------------------------------------------------------
+
+def test_single_head_shapes_and_weights():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 5, 6))
+    w_q, w_k, w_v = rng.standard_normal((3, 6, 4))
+    out, w = single_head_causal_attention(x, w_q, w_k, w_v)
+    assert out.shape == (2, 5, 4) and w.shape == (2, 5, 5)
+    assert np.all(w[:, ~rule_mask(5, 5)] == 0.0)
+    np.testing.assert_allclose(w.sum(axis=-1), 1.0, rtol=0, atol=1e-12)
+    ref_out, _ = torch_reference(x @ w_q, x @ w_k, x @ w_v, rule_mask(5, 5))
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-12)
+
+
+@FEW
+@given(B=st.integers(1, 3), T=st.integers(2, 8), seed=st.integers(0, 2**16), data=st.data())
+def test_single_head_is_causal_under_perturbation(B, T, seed, data):
+    t = data.draw(st.integers(1, T - 1), label="t")
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, T, 6))
+    w_q, w_k, w_v = rng.standard_normal((3, 6, 4))
+    changed = x.copy()
+    changed[:, t:] = rng.standard_normal((B, T - t, 6)) * 10  # rewrite the future
+    out, _ = single_head_causal_attention(x, w_q, w_k, w_v)
+    out2, _ = single_head_causal_attention(changed, w_q, w_k, w_v)
+    np.testing.assert_array_equal(out[:, :t], out2[:, :t])  # the past did not move, not by 1 ulp
+    assert not np.array_equal(out[:, t:], out2[:, t:])  # the perturbation did reach the future
+
+
+# --- multi-head (the model's layer) --------------------------------------------------------------
+
+@FEW
+@given(B=st.integers(1, 3), T=st.integers(2, 8), H=st.sampled_from([1, 2, 4]),
+       seed=st.integers(0, 2**16), data=st.data())
+def test_multi_head_shape_and_causality(B, T, H, seed, data):
+    t = data.draw(st.integers(1, T - 1), label="t")
+    rng = np.random.default_rng(seed)
+    D = 4 * H
+    p = random_params(rng, D, H)
+    x = rng.standard_normal((B, T, D))
+    changed = x.copy()
+    changed[:, t:] += rng.standard_normal((B, T - t, D)) * 10
+    mask = causal_mask(T)[None, None]
+    out, w = multi_head_attention(x, p, mask)
+    out2, _ = multi_head_attention(changed, p, mask)
+    assert out.shape == (B, T, D)  # merged back to d_model
+    assert w.shape == (B, H, T, T)
+    np.testing.assert_array_equal(out[:, :t], out2[:, :t])
+    assert not np.array_equal(out[:, t:], out2[:, t:])
+
+
+def torch_mha(p: AttentionParams, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """torch.nn.MultiheadAttention with our weights copied in. torch computes x @ W.T, so its
+    fused in_proj_weight is [W_q.T; W_k.T; W_v.T] stacked on rows, and out_proj.weight is W_o.T.
+    Its boolean attn_mask means True = NOT allowed, the opposite of ours."""
+    D, T = x.shape[-1], x.shape[1]
+    mha = torch.nn.MultiheadAttention(D, p.n_heads, bias=True, batch_first=True,
+                                      dtype=torch.float64).eval()
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.from_numpy(np.concatenate([p.w_q.T, p.w_k.T, p.w_v.T])))
+        mha.in_proj_bias.copy_(torch.from_numpy(np.concatenate([p.b_q, p.b_k, p.b_v])))
+        mha.out_proj.weight.copy_(torch.from_numpy(p.w_o.T.copy()))
+        mha.out_proj.bias.copy_(torch.from_numpy(p.b_o))
+        tx = torch.from_numpy(x)
+        out, w = mha(tx, tx, tx, attn_mask=torch.from_numpy(~rule_mask(T, T)), need_weights=True,
+                     average_attn_weights=False)
+    return out.numpy(), w.numpy()
+
+
+@FEW
+@given(B=st.integers(1, 3), T=st.integers(1, 7), H=st.sampled_from([1, 2, 4]),
+       d_head=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_multi_head_matches_torch_multihead_attention(B, T, H, d_head, seed):
+    rng = np.random.default_rng(seed)
+    D = H * d_head
+    p = random_params(rng, D, H)
+    x = rng.standard_normal((B, T, D))
+    out, w = multi_head_attention(x, p, causal_mask(T)[None, None])
+    ref_out, ref_w = torch_mha(p, x)
+    assert ref_w.shape == (B, H, T, T)  # per-head weights, not averaged
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(w, ref_w, rtol=0, atol=1e-12)
+
+
+@FEW
+@given(H_kv=st.sampled_from([1, 2, 4]), t_k=st.integers(1, 7), seed=st.integers(0, 2**16),
+       data=st.data())
+def test_grouped_attention_matches_torch_enable_gqa(H_kv, t_k, seed, data):
+    t_q = data.draw(st.integers(1, t_k), label="t_q")
+    rng = np.random.default_rng(seed)
+    B, H, d = 2, 4, 3
+    q = rng.standard_normal((B, H, t_q, d))
+    k, v = rng.standard_normal((2, B, H_kv, t_k, d))
+    out, w = grouped_attention(q, k, v, causal_mask(t_q, t_k)[None, None])
+    # torch's GQA: query head h reads key/value head h // (H // H_kv).
+    ref = torch_sdpa(
+        torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v),
+        attn_mask=torch.from_numpy(rule_mask(t_q, t_k)), enable_gqa=True).numpy()
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
+    # And by hand: repeat each kv head G times, then plain attention.
+    G = H // H_kv
+    _, ref_w = torch_reference(q, np.repeat(k, G, axis=1), np.repeat(v, G, axis=1),
+                               rule_mask(t_q, t_k))
+    np.testing.assert_allclose(w, ref_w, rtol=0, atol=1e-12)
+
+
+# --- the seed exercise ---------------------------------------------------------------------------
+
+def torch_seed_block(x, w_q, w_k, w_v, w_o, num_heads):
+    """The block-exercise pipeline written in torch, step by step as the seed lists it."""
+    x, w_q, w_k, w_v, w_o = (torch.from_numpy(a) for a in (x, w_q, w_k, w_v, w_o))
+    N, T, D = x.shape
+    d_head = D // num_heads
+
+    def heads(m):
+        return m.view(N, T, num_heads, d_head).transpose(1, 2)
+
+    Q, K, V = heads(x @ w_q), heads(x @ w_k), heads(x @ w_v)
+    scores = Q @ K.transpose(-2, -1) / math.sqrt(d_head)
+    tril = torch.tril(torch.ones(T, T, dtype=x.dtype))
+    scores = scores.masked_fill(tril == 0, -1e9)
+    per_head = torch.softmax(scores, dim=-1) @ V
+    concat = per_head.transpose(1, 2).reshape(N, T, D)
+    out = concat @ w_o + x
+    return torch_layer_norm(out, (D,), eps=1e-5).numpy()
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(np.float64, 1e-12), (np.float32, 2e-5)])
+@pytest.mark.parametrize(("N", "T", "D", "H"), [(2, 5, 8, 2), (1, 1, 6, 3), (3, 7, 16, 4)])
+def test_seed_block_matches_torch(N, T, D, H, dtype, atol):
+    rng = np.random.default_rng(N * 100 + T)
+    x = rng.standard_normal((N, T, D)).astype(dtype)
+    w_q, w_k, w_v, w_o = (rng.standard_normal((4, D, D)) / math.sqrt(D)).astype(dtype)
+    got = causal_self_attention_block(x, w_q, w_k, w_v, w_o, H)
+    assert got.shape == (N, T, D) and got.dtype == dtype
+    # float32 tolerance: LayerNorm output is O(1), a handful of float32 roundings (~1e-7 each)
+    # through D-term sums; 2e-5 is that with a wide margin, yet far below any real mistake.
+    np.testing.assert_allclose(got, torch_seed_block(x, w_q, w_k, w_v, w_o, H), rtol=0, atol=atol)
+
+
+def test_seed_block_is_causal():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 6, 8))
+    ws = rng.standard_normal((4, 8, 8))
+    changed = x.copy()
+    changed[:, 3:] = rng.standard_normal((2, 3, 8))
+    a = causal_self_attention_block(x, *ws, 2)
+    b = causal_self_attention_block(changed, *ws, 2)
+    np.testing.assert_array_equal(a[:, :3], b[:, :3])
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [
+    ({"x": np.zeros((4, 8))}, "x"),
+    ({"w_k": np.zeros((8, 6))}, "w_k"),
+    ({"w_o": np.zeros((6, 8))}, "w_o"),
+    ({"num_heads": 3}, "num_heads"),
+    ({"num_heads": 0}, "num_heads"),
+])
+def test_seed_block_refuses_bad_arguments(kwargs, name):
+    args = {"x": np.zeros((1, 2, 8)), "w_q": np.eye(8), "w_k": np.eye(8), "w_v": np.eye(8),
+            "w_o": np.eye(8), "num_heads": 2}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        causal_self_attention_block(**args)
+
+
+def test_layer_norm_matches_torch():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 3, 10)) * 3 + 1
+    gamma, beta = rng.standard_normal((2, 10))
+    ref = torch_layer_norm(torch.from_numpy(x), (10,), torch.from_numpy(gamma),
+                       torch.from_numpy(beta), eps=1e-5).numpy()
+    np.testing.assert_allclose(layer_norm(x, gamma, beta, 1e-5), ref, rtol=0, atol=1e-12)
+    ref = torch_layer_norm(torch.from_numpy(x), (10,), eps=1e-5).numpy()
+    np.testing.assert_allclose(layer_norm(x), ref, rtol=0, atol=1e-12)
