@@ -1,27 +1,44 @@
 """Decoding, two ways: recompute the whole prefix every step (naive), or keep K and V (cached).
 
     naive:   step n runs the model on all P + n tokens, keeps the last row of logits.
-    cached:  prefill runs the P prompt tokens once and fills the cache;
+    cached:  prefill runs the P prompt tokens once (in chunks if asked) and fills the cache;
              decode then runs ONE token per step against the cached keys and values.
 
 Both call the same model code; only the amount of work differs. `python generate.py` runs both
 from the same prompt and shows they agree.
+
+A batch of prompts of different lengths is LEFT-padded into one (B, P) array with an attention
+mask (1 real, 0 pad), so every row's newest token sits in the last column and one decode step
+serves all rows. The model takes each row's positions from that mask (a row's first real token is
+position 0 however much padding precedes it) and hides pad keys, so every row decodes exactly as
+if it were alone. The running mask is preallocated at (B, P + max_new_tokens) and one more column
+of it is used per step.
+
+Stopping: with eos_id, a row that emits eos_id is finished; from then on it repeats eos_id (the
+batch still runs it, so its later logits are computed, but they mean nothing), while the other
+rows go on. Decoding stops when every row is finished or after max_new_tokens steps, so the
+returned arrays have N = the number of steps actually taken.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from block import GPT, GPTConfig
 from cache import KVCache
+from sampling import Sampler, greedy
+
+__all__ = ["CachedGeneration", "Generation", "check_request", "decode", "generate_cached",
+           "generate_naive", "greedy", "left_pad", "main", "prefill", "prepare_batch"]
 
 
 class Generation(NamedTuple):
-    tokens: np.ndarray  # (B, N) the new tokens
+    tokens: np.ndarray  # (B, N) the new tokens; N = steps taken (<= max_new_tokens with eos_id)
     logits: np.ndarray  # (B, N, V) the logits each new token was chosen from
 
 
@@ -30,6 +47,8 @@ class CachedGeneration(NamedTuple):
     logits: np.ndarray  # (B, N, V)
     cache_lengths: list[int]  # cache length when token n was chosen: P, P + 1, ..., P + N - 1
 
+
+# --- checking and batching a request -------------------------------------------------------------
 
 def check_request(model: GPT, prompt_ids: np.ndarray, max_new_tokens: int) -> np.ndarray:
     """Refuse a request before any decoding: prompt (B, P) of valid ids, and P + N positions
@@ -52,90 +71,254 @@ def check_request(model: GPT, prompt_ids: np.ndarray, max_new_tokens: int) -> np
     return prompt_ids
 
 
-def greedy(logits: np.ndarray) -> np.ndarray:
-    """(B, V) -> (B,): the most likely next token of each row."""
-    return logits.argmax(axis=-1)
+def left_pad(prompts: Sequence[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """B 1-D prompts of lengths L_b -> ids (B, P) and attention_mask (B, P), P = max L_b.
+
+    Row b is P - L_b copies of pad_id, then its prompt; the mask is 0 on pads and 1 on real
+    tokens. Left rather than right, so that every row's newest token is in the last column.
+    """
+    if isinstance(prompts, np.ndarray) or not isinstance(prompts, Sequence) or not prompts:
+        raise TypeError(f"prompts must be a non-empty list of 1-D int arrays, got {prompts!r:.60}")
+    rows = [np.asarray(p) for p in prompts]
+    for b, row in enumerate(rows):
+        if row.ndim != 1 or row.size < 1:
+            raise ValueError(f"prompt_ids[{b}] must be a 1-D prompt of length >= 1, "
+                             f"got shape {row.shape}")
+        if not np.issubdtype(row.dtype, np.integer):
+            raise TypeError(f"prompt_ids[{b}] must be integers, got dtype {row.dtype}")
+    B, P = len(rows), max(row.size for row in rows)
+    ids = np.full((B, P), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((B, P), dtype=np.int64)
+    for b, row in enumerate(rows):  # packing once per request, not a per-step loop
+        ids[b, P - row.size:] = row
+        attention_mask[b, P - row.size:] = 1
+    return ids, attention_mask
 
 
-def generate_naive(model: GPT, prompt_ids: np.ndarray, max_new_tokens: int) -> Generation:
-    """Greedy decoding with no cache: every step reruns the model on the full prefix, so step n
-    costs O((P + n)^2) attention and O(P + n) projections. The reference the cache must match."""
+def prepare_batch(
+    model: GPT, prompt_ids: np.ndarray | Sequence[np.ndarray], max_new_tokens: int,
+    attention_mask: np.ndarray | None = None, pad_id: int = 0, eos_id: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check a whole request and return ids (B, P) and attention_mask (B, P) of 1/0.
+
+    prompt_ids is a (B, P) int array (optionally with its left-padding attention_mask) or a list
+    of 1-D prompts of any lengths, which is left-padded with pad_id.
+    """
+    V = model.config.vocab_size
+    for name, value, optional in (("pad_id", pad_id, False), ("eos_id", eos_id, True)):
+        if optional and value is None:
+            continue
+        if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
+                or not 0 <= value < V):
+            raise ValueError(f"{name} must be a token id in [0, {V}), got {value!r}")
+    if isinstance(prompt_ids, (list, tuple)):
+        if attention_mask is not None:
+            raise ValueError("attention_mask is built from a list of prompts; pass it only with "
+                             "a (B, P) prompt_ids array")
+        prompt_ids, attention_mask = left_pad(prompt_ids, pad_id)
     prompt_ids = check_request(model, prompt_ids, max_new_tokens)
-    B, P = prompt_ids.shape
-    seq = np.empty((B, P + max_new_tokens), dtype=np.int64)  # filled in place, never concatenated
-    seq[:, :P] = prompt_ids
-    logits = np.empty((B, max_new_tokens, model.config.vocab_size), dtype=model.dtype)
-    for n in range(max_new_tokens):
-        logits[:, n] = model(seq[:, :P + n], last_only=True)[:, -1]  # (B, P + n) -> (B, V)
-        seq[:, P + n] = greedy(logits[:, n])
-    return Generation(seq[:, P:], logits)
+    if attention_mask is None:
+        return prompt_ids, np.ones(prompt_ids.shape, dtype=np.int64)
+    attention_mask = np.asarray(attention_mask)
+    if attention_mask.shape != prompt_ids.shape:
+        raise ValueError(f"attention_mask must have prompt_ids' shape {prompt_ids.shape}, "
+                         f"got {attention_mask.shape}")
+    if not np.isin(attention_mask, (0, 1)).all():
+        raise ValueError("attention_mask must hold only 0 (pad) and 1 (real token)")
+    # Left padding: 0s then 1s in every row, and the last column real (no empty prompt).
+    if np.any(np.diff(attention_mask, axis=1) < 0) or not attention_mask[:, -1].all():
+        raise ValueError("attention_mask must be left padding: each row 0...0 1...1 with at least "
+                         "one 1")
+    return prompt_ids, attention_mask.astype(np.int64)
 
+
+def check_chunk_size(chunk_size: int | None, name: str = "chunk_size") -> None:
+    if chunk_size is not None and (not isinstance(chunk_size, (int, np.integer))
+                                   or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"{name} must be a positive int or None, got {chunk_size!r}")
+
+
+def running_mask(attention_mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
+    """(B, P) prompt mask -> (B, P + N): the prompt's columns, then a 1 for every new token.
+    Allocated once; step n reads the first P + n columns, one more per step."""
+    B, P = attention_mask.shape
+    mask = np.ones((B, P + max_new_tokens), dtype=np.int64)
+    mask[:, :P] = attention_mask
+    return mask
+
+
+def choose_next(
+    logits: np.ndarray, sampler: Sampler, finished: np.ndarray, eos_id: int | None
+) -> np.ndarray:
+    """(B, V) -> (B,) next tokens; a finished row repeats eos_id instead. The sampler sees every
+    row, so it consumes the same random numbers whichever rows are finished."""
+    tokens = sampler(logits)
+    return tokens if eos_id is None else np.where(finished, eos_id, tokens)
+
+
+# --- naive decoding ------------------------------------------------------------------------------
+
+def generate_naive(
+    model: GPT, prompt_ids: np.ndarray | Sequence[np.ndarray], max_new_tokens: int, *,
+    attention_mask: np.ndarray | None = None, pad_id: int = 0, eos_id: int | None = None,
+    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+    rng: np.random.Generator | None = None,
+) -> Generation:
+    """Decoding with no cache: every step reruns the model on the full prefix, so step n costs
+    O((P + n)^2) attention and O(P + n) projections. The reference the cache must match.
+
+    prompt_ids: (B, P) int array, or a list of 1-D prompts of different lengths (left-padded).
+    Greedy unless temperature > 0 (then top_k, top_p and a seeded rng shape the draw).
+    Returns tokens (B, N) and logits (B, N, V), N = steps taken.
+    """
+    ids, prompt_mask = prepare_batch(model, prompt_ids, max_new_tokens, attention_mask, pad_id,
+                                     eos_id)
+    sampler = Sampler(temperature, top_k, top_p, rng)
+    B, P = ids.shape
+    seq = np.empty((B, P + max_new_tokens), dtype=np.int64)  # filled in place, never concatenated
+    seq[:, :P] = ids
+    mask = running_mask(prompt_mask, max_new_tokens)  # (B, P + N)
+    logits = np.empty((B, max_new_tokens, model.config.vocab_size), dtype=model.dtype)
+    finished = np.zeros(B, dtype=bool)
+    for n in range(max_new_tokens):
+        step = model(seq[:, :P + n], attention_mask=mask[:, :P + n], last_only=True)  # (B, 1, V)
+        logits[:, n] = step[:, -1]
+        seq[:, P + n] = choose_next(logits[:, n], sampler, finished, eos_id)
+        if eos_id is not None:
+            finished |= seq[:, P + n] == eos_id
+        if finished.all():
+            break
+    return Generation(seq[:, P:P + n + 1], logits[:, :n + 1])
+
+
+# --- cached decoding -----------------------------------------------------------------------------
 
 def prefill(model: GPT, prompt_ids: np.ndarray, cache: list[KVCache],
-            chunk_size: int | None = None) -> np.ndarray:
+            chunk_size: int | None = None,
+            attention_mask: np.ndarray | None = None) -> np.ndarray:
     """Run the prompt (B, P) through the model once, filling the cache; return the last
     position's logits (B, V). With chunk_size, the prompt goes in pieces of that many tokens, so
-    the score matrix is at most (chunk, P) instead of (P, P); the result is the same."""
-    P = prompt_ids.shape[1]
+    the score matrix is at most (chunk, P) instead of (P, P); the result is the same.
+    attention_mask (B, len(cache) + P), 1 real / 0 pad, marks left padding."""
+    check_chunk_size(chunk_size)
+    past, P = len(cache[0]), prompt_ids.shape[1]
     step = P if chunk_size is None else chunk_size
-    if not isinstance(step, (int, np.integer)) or step < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     for start in range(0, P, step):
-        logits = model(prompt_ids[:, start:start + step], cache, last_only=True)  # (B, 1, V)
-    return logits[:, -1]
+        end = min(start + step, P)
+        seen = None if attention_mask is None else attention_mask[:, :past + end]
+        logits = model(prompt_ids[:, start:end], cache, attention_mask=seen, last_only=True)
+    return logits[:, -1]  # (B, 1, V) -> (B, V)
 
 
-def decode(model: GPT, token_ids: np.ndarray, cache: list[KVCache]) -> np.ndarray:
+def decode(model: GPT, token_ids: np.ndarray, cache: list[KVCache],
+           attention_mask: np.ndarray | None = None) -> np.ndarray:
     """One decode step: the newest token (B,) against everything cached -> next logits (B, V).
-    The cache grows by exactly one position."""
-    return model(token_ids[:, None], cache)[:, -1]  # (B,) -> (B, 1) -> (B, 1, V) -> (B, V)
+    The cache grows by exactly one position. attention_mask is (B, len(cache) + 1)."""
+    return model(token_ids[:, None], cache, attention_mask=attention_mask)[:, -1]  # (B,)->(B, V)
 
 
-def generate_cached(model: GPT, prompt_ids: np.ndarray, max_new_tokens: int,
-                    prefill_chunk: int | None = None) -> CachedGeneration:
-    """Greedy decoding with a KV cache: prefill once, then one token per step. Returns the same
-    tokens and logits as generate_naive, plus the cache length at every step."""
-    prompt_ids = check_request(model, prompt_ids, max_new_tokens)
-    B = prompt_ids.shape[0]
-    cache = model.new_cache(B)
+def generate_cached(
+    model: GPT, prompt_ids: np.ndarray | Sequence[np.ndarray], max_new_tokens: int,
+    prefill_chunk: int | None = None, *,
+    attention_mask: np.ndarray | None = None, pad_id: int = 0, eos_id: int | None = None,
+    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+    rng: np.random.Generator | None = None,
+) -> CachedGeneration:
+    """Decoding with a KV cache: prefill once (in chunks of prefill_chunk tokens if given), then
+    one token per step. Same arguments as generate_naive and the same tokens and logits, plus the
+    cache length at every step."""
+    ids, prompt_mask = prepare_batch(model, prompt_ids, max_new_tokens, attention_mask, pad_id,
+                                     eos_id)
+    check_chunk_size(prefill_chunk, "prefill_chunk")
+    sampler = Sampler(temperature, top_k, top_p, rng)
+    B, P = ids.shape
+    mask = running_mask(prompt_mask, max_new_tokens)  # (B, P + N)
     tokens = np.empty((B, max_new_tokens), dtype=np.int64)
     logits = np.empty((B, max_new_tokens, model.config.vocab_size), dtype=model.dtype)
+    finished = np.zeros(B, dtype=bool)
     lengths = []
-    logits[:, 0] = prefill(model, prompt_ids, cache, prefill_chunk)
+    cache = model.new_cache(B)  # every check above has passed: only now is state created
     for n in range(max_new_tokens):
-        if n > 0:
-            logits[:, n] = decode(model, tokens[:, n - 1], cache)
-        tokens[:, n] = greedy(logits[:, n])
+        if n == 0:
+            logits[:, 0] = prefill(model, ids, cache, prefill_chunk, mask[:, :P])
+        else:
+            logits[:, n] = decode(model, tokens[:, n - 1], cache, mask[:, :P + n])
         lengths.append(len(cache[0]))
-    return CachedGeneration(tokens, logits, lengths)
+        tokens[:, n] = choose_next(logits[:, n], sampler, finished, eos_id)
+        if eos_id is not None:
+            finished |= tokens[:, n] == eos_id
+        if finished.all():
+            break
+    return CachedGeneration(tokens[:, :n + 1], logits[:, :n + 1], lengths)
 
 
 # --- the command ---------------------------------------------------------------------------------
+
+def _prompt_lens(text: str) -> list[int]:
+    try:
+        lens = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-lens must look like 3,7,1, got {text!r}") \
+            from None
+    if not lens or min(lens) < 1:
+        raise argparse.ArgumentTypeError(f"--prompt-lens must be positive ints, got {text!r}")
+    return lens
+
+
+def _rng(args: argparse.Namespace) -> np.random.Generator | None:
+    """A fresh generator for each run, so naive and cached draw from the same stream."""
+    return np.random.default_rng(args.seed) if args.temperature else None
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Naive vs cached decoding on a random tiny GPT.")
     ap.add_argument("--new-tokens", type=int, default=16, help="tokens to generate (default 16)")
     ap.add_argument("--prompt-len", type=int, default=8, help="prompt length (default 8)")
     ap.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    ap.add_argument("--prompt-lens", type=_prompt_lens, default=None, metavar="3,7,1",
+                    help="a ragged batch: one prompt per length, left-padded (overrides "
+                         "--batch and --prompt-len)")
     ap.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
-    ap.add_argument("--seed", type=int, default=0, help="weights and prompt seed (default 0)")
+    ap.add_argument("--seed", type=int, default=0, help="weights, prompt and sampling seed")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    ap.add_argument("--temperature", type=float, default=None, help="0 or unset = greedy")
+    ap.add_argument("--top-k", type=int, default=None, help="keep the k highest logits")
+    ap.add_argument("--top-p", type=float, default=None, help="nucleus: keep mass p")
+    ap.add_argument("--eos-id", type=int, default=None, help="a row stops at this token")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this")
     args = ap.parse_args(argv)
 
     config = GPTConfig(n_layers=args.layers, init_std=0.2)  # d_model 128, 4 heads, max_seq_len 128
     model = GPT(config, seed=args.seed, dtype=args.dtype)
-    prompt = np.random.default_rng(args.seed).integers(0, config.vocab_size,
-                                                       (args.batch, args.prompt_len))
+    data = np.random.default_rng(args.seed)
+    if args.prompt_lens is None:
+        prompt = data.integers(0, config.vocab_size, (args.batch, args.prompt_len))
+        shape = f"(B={args.batch}, P={args.prompt_len})"
+    else:
+        prompt = [data.integers(0, config.vocab_size, n) for n in args.prompt_lens]
+        shape = f"(B={len(prompt)}, lengths {args.prompt_lens}, left-padded)"
+    options = dict(eos_id=args.eos_id, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p)
+
     print(f"model: d_model={config.d_model} heads={config.n_heads} d_head={config.d_head} "
           f"layers={config.n_layers} vocab={config.vocab_size} max_seq_len={config.max_seq_len} "
           f"dtype={args.dtype}")
-    print(f"prompt (B={args.batch}, P={args.prompt_len}): {prompt.tolist()}")
+    print(f"prompt {shape}: {[np.asarray(p).tolist() for p in prompt]}")
+    if args.temperature:
+        print(f"sampling: temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} "
+              f"seed={args.seed}")
+    else:
+        print("decoding: greedy")
 
-    t0 = time.perf_counter()
-    naive = generate_naive(model, prompt, args.new_tokens)
-    t1 = time.perf_counter()
-    cached = generate_cached(model, prompt, args.new_tokens)
-    t2 = time.perf_counter()
+    try:
+        t0 = time.perf_counter()
+        naive = generate_naive(model, prompt, args.new_tokens, rng=_rng(args), **options)
+        t1 = time.perf_counter()
+        cached = generate_cached(model, prompt, args.new_tokens, args.prefill_chunk,
+                                 rng=_rng(args), **options)
+        t2 = time.perf_counter()
+    except (TypeError, ValueError) as err:
+        ap.error(str(err))
 
     print("\nstep  cache length  tokens chosen (one per row)")
     for n, length in enumerate(cached.cache_lengths):
@@ -143,12 +326,27 @@ def main(argv: list[str] | None = None) -> int:
     same = np.array_equal(naive.tokens, cached.tokens)
     diff = float(np.max(np.abs(naive.logits - cached.logits)))
     grew = bool(np.all(np.diff(cached.cache_lengths) == 1))
+    ok = same and grew
+    if args.eos_id is not None:
+        print(f"\nsteps taken: {len(cached.cache_lengths)} of max {args.new_tokens} "
+              f"(eos_id={args.eos_id}; finished rows repeat it)")
     print(f"\ntokens identical (naive vs cached): {same}")
     print(f"largest |logit difference|:         {diff:.3e}")
     print(f"cache grew by exactly 1 per step:   {grew}")
+    if args.prompt_lens is not None and not args.temperature:  # a draw depends on the row index
+        alone_same, alone_diff = True, 0.0
+        for b, p in enumerate(prompt):  # each prompt decoded alone, no padding
+            alone = generate_cached(model, [p], args.new_tokens, **options)
+            n = alone.tokens.shape[1]
+            alone_same &= np.array_equal(alone.tokens[0], cached.tokens[b, :n])
+            alone_diff = max(alone_diff, float(np.max(np.abs(alone.logits[0]
+                                                              - cached.logits[b, :n]))))
+        print(f"each row == its prompt alone:       {alone_same} (largest |logit difference| "
+              f"{alone_diff:.3e})")
+        ok &= alone_same
     print(f"time naive:  {1e3 * (t1 - t0):8.2f} ms")
     print(f"time cached: {1e3 * (t2 - t1):8.2f} ms   ({(t1 - t0) / (t2 - t1):.1f}x faster)")
-    return 0 if same and grew else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,129 @@
+"""Choosing the next token from a row of logits: greedy, or a seeded draw.
+
+    logits (B, V) -> / temperature -> keep top k -> softmax -> keep top p -> renormalise -> draw
+
+temperature  rescales confidence before softmax: T < 1 sharpens, T > 1 flattens, and T = 0 (or
+             None) is greedy: the argmax, no randomness at all.
+top_k        keeps only the k highest logits (k >= V keeps everything).
+top_p        nucleus: keeps the smallest set of most likely tokens whose probability reaches p.
+The filters run in that order (temperature, top-k, top-p), as Hugging Face's do.
+
+The draw uses exactly one uniform number per row per call, whatever the logits are, so two decoders
+that see the same logits consume a seeded np.random.Generator identically and pick the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def greedy(logits: np.ndarray) -> np.ndarray:
+    """(B, V) -> (B,): the most likely next token of each row (the first one on a tie)."""
+    return logits.argmax(axis=-1)
+
+
+def keep_top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    """(B, V) -> bool (B, V), True for exactly min(k, V) highest logits of each row."""
+    V = logits.shape[-1]
+    if k >= V:
+        return np.ones(logits.shape, dtype=bool)
+    top = np.argpartition(-logits, k - 1, axis=-1)[:, :k]  # (B, k) indices, in no order
+    keep = np.zeros(logits.shape, dtype=bool)
+    np.put_along_axis(keep, top, True, axis=-1)
+    return keep
+
+
+def keep_top_p(probs: np.ndarray, p: float) -> np.ndarray:
+    """(B, V) probabilities -> bool (B, V), True for the nucleus: the most likely tokens, taken in
+    order, until their total probability reaches p. A token is in if the mass of the tokens ranked
+    above it is still below p, so the most likely token is always in."""
+    order = np.argsort(-probs, axis=-1, kind="stable")  # (B, V): most likely first
+    ranked = np.take_along_axis(probs, order, axis=-1)  # (B, V) probabilities, descending
+    mass_above = np.cumsum(ranked, axis=-1) - ranked  # (B, V) mass of the tokens ranked higher
+    keep = np.empty(probs.shape, dtype=bool)
+    np.put_along_axis(keep, order, mass_above < p, axis=-1)  # back from ranked order to token order
+    return keep
+
+
+def sampling_probs(
+    logits: np.ndarray, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> np.ndarray:
+    """(B, V) logits -> (B, V) float64 probabilities the draw uses: softmax(logits / T) with the
+    tokens outside top-k and the nucleus set to zero, renormalised to sum to one."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature  # float64: the draw is exact
+    if top_k is not None:
+        scaled = np.where(keep_top_k(scaled, top_k), scaled, -np.inf)  # the max is always kept
+    scaled = scaled - scaled.max(axis=-1, keepdims=True)  # stable softmax; exp(-inf) = 0 exactly
+    probs = np.exp(scaled)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    if top_p is not None:
+        probs = np.where(keep_top_p(probs, top_p), probs, 0.0)
+        probs /= probs.sum(axis=-1, keepdims=True)
+    return probs
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(B, V) probabilities -> (B,) tokens, one uniform number per row (inverse CDF).
+
+    Lay each row's probabilities end to end on [0, 1] and throw a dart u: the token whose segment
+    it lands in is chosen. u is drawn in (0, 1], never 0, so a zero-probability token (an empty
+    segment) can never be hit.
+    """
+    u = 1.0 - rng.random(probs.shape[0])  # (B,) in (0, 1]
+    cdf = np.cumsum(probs, axis=-1)  # (B, V) right edge of every segment
+    # Count the segments that end before the dart; scaling by cdf[:, -1] keeps rounding in range.
+    return (cdf < u[:, None] * cdf[:, -1:]).sum(axis=-1)
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """How to pick the next token, checked once up front (before any decoding).
+
+    temperature None or 0 is greedy (top_k and top_p are then irrelevant and rng is not used);
+    otherwise rng, a seeded np.random.Generator, is required. Call it on logits (B, V) -> (B,).
+    """
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    rng: np.random.Generator | None = None
+
+    def __post_init__(self) -> None:
+        check_sampling(self.temperature, self.top_k, self.top_p, self.rng)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature is None or self.temperature == 0
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        if self.is_greedy:
+            return greedy(logits)
+        return draw(sampling_probs(logits, self.temperature, self.top_k, self.top_p), self.rng)
+
+
+def check_sampling(
+    temperature: float | None, top_k: int | None, top_p: float | None,
+    rng: np.random.Generator | None,
+) -> None:
+    """Raise ValueError/TypeError naming the argument if a sampling setting is invalid."""
+    def is_real(x: object) -> bool:
+        return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+    if temperature is not None and (not is_real(temperature) or not math.isfinite(temperature)
+                                    or temperature < 0):
+        raise ValueError(f"temperature must be None or a finite number >= 0 (0 = greedy), "
+                         f"got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool)
+                              or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (not is_real(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    if rng is not None and not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a np.random.Generator (np.random.default_rng(seed)), "
+                        f"got {type(rng).__name__}")
+    if temperature and rng is None:
+        raise ValueError(f"temperature={temperature!r} samples, so rng must be given: "
+                         "rng=np.random.default_rng(seed)")

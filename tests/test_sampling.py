@@ -1,0 +1,197 @@
+"""Sampling: temperature, top-k and top-p draw from the right set with the right frequencies, a
+seeded generator makes naive and cached decoding pick the same tokens, and bad settings are refused
+before any decoding."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from block import GPT, GPTConfig
+from generate import generate_cached, generate_naive
+from sampling import Sampler, draw, keep_top_p
+
+MODEL = GPT(GPTConfig(vocab_size=64, max_seq_len=32, d_model=32, n_heads=4, n_layers=2,
+                      init_std=0.2), seed=1, dtype=np.float64)
+PROMPTS = [np.array([5, 9, 2]), np.array([7]), np.array([1, 2, 3, 4, 5, 6])]
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """The test's own softmax, written out again rather than imported from the code under test."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def chi_square_p_value(counts: np.ndarray, probs: np.ndarray) -> float:
+    """Pearson's chi-square goodness of fit, p-value in closed form. For an even number of degrees
+    of freedom k, P(chi2_k > x) = exp(-x/2) * sum_{i < k/2} (x/2)^i / i!  (no scipy needed)."""
+    expected = counts.sum() * probs
+    assert expected.min() >= 5, "the chi-square approximation needs >= 5 expected per cell"
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    k = len(probs) - 1
+    assert k % 2 == 0, "the closed form is for even degrees of freedom"
+    half = stat / 2
+    return math.exp(-half) * sum(half**i / math.factorial(i) for i in range(k // 2))
+
+
+# --- the filters ---------------------------------------------------------------------------------
+
+def test_top_p_hand_worked_example():
+    probs = np.array([[0.1, 0.5, 0.25, 0.15]])
+    # ranked: 0.5 (token 1), 0.25 (token 2), 0.15 (token 3), 0.1 (token 0)
+    assert np.flatnonzero(keep_top_p(probs, 0.5)).tolist() == [1]  # 0.5 already reaches 0.5
+    assert np.flatnonzero(keep_top_p(probs, 0.6)).tolist() == [1, 2]
+    assert np.flatnonzero(keep_top_p(probs, 0.75)).tolist() == [1, 2]  # 0.75 reaches 0.75
+    assert np.flatnonzero(keep_top_p(probs, 0.76)).tolist() == [1, 2, 3]
+    assert np.flatnonzero(keep_top_p(probs, 1.0)).tolist() == [0, 1, 2, 3]
+    assert np.flatnonzero(keep_top_p(probs, 1e-9)).tolist() == [1]  # the top token always stays
+
+
+def test_top_k_never_picks_outside_the_k_largest():
+    logits = np.random.default_rng(0).standard_normal((4000, 16))
+    picks = Sampler(1.5, top_k=3, rng=np.random.default_rng(1))(logits)
+    top3 = np.argsort(-logits, axis=-1)[:, :3]  # (B, 3), the reference set
+    assert (picks[:, None] == top3).any(axis=-1).all()
+    rank = (top3 == picks[:, None]).argmax(axis=-1)
+    assert set(rank.tolist()) == {0, 1, 2}  # it really samples: all three ranks occur
+    unfiltered = Sampler(1.5, rng=np.random.default_rng(1))(logits)  # power: without top_k...
+    assert not (unfiltered[:, None] == top3).any(axis=-1).all()  # ...some picks fall outside
+
+
+def nucleus(probs: np.ndarray, p: float) -> set[int]:
+    """Reference nucleus of one row, by hand: add tokens from the most likely down until the total
+    reaches p."""
+    total, chosen = 0.0, set()
+    for token in sorted(range(len(probs)), key=lambda i: -probs[i]):
+        chosen.add(token)
+        total += probs[token]
+        if total >= p:
+            break
+    return chosen
+
+
+def test_top_p_never_picks_outside_the_nucleus():
+    logits = np.random.default_rng(2).standard_normal((3000, 12)) * 2
+    T, p = 1.3, 0.7
+    picks = Sampler(T, top_p=p, rng=np.random.default_rng(3))(logits)
+    sets = [nucleus(row, p) for row in softmax(logits / T)]
+    assert all(int(t) in s for t, s in zip(picks, sets, strict=True))
+    assert np.mean([len(s) for s in sets]) > 1.5  # the nuclei are not trivially one token
+    free = Sampler(T, rng=np.random.default_rng(3))(logits)  # power: without top_p some escape
+    assert not all(int(t) in s for t, s in zip(free, sets, strict=True))
+
+
+def test_draw_uses_one_uniform_per_row():
+    probs = softmax(np.random.default_rng(4).standard_normal((7, 5)))
+    a, b = np.random.default_rng(9), np.random.default_rng(9)
+    draw(probs, a)
+    b.random(7)
+    assert a.bit_generator.state == b.bit_generator.state
+
+
+# --- the distribution ----------------------------------------------------------------------------
+
+LOGITS = np.array([1.2, -0.3, 0.4, 2.0, -1.0, 0.0, 0.9, -0.6, 1.5])  # V = 9: 8 degrees of freedom
+DRAWS = 20_000
+
+
+def counts_of(sampler: Sampler, V: int) -> np.ndarray:
+    picks = sampler(np.tile(LOGITS, (DRAWS, 1)))  # (DRAWS, V): one draw per row
+    return np.bincount(picks, minlength=V)
+
+
+def test_draws_follow_softmax_of_logits_over_temperature():
+    """Chi-square goodness of fit at the 0.1% level: a correct sampler fails with probability
+    1e-3 for a random seed (the seed is fixed, so the test is deterministic). Power check: the same
+    counts are rejected against T = 1, so a sampler that ignored the temperature would fail."""
+    T = 0.7
+    counts = counts_of(Sampler(T, rng=np.random.default_rng(5)), 9)
+    assert chi_square_p_value(counts, softmax(LOGITS / T)) > 1e-3
+    assert chi_square_p_value(counts, softmax(LOGITS)) < 1e-6
+
+
+def test_top_k_draws_follow_the_renormalised_top_k():
+    top5 = np.argsort(-LOGITS)[:5]  # k = 5: 4 degrees of freedom
+    counts = counts_of(Sampler(1.2, top_k=5, rng=np.random.default_rng(6)), 9)
+    assert counts[np.setdiff1d(np.arange(9), top5)].sum() == 0
+    assert chi_square_p_value(counts[top5], softmax(LOGITS[top5] / 1.2)) > 1e-3
+
+
+def test_very_low_temperature_is_greedy():
+    logits = np.random.default_rng(7).standard_normal((500, 20))
+    for kw in ({}, {"top_k": 4}, {"top_p": 0.5}):
+        picks = Sampler(1e-6, rng=np.random.default_rng(8), **kw)(logits)
+        np.testing.assert_array_equal(picks, logits.argmax(axis=-1))
+    greedy = generate_cached(MODEL, PROMPTS, 8)
+    cold = generate_cached(MODEL, PROMPTS, 8, temperature=1e-6, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(cold.tokens, greedy.tokens)
+
+
+@pytest.mark.parametrize("temperature", [None, 0, 0.0])
+def test_temperature_zero_or_none_is_greedy_and_leaves_the_rng_alone(temperature):
+    rng = np.random.default_rng(11)
+    out = generate_cached(MODEL, PROMPTS, 6, temperature=temperature, top_k=3, rng=rng)
+    np.testing.assert_array_equal(out.tokens, out.logits.argmax(axis=-1))
+    assert rng.bit_generator.state == np.random.default_rng(11).bit_generator.state
+
+
+# --- naive and cached sample the same tokens -----------------------------------------------------
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.8, top_k=10),
+                                dict(temperature=1.5, top_p=0.9, top_k=20),
+                                dict(temperature=2.0, eos_id=12)])
+def test_naive_and_cached_draw_identical_tokens_for_the_same_seed(kw):
+    a, b = np.random.default_rng(42), np.random.default_rng(42)
+    naive = generate_naive(MODEL, PROMPTS, 10, rng=a, **kw)
+    cached = generate_cached(MODEL, PROMPTS, 10, rng=b, **kw)
+    np.testing.assert_array_equal(naive.tokens, cached.tokens)
+    np.testing.assert_allclose(naive.logits, cached.logits, rtol=0, atol=1e-10)
+    assert a.bit_generator.state == b.bit_generator.state  # they consumed the stream identically
+    if "eos_id" in kw:  # some rows finished (and then repeated eos) while others went on
+        assert (cached.tokens == kw["eos_id"]).any(axis=1).tolist() == [False, True, True]
+    other = generate_cached(MODEL, PROMPTS, 10, rng=np.random.default_rng(43), **kw)
+    assert not np.array_equal(other.tokens, cached.tokens)  # power: the seed does matter
+
+
+def test_sampling_with_chunked_prefill_matches_one_shot():
+    kw = dict(temperature=1.0, top_p=0.95)
+    one = generate_cached(MODEL, PROMPTS, 8, rng=np.random.default_rng(1), **kw)
+    chunked = generate_cached(MODEL, PROMPTS, 8, 2, rng=np.random.default_rng(1), **kw)
+    np.testing.assert_array_equal(one.tokens, chunked.tokens)
+
+
+# --- bad settings are refused before any decoding ------------------------------------------------
+
+RNG = np.random.default_rng(0)
+BAD_SETTINGS = [
+    (dict(temperature=-0.5, rng=RNG), ValueError, "temperature"),
+    (dict(temperature=float("nan"), rng=RNG), ValueError, "temperature"),
+    (dict(temperature=float("inf"), rng=RNG), ValueError, "temperature"),
+    (dict(temperature="1", rng=RNG), ValueError, "temperature"),
+    (dict(temperature=1.0, top_k=0, rng=RNG), ValueError, "top_k"),
+    (dict(temperature=1.0, top_k=-3, rng=RNG), ValueError, "top_k"),
+    (dict(temperature=1.0, top_k=2.5, rng=RNG), ValueError, "top_k"),
+    (dict(temperature=1.0, top_k=True, rng=RNG), ValueError, "top_k"),
+    (dict(temperature=1.0, top_p=0.0, rng=RNG), ValueError, "top_p"),
+    (dict(temperature=1.0, top_p=1.01, rng=RNG), ValueError, "top_p"),
+    (dict(temperature=1.0, top_p=-0.2, rng=RNG), ValueError, "top_p"),
+    (dict(temperature=1.0, top_p=float("nan"), rng=RNG), ValueError, "top_p"),
+    (dict(top_k=0), ValueError, "top_k"),  # checked even when greedy
+    (dict(temperature=1.0, rng=np.random.RandomState(0)), TypeError, "rng"),
+    (dict(temperature=1.0, rng=0), TypeError, "rng"),
+    (dict(rng=0), TypeError, "rng"),
+    (dict(temperature=1.0), ValueError, "rng"),  # sampling needs a seeded generator
+]
+
+
+@pytest.mark.parametrize("generate", [generate_cached, generate_naive])
+@pytest.mark.parametrize(("bad", "error", "name"), BAD_SETTINGS)
+def test_bad_sampling_settings_are_refused_before_decoding(monkeypatch, generate, bad, error,
+                                                            name):
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model ran before the request was refused")
+    monkeypatch.setattr(GPT, "__call__", refuse)
+    with pytest.raises(error, match=name):
+        generate(MODEL, PROMPTS, 4, **bad)
