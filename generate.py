@@ -201,7 +201,10 @@ def prefill(model: GPT, prompt_ids: np.ndarray, cache: list[KVCache],
     the score matrix is at most (chunk, P) instead of (P, P); the result is the same.
     attention_mask (B, len(cache) + P), 1 real / 0 pad, marks left padding."""
     check_chunk_size(chunk_size)
-    past, P = len(cache[0]), prompt_ids.shape[1]
+    past, (B, P) = len(cache[0]), prompt_ids.shape
+    if attention_mask is not None and np.shape(attention_mask) != (B, past + P):
+        raise ValueError(f"attention_mask must be (B, cached + P) = {(B, past + P)}, "
+                         f"got {np.shape(attention_mask)}")  # before any chunk touches the cache
     step = P if chunk_size is None else chunk_size
     for start in range(0, P, step):
         end = min(start + step, P)
@@ -288,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this")
     args = ap.parse_args(argv)
 
+    if min(args.batch, args.prompt_len, args.layers) < 1:
+        ap.error("--batch, --prompt-len and --layers must be positive")
     config = GPTConfig(n_layers=args.layers, init_std=0.2)  # d_model 128, 4 heads, max_seq_len 128
     model = GPT(config, seed=args.seed, dtype=args.dtype)
     data = np.random.default_rng(args.seed)
@@ -296,29 +301,37 @@ def main(argv: list[str] | None = None) -> int:
         shape = f"(B={args.batch}, P={args.prompt_len})"
     else:
         prompt = [data.integers(0, config.vocab_size, n) for n in args.prompt_lens]
-        shape = f"(B={len(prompt)}, lengths {args.prompt_lens}, left-padded)"
+        shape = f"(B={len(prompt)}, lengths {args.prompt_lens})"
     options = dict(eos_id=args.eos_id, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p)
+    try:  # refuse a bad request before printing or decoding anything
+        ids, mask = prepare_batch(model, prompt, args.new_tokens, eos_id=args.eos_id)
+        check_chunk_size(args.prefill_chunk, "prefill_chunk")
+        Sampler(args.temperature, args.top_k, args.top_p, _rng(args))
+    except (TypeError, ValueError) as err:
+        ap.error(str(err))
 
     print(f"model: d_model={config.d_model} heads={config.n_heads} d_head={config.d_head} "
           f"layers={config.n_layers} vocab={config.vocab_size} max_seq_len={config.max_seq_len} "
           f"dtype={args.dtype}")
     print(f"prompt {shape}: {[np.asarray(p).tolist() for p in prompt]}")
+    if args.prompt_lens is not None:
+        print("left-padded into one batch (pads shown as .), attention_mask on the right:")
+        for row, real in zip(ids, mask, strict=True):
+            shown = " ".join(f"{t:>3}" if r else "  ." for t, r in zip(row, real, strict=True))
+            print(f"  {shown}   {''.join(map(str, real))}")
     if args.temperature:
         print(f"sampling: temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} "
               f"seed={args.seed}")
     else:
         print("decoding: greedy")
 
-    try:
-        t0 = time.perf_counter()
-        naive = generate_naive(model, prompt, args.new_tokens, rng=_rng(args), **options)
-        t1 = time.perf_counter()
-        cached = generate_cached(model, prompt, args.new_tokens, args.prefill_chunk,
-                                 rng=_rng(args), **options)
-        t2 = time.perf_counter()
-    except (TypeError, ValueError) as err:
-        ap.error(str(err))
+    t0 = time.perf_counter()
+    naive = generate_naive(model, prompt, args.new_tokens, rng=_rng(args), **options)
+    t1 = time.perf_counter()
+    cached = generate_cached(model, prompt, args.new_tokens, args.prefill_chunk, rng=_rng(args),
+                             **options)
+    t2 = time.perf_counter()
 
     print("\nstep  cache length  tokens chosen (one per row)")
     for n, length in enumerate(cached.cache_lengths):

@@ -307,3 +307,11 @@ def test_bad_prefill_chunk_is_refused_before_decoding(monkeypatch, chunk):
     forbid_model_calls(monkeypatch)
     with pytest.raises(ValueError, match="prefill_chunk"):
         generate_cached(MODEL, [np.array([1, 2])], 2, prefill_chunk=chunk)
+
+
+def test_prefill_refuses_a_wrong_mask_before_touching_the_cache():
+    ids, mask = left_pad(prompts_of([5, 2]), pad_id=0)
+    cache = MODEL.new_cache(2)
+    with pytest.raises(ValueError, match="attention_mask"):
+        prefill(MODEL, ids, cache, chunk_size=2, attention_mask=mask[:, :4])
+    assert len(cache[0]) == 0
