@@ -165,8 +165,14 @@ class GPT:
         values may be torch tensors or NumPy arrays. GPT-2's Conv1D stores weights as (in, out),
         which is exactly our x @ W layout; its fused c_attn (D, 3D) is split into W_q, W_k, W_v."""
         sd = _gpt2_arrays(state_dict, dtype)
+        for key in ("wte.weight", "wpe.weight"):
+            if key not in sd:
+                raise ValueError(f"from_gpt2: state_dict is missing {key!r}")
         V, D = sd["wte.weight"].shape
-        n_layers = sum(1 for key in sd if key.endswith(".ln_1.weight"))
+        # The layer count is the highest block index of ANY key + 1, so a block with a key missing
+        # is reported as missing, not silently dropped.
+        n_layers = 1 + max((int(key.split(".")[1]) for key in sd if key.startswith("h.")),
+                           default=-1)
         if not isinstance(n_heads, (int, np.integer)) or n_heads < 1 or D % n_heads:
             raise ValueError(f"from_gpt2: n_heads={n_heads!r} must divide d_model={D}")
         if n_layers < 1:

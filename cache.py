@@ -72,6 +72,9 @@ class KVCache:
         for name, x in (("k", k), ("v", v)):
             if not isinstance(x, np.ndarray):
                 raise TypeError(f"KVCache.append: {name} must be a numpy array, got {type(x)}")
+            if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+                raise TypeError(f"KVCache.append: {name} must hold real numbers, got dtype "
+                                f"{x.dtype}")
             if x.ndim != 4 or x.shape[0] != B or x.shape[1] != H_kv or x.shape[3] != d_head:
                 raise ValueError(
                     f"KVCache.append: {name} must be (B={B}, H_kv={H_kv}, t, d_head={d_head}), "

@@ -163,10 +163,8 @@ def test_append_up_to_exactly_max_len_is_allowed_then_one_more_is_refused():
     assert snapshot(cache) == before
 
 
-# A cache of floats must refuse keys/values that are not real numbers. Today check_append does not
-# look at dtypes: a string v is refused only by the write itself, AFTER the keys were written (the
-# key buffer changes while the length does not), and complex values are silently cast to float.
-@pytest.mark.xfail(strict=True, reason="core bug: KVCache.check_append ignores dtype (see report)")
+# A cache of floats must refuse keys/values that are not real numbers before writing anything
+# (a string v refused only by the write itself would leave the keys already written).
 @pytest.mark.parametrize("bad", [
     np.full((B, H_KV, 1, D_HEAD), "x"),
     np.full((B, H_KV, 1, D_HEAD), 1 + 2j),

@@ -161,10 +161,8 @@ def test_missing_key_is_named(hf32, key):
         GPT.from_gpt2(sd, n_heads=N_HEADS)
 
 
-# Today these raise KeyError('wte.weight') from a dictionary lookup, or (for the last block's
-# ln_1) silently build a model with one block fewer, because the layer count is taken from the
-# ln_1 keys present. Both should be the same clear ValueError as any other missing key.
-@pytest.mark.xfail(strict=True, reason="core bug: from_gpt2 missing-key handling (see report)")
+# A missing embedding, or a missing key of the LAST block, must be named like any other missing
+# key (a layer count taken from the ln_1 keys alone would silently drop that block).
 @pytest.mark.parametrize("key", ["transformer.wte.weight", "transformer.wpe.weight",
                                  "transformer.h.2.ln_1.weight"])
 def test_missing_embedding_or_last_block_key_is_named(hf32, key):
