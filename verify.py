@@ -10,6 +10,18 @@ Every check compares against something the code under test did not produce: PyTo
 or a property a bug would break (causality under perturbation, cached == recomputed). float64 runs
 with tight tolerances prove the algebra is exact; float32 notes show what a user actually sees.
 
+    1 mask             toy scores: future weight exactly 0, rows sum to 1, hand-worked softmax
+    2 shape trace      every tensor from ids to logits, prefill and one cached decode step
+    3 cache == naive   cached greedy decode == recomputing the prefix; cache grows +1 per step
+    4 nn.MHA parity    multi-head layer == torch.nn.MultiheadAttention, full and decode step
+    5 F.sdpa parity    bottom-right mask == torch with t_q < t_k; is_causal=True shown wrong
+    6 block exercise   the seed's causal_self_attention_block == a torch re-implementation
+    7 GPT-2 parity     from_gpt2 logits and greedy tokens == Hugging Face GPT2LMHeadModel
+    8 causality        changing future tokens leaves past logits untouched
+    9 chunked prefill  chunks of 5, 1, 3 through the cache == one full forward
+   10 batch invariance a left-padded row decodes exactly as its prompt alone
+   11 HF padded batch  left-padded batch == hf.generate with attention_mask
+
 The checks look up every function through its module (attention.causal_mask, not a local copy),
 so the failure-mode gallery can swap in a broken version for one run and the checks see it.
 """
