@@ -23,12 +23,19 @@ V, N_POSITIONS, D, N_HEADS = 100, 64, 64, 4
 
 
 def hf_gpt2(n_layer: int = 3, seed: int = 0) -> GPT2LMHeadModel:
-    """A small random GPT-2 in eval mode (dropout off). eos_token_id keeps GPT-2's 50256, which is
+    """A small random GPT-2 in eval mode (dropout off), no parameter at its initial constant.
+    eos_token_id keeps GPT-2's 50256, which is
     outside this vocabulary of 100, so generate() never stops early."""
     config = GPT2Config(vocab_size=V, n_positions=N_POSITIONS, n_embd=D, n_layer=n_layer,
                         n_head=N_HEADS, initializer_range=0.2, attn_implementation="eager")
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(config).eval()
+    hf = GPT2LMHeadModel(config).eval()
+    # Hugging Face initialises every bias to 0 and every LayerNorm scale to 1, which would let a
+    # loader that drops biases or LayerNorm weights pass. Nudge every parameter off those values.
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return hf
 
 
 @pytest.fixture(scope="module")
