@@ -1,0 +1,147 @@
+"""bench.py: the --quick run writes every field the issue asks for, its correctness guards pass,
+and its numbers are finite; the concatenating cache it compares against really is a KV cache.
+No timing assertions: the machine may be busy."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bench
+from block import GPT, GPTConfig
+from cache import KVCache
+from generate import decode, greedy, prefill
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One --quick run shared by the tests below (it takes ~20-30 s on an idle machine)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    code = bench.main(["--quick", "--threads", "1", "--json", str(tmp / "bench.json"),
+                       "--figures", str(tmp / "figures")])
+    return code, json.loads((tmp / "bench.json").read_text()), tmp
+
+
+def test_quick_run_passes_its_correctness_guards(quick):
+    code, r, _ = quick
+    failed = [k for k, ok in r["correctness"].items() if not ok]
+    assert failed == []
+    assert code == 0
+    assert len(r["correctness"]) >= 12  # naive == cached (4) and ours == HF (4 per config)
+
+
+def test_json_has_every_field_of_the_issue(quick):
+    _, r, _ = quick
+    assert {"header", "settings", "latency_vs_position", "total_time", "vs_hf", "cache_append",
+            "cache_decode", "memory", "targets", "correctness", "figures"} <= set(r)
+    # The header names the machine: CPU, threads, BLAS library and kernel, versions.
+    assert {"cpu", "cpu_count", "blas_library", "blas_kernel", "blas_threads", "torch_threads",
+            "numpy", "torch", "openblas_coretype"} <= set(r["header"])
+    assert r["header"]["blas_threads"] == r["header"]["torch_threads"] == 1
+    # 1. naive and cached latency at every sampled position, up to a 2048-token context.
+    sweep = r["latency_vs_position"]
+    assert len(sweep["positions"]) == len(sweep["naive"]) == len(sweep["cached"]) >= 2
+    assert max(sweep["positions"]) >= 2047
+    # 2. totals with the speed-up.
+    assert all({"new_tokens", "naive", "cached", "speedup"} <= set(row) for row in r["total_time"])
+    # 3 and 4. both shapes, decode and prefill against Hugging Face, and the floor.
+    assert set(r["vs_hf"]) == {"seed", "gpt2_small"}
+    small = r["vs_hf"]["gpt2_small"]["shape"]
+    assert (small["n_layer"], small["n_embd"], small["n_head"]) == (12, 768, 12)
+    for v in r["vs_hf"].values():
+        assert set(v["decode_per_token"]) == {"ours", "hf", "floor"}
+        assert set(v["prefill"]) == set(v["generate"]) == {"ours", "hf"}
+        assert {"decode_ours_over_hf", "decode_ours_over_floor", "prefill_ours_over_hf"} <= set(v)
+    # 5. append cost at 128 and 2048 for both caches; 6. memory beside the formula.
+    assert {128, 2048} <= set(r["cache_append"]["lengths"])
+    assert {"preallocated", "concatenating"} <= set(r["cache_decode"])
+    assert r["memory"]["seq_len"] == 2048
+    # The formula, worked by hand for the seed config: 2 (K, V) * 2 layers * 4 heads * 2048
+    # positions * 32 dims * 4 bytes = 4 MiB.
+    assert r["memory"]["kv_cache_formula_bytes"] == 2 * 2 * 4 * 2048 * 32 * 4
+    assert len(r["targets"]) == 7
+
+
+def numbers(x, path=""):
+    """Every (path, number) in a nested JSON value, bools and None excluded."""
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from numbers(v, f"{path}.{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from numbers(v, f"{path}[{i}]")
+    elif isinstance(x, (int, float)) and not isinstance(x, bool):
+        yield path, x
+
+
+def test_every_number_is_finite_and_every_time_positive(quick):
+    _, r, _ = quick
+    values = list(numbers(r))
+    assert len(values) > 100
+    assert [p for p, v in values if not math.isfinite(v)] == []
+    times = [(p, v) for p, v in values if p.endswith(("median_ms", "q1_ms", "q3_ms"))]
+    assert len(times) > 30
+    assert [p for p, v in times if v <= 0] == []
+    assert all(t["value"] > 0 for t in r["targets"])
+    assert r["memory"]["peak_bytes"] >= r["memory"]["cache_nbytes"]  # the cache itself is in it
+
+
+def test_plots_are_small_pngs(quick):
+    _, r, tmp = quick
+    assert len(r["figures"]) == 3
+    for path in r["figures"]:
+        data = open(path, "rb").read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert 1_000 < len(data) < 300_000
+
+
+@settings(max_examples=15, deadline=None)
+@given(chunks=st.lists(st.integers(1, 5), min_size=1, max_size=6), heads=st.integers(1, 3))
+def test_concat_cache_returns_what_the_preallocated_cache_returns(chunks, heads):
+    rng = np.random.default_rng(len(chunks))
+    max_len = sum(chunks)
+    pre, cat = KVCache(2, heads, max_len, 4), bench.ConcatKVCache(2, heads, max_len, 4)
+    for t in chunks:
+        k = rng.standard_normal((2, heads, t, 4)).astype(np.float32)
+        v = rng.standard_normal((2, heads, t, 4)).astype(np.float32)
+        for (a, b) in zip(pre.append(k, v), cat.append(k, v), strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert len(pre) == len(cat)
+    with pytest.raises(ValueError, match="max_len"):
+        cat.append(k[:, :, :1], v[:, :, :1])  # full: one more position is refused
+    assert len(cat) == max_len  # and nothing changed
+
+
+def test_concat_cache_gives_the_same_tokens_as_the_real_cache():
+    model = GPT(GPTConfig(max_seq_len=32, n_layers=2, init_std=0.2), seed=3)
+    prompt = np.random.default_rng(3).integers(0, 256, (1, 5))
+    tokens = {}
+    for name, cache in (("pre", model.new_cache(1)), ("cat", bench.concat_cache(model))):
+        token = greedy(prefill(model, prompt, cache))
+        tokens[name] = [int(token[0])]
+        for _ in range(10):
+            token = greedy(decode(model, token, cache))
+            tokens[name].append(int(token[0]))
+    assert tokens["pre"] == tokens["cat"]
+
+
+def test_floor_reads_every_weight_matrix_once():
+    model = GPT(GPTConfig(n_layers=3))
+    mats = bench.weight_matrices(model)
+    # By hand: per block W_q, W_k, W_v, W_o, W_fc, W_proj, then the tied LM head.
+    D, F, V = 128, 512, 256
+    assert sum(w.size for w in mats) == 3 * (4 * D * D + 2 * D * F) + V * D
+    assert len(mats) == 3 * 6 + 1
+
+
+def test_interleave_rotates_and_counts():
+    calls = []
+    times = bench.interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                             rounds=3, inner={"b": 2})
+    assert calls == ["a", "b", "b", "b", "b", "a", "a", "b", "b"]
+    assert (len(times["a"]), len(times["b"])) == (3, 6)
