@@ -165,28 +165,24 @@ class GPT:
         values may be torch tensors or NumPy arrays. GPT-2's Conv1D stores weights as (in, out),
         which is exactly our x @ W layout; its fused c_attn (D, 3D) is split into W_q, W_k, W_v."""
         sd = _gpt2_arrays(state_dict, dtype)
-        for key in ("wte.weight", "wpe.weight"):
+        for key in ("wte.weight", "wpe.weight", "h.0.mlp.c_fc.weight"):
             if key not in sd:
                 raise ValueError(f"from_gpt2: state_dict is missing {key!r}")
+            if sd[key].ndim != 2:
+                raise ValueError(f"from_gpt2: {key} must be a 2-D matrix, got {sd[key].shape}")
+        # Sizes come from these three; every other key is then checked against them.
         V, D = sd["wte.weight"].shape
-        # The layer count is the highest block index of ANY key + 1, so a block with a key missing
-        # is reported as missing, not silently dropped.
-        n_layers = 1 + max((int(key.split(".")[1]) for key in sd if key.startswith("h.")),
-                           default=-1)
+        max_seq_len, d_ff = len(sd["wpe.weight"]), sd["h.0.mlp.c_fc.weight"].shape[1]
         if not isinstance(n_heads, (int, np.integer)) or n_heads < 1 or D % n_heads:
             raise ValueError(f"from_gpt2: n_heads={n_heads!r} must divide d_model={D}")
-        if n_layers < 1:
-            raise ValueError("from_gpt2: state_dict has no blocks (no 'h.N.ln_1.weight' keys)")
-        config = GPTConfig(vocab_size=V, max_seq_len=sd["wpe.weight"].shape[0], d_model=D,
-                           n_heads=n_heads, n_layers=n_layers,
-                           d_ff=sd["h.0.mlp.c_fc.weight"].shape[1] if "h.0.mlp.c_fc.weight" in sd
-                           else 4 * D)
+        config = GPTConfig(vocab_size=V, max_seq_len=max_seq_len, d_model=D, n_heads=n_heads,
+                           n_layers=_gpt2_layer_count(sd), d_ff=d_ff)
         _check_gpt2_shapes(sd, config)
         model = cls.__new__(cls)
         model.config, model.dtype = config, np.dtype(dtype)
         model.wte, model.wpe = sd["wte.weight"], sd["wpe.weight"]
         model.blocks = []
-        for i in range(n_layers):
+        for i in range(config.n_layers):
             h = {key: sd[f"h.{i}.{key}"] for key in _GPT2_BLOCK_KEYS}
             w_q, w_k, w_v = np.split(h["attn.c_attn.weight"], 3, axis=1)  # (D, 3D) -> 3 x (D, D)
             b_q, b_k, b_v = np.split(h["attn.c_attn.bias"], 3)  # (3D,) -> 3 x (D,)
@@ -309,8 +305,21 @@ def _gpt2_arrays(state_dict: dict, dtype: np.dtype | type) -> dict[str, np.ndarr
             continue  # the LM head is tied to wte; attn.bias is GPT-2's stored causal mask
         if hasattr(value, "detach"):  # a torch tensor, converted without importing torch
             value = value.detach().cpu().numpy()
-        out[key] = np.ascontiguousarray(value, dtype=dtype)
+        out[key] = np.array(value, dtype=dtype, order="C", copy=True)  # never alias the caller
     return out
+
+
+def _gpt2_layer_count(sd: dict[str, np.ndarray]) -> int:
+    """Highest block index of ANY 'h.N.' key + 1, so that a block with a key missing is reported
+    as missing rather than silently dropped."""
+    indices = set()
+    for key in sd:
+        if key.startswith("h."):
+            index = key.split(".")[1]
+            if not index.isdigit():
+                raise ValueError(f"from_gpt2: unexpected key {key!r} (expected 'h.<int>.')")
+            indices.add(int(index))
+    return 1 + max(indices)
 
 
 def _check_gpt2_shapes(sd: dict[str, np.ndarray], c: GPTConfig) -> None:

@@ -193,8 +193,7 @@ def test_misshaped_key_is_named(hf32, key, shape):
         GPT.from_gpt2(sd, n_heads=N_HEADS)
 
 
-# Today a 1-D wte fails in a tuple unpack ("not enough values to unpack"), which names nothing.
-@pytest.mark.xfail(strict=True, reason="core bug: from_gpt2 unpacks wte.weight's shape unchecked")
+# A 1-D wte must be named, not fail in a tuple unpack ("not enough values to unpack").
 def test_one_dimensional_embedding_is_named(hf32):
     sd = numpy_sd(hf32)
     sd["transformer.wte.weight"] = np.zeros(V, np.float32)
