@@ -1,4 +1,4 @@
-"""What the KV cache buys, measured: `python bench.py` (about 3 minutes on 2 idle cores).
+"""What the KV cache buys, measured: `python bench.py` (about 5 minutes on 2 idle cores).
 
 Every comparison runs its variants side by side in one loop (A, B, A, B, ... with the order
 rotated each round) so a noisy neighbour slows both, and every number is a median of repeats with
@@ -16,7 +16,9 @@ Writes bench.json (--json) and PNG plots (--figures, default figures/):
     bench_cache_append.png     cost of one append vs cache length, preallocated vs concatenating
     bench_vs_hf.png            decode per token and prefill: ours, Hugging Face, the floor
 `--quick` runs the same measurements at small sizes (a smoke test, ~20-30 s);
-`--profile` prints cProfile tables of our cached decode and prefill instead.
+`--profile` prints cProfile tables of our cached decode and prefill instead;
+`--threads 1` limits BLAS and torch to one thread (on a busy machine two OpenBLAS threads on two
+cores wait for each other and medians grow 10-100x).
 Every correctness guard (naive == cached tokens, ours == Hugging Face tokens) is printed; the
 exit code is 1 if any guard fails.
 """
@@ -60,7 +62,7 @@ class Settings:
     sweep_rounds: int  # naive steps per position (cached steps get cached_inner times as many)
     cached_inner: int
     total_tokens: tuple[int, ...]  # N of section 2
-    total_rounds: tuple[int, ...]  # repeats for each N (naive at N = 1024 takes a while)
+    total_rounds: tuple[int, ...]  # repeats for each N (naive at N = 1024 takes ~1 min)
     decode_steps: tuple[int, int]  # tokens decoded per round vs Hugging Face: (seed, gpt2-small)
     decode_rounds: tuple[int, int]
     prefill_len: int
@@ -73,7 +75,7 @@ class Settings:
 
 
 FULL = Settings(positions=(16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2047), sweep_rounds=5,
-                cached_inner=20, total_tokens=(128, 512, 1024), total_rounds=(5, 3, 1),
+                cached_inner=20, total_tokens=(128, 512, 1024), total_rounds=(5, 3, 3),
                 decode_steps=(128, 64), decode_rounds=(5, 3), prefill_len=512, prefill_rounds=5,
                 append_lengths=(128, 256, 512, 1024, 2048), append_repeats=300,
                 concat_decode_tokens=2048 - PROMPT_LEN, concat_rounds=3, memory_seq_len=2048)
@@ -174,7 +176,9 @@ def build_pair(shape: dict, seed: int):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    hf = GPT2LMHeadModel(GPT2Config(**shape)).eval()
+    # No bos/eos ids: GPT-2's 50256 lies outside these small vocabularies.
+    config = GPT2Config(**shape, bos_token_id=None, eos_token_id=None)
+    hf = GPT2LMHeadModel(config).eval()
     hf.generation_config.pad_token_id = 0  # a random-weight model has no tokenizer or pad token
     hf.generation_config.eos_token_id = None  # never stop early: both sides make N tokens
     ours = GPT.from_gpt2(hf.state_dict(), n_heads=shape["n_head"], dtype=np.float32)
@@ -436,30 +440,37 @@ def concat_cache(model: GPT) -> list[KVCache]:
             for _ in range(c.n_layers)]
 
 
+APPEND_BLOCK = 20  # appends timed in a row before the next (cache, length) pair takes over
+
+
 def append_costs(model: GPT, s: Settings, rng: np.random.Generator) -> dict:
     """Median cost of appending ONE position to a cache already holding L positions (one layer of
-    the seed model), for both caches, interleaved."""
+    the seed model). Every (cache, L) pair is timed in blocks of APPEND_BLOCK appends in a row,
+    all pairs interleaved, so the lengths are compared at the same moments and one cache's big
+    copy does not leave the other's first append cold more at one length than another."""
     c, L_max = model.config, max(s.append_lengths)
     shape = (1, c.n_kv_heads, 1, c.d_head)  # one new position: (B, H_kv, 1, d_head)
     k_new = rng.standard_normal(shape).astype(np.float32)
     v_new = rng.standard_normal(shape).astype(np.float32)
     full = rng.standard_normal((1, c.n_kv_heads, L_max, c.d_head)).astype(np.float32)
-    out = {"kv_shape": list(shape), "lengths": [], "preallocated": [], "concatenating": []}
+    kinds = {"preallocated": KVCache, "concatenating": ConcatKVCache}
+    variants = {}
     for L in s.append_lengths:
-        caches = {"preallocated": KVCache(1, c.n_kv_heads, L_max + 1, c.d_head),
-                  "concatenating": ConcatKVCache(1, c.n_kv_heads, L_max + 1, c.d_head)}
-        for kv in caches.values():
+        for name, kind in kinds.items():
+            kv = kind(1, c.n_kv_heads, L_max + 1, c.d_head)
             kv.append(full[:, :, :L], full[:, :, :L])
 
-        def append_at(kv, L=L):
-            rewind([kv], L)  # for the concatenating cache the next append copies L positions
-            kv.append(k_new, v_new)
+            def append_at(kv=kv, L=L):
+                rewind([kv], L)  # for the concatenating cache the next append copies L positions
+                kv.append(k_new, v_new)
 
-        times = interleave({name: lambda kv=kv: append_at(kv) for name, kv in caches.items()},
-                           s.append_repeats)
-        out["lengths"].append(L)
-        for name, t in times.items():
-            out[name].append(summary(t))
+            variants[f"{name} {L}"] = append_at
+    block = min(APPEND_BLOCK, s.append_repeats)
+    times = interleave(variants, math.ceil(s.append_repeats / block),
+                       dict.fromkeys(variants, block))
+    out = {"kv_shape": list(shape), "lengths": list(s.append_lengths)}
+    for name in kinds:
+        out[name] = [summary(times[f"{name} {L}"]) for L in s.append_lengths]
     first, last = int(np.argmin(out["lengths"])), int(np.argmax(out["lengths"]))
     for name in ("preallocated", "concatenating"):
         out[f"{name}_ratio_longest_over_shortest"] = (out[name][last]["median_ms"]
@@ -638,9 +649,10 @@ def plot_all(r: dict, out_dir: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    machine = f"{r['header']['cpu']}, {r['header']['blas_threads']} BLAS threads"
+    machine = f"{r['header']['cpu']}, BLAS threads: {r['header']['blas_threads']}"
     paths = []
 
     def band(ax, x, stats, label, style, scale=1.0):
@@ -666,6 +678,12 @@ def plot_all(r: dict, out_dir: Path) -> list[str]:
     ax.set(xscale="log", yscale="log", xlabel="positions already in the cache",
            ylabel="one append (microseconds)",
            title=f"Cost of appending one position, K and V {tuple(app['kv_shape'])}\n{machine}")
+    # Plain numbers on both log axes (set after the scale, which resets the formatters).
+    ax.set_xticks(app["lengths"], [str(L) for L in app["lengths"]])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))  # 1 2 5 10 20 ..
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     paths.append(save(fig, out_dir / "bench_cache_append.png"))
@@ -674,12 +692,15 @@ def plot_all(r: dict, out_dir: Path) -> list[str]:
     labels = list(r["vs_hf"])
     x = np.arange(len(labels))
     for ax, key, title in ((axes[0], "decode_per_token", "decode, ms per token"),
-                           (axes[1], "prefill", "prefill, ms")):
+                           (axes[1], "prefill", f"prefill of {r['settings']['prefill_len']} "
+                                                "tokens, ms")):
         whos = ["ours", "hf", "floor"] if key == "decode_per_token" else ["ours", "hf"]
         for i, who in enumerate(whos):
             vals = [r["vs_hf"][c][key][who]["median_ms"] for c in labels]
-            ax.bar(x + (i - (len(whos) - 1) / 2) * 0.25, vals, 0.25,
-                   label={"ours": "this repo", "hf": "Hugging Face", "floor": "matvec floor"}[who])
+            bars = ax.bar(x + (i - (len(whos) - 1) / 2) * 0.25, vals, 0.25,
+                          label={"ours": "this repo", "hf": "Hugging Face",
+                                 "floor": "matvec floor"}[who])
+            ax.bar_label(bars, [f"{v:.3g}" for v in vals], fontsize=7)
         ax.set(xticks=x, xticklabels=labels, yscale="log", title=title)
         ax.grid(True, axis="y", which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
