@@ -55,9 +55,10 @@ def causal_mask(t_q: int, t_k: int | None = None) -> np.ndarray:
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable softmax: subtracting the row max keeps exp() <= 1, so logits of 1e4 or
     -1e9 never overflow. Same shape in and out."""
-    x = x - x.max(axis=axis, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(axis=axis, keepdims=True)
+    e = x - x.max(axis=axis, keepdims=True)  # a new array (the caller's x is untouched) ...
+    np.exp(e, out=e)  # ... so exp and the division can work in place: one array, not three
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
 
 
 # --- 3. One attention step -----------------------------------------------------------------------
@@ -74,8 +75,9 @@ def scaled_dot_product_attention(
     exactly zero probability and renormalises over the visible keys. Zeroing probabilities after
     softmax would leave rows that no longer sum to one (and the future already mixed into the max).
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])  # a Python float, so float32 inputs stay float32
-    scores = (q @ k.swapaxes(-1, -2)) * scale  # (..., t_q, d) @ (..., d, t_k) -> (..., t_q, t_k)
+    # Scale q (t_q x d numbers) rather than the scores (t_q x t_k); a Python float keeps float32.
+    q = q * (1.0 / math.sqrt(q.shape[-1]))
+    scores = q @ k.swapaxes(-1, -2)  # (..., t_q, d) @ (..., d, t_k) -> (..., t_q, t_k)
     if mask is not None:
         scores = np.where(mask, scores, NEG_INF)
     weights = softmax(scores, axis=-1)
@@ -141,9 +143,9 @@ def layer_norm(
 ) -> np.ndarray:
     """Normalise the last axis to mean 0, variance 1 (biased variance, as torch does), then scale
     by gamma and shift by beta when given. Same shape in and out."""
-    mean = x.mean(axis=-1, keepdims=True)
-    var = x.var(axis=-1, keepdims=True)
-    x = (x - mean) / np.sqrt(var + eps)
+    xc = x - x.mean(axis=-1, keepdims=True)  # centred once, reused for the variance
+    var = (xc * xc).mean(axis=-1, keepdims=True)
+    x = xc / np.sqrt(var + eps)
     if gamma is not None:
         x = x * gamma
     if beta is not None:

@@ -77,7 +77,8 @@ class BlockParams:
 
 def gelu(x: np.ndarray) -> np.ndarray:
     """GELU, tanh approximation (GPT-2's "gelu_new"). Same shape in and out."""
-    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    # x * x * x, not x**3: NumPy's float32 power is a scalar pow per element, ~200x slower here.
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
 
 
 def mlp(x: np.ndarray, p: BlockParams) -> np.ndarray:
