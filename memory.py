@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                  ["chunks of 256", f"(1, 4, 256, {T}) = {human(scores * 256 // T)}",
                   human(chunked), f"{chunked / (scores * 256 // T):.1f}"]]))
     print("(peak / matrix > 1: several score-sized arrays are alive at once inside attention,"
-          " e.g. masked scores, scores - max, their exp and the weights)")
+          " e.g. raw scores, masked scores, and the one array softmax works in place)")
     print(f"same last logits: max |difference| = {np.abs(a - b).max():.2e}")
 
     path = plot_memory(rows, args.out)
