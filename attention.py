@@ -55,6 +55,7 @@ def causal_mask(t_q: int, t_k: int | None = None) -> np.ndarray:
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable softmax: subtracting the row max keeps exp() <= 1, so logits of 1e4 or
     -1e9 never overflow. Same shape in and out."""
+    x = np.asarray(x, dtype=np.result_type(x, np.float32))  # integer logits become floats
     e = x - x.max(axis=axis, keepdims=True)  # a new array (the caller's x is untouched) ...
     np.exp(e, out=e)  # ... so exp and the division can work in place: one array, not three
     e /= e.sum(axis=axis, keepdims=True)

@@ -404,3 +404,10 @@ def test_layer_norm_matches_torch():
     np.testing.assert_allclose(layer_norm(x, gamma, beta, 1e-5), ref, rtol=0, atol=1e-12)
     ref = torch_layer_norm(torch.from_numpy(x), (10,), eps=1e-5).numpy()
     np.testing.assert_allclose(layer_norm(x), ref, rtol=0, atol=1e-12)
+
+
+def test_softmax_accepts_integer_logits():
+    # Integer logits are valid input; the result must equal the float computation, worked by hand
+    # for [0, 1]: e^0 / (e^0 + e^1) = 1 / (1 + e).
+    out = softmax(np.array([[0, 1], [5, 5]]))
+    np.testing.assert_allclose(out, [[1 / (1 + np.e), np.e / (1 + np.e)], [0.5, 0.5]], rtol=1e-12)
