@@ -6,20 +6,26 @@
         x = x + mlp(layer_norm_2(x))           (B, T, D)   each token thinks on its own
     logits = layer_norm_f(x) @ wte.T           (B, T, V)   the LM head is the embedding, tied
 
-Positions live in one place: the cache length. A forward with a cache treats `ids` as the positions
-that follow what the cache already holds; without a cache they start at 0.
+A token's position is the number of real (non-padding) tokens before it in its row; with a cache
+the model reads which earlier positions were real from the cache (cache.py), so positions and the
+padding mask have one home however many calls a sequence takes.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
+import weights as weight_files
 from attention import AttentionParams, causal_mask, layer_norm, multi_head_attention
-from cache import KVCache
+from cache import KVCache, ModelCache
+from checks import finite_number, float_dtype, is_int, positive_int, token_ids, zero_one_mask
 from rope import rope_angles
+
+MODEL_DTYPES = ("float32", "float64")
 
 
 @dataclass
@@ -40,26 +46,47 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_seq_len", "d_model", "n_heads", "n_layers"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"GPTConfig: {name} must be a positive int, got {value!r}")
+            setattr(self, name, positive_int(f"GPTConfig.{name}", getattr(self, name)))
         if self.d_model % self.n_heads:
             raise ValueError(f"GPTConfig: d_model={self.d_model} is not divisible by "
                              f"n_heads={self.n_heads}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if (not isinstance(self.n_kv_heads, (int, np.integer)) or self.n_kv_heads < 1
-                or self.n_heads % self.n_kv_heads):
+        if not is_int(self.n_kv_heads) or self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
             raise ValueError(f"GPTConfig: n_kv_heads={self.n_kv_heads!r} must be a positive "
                              f"divisor of n_heads={self.n_heads}")
-        if self.d_ff is None:
-            self.d_ff = 4 * self.d_model
+        self.d_ff = positive_int("GPTConfig.d_ff", 4 * self.d_model if self.d_ff is None
+                                 else self.d_ff)
+        if not isinstance(self.rope, bool):
+            raise TypeError(f"GPTConfig.rope must be True or False, got {self.rope!r}")
+        self.rope_base = finite_number("GPTConfig.rope_base", self.rope_base, above=0)
+        self.ln_eps = finite_number("GPTConfig.ln_eps", self.ln_eps, above=0)
+        self.init_std = finite_number("GPTConfig.init_std", self.init_std, at_least=0)
         if self.rope and self.d_head % 2:
             raise ValueError(f"GPTConfig: RoPE needs an even d_head, got {self.d_head}")
 
     @property
     def d_head(self) -> int:
         return self.d_model // self.n_heads
+
+
+def weight_shapes(c: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight of the model, by name, with its shape: the one table that random init,
+    loading, saving and Hugging Face conversion are all checked against. Matrices are used as
+    x @ W (GPT-2's layout): (in, out)."""
+    D, F, q, kv = c.d_model, c.d_ff, c.n_heads * c.d_head, c.n_kv_heads * c.d_head
+    shapes = {"wte": (c.vocab_size, D)}
+    if not c.rope:
+        shapes["wpe"] = (c.max_seq_len, D)
+    for i in range(c.n_layers):
+        shapes |= {f"h.{i}.{name}": shape for name, shape in (
+            ("ln_1.gamma", (D,)), ("ln_1.beta", (D,)),
+            ("attn.w_q", (D, q)), ("attn.b_q", (q,)), ("attn.w_k", (D, kv)), ("attn.b_k", (kv,)),
+            ("attn.w_v", (D, kv)), ("attn.b_v", (kv,)), ("attn.w_o", (q, D)), ("attn.b_o", (D,)),
+            ("ln_2.gamma", (D,)), ("ln_2.beta", (D,)),
+            ("mlp.w_fc", (D, F)), ("mlp.b_fc", (F,)), ("mlp.w_proj", (F, D)),
+            ("mlp.b_proj", (D,)))}
+    return shapes | {"ln_f.gamma": (D,), "ln_f.beta": (D,)}
 
 
 @dataclass
@@ -102,22 +129,20 @@ def transformer_block(
     return x, weights
 
 
-def positions_and_mask(
-    past: int, T: int, attention_mask: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of the T new tokens and the mask they attend with; built once per forward.
+def positions_and_mask(real: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the last T tokens and the mask they attend with; built once per forward.
 
-    Without padding: positions past .. past + T - 1, shape (1, T), and the causal mask
-    (1, 1, T, past + T), bottom-right aligned because the new tokens are the last T.
-    With attention_mask (B, past + T), 1 = real token, 0 = pad: each row counts only its real
-    tokens (position = real tokens before it), and pads are hidden as keys:
-    mask (B, 1, T, past + T).
+    real (B, t_k) bool: which of the t_k positions (cached + new) hold real tokens. A token's
+    position is the number of real tokens before it in its row, so a row's first real token is
+    position 0 however much padding comes first (Hugging Face's generate does the same). The mask
+    is causal (bottom-right aligned: the new tokens are the last T) and hides padding keys.
+    Returns positions (B, T) and mask (1 or B, 1, T, t_k).
     """
-    mask = causal_mask(T, past + T)[None, None]  # (T, t_k) -> (1, 1, T, t_k): all batches, heads
-    if attention_mask is None:
-        return np.arange(past, past + T)[None], mask
-    real = attention_mask.astype(bool)  # (B, t_k)
-    positions = np.maximum(np.cumsum(real, axis=1)[:, past:] - 1, 0)  # (B, T); pads clamp to 0
+    t_k = real.shape[1]
+    positions = np.maximum(np.cumsum(real, axis=1)[:, t_k - T:] - 1, 0)  # pads clamp to 0
+    mask = causal_mask(T, t_k)[None, None]  # (T, t_k) -> (1, 1, T, t_k): all batches and heads
+    if real.all():  # no padding anywhere: the causal mask alone is the whole story
+        return positions, mask
     return positions, mask & real[:, None, None, :]  # (B, t_k) -> (B, 1, 1, t_k) for every query
 
 
@@ -125,93 +150,95 @@ class GPT:
     """A GPT-2-style decoder. `model(ids)` runs the whole sequence; `model(ids, cache)` runs only
     the new tokens and reads earlier keys and values from the cache."""
 
-    def __init__(self, config: GPTConfig, seed: int = 0, dtype: np.dtype | type = np.float32):
-        dtype = np.dtype(dtype)
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"GPT: dtype must be float32 or float64, got {dtype}")
-        self.config, self.dtype = config, dtype
-        c, rng = config, np.random.default_rng(seed)
-
-        def normal(*shape: int) -> np.ndarray:
-            return (rng.standard_normal(shape) * c.init_std).astype(dtype)
-
-        def zeros(n: int) -> np.ndarray:
-            return np.zeros(n, dtype)
-
-        def ones(n: int) -> np.ndarray:
-            return np.ones(n, dtype)
-
-        D, kv = c.d_model, c.n_kv_heads * c.d_head
-        self.wte = normal(c.vocab_size, D)  # (V, D)
-        self.wpe = None if c.rope else normal(c.max_seq_len, D)  # (max_seq_len, D)
-        self.blocks = [
-            BlockParams(
-                ln_1=(ones(D), zeros(D)),
-                attn=AttentionParams(normal(D, D), zeros(D), normal(D, kv), zeros(kv),
-                                     normal(D, kv), zeros(kv), normal(D, D), zeros(D),
+    def __init__(
+        self, config: GPTConfig, seed: int = 0, dtype: np.dtype | type | str = np.float32,
+        weights: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        """Random weights from `seed`, or the given `weights` (name -> array, as weight_shapes
+        names them; copied and cast to dtype). Every way of building a model comes through here:
+        GPT(...), GPT.load and GPT.from_gpt2."""
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"GPT: config must be a GPTConfig, got {type(config).__name__}")
+        self.config, self.dtype = config, float_dtype("GPT dtype", dtype, MODEL_DTYPES)
+        shapes = weight_shapes(config)
+        if weights is None:
+            if not is_int(seed) or seed < 0:
+                raise ValueError(f"GPT: seed must be an int >= 0, got {seed!r}")
+            weights = random_weights(shapes, config.init_std, seed)
+        named = weight_files.checked(weights, shapes, self.dtype)
+        c = config
+        self.wte = named["wte"]  # (V, D)
+        self.wpe = named.get("wpe")  # (max_seq_len, D), or None with RoPE
+        self.blocks = []
+        for i in range(c.n_layers):
+            w = {name.removeprefix(f"h.{i}."): a for name, a in named.items()
+                 if name.startswith(f"h.{i}.")}
+            self.blocks.append(BlockParams(
+                ln_1=(w["ln_1.gamma"], w["ln_1.beta"]),
+                attn=AttentionParams(w["attn.w_q"], w["attn.b_q"], w["attn.w_k"], w["attn.b_k"],
+                                     w["attn.w_v"], w["attn.b_v"], w["attn.w_o"], w["attn.b_o"],
                                      c.n_heads, c.n_kv_heads),
-                ln_2=(ones(D), zeros(D)),
-                w_fc=normal(D, c.d_ff), b_fc=zeros(c.d_ff),
-                w_proj=normal(c.d_ff, D), b_proj=zeros(D),
-            )
-            for _ in range(c.n_layers)
-        ]
-        self.ln_f = (ones(D), zeros(D))
+                ln_2=(w["ln_2.gamma"], w["ln_2.beta"]),
+                w_fc=w["mlp.w_fc"], b_fc=w["mlp.b_fc"], w_proj=w["mlp.w_proj"],
+                b_proj=w["mlp.b_proj"]))
+        self.ln_f = (named["ln_f.gamma"], named["ln_f.beta"])
 
-    # --- loading GPT-2 weights -------------------------------------------------------------------
+    def named_weights(self) -> dict[str, np.ndarray]:
+        """name -> array for every weight, the names of weight_shapes (the arrays themselves)."""
+        named = {"wte": self.wte} | ({} if self.wpe is None else {"wpe": self.wpe})
+        for i, p in enumerate(self.blocks):
+            a = p.attn
+            named |= {f"h.{i}.{name}": array for name, array in (
+                ("ln_1.gamma", p.ln_1[0]), ("ln_1.beta", p.ln_1[1]),
+                ("attn.w_q", a.w_q), ("attn.b_q", a.b_q), ("attn.w_k", a.w_k),
+                ("attn.b_k", a.b_k), ("attn.w_v", a.w_v), ("attn.b_v", a.b_v),
+                ("attn.w_o", a.w_o), ("attn.b_o", a.b_o), ("ln_2.gamma", p.ln_2[0]),
+                ("ln_2.beta", p.ln_2[1]), ("mlp.w_fc", p.w_fc), ("mlp.b_fc", p.b_fc),
+                ("mlp.w_proj", p.w_proj), ("mlp.b_proj", p.b_proj))}
+        return named | {"ln_f.gamma": self.ln_f[0], "ln_f.beta": self.ln_f[1]}
+
+    # --- weights in and out ----------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write the config and every weight to a .npz file (no pickle); return its path."""
+        return weight_files.write_npz(path, asdict(self.config), self.named_weights())
 
     @classmethod
-    def from_gpt2(cls, state_dict: dict, n_heads: int, dtype: np.dtype | type = np.float32) -> GPT:
-        """Build the model from a Hugging Face GPT2LMHeadModel (or GPT2Model) state_dict, whose
-        values may be torch tensors or NumPy arrays. GPT-2's Conv1D stores weights as (in, out),
-        which is exactly our x @ W layout; its fused c_attn (D, 3D) is split into W_q, W_k, W_v."""
-        sd = _gpt2_arrays(state_dict, dtype)
-        for key in ("wte.weight", "wpe.weight", "h.0.mlp.c_fc.weight"):
-            if key not in sd:
-                raise ValueError(f"from_gpt2: state_dict is missing {key!r}")
-            if sd[key].ndim != 2:
-                raise ValueError(f"from_gpt2: {key} must be a 2-D matrix, got {sd[key].shape}")
-        # Sizes come from these three; every other key is then checked against them.
-        V, D = sd["wte.weight"].shape
-        max_seq_len, d_ff = len(sd["wpe.weight"]), sd["h.0.mlp.c_fc.weight"].shape[1]
-        if not isinstance(n_heads, (int, np.integer)) or n_heads < 1 or D % n_heads:
-            raise ValueError(f"from_gpt2: n_heads={n_heads!r} must divide d_model={D}")
-        config = GPTConfig(vocab_size=V, max_seq_len=max_seq_len, d_model=D, n_heads=n_heads,
-                           n_layers=_gpt2_layer_count(sd), d_ff=d_ff)
-        _check_gpt2_shapes(sd, config)
-        model = cls.__new__(cls)
-        model.config, model.dtype = config, np.dtype(dtype)
-        model.wte, model.wpe = sd["wte.weight"], sd["wpe.weight"]
-        model.blocks = []
-        for i in range(config.n_layers):
-            h = {key: sd[f"h.{i}.{key}"] for key in _GPT2_BLOCK_KEYS}
-            w_q, w_k, w_v = np.split(h["attn.c_attn.weight"], 3, axis=1)  # (D, 3D) -> 3 x (D, D)
-            b_q, b_k, b_v = np.split(h["attn.c_attn.bias"], 3)  # (3D,) -> 3 x (D,)
-            model.blocks.append(BlockParams(
-                ln_1=(h["ln_1.weight"], h["ln_1.bias"]),
-                attn=AttentionParams(np.ascontiguousarray(w_q), b_q, np.ascontiguousarray(w_k),
-                                     b_k, np.ascontiguousarray(w_v), b_v,
-                                     h["attn.c_proj.weight"], h["attn.c_proj.bias"],
-                                     n_heads, n_heads),
-                ln_2=(h["ln_2.weight"], h["ln_2.bias"]),
-                w_fc=h["mlp.c_fc.weight"], b_fc=h["mlp.c_fc.bias"],
-                w_proj=h["mlp.c_proj.weight"], b_proj=h["mlp.c_proj.bias"],
-            ))
-        model.ln_f = (sd["ln_f.weight"], sd["ln_f.bias"])
-        return model
+    def load(cls, path: str | Path, dtype: np.dtype | type | str = np.float32) -> GPT:
+        """A model from a .npz file written by save(); refuses a file whose config is invalid or
+        whose weights do not match it (names, shapes, float dtype, finite values)."""
+        config, named = weight_files.read_npz(path)
+        try:
+            config = GPTConfig(**config)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"GPT.load: {path} holds an invalid config: {err}") from None
+        return cls(config, dtype=dtype, weights=named)
+
+    @classmethod
+    def from_gpt2(
+        cls, state_dict: dict, n_heads: int | None = None,
+        dtype: np.dtype | type | str = np.float32, hf_config: object = None,
+    ) -> GPT:
+        """A model from a Hugging Face GPT2LMHeadModel (or GPT2Model) state_dict, whose values
+        may be torch tensors or NumPy arrays. n_heads is needed unless hf_config (the model's
+        GPT2Config) is given; from hf_config also the LayerNorm epsilon and the activation."""
+        sizes, named = weight_files.from_gpt2_state_dict(state_dict, n_heads, hf_config)
+        return cls(GPTConfig(**sizes), dtype=dtype, weights=named)
 
     # --- the cache -------------------------------------------------------------------------------
 
-    def new_cache(self, batch_size: int, dtype: np.dtype | type | None = None) -> list[KVCache]:
-        """One empty KVCache per layer, each (B, H_kv, max_seq_len, d_head) for K and for V."""
+    def new_cache(self, batch_size: int, dtype: np.dtype | type | str | None = None) -> ModelCache:
+        """An empty cache for batch_size rows: one KVCache per layer, each (B, H_kv, max_seq_len,
+        d_head) for K and for V, stored as dtype (default: the model's)."""
         c = self.config
-        return [KVCache(batch_size, c.n_kv_heads, c.max_seq_len, c.d_head, dtype or self.dtype)
-                for _ in range(c.n_layers)]
+        dtype = self.dtype if dtype is None else dtype
+        return ModelCache([KVCache(batch_size, c.n_kv_heads, c.max_seq_len, c.d_head, dtype)
+                           for _ in range(c.n_layers)])
 
     # --- the forward pass ------------------------------------------------------------------------
 
     def __call__(
-        self, ids: np.ndarray, cache: list[KVCache] | None = None,
+        self, ids: np.ndarray, cache: ModelCache | None = None,
         attention_mask: np.ndarray | None = None, last_only: bool = False,
         return_attention: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
@@ -219,124 +246,96 @@ class GPT:
         computed for the last position only, as generation needs).
 
         cache: from new_cache(B); the T tokens follow the len(cache) positions it holds, and their
-        keys and values are appended. attention_mask (B, len(cache) + T): 1 real, 0 pad (for left
-        padding). return_attention also returns each layer's weights (B, H, T, len(cache) + T).
-        Every argument is checked before any cache is touched.
+        keys and values are appended. attention_mask (B, len(cache) + T) of 1 real / 0 pad marks
+        padding; with a cache it is needed only on the call that brings the padding (the cache
+        keeps it) and is refused if it contradicts what the cache holds. Padding anywhere is
+        allowed: a token's position counts the real tokens before it. return_attention also
+        returns each layer's weights (B, H, T, len(cache) + T). The whole call is checked before
+        the cache changes, and a call that fails anyway leaves the cache as it was.
         """
-        ids = self._check_ids(ids)
-        B, T = ids.shape
-        past = self._check_cache(cache, B, T)
-        if attention_mask is not None:
-            attention_mask = np.asarray(attention_mask)
-            if attention_mask.shape != (B, past + T):
-                raise ValueError(f"GPT: attention_mask must be (B, cached + T) = {(B, past + T)}, "
-                                 f"got {attention_mask.shape}")
-        positions, mask = positions_and_mask(past, T, attention_mask)  # (1|B, T), (1|B, 1, T, t_k)
+        ids, new_real = self.check_call(ids, cache, attention_mask)
+        if cache is None:
+            return self._forward(ids, new_real, None, last_only, return_attention)
+        past = len(cache)
+        try:
+            return self._forward(ids, cache.record(new_real), cache, last_only, return_attention)
+        except BaseException:
+            cache.truncate(past)  # a failure half-way (out of memory, Ctrl-C) must not leave
+            raise                 # some layers one step ahead of the others
+
+    def check_call(
+        self, ids: np.ndarray, cache: ModelCache | None, attention_mask: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Check a whole call and return ids (B, T) and which new tokens are real (B, T) bool.
+        Raises ValueError/TypeError naming the argument; changes nothing."""
         c = self.config
+        ids = token_ids("ids", ids, 2, c.vocab_size)
+        B, T = ids.shape
+        if cache is None:
+            past = 0
+            new_real = (np.ones((B, T), dtype=bool) if attention_mask is None
+                        else zero_one_mask("attention_mask", attention_mask, (B, T)))
+            empty = ~new_real.any(axis=1)
+            if empty.any():  # its logits would be meaningless (with a cache, later chunks may
+                row = int(np.argmax(empty))  # still bring real tokens, so it is allowed there)
+                raise ValueError(f"row {row} of attention_mask has no real token")
+        else:
+            self._check_cache(cache)
+            past = len(cache)
+            new_real = cache.check_step(B, T, attention_mask)
+        if past + T > c.max_seq_len:
+            raise ValueError(f"GPT: {past} cached + {T} new = {past + T} positions exceed "
+                             f"max_seq_len={c.max_seq_len}")
+        return ids, new_real
+
+    def _check_cache(self, cache: ModelCache) -> None:
+        c = self.config
+        if not isinstance(cache, ModelCache):
+            raise TypeError(f"GPT: cache must be a ModelCache from model.new_cache(batch_size), "
+                            f"got {type(cache).__name__}")
+        if len(cache.layers) != c.n_layers:
+            raise ValueError(f"GPT: cache has {len(cache.layers)} layers, the model "
+                             f"{c.n_layers}")
+        for i, kv in enumerate(cache.layers):
+            if (kv.n_kv_heads, kv.d_head) != (c.n_kv_heads, c.d_head):
+                raise ValueError(f"GPT: cache layer {i} is (H_kv, d_head) = "
+                                 f"{(kv.n_kv_heads, kv.d_head)}, this model needs "
+                                 f"{(c.n_kv_heads, c.d_head)}")
+
+    def _forward(
+        self, ids: np.ndarray, real: np.ndarray, cache: ModelCache | None, last_only: bool,
+        return_attention: bool,
+    ) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
+        """The forward pass proper, on checked input. real (B, t_k): which of the t_k positions
+        (cached + new) are real tokens."""
+        c = self.config
+        positions, mask = positions_and_mask(real, ids.shape[1])  # (B, T), (1|B, 1, T, t_k)
         x = self.wte[ids]  # (B, T) -> (B, T, D)
         rotate = None
         if c.rope:
             rotate = rope_angles(positions, c.d_head, c.rope_base, self.dtype)
         else:
-            x = x + self.wpe[positions]  # (1|B, T) -> (1|B, T, D), broadcast over the batch
+            x = x + self.wpe[positions]  # (B, T) -> (B, T, D)
         attention = []
         for layer, p in enumerate(self.blocks):
-            x, weights = transformer_block(x, p, mask, None if cache is None else cache[layer],
-                                           rotate, c.ln_eps)
+            kv = None if cache is None else cache.layers[layer]
+            x, weights = transformer_block(x, p, mask, kv, rotate, c.ln_eps)
             attention.append(weights)
         if last_only:
             x = x[:, -1:]  # (B, T, D) -> (B, 1, D)
         logits = layer_norm(x, *self.ln_f, c.ln_eps) @ self.wte.T  # (B, T, D) -> (B, T, V)
         return (logits, attention) if return_attention else logits
 
-    def _check_ids(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids)
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise TypeError(f"GPT: ids must be integers, got dtype {ids.dtype}")
-        if ids.ndim != 2 or ids.shape[1] < 1:
-            raise ValueError(f"GPT: ids must be (B, T) with T >= 1, got shape {ids.shape}")
-        V = self.config.vocab_size
-        if ids.size and (ids.min() < 0 or ids.max() >= V):
-            raise ValueError(f"GPT: token ids must be in [0, {V}), got min {ids.min()} "
-                             f"max {ids.max()}")
-        return ids
 
-    def _check_cache(self, cache: list[KVCache] | None, B: int, T: int) -> int:
-        """Return the number of cached positions (0 without a cache) after checking that the
-        cache fits this model and batch and has room for T more."""
-        c = self.config
-        past = 0
-        if cache is not None:
-            if len(cache) != c.n_layers or not all(isinstance(kv, KVCache) for kv in cache):
-                raise TypeError(f"GPT: cache must be a list of {c.n_layers} KVCache "
-                                "(use model.new_cache(batch_size))")
-            lengths = {len(kv) for kv in cache}
-            if len(lengths) != 1:
-                raise ValueError(f"GPT: layer caches disagree on length: {sorted(lengths)}")
-            past = lengths.pop()
-            shape = (B, c.n_kv_heads, c.d_head)
-            for kv in cache:
-                got = (kv.keys.shape[0], kv.keys.shape[1], kv.keys.shape[3])
-                if got != shape:
-                    raise ValueError(f"GPT: cache is (B, H_kv, d_head) = {got}, this call needs "
-                                     f"{shape}")
-                if past + T > kv.max_len:
-                    raise ValueError(f"GPT: {T} new tokens after {past} cached exceed the "
-                                     f"cache's max_len={kv.max_len}")
-        if past + T > c.max_seq_len:
-            raise ValueError(f"GPT: {past + T} positions exceed max_seq_len={c.max_seq_len}")
-        return past
-
-
-# --- GPT-2 state_dict helpers --------------------------------------------------------------------
-
-_GPT2_BLOCK_KEYS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
-                    "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
-                    "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
-
-
-def _gpt2_arrays(state_dict: dict, dtype: np.dtype | type) -> dict[str, np.ndarray]:
-    """Strip the 'transformer.' prefix, drop buffers we do not use, convert to NumPy `dtype`."""
-    if not hasattr(state_dict, "items"):
-        raise TypeError(f"from_gpt2: state_dict must be a mapping, got {type(state_dict)}")
+def random_weights(shapes: dict[str, tuple[int, ...]], std: float, seed: int
+                   ) -> dict[str, np.ndarray]:
+    """GPT-2's initialisation: matrices ~ N(0, std^2), LayerNorm scales 1, every bias and shift
+    0. Drawn in float64 in the order of `shapes`, so a seed gives the same model in any dtype."""
+    rng = np.random.default_rng(seed)
     out = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix("transformer.")
-        if key.startswith("lm_head") or key.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # the LM head is tied to wte; attn.bias is GPT-2's stored causal mask
-        if hasattr(value, "detach"):  # a torch tensor, converted without importing torch
-            value = value.detach().cpu().numpy()
-        out[key] = np.array(value, dtype=dtype, order="C", copy=True)  # never alias the caller
+    for name, shape in shapes.items():
+        if len(shape) == 2:
+            out[name] = rng.standard_normal(shape) * std
+        else:
+            out[name] = np.ones(shape) if name.endswith(".gamma") else np.zeros(shape)
     return out
-
-
-def _gpt2_layer_count(sd: dict[str, np.ndarray]) -> int:
-    """Highest block index of ANY 'h.N.' key + 1, so that a block with a key missing is reported
-    as missing rather than silently dropped."""
-    indices = set()
-    for key in sd:
-        if key.startswith("h."):
-            index = key.split(".")[1]
-            if not index.isdigit():
-                raise ValueError(f"from_gpt2: unexpected key {key!r} (expected 'h.<int>.')")
-            indices.add(int(index))
-    return 1 + max(indices)
-
-
-def _check_gpt2_shapes(sd: dict[str, np.ndarray], c: GPTConfig) -> None:
-    D, F = c.d_model, c.d_ff
-    expected = {"wte.weight": (c.vocab_size, D), "wpe.weight": (c.max_seq_len, D),
-                "ln_f.weight": (D,), "ln_f.bias": (D,)}
-    block = dict(zip(_GPT2_BLOCK_KEYS, [(D,), (D,), (D, 3 * D), (3 * D,), (D, D), (D,), (D,),
-                                        (D,), (D, F), (F,), (F, D), (D,)], strict=True))
-    for i in range(c.n_layers):
-        expected.update({f"h.{i}.{k}": shape for k, shape in block.items()})
-    missing = sorted(set(expected) - set(sd))
-    if missing:
-        raise ValueError(f"from_gpt2: state_dict is missing {len(missing)} keys, e.g. "
-                         f"{missing[:4]}")
-    wrong = [f"{k}: got {sd[k].shape}, expected {s}" for k, s in expected.items()
-             if sd[k].shape != s]
-    if wrong:
-        raise ValueError(f"from_gpt2: mis-shaped weights: {wrong[:4]}")
-

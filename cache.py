@@ -4,40 +4,61 @@ At step t the new token needs the keys and values of every earlier token. They d
 computed (causal attention: an old token never sees a new one), so we keep them instead of
 recomputing the whole prefix. Queries are never cached: only the newest token asks a question.
 
-One KVCache holds one layer. Its buffers are allocated once at full length, (B, H_kv, max_len,
-d_head) for keys and the same for values, and `append` writes the new positions along the sequence
-axis (axis 2) at [length : length + t], the way llama and gpt-fast do. Nothing is concatenated
-per step, so appending costs the same at position 2000 as at position 20.
+Two objects, smallest first:
+    KVCache      one layer's keys and values. Its buffers are allocated once at full length,
+                 (B, H_kv, max_len, d_head) each, and `append` writes the new positions along the
+                 sequence axis (axis 2) at [length : length + t], as llama and gpt-fast do. Nothing
+                 is concatenated per step, so appending costs the same at position 2000 as at 20.
+    ModelCache   what a whole model remembers between calls: one KVCache per layer, and for every
+                 row which positions hold real tokens and which hold padding. A token's position is
+                 the number of real tokens before it in its row, so the cache is the one place
+                 positions come from: a caller hands a padding mask over once, at prefill, and
+                 every later call reads it from here.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from checks import float_dtype, is_int, positive_int, zero_one_mask
+
+CACHE_DTYPES = ("float16", "float32", "float64")  # int or bool buffers would round or wrap K/V
+
 
 class KVCache:
-    """Preallocated keys and values of one attention layer, and how many positions are filled.
-
-    `len(cache)` is the single source of truth for positions: the next token's absolute position
-    is len(cache) (before any padding is taken into account).
-    """
+    """Preallocated keys and values of one attention layer, and how many positions are filled."""
 
     def __init__(
         self, batch_size: int, n_kv_heads: int, max_len: int, d_head: int,
-        dtype: np.dtype | type = np.float32,
+        dtype: np.dtype | type | str = np.float32,
     ) -> None:
-        for name, value in (("batch_size", batch_size), ("n_kv_heads", n_kv_heads),
-                            ("max_len", max_len), ("d_head", d_head)):
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"KVCache: {name} must be a positive int, got {value!r}")
-        shape = (batch_size, n_kv_heads, max_len, d_head)
+        shape = tuple(positive_int(f"KVCache {name}", value) for name, value in (
+            ("batch_size", batch_size), ("n_kv_heads", n_kv_heads), ("max_len", max_len),
+            ("d_head", d_head)))
+        dtype = float_dtype("KVCache dtype", dtype, CACHE_DTYPES)
         self.keys = np.zeros(shape, dtype=dtype)  # (B, H_kv, max_len, d_head)
         self.values = np.zeros(shape, dtype=dtype)  # (B, H_kv, max_len, d_head)
-        self.length = 0
+        self.length = 0  # positions [0, length) are filled; past them: zeros, never read
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.keys.shape[1]
 
     @property
     def max_len(self) -> int:
         return self.keys.shape[2]
+
+    @property
+    def d_head(self) -> int:
+        return self.keys.shape[3]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.keys.dtype
 
     @property
     def nbytes(self) -> int:
@@ -48,9 +69,8 @@ class KVCache:
         return self.length
 
     def __repr__(self) -> str:
-        B, H_kv, max_len, d_head = self.keys.shape
-        return (f"KVCache(length={self.length}, max_len={max_len}, batch={B}, "
-                f"n_kv_heads={H_kv}, d_head={d_head}, dtype={self.keys.dtype})")
+        return (f"KVCache(length={self.length}, max_len={self.max_len}, batch={self.batch_size}, "
+                f"n_kv_heads={self.n_kv_heads}, d_head={self.d_head}, dtype={self.dtype})")
 
     def append(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Write t new positions and return views of every position held so far.
@@ -68,11 +88,12 @@ class KVCache:
 
     def check_append(self, k: np.ndarray, v: np.ndarray) -> None:
         """Raise ValueError/TypeError if append(k, v) would be wrong; change nothing."""
-        B, H_kv, max_len, d_head = self.keys.shape
+        B, H_kv, _, d_head = self.keys.shape
         for name, x in (("k", k), ("v", v)):
             if not isinstance(x, np.ndarray):
                 raise TypeError(f"KVCache.append: {name} must be a numpy array, got {type(x)}")
-            if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+            if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.floating)
+                                           or np.issubdtype(x.dtype, np.integer)):
                 raise TypeError(f"KVCache.append: {name} must hold real numbers, got dtype "
                                 f"{x.dtype}")
             if x.ndim != 4 or x.shape[0] != B or x.shape[1] != H_kv or x.shape[3] != d_head:
@@ -81,17 +102,128 @@ class KVCache:
                     f"got {x.shape}")
         if k.shape != v.shape:
             raise ValueError(f"KVCache.append: k {k.shape} and v {v.shape} differ")
-        t = k.shape[2]
+        self.check_room(k.shape[2])
+
+    def check_room(self, t: int) -> None:
+        """Raise ValueError unless 1 <= t and t more positions fit after the ones held."""
         if t < 1:
             raise ValueError("KVCache.append: nothing to append (t = 0)")
-        if self.length + t > max_len:
-            raise ValueError(
-                f"KVCache.append: {t} new positions after {self.length} exceed max_len={max_len}")
+        if self.length + t > self.max_len:
+            raise ValueError(f"KVCache.append: {t} new positions after {self.length} exceed "
+                             f"max_len={self.max_len}")
+
+    def truncate(self, length: int) -> None:
+        """Keep only the first `length` positions (0 <= length <= len(self)). The dropped ones
+        are zeroed, as in a new cache, so a call rolled back leaves every byte as it was."""
+        if not is_int(length) or not 0 <= length <= self.length:
+            raise ValueError(f"KVCache.truncate: length must be an int in [0, {self.length}], "
+                             f"got {length!r}")
+        self.keys[:, :, length:self.length] = 0
+        self.values[:, :, length:self.length] = 0
+        self.length = int(length)
 
     def reset(self) -> None:
-        """Forget every position. The buffers stay allocated; old values are never read again
-        because reads stop at `length`."""
-        self.length = 0
+        """Forget every position. The buffers stay allocated."""
+        self.truncate(0)
+
+
+class ModelCache:
+    """A model's memory between calls: one KVCache per layer, and which positions are real.
+
+    `real` (B, max_len) is True where a real token was written and False where padding was, for
+    the first len(self) positions. The model reads every token's position from it (the number of
+    real tokens before it in its row) and hides padding keys with it, so after a left-padded
+    prefill a decode step needs nothing but the new token. Without padding, a token's position is
+    simply len(self).
+    """
+
+    def __init__(self, layers: list[KVCache]) -> None:
+        """layers: one empty cache per layer (KVCache, or any object with its methods), all of
+        the same batch size and max_len. model.new_cache(B) builds the usual one."""
+        if not isinstance(layers, list) or not layers:
+            raise TypeError(f"ModelCache: layers must be a non-empty list of KVCache, got "
+                            f"{layers!r:.60}")
+        B, max_len = layers[0].batch_size, layers[0].max_len
+        for i, layer in enumerate(layers):
+            if (layer.batch_size, layer.max_len) != (B, max_len) or len(layer) != 0:
+                raise ValueError(f"ModelCache: layer {i} must be empty with batch {B} and max_len "
+                                 f"{max_len}, got {layer!r}")
+        self.layers = layers
+        self.real = np.zeros((B, max_len), dtype=bool)  # (B, max_len): True = a real token
+
+    @property
+    def batch_size(self) -> int:
+        return self.real.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.real.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every layer's K and V buffers (the real-token flags are B * max_len more)."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    def __len__(self) -> int:
+        """Positions written so far, padding included (every layer holds the same number)."""
+        return len(self.layers[0])
+
+    def __repr__(self) -> str:
+        return (f"ModelCache(length={len(self)}, max_len={self.max_len}, batch={self.batch_size}, "
+                f"layers={len(self.layers)}, real tokens per row={self.real_counts().tolist()})")
+
+    def real_counts(self) -> np.ndarray:
+        """(B,) how many real (non-padding) tokens each row holds."""
+        return self.real[:, :len(self)].sum(axis=1)
+
+    def check_step(self, B: int, T: int, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """Raise ValueError/TypeError if T new tokens for a batch of B cannot be added; otherwise
+        return which of them are real, (B, T) bool. Changes nothing.
+
+        attention_mask, when given, covers every position: (B, len(self) + T), 1 real, 0 pad. Its
+        first len(self) columns must agree with what the cache already holds."""
+        lengths = {len(layer) for layer in self.layers}
+        if len(lengths) != 1:
+            raise ValueError(f"ModelCache: layer caches disagree on length: {sorted(lengths)}")
+        past = lengths.pop()
+        if B != self.batch_size:
+            raise ValueError(f"ModelCache: a batch of {B} rows cannot use a cache of batch "
+                             f"{self.batch_size}")
+        if past + T > self.max_len:
+            raise ValueError(f"ModelCache: {T} new tokens after {past} cached exceed the cache's "
+                             f"max_len={self.max_len}")
+        if attention_mask is None:
+            return np.ones((B, T), dtype=bool)  # tokens added without a mask are all real
+        real = zero_one_mask("attention_mask", attention_mask, (B, past + T))
+        held = self.real[:, :past]
+        if not np.array_equal(real[:, :past], held):
+            row = int(np.argmax((real[:, :past] != held).any(axis=1)))
+            raise ValueError(f"attention_mask contradicts the cache: row {row} was cached as "
+                             f"{held[row].astype(int).tolist()}, the mask says "
+                             f"{real[row, :past].astype(int).tolist()}")
+        return real[:, past:]
+
+    def record(self, new_real: np.ndarray) -> np.ndarray:
+        """Note which of the T positions about to be appended are real, (B, T) bool, and return
+        the flags of every position this step attends over, (B, len(self) + T). Call only after
+        check_step; the layers then append their keys and values at the same positions."""
+        start, end = len(self), len(self) + new_real.shape[1]
+        self.real[:, start:end] = new_real
+        return self.real[:, :end]
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` positions of every layer (a rollback, or a rewind for
+        timing the same step again)."""
+        if not is_int(length) or not 0 <= length <= len(self):
+            raise ValueError(f"ModelCache.truncate: length must be an int in [0, {len(self)}], "
+                             f"got {length!r}")
+        for layer in self.layers:
+            layer.truncate(length)
+        self.real[:, length:] = False
+
+    def reset(self) -> None:
+        """Forget everything, padding flags included: the next call starts at position 0."""
+        self.truncate(0)
 
 
 def kv_cache_bytes(
@@ -99,6 +231,13 @@ def kv_cache_bytes(
     dtype: np.dtype | type | str = np.float32,
 ) -> int:
     """Memory of a full KV cache: 2 (K and V) * layers * batch * kv heads * positions * d_head *
-    bytes per element. It grows linearly with context length and with batch."""
-    return (2 * n_layers * batch * n_kv_heads * seq_len * d_head
-            * np.dtype(dtype).itemsize)
+    bytes per element. It grows linearly with context length and with batch. Computed in Python
+    ints, which never overflow (NumPy int32 sizes would wrap at 2 GiB)."""
+    sizes = [positive_int(name, value) for name, value in (
+        ("n_layers", n_layers), ("batch", batch), ("n_kv_heads", n_kv_heads), ("d_head", d_head),
+        ("seq_len", seq_len))]
+    itemsize = float_dtype("dtype", dtype, CACHE_DTYPES).itemsize
+    total = 2 * itemsize
+    for size in sizes:
+        total *= size
+    return total

@@ -1,5 +1,6 @@
-"""cache.KVCache: exact length, writes along the sequence axis, views not copies, and refused
-appends that leave every byte as it was.
+"""cache.py: KVCache (exact length, writes along the sequence axis, views not copies, refused
+appends that leave every byte as it was) and ModelCache (one KVCache per layer, and which
+positions are real tokens: the padding mask is handed over once and kept).
 
 Sizes are all different (B=2, H_kv=3, max_len=7, d_head=4) so a write along the wrong axis cannot
 land in the right place by accident.
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache import KVCache, kv_cache_bytes
+from cache import KVCache, ModelCache, kv_cache_bytes
 
 FEW = settings(max_examples=25, deadline=None)
 B, H_KV, MAX_LEN, D_HEAD = 2, 3, 7, 4
@@ -187,3 +188,140 @@ def test_constructor_refuses_bad_sizes(kwargs, name):
     args.update(kwargs)
     with pytest.raises(ValueError, match=name):
         KVCache(**args)
+
+
+def test_truncate_keeps_a_prefix_and_the_next_append_overwrites_the_rest():
+    rng = np.random.default_rng(4)
+    cache = KVCache(B, H_KV, MAX_LEN, D_HEAD)
+    k, v = chunk(rng, 5), chunk(rng, 5)
+    cache.append(k, v)
+    cache.truncate(2)
+    assert len(cache) == 2
+    k2, v2 = chunk(rng, 3), chunk(rng, 3)
+    keys, values = cache.append(k2, v2)
+    np.testing.assert_array_equal(keys, np.concatenate([k[:, :, :2], k2], axis=2))
+    np.testing.assert_array_equal(values, np.concatenate([v[:, :, :2], v2], axis=2))
+
+
+@pytest.mark.parametrize("bad", [-1, 6, 2.0, True, None])
+def test_truncate_refuses_lengths_it_does_not_hold(bad):
+    cache = full_cache_at(5)
+    before = snapshot(cache)
+    with pytest.raises(ValueError, match=r"truncate: length must be an int in \[0, 5\]"):
+        cache.truncate(bad)
+    assert snapshot(cache) == before
+
+
+def test_integer_keys_and_values_are_stored_as_the_cache_dtype():
+    cache = KVCache(B, H_KV, MAX_LEN, D_HEAD, np.float64)
+    k = np.arange(B * H_KV * 2 * D_HEAD).reshape(B, H_KV, 2, D_HEAD)  # int64
+    keys, values = cache.append(k, -k)
+    assert keys.dtype == np.float64
+    np.testing.assert_array_equal(keys, k.astype(np.float64))
+    np.testing.assert_array_equal(values, -k.astype(np.float64))
+
+
+def test_repr_names_the_length_and_the_shape():
+    cache = full_cache_at(3)
+    assert repr(cache) == ("KVCache(length=3, max_len=7, batch=2, n_kv_heads=3, d_head=4, "
+                           "dtype=float32)")
+
+
+# --- ModelCache ----------------------------------------------------------------------------------
+
+def model_cache(layers: int = 2) -> ModelCache:
+    return ModelCache([KVCache(B, H_KV, MAX_LEN, D_HEAD) for _ in range(layers)])
+
+
+def fill(cache: ModelCache, real: np.ndarray) -> None:
+    """Append len(real[0]) positions to every layer, as a forward would, marking `real`."""
+    rng = np.random.default_rng(5)
+    cache.record(real)
+    for kv in cache.layers:
+        kv.append(chunk(rng, real.shape[1]), chunk(rng, real.shape[1]))
+
+
+def test_model_cache_starts_empty_with_no_real_token():
+    cache = model_cache(3)
+    assert len(cache) == 0 and cache.batch_size == B and cache.max_len == MAX_LEN
+    assert cache.real.shape == (B, MAX_LEN) and not cache.real.any()
+    assert cache.nbytes == 3 * 2 * B * H_KV * MAX_LEN * D_HEAD * 4
+    np.testing.assert_array_equal(cache.real_counts(), [0, 0])
+
+
+def test_the_mask_is_handed_over_once_and_kept():
+    cache = model_cache()
+    mask = np.array([[0, 0, 1], [1, 1, 1]])  # row 0 left-padded by two
+    new = cache.check_step(B, 3, mask)
+    np.testing.assert_array_equal(new, mask.astype(bool))
+    fill(cache, new)
+    np.testing.assert_array_equal(cache.real_counts(), [1, 3])
+    # The next step needs no mask: its tokens are real, and the padding is remembered.
+    new = cache.check_step(B, 1)
+    np.testing.assert_array_equal(new, [[True], [True]])
+    all_real = cache.record(new)
+    np.testing.assert_array_equal(all_real, [[0, 0, 1, 1], [1, 1, 1, 1]])
+    # A mask given again is accepted when it agrees with what the cache holds ...
+    np.testing.assert_array_equal(cache.check_step(B, 2, np.array([[0, 0, 1, 1, 1], [1] * 5])),
+                                  np.ones((B, 2), dtype=bool))
+
+
+@pytest.mark.parametrize(("mask", "match"), [
+    (np.array([[1, 0, 1, 1], [1, 1, 1, 1]]), "contradicts the cache: row 0 was cached as "
+                                             r"\[0, 0, 1\], the mask says \[1, 0, 1\]"),
+    (np.ones((B, 3)), r"shape \(2, 4\)"),
+    (np.array([[0, 0, 1, 2], [1, 1, 1, 1]]), "only 0"),
+    ([[0, 0, 1, 1], [1, 1, 1, 1]], "numpy array"),
+])
+def test_a_mask_that_contradicts_the_cache_is_refused(mask, match):
+    cache = model_cache()
+    fill(cache, np.array([[False, False, True], [True, True, True]]))
+    before = cache.real.copy()
+    with pytest.raises((ValueError, TypeError), match=match):
+        cache.check_step(B, 1, mask)
+    np.testing.assert_array_equal(cache.real, before)
+
+
+@pytest.mark.parametrize(("B_", "T", "match"), [(3, 1, "batch of 3 rows"),
+                                                (B, 5, "exceed the cache's max_len=7")])
+def test_check_step_refuses_another_batch_or_no_room(B_, T, match):
+    cache = model_cache()
+    fill(cache, np.ones((B, 3), dtype=bool))
+    with pytest.raises(ValueError, match=match):
+        cache.check_step(B_, T)
+
+
+def test_layers_that_disagree_on_length_are_refused():
+    cache = model_cache()
+    cache.layers[0].append(GOOD, GOOD)
+    with pytest.raises(ValueError, match=r"disagree on length: \[0, 1\]"):
+        cache.check_step(B, 1)
+
+
+def test_truncate_and_reset_rewind_every_layer():
+    cache = model_cache()
+    fill(cache, np.array([[False, True, True, True], [True] * 4]))
+    cache.truncate(2)
+    assert len(cache) == 2 and [len(kv) for kv in cache.layers] == [2, 2]
+    np.testing.assert_array_equal(cache.real_counts(), [1, 2])
+    cache.reset()
+    assert len(cache) == 0 and [len(kv) for kv in cache.layers] == [0, 0]
+    np.testing.assert_array_equal(cache.real_counts(), [0, 0])
+    with pytest.raises(ValueError, match=r"truncate: length must be an int in \[0, 0\]"):
+        cache.truncate(1)
+
+
+@pytest.mark.parametrize(("layers", "error"), [
+    ([], TypeError), ("layers", TypeError),
+    ([KVCache(B, H_KV, MAX_LEN, D_HEAD), KVCache(B + 1, H_KV, MAX_LEN, D_HEAD)], ValueError),
+    ([KVCache(B, H_KV, MAX_LEN, D_HEAD), KVCache(B, H_KV, MAX_LEN + 1, D_HEAD)], ValueError),
+])
+def test_model_cache_refuses_mismatched_layers(layers, error):
+    with pytest.raises(error, match="ModelCache"):
+        ModelCache(layers)
+
+
+def test_model_cache_refuses_a_layer_that_already_holds_positions():
+    layer = full_cache_at(2)
+    with pytest.raises(ValueError, match="layer 0 must be empty"):
+        ModelCache([layer])

@@ -1,0 +1,100 @@
+"""Argument checks shared by every module.
+
+Each check raises a ValueError or TypeError that names the argument, says what it got and what it
+expected, and is called before any work is done, so a refused call changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def is_int(value: object) -> bool:
+    """A Python or NumPy integer, but not a bool (True is an int in Python, never a size here)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value: object) -> bool:
+    """A Python or NumPy int or float, but not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_))
+
+
+def positive_int(name: str, value: object) -> int:
+    """value as an int if it is an integer >= 1, else ValueError naming `name`."""
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def optional_positive_int(name: str, value: object) -> int | None:
+    return None if value is None else positive_int(name, value)
+
+
+def finite_number(name: str, value: object, *, above: float | None = None,
+                  at_least: float | None = None) -> float:
+    """value as a float if it is a finite real number (> above, >= at_least when given)."""
+    if not is_real(value) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if above is not None and not value > above:
+        raise ValueError(f"{name} must be > {above}, got {value!r}")
+    if at_least is not None and not value >= at_least:
+        raise ValueError(f"{name} must be >= {at_least}, got {value!r}")
+    return float(value)
+
+
+def float_dtype(name: str, dtype: object, allowed: tuple[str, ...]) -> np.dtype:
+    """np.dtype(dtype) if it is one of `allowed` (e.g. ("float32", "float64")).
+
+    None is refused by name: np.dtype(None) is float64, a silent default nobody asked for."""
+    if dtype is None:
+        raise TypeError(f"{name} must be one of {', '.join(allowed)}, got None")
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be one of {', '.join(allowed)}, got {dtype!r}") from None
+    if resolved.name not in allowed:
+        raise TypeError(f"{name} must be one of {', '.join(allowed)}, got {resolved.name}")
+    return resolved
+
+
+def int_array(name: str, value: object, ndim: int) -> np.ndarray:
+    """value as an integer ndarray of `ndim` dimensions (a list is accepted and converted)."""
+    array = np.asarray(value) if isinstance(value, (np.ndarray, list, tuple)) else None
+    if array is None:
+        raise TypeError(f"{name} must be an integer array, got {type(value).__name__}")
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{name} must be integers, got dtype {array.dtype}")
+    return array
+
+
+def token_ids(name: str, value: object, ndim: int, vocab_size: int) -> np.ndarray:
+    """An integer array of `ndim` dimensions, no axis empty, every id in [0, vocab_size)."""
+    ids = int_array(name, value, ndim)
+    if 0 in ids.shape:
+        raise ValueError(f"{name} must not be empty, got shape {ids.shape}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"{name} must be in [0, {vocab_size}), got min {ids.min()} "
+                         f"max {ids.max()}")
+    return ids
+
+
+def zero_one_mask(name: str, value: object, shape: tuple[int, ...]) -> np.ndarray:
+    """A 1 = real token / 0 = padding mask of exactly `shape`, as bool.
+
+    Only 0/1 (or bool) is accepted: 0.5, 2, -1 or NaN have no meaning here, and reading them as
+    "anything non-zero is real" would silently treat a typo as a token."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array of 0/1, got {type(value).__name__}")
+    if value.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {value.shape}")
+    if value.dtype != np.bool_:
+        if not (np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)):
+            raise TypeError(f"{name} must hold 0/1 (or bool), got dtype {value.dtype}")
+        if not np.isin(value, (0, 1)).all():
+            raise ValueError(f"{name} must hold only 0 (padding) and 1 (real token)")
+    return value.astype(bool)
