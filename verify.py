@@ -15,7 +15,7 @@ with tight tolerances prove the algebra is exact; float32 notes show what a user
     3 cache == naive   cached greedy decode == recomputing the prefix; cache grows +1 per step
     4 nn.MHA parity    multi-head layer == torch.nn.MultiheadAttention, full and decode step
     5 F.sdpa parity    bottom-right mask == torch with t_q < t_k; is_causal=True shown wrong
-    6 block exercise   the seed's causal_self_attention_block == a torch re-implementation
+    6 block exercise   causal_self_attention_block == the exercise written in torch
     7 GPT-2 parity     from_gpt2 logits and greedy tokens == Hugging Face GPT2LMHeadModel
     8 causality        changing future tokens leaves past logits untouched
     9 chunked prefill  chunks of 5, 1, 3 through the cache == one full forward
@@ -33,35 +33,31 @@ import contextlib
 import copy
 import functools
 import math
-import os
 import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-# Nothing is downloaded: the Hugging Face model is built from a local config with random weights.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402, N812 (torch's own spelling)
-
-import attention  # noqa: E402
-import block  # noqa: E402
-import cache  # noqa: E402
-import generate  # noqa: E402
-import rope  # noqa: E402
+import attention
+import block
+import cache
+import generate
+import references as ref
+import rope
 
 HERE = Path(__file__).resolve().parent
 WIDTH = 80
 
 # The assignment's suggested config: d_model 128, 4 heads of 32, max_seq_len 128, batch 2.
 # init_std 0.2 (not GPT-2's 0.02) so greedy decoding does not collapse onto one repeated token.
-SEED_CONFIG = block.GPTConfig(d_model=128, n_heads=4, max_seq_len=128, n_layers=2, init_std=0.2)
+ASSIGNMENT_CONFIG = block.GPTConfig(d_model=128, n_heads=4, max_seq_len=128, n_layers=2,
+                                    init_std=0.2)
 ROPE_GQA_CONFIG = block.GPTConfig(d_model=128, n_heads=4, n_kv_heads=2, rope=True, n_layers=2,
                                   init_std=0.2)
 BATCH = 2
@@ -104,19 +100,14 @@ class Result:
     detail: str
     note: str = ""
     shown: str = ""
-    available: bool = True
 
     @property
     def status(self) -> str:
-        return "n/a" if not self.available else "PASS" if self.passed else "FAIL"
+        return "PASS" if self.passed else "FAIL"
 
 
 class ShapeError(AssertionError):
     """A traced tensor did not have the shape the shape story says it must."""
-
-
-class Unavailable(Exception):  # noqa: N818 (it is a state, not an error)
-    """The feature a check needs does not exist yet; the check reports n/a instead of failing."""
 
 
 CHECKS: dict[int, Callable[[], Result]] = {}
@@ -131,9 +122,6 @@ def check(number: int, name: str, proves: str) -> Callable:
         def run() -> Result:
             try:
                 ev = fn()
-            except Unavailable as e:
-                return Result(number, name, proves, math.nan, math.nan, True, str(e),
-                              available=False)
             except AssertionError as e:
                 return Result(number, name, proves, math.nan, math.nan, False, str(e))
             except Exception as e:  # noqa: BLE001 (any crash under a bug is the symptom we show)
@@ -160,7 +148,7 @@ def _one_line(text: str) -> str:
 
 
 def max_abs(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
-    a, b = _np(a), _np(b)
+    a, b = ref.n(a), ref.n(b)
     if a.shape != b.shape:
         raise ShapeError(f"compared shapes differ: {a.shape} vs {b.shape}")
     return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
@@ -168,15 +156,7 @@ def max_abs(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float
 
 def max_rel(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
     """max |a - b| / max |b|: the float32 yardstick (rounding scales with the values)."""
-    return max_abs(a, b) / float(np.max(np.abs(_np(b))))
-
-
-def _np(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
-def _t(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x))
+    return max_abs(a, b) / float(np.max(np.abs(ref.n(b))))
 
 
 def fmt_matrix(m: np.ndarray, fmt: str = "{:6.2f}", indent: int = 6) -> str:
@@ -185,41 +165,12 @@ def fmt_matrix(m: np.ndarray, fmt: str = "{:6.2f}", indent: int = 6) -> str:
     return "\n".join(" " * indent + r for r in rows)
 
 
-def random_model(config: block.GPTConfig, dtype: type = np.float64, seed: int = 0) -> block.GPT:
-    """A GPT whose biases and LayerNorm scales/shifts are random too, so a dropped bias or a
-    skipped LayerNorm parameter changes the numbers (block.GPT starts them at 0 and 1)."""
-    model = block.GPT(config, seed=seed, dtype=dtype)
-    rng = np.random.default_rng(seed + 1)
-
-    def jitter(x: np.ndarray) -> np.ndarray:
-        return (x + 0.1 * rng.standard_normal(x.shape)).astype(dtype)
-
-    for p in model.blocks:
-        a = p.attn
-        a.b_q, a.b_k, a.b_v, a.b_o = jitter(a.b_q), jitter(a.b_k), jitter(a.b_v), jitter(a.b_o)
-        p.ln_1 = (jitter(p.ln_1[0]), jitter(p.ln_1[1]))
-        p.ln_2 = (jitter(p.ln_2[0]), jitter(p.ln_2[1]))
-        p.b_fc, p.b_proj = jitter(p.b_fc), jitter(p.b_proj)
-    model.ln_f = (jitter(model.ln_f[0]), jitter(model.ln_f[1]))
-    return model
-
-
-def random_ids(shape: tuple[int, ...], seed: int, vocab: int = SEED_CONFIG.vocab_size
+def random_ids(shape: tuple[int, ...], seed: int, vocab: int = ASSIGNMENT_CONFIG.vocab_size
                ) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, vocab, shape)
+    return ref.random_ids(shape, seed, vocab)
 
 
 # --- check 1: the mask ---------------------------------------------------------------------------
-
-def hand_worked_masked_softmax(scores: np.ndarray, t_q: int, t_k: int) -> np.ndarray:
-    """The expected weights, written out without attention.py: query i (absolute position
-    t_k - t_q + i) keeps keys j <= t_k - t_q + i, exponentiates them, divides by their sum."""
-    i, j = np.arange(t_q)[:, None], np.arange(t_k)[None, :]
-    visible = j <= t_k - t_q + i
-    row_max = np.where(visible, scores, -np.inf).max(-1, keepdims=True)
-    e = np.where(visible, np.exp(scores - row_max), 0.0)
-    return e / e.sum(-1, keepdims=True)
-
 
 @check(1, "mask", "future gets p = 0; rows sum to 1")
 def check_mask() -> Evidence:
@@ -234,11 +185,11 @@ def check_mask() -> Evidence:
         mask = attention.causal_mask(t_q, t_k)
         q, k, v = scores * math.sqrt(t_k), np.eye(t_k), np.eye(t_k)
         out, weights = attention.scaled_dot_product_attention(q, k, v, mask)
-        future = np.arange(t_k)[None, :] > t_k - t_q + np.arange(t_q)[:, None]  # by index
-        mask_wrong += int(np.sum(mask != ~future)) if mask.shape == future.shape else mask.size
-        future_w = max(future_w, float(np.max(np.where(future, weights, 0.0))))
+        allowed = ref.rule_mask(t_q, t_k)
+        mask_wrong += int(np.sum(mask != allowed)) if mask.shape == allowed.shape else mask.size
+        future_w = max(future_w, float(np.max(np.where(allowed, 0.0, weights))))
         row_err = max(row_err, float(np.max(np.abs(weights.sum(-1) - 1.0))))
-        ref_err = max(ref_err, max_abs(weights, hand_worked_masked_softmax(scores, t_q, t_k)),
+        ref_err = max(ref_err, max_abs(weights, ref.masked_softmax_by_hand(scores, allowed)),
                       max_abs(out, weights))
         shown.append(f"    t_q={t_q}, t_k={t_k} (queries are the last {t_q} positions)\n"
                      f"    scores:\n{fmt_matrix(scores)}\n"
@@ -271,14 +222,15 @@ class ShapeTrace:
         return x
 
 
-def walk(model: block.GPT, ids: np.ndarray, kvs: list[cache.KVCache], expect: ShapeTrace
+def walk(model: block.GPT, ids: np.ndarray, kvs: cache.ModelCache, expect: ShapeTrace
          ) -> np.ndarray:
     """Token ids (B, T) -> logits (B, T, V) by hand, one public function at a time, appending
-    each layer's K/V to kvs. The T tokens follow the len(kvs[0]) cached positions, so the same
-    walk is prefill (empty cache) and a decode step (T = 1)."""
+    each layer's K/V to the cache. The T tokens follow the len(kvs) cached positions, so the same
+    walk is prefill (empty cache) and a decode step (T = 1). No padding: positions are the cache
+    length onwards."""
     c = model.config
     B, T = ids.shape
-    past = len(kvs[0])
+    past = len(kvs)
     t_k, D, H, dh = past + T, c.d_model, c.n_heads, c.d_head
     pos = np.arange(past, t_k)  # positions come from the cache length
     x = expect("x = wte[ids] + wpe[pos]", model.wte[ids] + model.wpe[pos], (B, T, D))
@@ -292,7 +244,7 @@ def walk(model: block.GPT, ids: np.ndarray, kvs: list[cache.KVCache], expect: Sh
         q = expect("Q split_heads", attention.split_heads(q, H), (B, H, T, dh))
         k = expect("K split_heads", attention.split_heads(k, H), (B, H, T, dh))
         v = expect("V split_heads", attention.split_heads(v, H), (B, H, T, dh))
-        k_all, v_all = kvs[layer].append(k, v)
+        k_all, v_all = kvs.layers[layer].append(k, v)
         expect("cache K (after append)", k_all, (B, H, t_k, dh))
         expect("cache V (after append)", v_all, (B, H, t_k, dh))
         expect("scores Q K^T / sqrt(d_head)", q @ k_all.swapaxes(-1, -2) / math.sqrt(dh),
@@ -312,10 +264,10 @@ def walk(model: block.GPT, ids: np.ndarray, kvs: list[cache.KVCache], expect: Sh
 
 @check(2, "shape trace", "every shape, prefill + decode step")
 def check_shape_trace() -> Evidence:
-    """Walk the seed config by hand for a prefill of T tokens and one cached decode step, assert
-    every shape, and require the walked logits to equal the model's own, so the trace provably
-    follows the real code path."""
-    model = random_model(SEED_CONFIG)
+    """Walk the assignment's config by hand for a prefill of T tokens and one cached decode
+    step, assert every shape, and require the walked logits to equal the model's own, so the
+    trace provably follows the real code path."""
+    model = ref.random_model(ASSIGNMENT_CONFIG)
     T = 8
     ids = random_ids((BATCH, T + 1), seed=2)
     prompt, new = ids[:, :T], ids[:, T:]
@@ -333,16 +285,16 @@ def check_shape_trace() -> Evidence:
         Measure("decode walk vs model(new, cache)", max_abs(walked_decode, model_decode), 1e-10),
         Measure("decode walk vs model(all ids)[:, -1]", max_abs(walked_decode, full[:, -1:]),
                 1e-10),
-        Measure("cache length after the decode step", abs(len(kvs[0]) - (T + 1)), 0),
+        Measure("cache length after the decode step", abs(len(kvs) - (T + 1)), 0),
     ]
     n = prefill_trace.asserted + decode_trace.asserted
-    c = SEED_CONFIG
+    c = ASSIGNMENT_CONFIG
     lines = [f"    B={BATCH} T={T} D={c.d_model} H={c.n_heads} d_head={c.d_head} "
              f"d_ff={c.d_ff} V={c.vocab_size}; every shape below is asserted",
              f"    {'tensor':<30}{f'prefill (T={T})':<20}decode (1 vs cache {T})"]
     for name, shape in prefill_trace.rows.items():
         lines.append(f"    {name:<30}{str(shape):<20}{decode_trace.rows[name]}")
-    note = (f"{n} shapes asserted ({SEED_CONFIG.n_layers} blocks, prefill + decode); "
+    note = (f"{n} shapes asserted ({c.n_layers} blocks, prefill + decode); "
             "walk == model logits")
     return Evidence(measures, note, "\n".join(lines))
 
@@ -353,10 +305,10 @@ def cache_growth_errors(model: block.GPT, prompt: np.ndarray, steps: int) -> int
     """Prefill then decode by hand; count every time a layer's cache length is not P, P+1, ..."""
     kvs = model.new_cache(prompt.shape[0])
     logits = generate.prefill(model, prompt, kvs)
-    wrong = sum(len(kv) != prompt.shape[1] for kv in kvs)
+    wrong = sum(len(kv) != prompt.shape[1] for kv in kvs.layers)
     for n in range(1, steps + 1):
         logits = generate.decode(model, generate.greedy(logits), kvs)
-        wrong += sum(len(kv) != prompt.shape[1] + n for kv in kvs)
+        wrong += sum(len(kv) != prompt.shape[1] + n for kv in kvs.layers)
     return wrong
 
 
@@ -366,21 +318,21 @@ def reset_reuse_error(model: block.GPT) -> float:
     a, b = random_ids((BATCH, 6), seed=31), random_ids((BATCH, 4), seed=32)
     kvs = model.new_cache(BATCH)
     generate.decode(model, generate.prefill(model, a, kvs).argmax(-1), kvs)
-    for kv in kvs:
-        kv.reset()
+    kvs.reset()
     return max_abs(generate.prefill(model, b, kvs), model(b)[:, -1])
 
 
 @check(3, "cache == naive", "cached decode == recomputing prefix")
 def check_cache() -> Evidence:
     """Greedy decoding twice, once recomputing the whole prefix each step and once through the
-    KV cache: same tokens, same logits; the cache grows by exactly one per step. Seed config and
-    a RoPE + grouped-query config (prompts of 7 and of 1 token), batch 2; float32 too."""
+    KV cache: same tokens, same logits; the cache grows by exactly one per step. The assignment's
+    config and a RoPE + grouped-query config (prompts of 7 and of 1 token), batch 2; float32 too."""
     measures: list[Measure] = []
     steps = 8
     token_mismatch, len_wrong, err64, shown = 0, 0, 0.0, []
-    for label, config, P in (("seed config", SEED_CONFIG, 7), ("RoPE + GQA", ROPE_GQA_CONFIG, 1)):
-        model = random_model(config)
+    for label, config, P in (("assignment config", ASSIGNMENT_CONFIG, 7),
+                             ("RoPE + GQA", ROPE_GQA_CONFIG, 1)):
+        model = ref.random_model(config)
         prompt = random_ids((BATCH, P), seed=3 + P)
         naive = generate.generate_naive(model, prompt, steps)
         cached = generate.generate_cached(model, prompt, steps)
@@ -398,8 +350,8 @@ def check_cache() -> Evidence:
     measures.append(Measure("tokens differing naive vs cached", token_mismatch, 0))
     measures.append(Measure("cache lengths off P, P+1, ... (+1 per step)", len_wrong, 0))
     measures.append(Measure("cache reused after reset() vs fresh cache",
-                            reset_reuse_error(random_model(SEED_CONFIG)), 1e-10))
-    model32 = random_model(SEED_CONFIG, np.float32)
+                            reset_reuse_error(ref.random_model(ASSIGNMENT_CONFIG)), 1e-10))
+    model32 = ref.random_model(ASSIGNMENT_CONFIG, dtype=np.float32)
     prompt = random_ids((BATCH, 7), seed=10)
     naive32 = generate.generate_naive(model32, prompt, steps)
     cached32 = generate.generate_cached(model32, prompt, steps)
@@ -407,100 +359,59 @@ def check_cache() -> Evidence:
     same32 = int(np.sum(naive32.tokens != cached32.tokens))
     measures.append(Measure("float32 relative |naive - cached|", rel32, 1e-5))
     measures.append(Measure("float32 tokens differing", same32, 0))
-    note = (f"float32 (what a user sees): rel. error {rel32:.1e} (tol 1e-05), "
+    note = (f"float32: max |diff| / max |logit| = {rel32:.1e} (tol 1e-05), "
             f"{'tokens identical' if same32 == 0 else f'{same32} tokens differ'}")
     return Evidence(measures, note, "\n".join(shown))
 
 
 # --- check 4: torch.nn.MultiheadAttention --------------------------------------------------------
 
-def random_attention_params(D: int, H: int, seed: int, dtype: type = np.float64
-                            ) -> attention.AttentionParams:
-    rng = np.random.default_rng(seed)
-
-    def w(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) / math.sqrt(shape[0])).astype(dtype)
-
-    def b(n: int) -> np.ndarray:
-        return (0.1 * rng.standard_normal(n)).astype(dtype)
-
-    return attention.AttentionParams(w(D, D), b(D), w(D, D), b(D), w(D, D), b(D), w(D, D), b(D),
-                                     H, H)
-
-
-def torch_mha(p: attention.AttentionParams) -> torch.nn.MultiheadAttention:
-    """nn.MultiheadAttention holding our weights. torch computes x @ W.T, we compute x @ W, so
-    every matrix goes in transposed; the fused in_proj stacks Q, K, V row-wise."""
-    D = p.w_q.shape[0]
-    mha = torch.nn.MultiheadAttention(D, p.n_heads, bias=True, batch_first=True,
-                                      dtype=torch.float64)
-    with torch.no_grad():
-        mha.in_proj_weight.copy_(_t(np.concatenate([p.w_q.T, p.w_k.T, p.w_v.T])))  # (3D, D)
-        mha.in_proj_bias.copy_(_t(np.concatenate([p.b_q, p.b_k, p.b_v])))  # (3D,)
-        mha.out_proj.weight.copy_(_t(p.w_o.T))
-        mha.out_proj.bias.copy_(_t(p.b_o))
-    return mha.eval()
-
-
 MHA_D, MHA_H, MHA_T = 128, 4, 8
 
 
 @functools.cache
 def torch_mha_case() -> tuple[attention.AttentionParams, np.ndarray, dict[str, tuple]]:
-    """Weights, input x (B, T + 1, D) and torch's answers, computed by torch alone (once per
-    process: they do not depend on the code under test)."""
+    """Weights, input x (B, T + 1, D) and torch's answers for the causal prefix and for one
+    decode step (computed by torch alone, once per process)."""
     D, H, T = MHA_D, MHA_H, MHA_T
-    p = random_attention_params(D, H, seed=4)
-    mha = torch_mha(p)
+    rng = np.random.default_rng(4)
+    w = [rng.standard_normal((D, D)) / math.sqrt(D) for _ in range(4)]
+    b = [0.1 * rng.standard_normal(D) for _ in range(4)]
+    p = attention.AttentionParams(w[0], b[0], w[1], b[1], w[2], b[2], w[3], b[3], H, H)
     x = np.random.default_rng(40).standard_normal((BATCH, T + 1, D))
-    prefix, new = _t(x[:, :T]), _t(x[:, T:])
-    # torch's own masks, built without attention.py: bool True = blocked, float -inf = blocked
-    blocked = torch.ones(T, T, dtype=torch.bool).triu(1)
-    float_mask = torch.zeros(T, T, dtype=torch.float64).masked_fill(blocked, -math.inf)
-    with torch.no_grad():
-        refs = {name: mha(prefix, prefix, prefix, attn_mask=mask, need_weights=True,
-                          average_attn_weights=False)
-                for name, mask in (("bool mask", blocked), ("float mask", float_mask))}
-        # decode: the new token may see every key, said explicitly with an all-False mask
-        refs["decode"] = mha(new, _t(x), _t(x), attn_mask=torch.zeros(1, T + 1, dtype=torch.bool),
-                             need_weights=True, average_attn_weights=False)
+    prefix, new = x[:, :T], x[:, T:]
+    refs = {"prefix": ref.torch_mha(p, prefix, prefix, blocked=~ref.rule_mask(T, T)),
+            # decode: the new token may see every key, said explicitly with an all-False mask
+            "decode": ref.torch_mha(p, new, x, blocked=np.zeros((1, T + 1), dtype=bool))}
     return p, x, refs
 
 
 @check(4, "nn.MHA parity", "heads, mask, W_O, decode == torch")
 def check_torch_mha() -> Evidence:
     """attention.multi_head_attention against torch.nn.MultiheadAttention with the same weights:
-    the full causal sequence (outputs and per-head weights, bool and float attn_mask) and one
-    cached decode step (query = the new token, key/value = the prefix including it)."""
+    the full causal sequence (outputs and per-head weights) and one cached decode step (query =
+    the new token, key/value = the prefix including it)."""
     D, H, T = MHA_D, MHA_H, MHA_T
     p, x, refs = torch_mha_case()
     prefix, new = x[:, :T], x[:, T:]
     ours, ours_w = attention.multi_head_attention(prefix, p, attention.causal_mask(T)[None, None])
-    full_err = max(max(max_abs(ours, refs[m][0]), max_abs(ours_w, refs[m][1]))
-                   for m in ("bool mask", "float mask"))
-    ref_new, ref_new_w = refs["decode"]
+    full_err = max(max_abs(ours, refs["prefix"][0]), max_abs(ours_w, refs["prefix"][1]))
     kv = cache.KVCache(BATCH, H, T + 1, D // H, np.float64)
     attention.multi_head_attention(prefix, p, attention.causal_mask(T)[None, None], kv)
     out_new, w_new = attention.multi_head_attention(new, p, attention.causal_mask(1, T + 1)
                                                     [None, None], kv)
-    decode_err = max(max_abs(out_new, ref_new), max_abs(w_new, ref_new_w))
+    decode_err = max(max_abs(out_new, refs["decode"][0]), max_abs(w_new, refs["decode"][1]))
     measures = [Measure("full sequence: outputs and per-head weights", full_err, 1e-12),
                 Measure("decode step (1 query vs cached 8 + 1 keys)", decode_err, 1e-12),
                 Measure("cache length after prefill + 1 step", abs(len(kv) - (T + 1)), 0)]
     shown = (f"    head 0, batch 0 weights (ours; torch agrees to {full_err:.0e}):\n"
-             f"{fmt_matrix(_np(ours_w)[0, 0], '{:5.2f}')}\n"
+             f"{fmt_matrix(ref.n(ours_w)[0, 0], '{:5.2f}')}\n"
              f"    decode step, head 0, batch 0: the new token's row over {T + 1} keys:\n"
-             f"{fmt_matrix(_np(w_new)[0, 0], '{:5.2f}')}")
-    return Evidence(measures, f"float64 vs torch {torch.__version__}, bool and float masks",
-                    shown)
+             f"{fmt_matrix(ref.n(w_new)[0, 0], '{:5.2f}')}")
+    return Evidence(measures, f"float64 vs torch {torch.__version__}", shown)
 
 
 # --- check 5: F.scaled_dot_product_attention and the is_causal trap -----------------------------
-
-def torch_bottom_right(t_q: int, t_k: int) -> torch.Tensor:
-    """torch's bool mask (True = may attend) with the queries as the LAST t_q positions."""
-    return torch.ones(t_q, t_k, dtype=torch.bool).tril(diagonal=t_k - t_q)
-
 
 @functools.cache
 def torch_sdpa_cases() -> dict[tuple[int, int], tuple[np.ndarray, ...]]:
@@ -511,10 +422,8 @@ def torch_sdpa_cases() -> dict[tuple[int, int], tuple[np.ndarray, ...]]:
     for t_q, t_k in ((6, 6), (1, 6), (3, 7)):
         q = rng.standard_normal((BATCH, 4, t_q, 32))
         k, v = rng.standard_normal((2, BATCH, 4, t_k, 32))
-        ref = F.scaled_dot_product_attention(_t(q), _t(k), _t(v),
-                                             attn_mask=torch_bottom_right(t_q, t_k))
-        top_left = F.scaled_dot_product_attention(_t(q), _t(k), _t(v), is_causal=True)
-        cases[(t_q, t_k)] = (q, k, v, _np(ref), _np(top_left))
+        out, _ = ref.torch_attention(q, k, v, ref.rule_mask(t_q, t_k))
+        cases[(t_q, t_k)] = (q, k, v, out, ref.torch_is_causal(q, k, v))
     return cases
 
 
@@ -525,40 +434,21 @@ def check_torch_sdpa() -> Evidence:
     cached). is_causal=True is measured too: it aligns the triangle top-left, which is wrong
     whenever t_q < t_k. That is the trap, shown, not a failure of ours."""
     err, trap = 0.0, {}
-    for (t_q, t_k), (q, k, v, ref, top_left) in torch_sdpa_cases().items():
+    for (t_q, t_k), (q, k, v, expected, top_left) in torch_sdpa_cases().items():
         ours, _ = attention.scaled_dot_product_attention(q, k, v, attention.causal_mask(t_q, t_k))
-        err = max(err, max_abs(ours, ref))
-        trap[(t_q, t_k)] = max_abs(ref, top_left)
+        err = max(err, max_abs(ours, expected))
+        trap[(t_q, t_k)] = max_abs(expected, top_left)
     measures = [Measure("|ours - F.sdpa| over 6x6, 1x6, 3x7", err, 1e-12)]
     note = (f"trap: is_causal=True (top-left) is off by {trap[(3, 7)]:.1f} at 3x7, "
             f"{trap[(1, 6)]:.1f} at 1x6, {trap[(6, 6)]:.0g} at 6x6")
-    top_left_mask = torch.ones(3, 7, dtype=torch.bool).tril()
     shown = ("    3 new queries after 4 cached keys: the mask we need (bottom-right) vs\n"
              "    what is_causal=True builds (top-left; query 0 would miss 4 cached keys):\n"
-             f"{fmt_matrix(_np(torch_bottom_right(3, 7)).astype(int), '{:2d}')}\n"
-             f"      vs\n{fmt_matrix(_np(top_left_mask).astype(int), '{:2d}')}")
+             f"{fmt_matrix(ref.rule_mask(3, 7).astype(int), '{:2d}')}\n"
+             f"      vs\n{fmt_matrix(np.tril(np.ones((3, 7), dtype=int)), '{:2d}')}")
     return Evidence(measures, note, shown)
 
 
 # --- check 6: the block exercise -----------------------------------------------------------------
-
-def torch_block_exercise(x: torch.Tensor, w_q: torch.Tensor, w_k: torch.Tensor,
-                         w_v: torch.Tensor, w_o: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """The seed's pipeline written independently in torch (torch.tril + masked_fill(-1e9), as
-    the exercise describes): x (N, T, D) -> (N, T, D)."""
-    N, T, D = x.shape
-    dh = D // num_heads
-
-    def heads(t: torch.Tensor) -> torch.Tensor:
-        return t.view(N, T, num_heads, dh).transpose(1, 2)  # (N, T, D) -> (N, H, T, dh)
-
-    q, k, v = heads(x @ w_q), heads(x @ w_k), heads(x @ w_v)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(dh)  # (N, H, T, T)
-    scores = scores.masked_fill(torch.tril(torch.ones(T, T)) == 0, -1e9)
-    per_head = torch.softmax(scores, dim=-1) @ v  # (N, H, T, dh)
-    concat = per_head.transpose(1, 2).reshape(N, T, D)  # (N, H, T, dh) -> (N, T, D)
-    return F.layer_norm(concat @ w_o + x, (D,), eps=1e-5)
-
 
 BLOCK_HEADS = 4
 
@@ -573,17 +463,17 @@ def torch_block_cases() -> dict[type, tuple[list[np.ndarray], np.ndarray]]:
     cases = {}
     for dtype in (np.float64, np.float32):
         args = [a.astype(dtype) for a in (x, *ws)]
-        cases[dtype] = (args, _np(torch_block_exercise(*map(_t, args), BLOCK_HEADS)))
+        cases[dtype] = (args, ref.torch_block_exercise(*args, BLOCK_HEADS))
     return cases
 
 
-@check(6, "block exercise", "seed pipeline == torch version")
+@check(6, "block exercise", "exercise pipeline == torch version")
 def check_block_exercise() -> Evidence:
-    """attention.causal_self_attention_block vs the torch re-implementation of the seed, float64
+    """attention.causal_self_attention_block vs the block exercise written in torch, float64
     (exactness) and float32 (what a user sees)."""
     errs = {}
-    for dtype, (args, ref) in torch_block_cases().items():
-        errs[dtype] = max_abs(attention.causal_self_attention_block(*args, BLOCK_HEADS), ref)
+    for dtype, (args, expected) in torch_block_cases().items():
+        errs[dtype] = max_abs(attention.causal_self_attention_block(*args, BLOCK_HEADS), expected)
     measures = [Measure("float64 |ours - torch|", errs[np.float64], 1e-12),
                 Measure("float32 |ours - torch|", errs[np.float32], 1e-5)]
     note = f"float32 (what a user sees): {errs[np.float32]:.1e} (tol 1e-05)"
@@ -597,23 +487,11 @@ GPT2_NEW_TOKENS = 12
 
 
 @functools.cache
-def hf_gpt2() -> Any:
-    """A Hugging Face GPT2LMHeadModel from a local config (random weights, nothing downloaded),
-    float64, eval mode. Every parameter is jittered, biases and LayerNorms included, so a skipped
-    bias or LayerNorm scale shows up. Built once per process."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    c = SEED_CONFIG
-    config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_seq_len, n_embd=c.d_model,
-                        n_layer=c.n_layers, n_head=c.n_heads, initializer_range=0.2,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=0, eos_token_id=None, pad_token_id=0)
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(config).eval().double()
-    with torch.no_grad():
-        for param in hf.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    return hf
+def hf_gpt2() -> object:
+    """A Hugging Face GPT2LMHeadModel of the assignment's config, random weights from a local
+    config (nothing downloaded), float64. Built once per process."""
+    c = ASSIGNMENT_CONFIG
+    return ref.hf_gpt2(c.vocab_size, c.max_seq_len, c.d_model, c.n_layers, c.n_heads, jitter=0.05)
 
 
 @functools.cache
@@ -621,16 +499,14 @@ def hf_gpt2_reference() -> dict[str, np.ndarray]:
     """Everything check 7 compares against, computed by Hugging Face alone (cached, so the
     failure-mode gallery does not pay for it again)."""
     hf = hf_gpt2()
-    hf32 = copy.deepcopy(hf).float()
-    ids = _t(GPT2_PROMPT)
-    P = ids.shape[1]
-    with torch.no_grad():
-        seq = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                          max_new_tokens=GPT2_NEW_TOKENS, pad_token_id=0)
-        return {"logits64": _np(hf(ids).logits), "logits32": _np(hf32(ids).logits),
-                "tokens": _np(seq[:, P:]),
-                # the logits that chose each new token, from one full forward over the sequence
-                "step_logits": _np(hf(seq[:, :-1]).logits[:, P - 1:])}
+    P = GPT2_PROMPT.shape[1]
+    tokens, _ = ref.hf_generate(hf, GPT2_PROMPT, GPT2_NEW_TOKENS)
+    seq = np.concatenate([GPT2_PROMPT, tokens], axis=1)
+    return {"logits64": ref.hf_logits(hf, GPT2_PROMPT),
+            "logits32": ref.hf_logits(copy.deepcopy(hf).float(), GPT2_PROMPT),
+            "tokens": tokens,
+            # the logits that chose each new token, from one full forward over the sequence
+            "step_logits": ref.hf_logits(hf, seq[:, :-1])[:, P - 1:]}
 
 
 @check(7, "GPT-2 parity", "logits + greedy tokens == HF GPT-2")
@@ -638,24 +514,25 @@ def check_gpt2() -> Evidence:
     """GPT.from_gpt2(state_dict) against GPT2LMHeadModel: prompt logits (float64 and float32),
     and our cached greedy generation vs hf.generate(do_sample=False) token for token, with the
     logits at each step vs Hugging Face's."""
-    ref = hf_gpt2_reference()
-    state = hf_gpt2().state_dict()
-    model = block.GPT.from_gpt2(state, SEED_CONFIG.n_heads, np.float64)
-    model32 = block.GPT.from_gpt2(state, SEED_CONFIG.n_heads, np.float32)
+    expected = hf_gpt2_reference()
+    hf = hf_gpt2()
+    model = block.GPT.from_gpt2(hf.state_dict(), dtype=np.float64, hf_config=hf.config)
+    model32 = block.GPT.from_gpt2(hf.state_dict(), dtype=np.float32, hf_config=hf.config)
     ours = generate.generate_cached(model, GPT2_PROMPT, GPT2_NEW_TOKENS)
-    rel32 = max_rel(model32(GPT2_PROMPT), ref["logits32"])
-    mismatch = int(np.sum(ours.tokens != ref["tokens"]))
+    rel32 = max_rel(model32(GPT2_PROMPT), expected["logits32"])
+    mismatch = int(np.sum(ours.tokens != expected["tokens"]))
     measures = [Measure("float64 prompt logits vs HF", max_abs(model(GPT2_PROMPT),
-                                                               ref["logits64"]), 1e-10),
+                                                               expected["logits64"]), 1e-10),
                 Measure("greedy tokens differing from hf.generate", mismatch, 0),
-                Measure("float64 cached step logits vs HF", max_abs(ours.logits,
-                                                                    ref["step_logits"]), 1e-10),
+                Measure("float64 cached step logits vs HF",
+                        max_abs(ours.logits, expected["step_logits"]), 1e-10),
                 Measure("float32 relative logits vs HF float32", rel32, 1e-5)]
-    note = (f"{GPT2_NEW_TOKENS} greedy tokens x {BATCH} rows "
-            f"{'identical' if mismatch == 0 else 'DIFFER'}; float32 rel. logits error {rel32:.1e}")
+    note = (f"{GPT2_NEW_TOKENS} tokens x {BATCH} rows {'identical' if mismatch == 0 else 'DIFFER'}"
+            f"; float32: max |diff| / max |logit| = {rel32:.1e}")
     shown = "\n".join(f"    row {b}: prompt {GPT2_PROMPT[b].tolist()}\n"
                       f"      ours (cached) {ours.tokens[b].tolist()}\n"
-                      f"      hf.generate   {ref['tokens'][b].tolist()}" for b in range(BATCH))
+                      f"      hf.generate   {expected['tokens'][b].tolist()}"
+                      for b in range(BATCH))
     return Evidence(measures, note, shown)
 
 
@@ -666,7 +543,7 @@ def check_causality() -> Evidence:
     """Change the tokens at positions >= t: logits at positions < t must not move, for the whole
     model; and the same for one attention layer with hidden states perturbed. The later positions
     must move, or the test would prove nothing."""
-    model = random_model(SEED_CONFIG)
+    model = ref.random_model(ASSIGNMENT_CONFIG)
     T, t = 12, 5
     ids = random_ids((BATCH, T), seed=8)
     changed = ids.copy()
@@ -675,11 +552,12 @@ def check_causality() -> Evidence:
     past_model = max_abs(a[:, :t], b[:, :t])
     future_model = max_abs(a[:, t:], b[:, t:])
     p = model.blocks[0].attn
-    x = np.random.default_rng(81).standard_normal((BATCH, T, SEED_CONFIG.d_model))
+    D = ASSIGNMENT_CONFIG.d_model
+    x = np.random.default_rng(81).standard_normal((BATCH, T, D))
     y = x.copy()
-    y[:, t:] += np.random.default_rng(82).standard_normal((BATCH, T - t, SEED_CONFIG.d_model))
+    y[:, t:] += np.random.default_rng(82).standard_normal((BATCH, T - t, D))
     mask = attention.causal_mask(T)[None, None]
-    ox, wx = attention.multi_head_attention(x, p, mask)
+    ox, _ = attention.multi_head_attention(x, p, mask)
     oy, _ = attention.multi_head_attention(y, p, mask)
     past_layer = max_abs(ox[:, :t], oy[:, :t])
     measures = [Measure(f"model logits at positions < {t} moved", past_model, 1e-12),
@@ -698,10 +576,11 @@ def check_causality() -> Evidence:
 def check_chunked_prefill() -> Evidence:
     """Feed a 9-token prompt through the cache as chunks of 5, 1 and 3 (each chunk's queries are
     the last rows of a rectangular, bottom-right mask): every position's logits equal one full
-    forward. Seed config and RoPE + GQA."""
+    forward. The assignment's config and RoPE + GQA."""
     err, len_wrong, shown = 0.0, 0, []
-    for label, config in (("seed config", SEED_CONFIG), ("RoPE + GQA", ROPE_GQA_CONFIG)):
-        model = random_model(config)
+    for label, config in (("assignment config", ASSIGNMENT_CONFIG),
+                          ("RoPE + GQA", ROPE_GQA_CONFIG)):
+        model = ref.random_model(config)
         ids = random_ids((BATCH, 9), seed=9)
         full = model(ids)
         kvs = model.new_cache(BATCH)
@@ -712,58 +591,30 @@ def check_chunked_prefill() -> Evidence:
             piece_err = max_abs(piece, full[:, start:start + size])
             err = max(err, piece_err)
             start += size
-            len_wrong += sum(len(kv) != start for kv in kvs)
-            shown.append(f"      {size} new   ({size}, {start})   {len(kvs[0]):>2}   "
+            len_wrong += sum(len(kv) != start for kv in kvs.layers)
+            shown.append(f"      {size} new   ({size}, {start})   {len(kvs):>2}   "
                          f"{piece_err:.1e}")
     measures = [Measure("float64 |chunked - full| logits", err, 1e-10),
                 Measure("cache lengths off 5, 6, 9", len_wrong, 0)]
-    return Evidence(measures, "seed config and RoPE + GQA (2 kv heads), float64",
+    return Evidence(measures, "assignment config and RoPE + GQA (2 kv heads), float64",
                     "\n".join(shown))
 
 
-# --- checks 10-11: ragged batches (left padding), once generate.py accepts a list of prompts ----
+# --- checks 10-11: prompts of different lengths (left padding) -----------------------------------
 
 RAGGED_PROMPTS = [random_ids((n,), seed=100 + n) for n in (5, 2, 7)]
-
-
-@functools.cache
-def ragged_generation_supported() -> bool:
-    """Does generate_cached accept a list of 1-D prompts of different lengths? Decided once,
-    on the clean code (the gallery calls this before injecting anything)."""
-    model = random_model(block.GPTConfig(n_layers=1))
-    try:
-        out = generate.generate_cached(model, [np.array([1, 2, 3]), np.array([4])], 5)
-    except (TypeError, ValueError):
-        return False
-    return np.shape(out.tokens) == (2, 5)
-
-
-@functools.cache
-def ragged_naive_supported() -> bool:
-    model = random_model(block.GPTConfig(n_layers=1))
-    try:
-        generate.generate_naive(model, [np.array([1, 2, 3]), np.array([4])], 2)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def need_ragged() -> None:
-    if not ragged_generation_supported():
-        raise Unavailable("generate_cached does not accept a list of prompts yet")
 
 
 @check(10, "batch invariance", "padded row == its prompt alone")
 def check_batch_invariance() -> Evidence:
     """Prompts of lengths 5, 2, 7 decoded together (left-padded) give, row for row, the tokens
-    and logits of each prompt decoded alone. Padding must be invisible: positions come from the
-    padding mask and pads are never attended to."""
-    need_ragged()
+    and logits of each prompt decoded alone. Padding must be invisible: positions count real
+    tokens only, the cache keeps the padding mask after prefill, and pads are never attended."""
     steps, err, mismatch, shown = 5, 0.0, 0, []
-    for config in (SEED_CONFIG, ROPE_GQA_CONFIG):
-        model = random_model(config)
+    for config in (ASSIGNMENT_CONFIG, ROPE_GQA_CONFIG):
+        model = ref.random_model(config)
         runs = [generate.generate_cached]
-        if config is SEED_CONFIG and ragged_naive_supported():
+        if config is ASSIGNMENT_CONFIG:
             runs.append(generate.generate_naive)
         for run in runs:
             together = run(model, RAGGED_PROMPTS, steps)
@@ -771,13 +622,12 @@ def check_batch_invariance() -> Evidence:
                 alone = run(model, prompt[None], steps)
                 err = max(err, max_abs(together.logits[row], alone.logits[0]))
                 mismatch += int(np.sum(together.tokens[row] != alone.tokens[0]))
-                if config is SEED_CONFIG and run is generate.generate_cached:
+                if config is ASSIGNMENT_CONFIG and run is generate.generate_cached:
                     shown.append(f"    P={len(prompt)}: batched {together.tokens[row].tolist()}"
                                  f"  alone {alone.tokens[0].tolist()}")
     measures = [Measure("float64 |batched row - alone| logits", err, 1e-10),
                 Measure("tokens differing batched vs alone", mismatch, 0)]
-    note = ("prompts of 5, 2, 7 tokens; cached (seed, RoPE + GQA) and naive (seed)"
-            if ragged_naive_supported() else "cached only: generate_naive takes no list yet")
+    note = "prompts of 5, 2, 7; cached (assignment, RoPE + GQA), naive (assignment)"
     return Evidence(measures, note, shown="\n".join(shown))
 
 
@@ -786,30 +636,26 @@ def hf_padded_reference() -> tuple[np.ndarray, np.ndarray]:
     """hf.generate on the left-padded batch with its attention_mask (Hugging Face alone): the
     new tokens (B, N) and the logits that chose them (B, N, V; generate returns them float32)."""
     L = max(len(p) for p in RAGGED_PROMPTS)
-    pad = 0
-    ids = np.full((len(RAGGED_PROMPTS), L), pad)
-    am = np.zeros_like(ids)
+    ids = np.zeros((len(RAGGED_PROMPTS), L), dtype=np.int64)
+    mask = np.zeros_like(ids)
     for row, p in enumerate(RAGGED_PROMPTS):  # left padding, written out by hand
-        ids[row, L - len(p):], am[row, L - len(p):] = p, 1
-    with torch.no_grad():
-        out = hf_gpt2().generate(_t(ids), attention_mask=_t(am), pad_token_id=pad,
-                                 do_sample=False, max_new_tokens=GPT2_NEW_TOKENS,
-                                 return_dict_in_generate=True, output_logits=True)
-    return _np(out.sequences[:, L:]), _np(torch.stack(out.logits, dim=1))
+        ids[row, L - len(p):], mask[row, L - len(p):] = p, 1
+    return ref.hf_generate(hf_gpt2(), ids, GPT2_NEW_TOKENS, attention_mask=mask)
 
 
 @check(11, "HF padded batch", "left-padded greedy == hf.generate")
 def check_hf_padded() -> Evidence:
     """Our cached generation on prompts of lengths 5, 2, 7 against hf.generate with left-padded
     input_ids, attention_mask and pad_token_id: token for token."""
-    need_ragged()
-    ref, ref_logits = hf_padded_reference()
-    model = block.GPT.from_gpt2(hf_gpt2().state_dict(), SEED_CONFIG.n_heads, np.float64)
+    expected, expected_logits = hf_padded_reference()
+    hf = hf_gpt2()
+    model = block.GPT.from_gpt2(hf.state_dict(), dtype=np.float64, hf_config=hf.config)
     ours = generate.generate_cached(model, RAGGED_PROMPTS, GPT2_NEW_TOKENS)
-    mismatch = int(np.sum(np.asarray(ours.tokens) != ref))
-    err = max_abs(ours.logits, ref_logits)
+    mismatch = int(np.sum(np.asarray(ours.tokens) != expected))
+    err = max_abs(ours.logits, expected_logits)
     shown = "\n".join(f"    P={len(p)}: ours {np.asarray(ours.tokens)[b].tolist()}\n"
-                      f"          hf   {ref[b].tolist()}" for b, p in enumerate(RAGGED_PROMPTS))
+                      f"          hf   {expected[b].tolist()}"
+                      for b, p in enumerate(RAGGED_PROMPTS))
     measures = [Measure("tokens differing from hf.generate (padded)", mismatch, 0),
                 Measure("step logits vs hf.generate's (float32 there)", err, 1e-5)]
     note = (f"{len(RAGGED_PROMPTS)} rows x {GPT2_NEW_TOKENS} tokens; logits within {err:.0e} "
@@ -849,9 +695,9 @@ def format_result(r: Result, verbose: bool = False) -> str:
     err = "-" if math.isnan(r.error) else f"{r.error:.1e}"
     tol = "-" if math.isnan(r.tol) else fmt_tol(r.tol)
     lines = [f"{r.number:>2}  {r.name:<16} {r.proves:<35} {err:>8} {tol:>6}  {r.status}"]
-    if not r.passed or not r.available:
+    if not r.passed:
         lines.append(_clip(f"    -> {r.detail}"))
-    if r.note and r.available:
+    if r.note:
         lines.append(_clip(f"    {r.note}"))
     if verbose and r.shown:
         lines.append(r.shown)
@@ -863,9 +709,9 @@ def _clip(text: str) -> str:
 
 
 # --- the failure-mode gallery --------------------------------------------------------------------
-# Each broken function below is one classic bug from the seeds ("Common failure modes" in
-# assignment.txt, "Common traps" in weekly-plan.txt). They live only here; the gallery swaps one in
-# for a single run of the checks and puts the real one back in a finally block.
+# Each broken function below is one classic bug: the assignment's table of common failure modes and
+# the course's list of traps. They live only here; the gallery swaps one in for a single run of the
+# checks and puts the real one back in a finally block.
 
 _REAL_POSITIONS_AND_MASK = block.positions_and_mask
 _REAL_ROPE_ANGLES = rope.rope_angles
@@ -957,14 +803,13 @@ def mha_caching_queries(x: np.ndarray, p: attention.AttentionParams, mask: np.nd
     return attention.merge_heads(out) @ p.w_o + p.b_o, weights
 
 
-def positions_restart(past: int, T: int, attention_mask: np.ndarray | None = None
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def positions_restart(real: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
     """BUG: the new tokens' positions start at 0 every call, ignoring what the cache holds."""
-    positions, mask = _REAL_POSITIONS_AND_MASK(past, T, attention_mask)
+    positions, mask = _REAL_POSITIONS_AND_MASK(real, T)
     return np.broadcast_to(np.arange(T), positions.shape), mask
 
 
-def reset_keeps_length(self: cache.KVCache) -> None:
+def reset_keeps_length(self: cache.ModelCache) -> None:
     """BUG: reset() forgets nothing: the next prompt lands after the stale entries."""
 
 
@@ -1034,7 +879,7 @@ FAILURE_MODES = [
     FailureMode("decode positions restart at 0",
                 lambda: everywhere(block.positions_and_mask, positions_restart), 3),
     FailureMode("stale cache: reset() keeps length",
-                lambda: [(cache.KVCache, "reset", reset_keeps_length)], 3),
+                lambda: [(cache.ModelCache, "reset", reset_keeps_length)], 3),
     FailureMode("scores scaled by d_model, not sqrt",
                 lambda: everywhere(attention.scaled_dot_product_attention,
                                    sdpa_scaled_by_d_model), 5),
@@ -1052,7 +897,6 @@ class GalleryRow(NamedTuple):
 def run_failure_modes(numbers: list[int] | None = None) -> tuple[list[Result], list[GalleryRow]]:
     """The clean run first (it must pass), then one run per injected bug."""
     with one_thread():
-        ragged_generation_supported(), ragged_naive_supported()  # decided on clean code only
         clean = run_checks(numbers)
         runs = []
         for mode in FAILURE_MODES:
@@ -1090,6 +934,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--failure-modes", action="store_true",
                     help="inject each classic bug and show which checks catch it")
     args = ap.parse_args(argv)
+    if args.only:
+        args.only = sorted(set(args.only))  # "--only 1 1" is check 1, once
 
     start = time.perf_counter()
     print("Causal self-attention + KV cache (NumPy) vs PyTorch / Hugging Face GPT-2")
@@ -1114,14 +960,12 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.only or sorted(CHECKS):
             results.append(CHECKS[n]())
             print(format_result(results[-1], args.verbose), flush=True)
-    ran = [r for r in results if r.available]
-    passed = sum(r.passed for r in ran)
+    passed = sum(r.passed for r in results)
     print("-" * WIDTH)
-    na = len(results) - len(ran)
-    print(f"{passed}/{len(ran)} checks passed" + (f", {na} not available yet" if na else "")
-          + f" in {time.perf_counter() - start:.1f} s (float64 errors prove exactness; "
-            "float32 notes\nshow what a user sees; --verbose prints the data behind each line)")
-    return 0 if passed == len(ran) else 1
+    print(f"{passed}/{len(results)} checks passed in {time.perf_counter() - start:.1f} s "
+          "(float64 errors prove exactness; float32 notes\nshow what a user sees; --verbose "
+          "prints the data behind each line)")
+    return 0 if passed == len(results) else 1
 
 
 if __name__ == "__main__":

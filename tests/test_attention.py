@@ -1,8 +1,8 @@
 """attention.py against hand-worked examples, independent formulas and PyTorch.
 
-Every reference here is written separately from the code under test: masks from the rule "query i
-sits at absolute position t_k - t_q + i" spelled out in Python loops, attention from torch, and
-head slices by plain column indexing.
+Every reference is written separately from the code under test (references.py): masks from the
+rule "query i sits at absolute position t_k - t_q + i" spelled out in Python loops, attention from
+torch, and head slices by plain column indexing.
 """
 
 from __future__ import annotations
@@ -11,11 +11,8 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.nn.functional import layer_norm as torch_layer_norm
-from torch.nn.functional import scaled_dot_product_attention as torch_sdpa
 
 from attention import (
     NEG_INF,
@@ -31,18 +28,16 @@ from attention import (
     softmax,
     split_heads,
 )
+from references import (
+    masked_softmax_by_hand,
+    rule_mask,
+    torch_attention,
+    torch_block_exercise,
+    torch_layer_norm,
+    torch_mha,
+)
 
 FEW = settings(max_examples=25, deadline=None)
-
-
-def rule_mask(t_q: int, t_k: int) -> np.ndarray:
-    """The causal rule written out literally, one cell at a time (no tril, no offsets)."""
-    allowed = np.zeros((t_q, t_k), dtype=bool)
-    for i in range(t_q):
-        position = t_k - t_q + i  # absolute position of query i: the queries are the last t_q
-        for j in range(t_k):
-            allowed[i, j] = j <= position
-    return allowed
 
 
 def random_params(rng: np.random.Generator, D: int, H: int, H_kv: int | None = None,
@@ -110,12 +105,11 @@ def test_softmax_matches_torch_and_rows_sum_to_one(rows, cols, seed):
     x = np.random.default_rng(seed).standard_normal((rows, cols)) * 5
     got = softmax(x)
     np.testing.assert_allclose(got.sum(axis=-1), 1.0, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(got, torch.softmax(torch.from_numpy(x), dim=-1).numpy(),
+    everything = np.ones(x.shape, dtype=bool)
+    np.testing.assert_allclose(got, masked_softmax_by_hand(x, everything), rtol=0, atol=1e-12)
+    # Another axis, same reference on the transpose.
+    np.testing.assert_allclose(softmax(x, axis=0), masked_softmax_by_hand(x.T, everything.T).T,
                                rtol=0, atol=1e-12)
-    # Another axis, same reference.
-    np.testing.assert_allclose(softmax(x, axis=0),
-                               torch.softmax(torch.from_numpy(x), dim=0).numpy(), rtol=0,
-                               atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -158,16 +152,6 @@ def test_mask_is_applied_before_softmax():
     assert w[0, 0] == 1.0
 
 
-def torch_reference(q, k, v, allowed):
-    """torch's fused attention with an explicit boolean mask (True = may attend) and its weights
-    recomputed from scratch with -inf on masked scores."""
-    tq, tk, tv, tm = (torch.from_numpy(a) for a in (q, k, v, allowed))
-    out = torch_sdpa(tq, tk, tv, attn_mask=tm)
-    scores = tq @ tk.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    weights = torch.softmax(scores.masked_fill(~tm, float("-inf")), dim=-1)
-    return out.numpy(), weights.numpy()
-
-
 @FEW
 @given(B=st.integers(1, 3), H=st.integers(1, 3), t_k=st.integers(1, 10), d=st.integers(1, 8),
        seed=st.integers(0, 2**16), data=st.data())
@@ -178,7 +162,7 @@ def test_attention_matches_torch_with_rectangular_mask(B, H, t_k, d, seed, data)
     k, v = rng.standard_normal((2, B, H, t_k, d))
     allowed = rule_mask(t_q, t_k)
     out, w = scaled_dot_product_attention(q, k, v, causal_mask(t_q, t_k))
-    ref_out, ref_w = torch_reference(q, k, v, allowed)
+    ref_out, ref_w = torch_attention(q, k, v, allowed)
     np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-12)
     np.testing.assert_allclose(w, ref_w, rtol=0, atol=1e-12)
     assert np.all(w[..., ~allowed] == 0.0)  # the future gets exactly zero, not "about zero"
@@ -189,7 +173,7 @@ def test_attention_without_mask_matches_torch():
     rng = np.random.default_rng(1)
     q, k, v = rng.standard_normal((3, 2, 5, 4))
     out, w = scaled_dot_product_attention(q, k, v)
-    ref_out, ref_w = torch_reference(q, k, v, np.ones((5, 5), dtype=bool))
+    ref_out, ref_w = torch_attention(q, k, v, np.ones((5, 5), dtype=bool))
     np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-12)
     np.testing.assert_allclose(w, ref_w, rtol=0, atol=1e-12)
 
@@ -199,7 +183,7 @@ def test_attention_keeps_float32():
     q, k, v = rng.standard_normal((3, 1, 4, 8)).astype(np.float32)
     out, w = scaled_dot_product_attention(q, k, v, causal_mask(4))
     assert out.dtype == np.float32 and w.dtype == np.float32
-    ref_out, _ = torch_reference(q, k, v, rule_mask(4, 4))
+    ref_out, _ = torch_attention(q, k, v, rule_mask(4, 4))
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
 
 
@@ -239,7 +223,7 @@ def test_single_head_shapes_and_weights():
     assert out.shape == (2, 5, 4) and w.shape == (2, 5, 5)
     assert np.all(w[:, ~rule_mask(5, 5)] == 0.0)
     np.testing.assert_allclose(w.sum(axis=-1), 1.0, rtol=0, atol=1e-12)
-    ref_out, _ = torch_reference(x @ w_q, x @ w_k, x @ w_v, rule_mask(5, 5))
+    ref_out, _ = torch_attention(x @ w_q, x @ w_k, x @ w_v, rule_mask(5, 5))
     np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-12)
 
 
@@ -280,24 +264,6 @@ def test_multi_head_shape_and_causality(B, T, H, seed, data):
     assert not np.array_equal(out[:, t:], out2[:, t:])
 
 
-def torch_mha(p: AttentionParams, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """torch.nn.MultiheadAttention with our weights copied in. torch computes x @ W.T, so its
-    fused in_proj_weight is [W_q.T; W_k.T; W_v.T] stacked on rows, and out_proj.weight is W_o.T.
-    Its boolean attn_mask means True = NOT allowed, the opposite of ours."""
-    D, T = x.shape[-1], x.shape[1]
-    mha = torch.nn.MultiheadAttention(D, p.n_heads, bias=True, batch_first=True,
-                                      dtype=torch.float64).eval()
-    with torch.no_grad():
-        mha.in_proj_weight.copy_(torch.from_numpy(np.concatenate([p.w_q.T, p.w_k.T, p.w_v.T])))
-        mha.in_proj_bias.copy_(torch.from_numpy(np.concatenate([p.b_q, p.b_k, p.b_v])))
-        mha.out_proj.weight.copy_(torch.from_numpy(p.w_o.T.copy()))
-        mha.out_proj.bias.copy_(torch.from_numpy(p.b_o))
-        tx = torch.from_numpy(x)
-        out, w = mha(tx, tx, tx, attn_mask=torch.from_numpy(~rule_mask(T, T)), need_weights=True,
-                     average_attn_weights=False)
-    return out.numpy(), w.numpy()
-
-
 @FEW
 @given(B=st.integers(1, 3), T=st.integers(1, 7), H=st.sampled_from([1, 2, 4]),
        d_head=st.integers(1, 4), seed=st.integers(0, 2**16))
@@ -307,7 +273,7 @@ def test_multi_head_matches_torch_multihead_attention(B, T, H, d_head, seed):
     p = random_params(rng, D, H)
     x = rng.standard_normal((B, T, D))
     out, w = multi_head_attention(x, p, causal_mask(T)[None, None])
-    ref_out, ref_w = torch_mha(p, x)
+    ref_out, ref_w = torch_mha(p, x, x, blocked=~rule_mask(T, T))  # torch: True = NOT allowed
     assert ref_w.shape == (B, H, T, T)  # per-head weights, not averaged
     np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-10)
     np.testing.assert_allclose(w, ref_w, rtol=0, atol=1e-12)
@@ -324,41 +290,21 @@ def test_grouped_attention_matches_torch_enable_gqa(H_kv, t_k, seed, data):
     k, v = rng.standard_normal((2, B, H_kv, t_k, d))
     out, w = grouped_attention(q, k, v, causal_mask(t_q, t_k)[None, None])
     # torch's GQA: query head h reads key/value head h // (H // H_kv).
-    ref = torch_sdpa(
-        torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v),
-        attn_mask=torch.from_numpy(rule_mask(t_q, t_k)), enable_gqa=True).numpy()
-    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)
+    ref_out, ref_w = torch_attention(q, k, v, rule_mask(t_q, t_k))
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(w, ref_w, rtol=0, atol=1e-12)
     # And by hand: repeat each kv head G times, then plain attention.
     G = H // H_kv
-    _, ref_w = torch_reference(q, np.repeat(k, G, axis=1), np.repeat(v, G, axis=1),
-                               rule_mask(t_q, t_k))
-    np.testing.assert_allclose(w, ref_w, rtol=0, atol=1e-12)
+    plain, _ = scaled_dot_product_attention(q, np.repeat(k, G, axis=1), np.repeat(v, G, axis=1),
+                                            causal_mask(t_q, t_k))
+    np.testing.assert_allclose(out, plain, rtol=0, atol=1e-12)
 
 
-# --- the seed exercise ---------------------------------------------------------------------------
-
-def torch_seed_block(x, w_q, w_k, w_v, w_o, num_heads):
-    """The block-exercise pipeline written in torch, step by step as the seed lists it."""
-    x, w_q, w_k, w_v, w_o = (torch.from_numpy(a) for a in (x, w_q, w_k, w_v, w_o))
-    N, T, D = x.shape
-    d_head = D // num_heads
-
-    def heads(m):
-        return m.view(N, T, num_heads, d_head).transpose(1, 2)
-
-    Q, K, V = heads(x @ w_q), heads(x @ w_k), heads(x @ w_v)
-    scores = Q @ K.transpose(-2, -1) / math.sqrt(d_head)
-    tril = torch.tril(torch.ones(T, T, dtype=x.dtype))
-    scores = scores.masked_fill(tril == 0, -1e9)
-    per_head = torch.softmax(scores, dim=-1) @ V
-    concat = per_head.transpose(1, 2).reshape(N, T, D)
-    out = concat @ w_o + x
-    return torch_layer_norm(out, (D,), eps=1e-5).numpy()
-
+# --- the block exercise ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("dtype", "atol"), [(np.float64, 1e-12), (np.float32, 2e-5)])
 @pytest.mark.parametrize(("N", "T", "D", "H"), [(2, 5, 8, 2), (1, 1, 6, 3), (3, 7, 16, 4)])
-def test_seed_block_matches_torch(N, T, D, H, dtype, atol):
+def test_exercise_block_matches_torch(N, T, D, H, dtype, atol):
     rng = np.random.default_rng(N * 100 + T)
     x = rng.standard_normal((N, T, D)).astype(dtype)
     w_q, w_k, w_v, w_o = (rng.standard_normal((4, D, D)) / math.sqrt(D)).astype(dtype)
@@ -366,10 +312,11 @@ def test_seed_block_matches_torch(N, T, D, H, dtype, atol):
     assert got.shape == (N, T, D) and got.dtype == dtype
     # float32 tolerance: LayerNorm output is O(1), a handful of float32 roundings (~1e-7 each)
     # through D-term sums; 2e-5 is that with a wide margin, yet far below any real mistake.
-    np.testing.assert_allclose(got, torch_seed_block(x, w_q, w_k, w_v, w_o, H), rtol=0, atol=atol)
+    expected = torch_block_exercise(x, w_q, w_k, w_v, w_o, H)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=atol)
 
 
-def test_seed_block_is_causal():
+def test_exercise_block_is_causal():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 6, 8))
     ws = rng.standard_normal((4, 8, 8))
@@ -387,7 +334,7 @@ def test_seed_block_is_causal():
     ({"num_heads": 3}, "num_heads"),
     ({"num_heads": 0}, "num_heads"),
 ])
-def test_seed_block_refuses_bad_arguments(kwargs, name):
+def test_exercise_block_refuses_bad_arguments(kwargs, name):
     args = {"x": np.zeros((1, 2, 8)), "w_q": np.eye(8), "w_k": np.eye(8), "w_v": np.eye(8),
             "w_o": np.eye(8), "num_heads": 2}
     args.update(kwargs)
@@ -399,11 +346,11 @@ def test_layer_norm_matches_torch():
     rng = np.random.default_rng(6)
     x = rng.standard_normal((2, 3, 10)) * 3 + 1
     gamma, beta = rng.standard_normal((2, 10))
-    ref = torch_layer_norm(torch.from_numpy(x), (10,), torch.from_numpy(gamma),
-                       torch.from_numpy(beta), eps=1e-5).numpy()
-    np.testing.assert_allclose(layer_norm(x, gamma, beta, 1e-5), ref, rtol=0, atol=1e-12)
-    ref = torch_layer_norm(torch.from_numpy(x), (10,), eps=1e-5).numpy()
-    np.testing.assert_allclose(layer_norm(x), ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(layer_norm(x, gamma, beta, 1e-5), torch_layer_norm(x, gamma, beta),
+                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(layer_norm(x), torch_layer_norm(x), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(layer_norm(x, eps=0.5), torch_layer_norm(x, eps=0.5), rtol=0,
+                               atol=1e-12)
 
 
 def test_softmax_accepts_integer_logits():
@@ -411,3 +358,39 @@ def test_softmax_accepts_integer_logits():
     # for [0, 1]: e^0 / (e^0 + e^1) = 1 / (1 + e).
     out = softmax(np.array([[0, 1], [5, 5]]))
     np.testing.assert_allclose(out, [[1 / (1 + np.e), np.e / (1 + np.e)], [0.5, 0.5]], rtol=1e-12)
+
+
+def test_query_head_reads_kv_head_h_over_g():
+    """A hand-made case: 4 query heads, 2 K/V heads whose values are the constants 10 and 20.
+    Heads 0, 1 must read 10 and heads 2, 3 must read 20 (not 10, 20, 10, 20)."""
+    q = np.zeros((1, 4, 1, 2))
+    k = np.zeros((1, 2, 3, 2))
+    v = np.stack([np.full((3, 2), 10.0), np.full((3, 2), 20.0)])[None]  # (1, 2, 3, 2)
+    out, _ = grouped_attention(q, k, v, causal_mask(1, 3)[None, None])
+    np.testing.assert_array_equal(out[0, :, 0, 0], [10.0, 10.0, 20.0, 20.0])
+
+
+def test_one_group_is_plain_multi_head_attention_exactly():
+    """G = 1: grouped_attention is bit-for-bit scaled_dot_product_attention over the head axis."""
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((3, 2, 4, 6, 8)).astype(np.float32)
+    mask = causal_mask(6)[None, None]
+    out, weights = grouped_attention(q, k, v, mask)
+    plain_out, plain_weights = scaled_dot_product_attention(q, k, v, mask)
+    np.testing.assert_array_equal(out, plain_out)
+    np.testing.assert_array_equal(weights, plain_weights)
+
+
+def test_mha_layer_is_the_textbook_multi_head_path_exactly():
+    """multi_head_attention with H_kv == H vs project -> split -> attend -> merge -> W_O written
+    out by hand with the plain (ungrouped) attention, same float32 weights."""
+    rng = np.random.default_rng(1)
+    p = random_params(rng, 16, 4, dtype=np.float32)
+    x = rng.standard_normal((2, 7, 16)).astype(np.float32)
+    mask = causal_mask(7)[None, None]
+    out, _ = multi_head_attention(x, p, mask)
+    q = split_heads(x @ p.w_q + p.b_q, 4)  # (B, T, D) -> (B, H, T, d_head)
+    k = split_heads(x @ p.w_k + p.b_k, 4)
+    v = split_heads(x @ p.w_v + p.b_v, 4)
+    heads, _ = scaled_dot_product_attention(q, k, v, mask)
+    np.testing.assert_array_equal(out, merge_heads(heads) @ p.w_o + p.b_o)

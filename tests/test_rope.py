@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import small_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig
@@ -23,7 +24,6 @@ from transformers.models.llama.modeling_llama import (
 
 import block
 from attention import AttentionParams, causal_mask, multi_head_attention
-from block import GPT, GPTConfig
 from generate import generate_cached, generate_naive
 from rope import apply_rope, rope_angles
 
@@ -170,42 +170,15 @@ def test_attention_layer_matches_hf_llama_attention(n_kv_heads: int) -> None:
     np.testing.assert_allclose(out, ref.numpy(), rtol=0, atol=1e-12)
 
 
-def rope_model(n_kv_heads: int | None = None) -> GPT:
-    config = GPTConfig(vocab_size=64, max_seq_len=40, d_model=32, n_heads=4, n_layers=2,
-                       n_kv_heads=n_kv_heads, rope=True, init_std=0.3)
-    return GPT(config, seed=3, dtype=np.float64)
-
-
 def test_rope_model_has_no_position_table() -> None:
-    assert rope_model().wpe is None
-
-
-def test_naive_equals_cached_with_rope() -> None:
-    model = rope_model()
-    prompt = np.random.default_rng(0).integers(0, 64, (2, 5))
-    naive = generate_naive(model, prompt, 12)
-    cached = generate_cached(model, prompt, 12)
-    np.testing.assert_array_equal(naive.tokens, cached.tokens)
-    np.testing.assert_allclose(cached.logits, naive.logits, rtol=0, atol=1e-10)
-
-
-@pytest.mark.parametrize("chunk", [1, 3, 7, 20])
-def test_chunked_prefill_equals_full_forward_with_rope(chunk: int) -> None:
-    """Every position's logits, not only the last: chunk c's tokens sit at positions
-    len(cache) .. len(cache) + c - 1, so they must be rotated exactly as in the full forward."""
-    model = rope_model()
-    ids = np.random.default_rng(1).integers(0, 64, (2, 20))
-    full = model(ids)
-    cache = model.new_cache(2)
-    pieces = [model(ids[:, s:s + chunk], cache) for s in range(0, 20, chunk)]
-    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=0, atol=1e-10)
+    assert small_model("rope").wpe is None
 
 
 def test_decode_position_bug_breaks_naive_equals_cached(monkeypatch: pytest.MonkeyPatch) -> None:
     """The classic RoPE cache bug: the new token is rotated as if it were at position 0 (its
-    position taken from the new tokens alone, not from the cache length). Prefill is untouched,
-    so the first token still agrees; every decoded step afterwards disagrees."""
-    model = rope_model()
+    position taken from the new tokens alone, not from what the cache holds). Prefill is
+    untouched, so the first token still agrees; every decoded step afterwards disagrees."""
+    model = small_model("rope")
     prompt = np.random.default_rng(2).integers(0, 64, (2, 6))
     naive = generate_naive(model, prompt, 8)
     np.testing.assert_allclose(generate_cached(model, prompt, 8).logits, naive.logits,
@@ -213,9 +186,9 @@ def test_decode_position_bug_breaks_naive_equals_cached(monkeypatch: pytest.Monk
 
     right = block.positions_and_mask
 
-    def forgets_the_cache(past, T, attention_mask=None):
-        positions, mask = right(past, T, attention_mask)
-        return positions - past, mask  # new tokens numbered from 0: decode rotates by position 0
+    def forgets_the_cache(real, T):
+        positions, mask = right(real, T)
+        return positions - positions[:, :1], mask  # numbered from 0 per call: decode rotates by 0
 
     monkeypatch.setattr(block, "positions_and_mask", forgets_the_cache)
     buggy = generate_cached(model, prompt, 8)
