@@ -2,7 +2,7 @@
 
 Every comparison runs its variants side by side in one loop (A, B, A, B, ... with the order
 rotated each round) so a noisy neighbour slows both, and every number is a median of repeats with
-its quartiles beside it. Six measurements, in the order of issue 5:
+its quartiles beside it. Six measurements:
 
     1. per-step decode latency vs position, naive (recompute the prefix) vs cached
     2. total time for N new tokens, naive vs cached
@@ -44,10 +44,10 @@ from pathlib import Path
 import numpy as np
 
 from block import GPT
-from cache import KVCache, kv_cache_bytes
+from cache import KVCache, ModelCache, kv_cache_bytes
 from generate import decode, generate_cached, generate_naive, greedy, prefill
 
-# The two model shapes of the issue. Both are GPT-2 models with random weights built from a local
+# The two model shapes measured. Both are GPT-2 models with random weights built from a local
 # config (nothing is downloaded); ours is loaded from the very same state_dict.
 SEED_SHAPE = dict(vocab_size=256, n_positions=2048, n_embd=128, n_head=4, n_layer=2)
 GPT2_SMALL_SHAPE = dict(vocab_size=512, n_positions=1024, n_embd=768, n_head=12, n_layer=12)
@@ -173,15 +173,15 @@ def machine_header() -> dict:
 def build_pair(shape: dict, seed: int):
     """A Hugging Face GPT2LMHeadModel with random weights and our GPT with the same weights."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(seed)
-    # No bos/eos ids: GPT-2's 50256 lies outside these small vocabularies.
-    config = GPT2Config(**shape, bos_token_id=None, eos_token_id=None)
-    hf = GPT2LMHeadModel(config).eval()
+    from references import hf_gpt2
+
+    hf = hf_gpt2(shape["vocab_size"], shape["n_positions"], shape["n_embd"], shape["n_layer"],
+                 shape["n_head"], seed=seed, jitter=0.0, dtype=torch.float32,
+                 initializer_range=0.02)  # GPT-2's own scale, as a real checkpoint has
     hf.generation_config.pad_token_id = 0  # a random-weight model has no tokenizer or pad token
     hf.generation_config.eos_token_id = None  # never stop early: both sides make N tokens
-    ours = GPT.from_gpt2(hf.state_dict(), n_heads=shape["n_head"], dtype=np.float32)
+    ours = GPT.from_gpt2(hf.state_dict(), dtype=np.float32, hf_config=hf.config)
     return hf, ours
 
 
@@ -190,13 +190,6 @@ def random_ids(rng: np.random.Generator, vocab: int, length: int) -> np.ndarray:
 
 
 # --- 1. per-step latency vs position -------------------------------------------------------------
-
-def rewind(cache: list[KVCache], length: int) -> None:
-    """Forget everything after `length` positions, so the same decode step can be timed again.
-    Keys and values past `length` are never read (append returns views up to the length)."""
-    for kv in cache:
-        kv.length = length
-
 
 def latency_vs_position(model: GPT, s: Settings, rng: np.random.Generator) -> dict:
     """At each position p: the naive step runs the model on all p + 1 tokens, the cached step runs
@@ -214,7 +207,7 @@ def latency_vs_position(model: GPT, s: Settings, rng: np.random.Generator) -> di
         out["argmax_equal"] &= bool(np.array_equal(greedy(naive_logits), greedy(cached_logits)))
 
         def cached_step(cache=cache, ids=ids, p=p):
-            rewind(cache, p)
+            cache.truncate(p)  # forget the step just timed, so the same step can run again
             decode(model, ids[:, p], cache)
 
         times = interleave({"naive": lambda ids=ids: model(ids, last_only=True),
@@ -390,54 +383,52 @@ def versus_hf(name: str, shape: dict, steps: int, rounds: int, s: Settings, seed
 
 # --- 5. preallocated vs concatenating cache ------------------------------------------------------
 
-class ConcatKVCache(KVCache):
+class ConcatKVCache:
     """The cache a first attempt writes: K and V grow by np.concatenate on every append.
 
-    Same interface as KVCache (it subclasses it because GPT checks isinstance), used only to show
-    the cost: each append copies every position held so far, so appending at length 2048 costs
-    16 times what it costs at 128, and a decode of n tokens copies O(n^2) numbers in total.
+    It has KVCache's methods (so a ModelCache can hold it), and is used only to show the cost:
+    each append copies every position held so far, so appending at length 2048 costs 16 times
+    what it costs at 128, and a decode of n tokens copies O(n^2) numbers in total.
     """
 
     def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, d_head: int,
                  dtype: np.dtype | type = np.float32) -> None:
-        self._max_len = max_len
+        self.max_len = max_len
         self.keys = np.zeros((batch_size, n_kv_heads, 0, d_head), dtype)  # (B, H_kv, 0, d_head)
         self.values = np.zeros((batch_size, n_kv_heads, 0, d_head), dtype)
-        self.length = 0
+        self.batch_size, self.n_kv_heads, self.d_head, self.dtype = (batch_size, n_kv_heads,
+                                                                     d_head, np.dtype(dtype))
 
     @property
-    def max_len(self) -> int:
-        return self._max_len
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
 
-    def check_append(self, k: np.ndarray, v: np.ndarray) -> None:
-        """KVCache's checks read the room left from the buffer length; here it is max_len."""
+    def __len__(self) -> int:
+        return self.keys.shape[2]
+
+    def append(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """k, v (B, H_kv, t, d_head) -> keys, values (B, H_kv, length + t, d_head): new arrays."""
         B, H_kv, _, d_head = self.keys.shape
         for name, x in (("k", k), ("v", v)):
             if not isinstance(x, np.ndarray) or x.ndim != 4 or x.shape[2] < 1 or (
                     x.shape[0], x.shape[1], x.shape[3]) != (B, H_kv, d_head):
                 raise ValueError(f"ConcatKVCache.append: {name} must be a (B={B}, H_kv={H_kv}, "
                                  f"t >= 1, d_head={d_head}) array, got {np.shape(x)}")
-        if k.shape != v.shape or self.length + k.shape[2] > self._max_len:
+        if k.shape != v.shape or len(self) + k.shape[2] > self.max_len:
             raise ValueError(f"ConcatKVCache.append: k {k.shape} and v {v.shape} must match and "
-                             f"fit after {self.length} of max_len={self._max_len} positions")
-
-    def append(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """k, v (B, H_kv, t, d_head) -> keys, values (B, H_kv, length + t, d_head): new arrays."""
-        self.check_append(k, v)
-        self.keys = np.concatenate([self.keys[:, :, :self.length], k], axis=2)  # a full copy
-        self.values = np.concatenate([self.values[:, :, :self.length], v], axis=2)
-        self.length = self.keys.shape[2]
+                             f"fit after {len(self)} of max_len={self.max_len} positions")
+        self.keys = np.concatenate([self.keys, k], axis=2)  # a full copy of everything held
+        self.values = np.concatenate([self.values, v], axis=2)
         return self.keys, self.values
 
-    def reset(self) -> None:
-        self.keys, self.values = self.keys[:, :, :0], self.values[:, :, :0]
-        self.length = 0
+    def truncate(self, length: int) -> None:
+        self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
 
 
-def concat_cache(model: GPT) -> list[KVCache]:
+def concat_cache(model: GPT) -> ModelCache:
     c = model.config
-    return [ConcatKVCache(1, c.n_kv_heads, c.max_seq_len, c.d_head, model.dtype)
-            for _ in range(c.n_layers)]
+    return ModelCache([ConcatKVCache(1, c.n_kv_heads, c.max_seq_len, c.d_head, model.dtype)
+                       for _ in range(c.n_layers)])
 
 
 APPEND_BLOCK = 20  # appends timed in a row before the next (cache, length) pair takes over
@@ -461,7 +452,7 @@ def append_costs(model: GPT, s: Settings, rng: np.random.Generator) -> dict:
             kv.append(full[:, :, :L], full[:, :, :L])
 
             def append_at(kv=kv, L=L):
-                rewind([kv], L)  # for the concatenating cache the next append copies L positions
+                kv.truncate(L)  # for the concatenating cache the next append copies L positions
                 kv.append(k_new, v_new)
 
             variants[f"{name} {L}"] = append_at
@@ -523,7 +514,7 @@ def decode_memory(model: GPT, s: Settings, rng: np.random.Generator) -> dict:
     return {"method": "tracemalloc peak minus baseline (NumPy buffers + Python objects)",
             "seq_len": n, "layers": c.n_layers, "n_kv_heads": c.n_kv_heads, "d_head": c.d_head,
             "dtype": str(model.dtype), "peak_bytes": int(peak), "kv_cache_formula_bytes": formula,
-            "cache_nbytes": sum(kv.nbytes for kv in cache), "peak_over_formula": peak / formula,
+            "cache_nbytes": cache.nbytes, "peak_over_formula": peak / formula,
             "process_ru_maxrss_bytes": 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             "ru_maxrss_note": "whole-process lifetime peak (torch, both models), for scale only"}
 
@@ -531,7 +522,7 @@ def decode_memory(model: GPT, s: Settings, rng: np.random.Generator) -> dict:
 # --- targets -------------------------------------------------------------------------------------
 
 def targets(r: dict) -> list[dict]:
-    """The issue's targets with the value reached (a ratio; `met` says which side of it)."""
+    """The performance targets with the value reached (a ratio; `met` says which side of it)."""
     totals = {row["new_tokens"]: row for row in r["total_time"]}
     n = 512 if 512 in totals else max(totals)
     seed, small = r["vs_hf"]["seed"], r["vs_hf"]["gpt2_small"]
@@ -634,7 +625,7 @@ def print_report(r: dict) -> None:
           f"{m['peak_over_formula']:.2f}; whole-process ru_maxrss "
           f"{m['process_ru_maxrss_bytes'] / 2**20:.0f} MiB")
 
-    print("\nTargets (issue 5)")
+    print("\nTargets")
     for t in r["targets"]:
         print(f"  [{'met' if t['met'] else 'MISSED':>6}] {t['target']}: {t['value']:.3g} "
               f"(goal {t['goal']})")

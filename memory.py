@@ -39,7 +39,7 @@ from matplotlib.figure import Figure
 from threadpoolctl import threadpool_limits
 
 from block import GPT, GPTConfig
-from cache import KVCache, kv_cache_bytes
+from cache import KVCache, ModelCache, kv_cache_bytes
 from generate import decode, greedy, prefill
 
 CONTEXTS = (128, 512, 2048)
@@ -70,12 +70,13 @@ def seed_model(n_kv_heads: int) -> GPT:
     return GPT(GPTConfig(max_seq_len=max(CONTEXTS), n_kv_heads=n_kv_heads), seed=0)
 
 
-def allocate_cache(model: GPT, context: int, dtype: np.dtype) -> list[KVCache]:
+def allocate_cache(model: GPT, context: int, dtype: np.dtype) -> ModelCache:
     """One KVCache per layer with exactly `context` positions, stored as `dtype`. The model
     computes in float32; a float16 cache stores K and V rounded to float16 and they are read back
     (upcast) at attention time."""
     c = model.config
-    return [KVCache(BATCH, c.n_kv_heads, context, c.d_head, dtype) for _ in range(c.n_layers)]
+    return ModelCache([KVCache(BATCH, c.n_kv_heads, context, c.d_head, dtype)
+                       for _ in range(c.n_layers)])
 
 
 def traced(fn: Callable[[], object]) -> tuple[object, int]:
@@ -103,9 +104,9 @@ def measure(model: GPT, variant: str, context: int, dtype: np.dtype, decode_step
         _, peak_decode = traced(decode_to_the_end)
     finally:
         tracemalloc.stop()
-    assert len(cache[0]) == context  # the cache really holds `context` positions now
+    assert len(cache) == context  # the cache really holds `context` positions now
     formula = kv_cache_bytes(c.n_layers, BATCH, c.n_kv_heads, c.d_head, context, dtype)
-    return Row(variant, c.n_kv_heads, dtype, context, formula, sum(kv.nbytes for kv in cache),
+    return Row(variant, c.n_kv_heads, dtype, context, formula, cache.nbytes,
                max(peak_prefill, peak_decode), peak_decode)
 
 

@@ -41,7 +41,7 @@ def test_seed_config_by_hand() -> None:
 def test_allocated_nbytes_equal_the_formula(n_kv_heads: int, dtype, context: int) -> None:
     model = memory.seed_model(n_kv_heads)
     cache = memory.allocate_cache(model, context, np.dtype(dtype))
-    assert sum(kv.nbytes for kv in cache) == kv_cache_bytes(2, 1, n_kv_heads, 32, context, dtype)
+    assert cache.nbytes == kv_cache_bytes(2, 1, n_kv_heads, 32, context, dtype)
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
@@ -49,7 +49,7 @@ def test_model_new_cache_nbytes_equal_the_formula(n_kv_heads: int) -> None:
     model = GPT(GPTConfig(max_seq_len=96, n_kv_heads=n_kv_heads, n_layers=3))
     for dtype in (np.float32, np.float16):
         cache = model.new_cache(2, dtype)
-        assert sum(kv.nbytes for kv in cache) == kv_cache_bytes(3, 2, n_kv_heads, 32, 96, dtype)
+        assert cache.nbytes == kv_cache_bytes(3, 2, n_kv_heads, 32, 96, dtype)
 
 
 def test_mqa_is_exactly_n_heads_times_smaller_than_mha() -> None:
@@ -57,7 +57,7 @@ def test_mqa_is_exactly_n_heads_times_smaller_than_mha() -> None:
         mha = kv_cache_bytes(layers, 1, heads, d_head, 2048, np.float16)
         mqa = kv_cache_bytes(layers, 1, 1, d_head, 2048, np.float16)
         assert mha == heads * mqa
-    measured = {n_kv: sum(kv.nbytes for kv in memory.seed_model(n_kv).new_cache(1))
+    measured = {n_kv: memory.seed_model(n_kv).new_cache(1).nbytes
                 for n_kv in (4, 2, 1)}
     assert measured[4] == 4 * measured[1] == 2 * measured[2]
 
