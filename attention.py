@@ -4,7 +4,7 @@
     2. turning scores into probabilities: softmax
     3. one attention step:   scaled_dot_product_attention
     4. the parallel graders: split_heads / merge_heads
-    5. single-head causal attention, then the seed exercise's multi-head block
+    5. single-head causal attention, then the block exercise's multi-head block
     6. the layer the GPT model uses: multi_head_attention (Q/K/V lenses, heads, KV cache, W_O)
 
 Shape letters: B batch, T new tokens this call, D d_model, H query heads, H_kv key/value heads,
@@ -24,7 +24,7 @@ from rope import apply_rope
 if TYPE_CHECKING:  # only for type hints; cache.py does not import this module
     from cache import KVCache
 
-# A finite "minus infinity" for masked logits (the seed exercise's choice). exp(-1e9 - max) is
+# A finite "minus infinity" for masked logits (the block exercise's choice). exp(-1e9 - max) is
 # exactly 0.0 in float32 and float64, so masked keys get zero probability; and a row whose every
 # key is masked becomes uniform instead of 0/0 = NaN, which -inf would give.
 NEG_INF = -1e9
@@ -127,7 +127,7 @@ def grouped_attention(
     return out, weights.reshape(B, H, t_q, t_k)  # (B, H_kv, G, t_q, t_k) -> (B, H, t_q, t_k)
 
 
-# --- 5. Single head, then the seed exercise ------------------------------------------------------
+# --- 5. Single head, then the block exercise -----------------------------------------------------
 
 def single_head_causal_attention(
     x: np.ndarray, w_q: np.ndarray, w_k: np.ndarray, w_v: np.ndarray

@@ -65,8 +65,9 @@ class Row(NamedTuple):
     peak_decode: int  # bytes, tracemalloc peak over the decode steps alone (cache included)
 
 
-def seed_model(n_kv_heads: int) -> GPT:
-    """The seed config (d_model 128, 4 heads, d_head 32, 2 layers) with room for 2048 positions."""
+def assignment_model(n_kv_heads: int) -> GPT:
+    """The assignment's config (d_model 128, 4 heads, d_head 32, 2 layers), room for 2048
+    positions."""
     return GPT(GPTConfig(max_seq_len=max(CONTEXTS), n_kv_heads=n_kv_heads), seed=0)
 
 
@@ -181,9 +182,10 @@ def log_axes(ax, x: tuple[int, ...], x_labels: list[str], y_ticks: list[float]) 
 
 
 def plot_memory(rows: list[Row], path: str | Path) -> Path:
-    """Left: the seed config, formula lines, measured nbytes (dots) and decode peaks (triangles)
-    per variant; float16 lines are drawn wide and pale because MHA float16 has exactly the bytes
-    of GQA float32 (and GQA float16 those of MQA float32). Right: real models, fp16, formula."""
+    """Left: the assignment's config, formula lines, measured nbytes (dots) and decode peaks
+    (triangles) per variant; float16 lines are drawn wide and pale because MHA float16 has
+    exactly the bytes of GQA float32 (and GQA float16 those of MQA float32). Right: real models,
+    fp16, formula."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig = Figure(figsize=(11, 5.4), layout="constrained")
@@ -200,7 +202,8 @@ def plot_memory(rows: list[Row], path: str | Path) -> Path:
     left.plot([], [], "ko", ms=4, label="measured: sum of KVCache.nbytes")
     left.plot([], [], "k^", ms=6, mfc="none", label="measured: tracemalloc peak while decoding")
     log_axes(left, CONTEXTS, [str(c) for c in CONTEXTS], [2.0**k for k in range(15, 23)])
-    left.set(ylabel="memory", title="Seed config: 2 layers, 4 query heads, d_head 32, batch 1")
+    left.set(ylabel="memory", title="Assignment config: 2 layers, 4 query heads, d_head 32, "
+             "batch 1")
     left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
     for name, layers, q, n_kv, d_head in REAL_MODELS:
         y = [kv_cache_bytes(layers, 1, n_kv, d_head, c, np.float16) for c in REAL_CONTEXTS]
@@ -229,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     decode_steps = 4 if args.quick else 64
 
-    models = {n_kv: seed_model(n_kv) for _, n_kv in VARIANTS}
+    models = {n_kv: assignment_model(n_kv) for _, n_kv in VARIANTS}
     # One BLAS thread: the bytes do not depend on it, and on a shared machine a multi-threaded
     # BLAS competing for busy cores makes these small matmuls many times slower.
     with threadpool_limits(limits=1, user_api="blas"):
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 for variant, n_kv in VARIANTS for dtype in CACHE_DTYPES for ctx in CONTEXTS]
         one_shot, a = prefill_peak(models[4], max(CONTEXTS), None)
         chunked, b = prefill_peak(models[4], max(CONTEXTS), 256)
-    print(f"KV cache of the seed config (d_model 128, 4 query heads, d_head 32, 2 layers, "
+    print(f"KV cache of the assignment's config (d_model 128, 4 query heads, d_head 32, 2 layers, "
           f"max_seq_len 2048), batch {BATCH}.")
     print(f"Each row: allocate the cache, prefill {{context - {decode_steps}}} tokens in chunks "
           f"of 256, decode {decode_steps} tokens.")

@@ -188,7 +188,7 @@ def test_attention_keeps_float32():
 
 
 def test_masked_constant_is_finite():
-    # The seed's choice: a finite large negative, so an all-masked row cannot become NaN.
+    # The block exercise's choice: a finite large negative, so an all-masked row cannot become NaN.
     assert NEG_INF == -1e9
 
 

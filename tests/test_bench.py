@@ -1,4 +1,4 @@
-"""bench.py: the --quick run writes every field the issue asks for, its correctness guards pass,
+"""bench.py: the --quick run writes every field it promises, its correctness guards pass,
 and its numbers are finite; the concatenating cache it compares against really is a KV cache.
 No timing assertions: the machine may be busy."""
 
@@ -35,7 +35,7 @@ def test_quick_run_passes_its_correctness_guards(quick):
     assert len(r["correctness"]) >= 12  # naive == cached (4) and ours == HF (4 per config)
 
 
-def test_json_has_every_field_of_the_issue(quick):
+def test_json_has_every_promised_field(quick):
     _, r, _ = quick
     assert {"header", "settings", "latency_vs_position", "total_time", "vs_hf", "cache_append",
             "cache_decode", "memory", "targets", "correctness", "figures"} <= set(r)
@@ -61,7 +61,7 @@ def test_json_has_every_field_of_the_issue(quick):
     assert {128, 2048} <= set(r["cache_append"]["lengths"])
     assert {"preallocated", "concatenating"} <= set(r["cache_decode"])
     assert r["memory"]["seq_len"] == 2048
-    # The formula, worked by hand for the seed config: 2 (K, V) * 2 layers * 4 heads * 2048
+    # The formula, worked by hand for the assignment widths: 2 (K, V) * 2 layers * 4 heads * 2048
     # positions * 32 dims * 4 bytes = 4 MiB.
     assert r["memory"]["kv_cache_formula_bytes"] == 2 * 2 * 4 * 2048 * 32 * 4
     assert len(r["targets"]) == 7

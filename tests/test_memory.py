@@ -30,7 +30,7 @@ def test_llama_models_by_hand() -> None:
     assert kv_cache_bytes(32, 1, 8, 128, 1, np.float16) == 131_072
 
 
-def test_seed_config_by_hand() -> None:
+def test_assignment_config_by_hand() -> None:
     """2 * 2 layers * batch 1 * 4 heads * 2048 positions * 32 dims * 4 bytes = 4 MiB."""
     assert kv_cache_bytes(2, 1, 4, 32, 2048, np.float32) == 4_194_304
 
@@ -39,7 +39,7 @@ def test_seed_config_by_hand() -> None:
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
 @pytest.mark.parametrize("context", [128, 512, 2048])
 def test_allocated_nbytes_equal_the_formula(n_kv_heads: int, dtype, context: int) -> None:
-    model = memory.seed_model(n_kv_heads)
+    model = memory.assignment_model(n_kv_heads)
     cache = memory.allocate_cache(model, context, np.dtype(dtype))
     assert cache.nbytes == kv_cache_bytes(2, 1, n_kv_heads, 32, context, dtype)
 
@@ -57,13 +57,14 @@ def test_mqa_is_exactly_n_heads_times_smaller_than_mha() -> None:
         mha = kv_cache_bytes(layers, 1, heads, d_head, 2048, np.float16)
         mqa = kv_cache_bytes(layers, 1, 1, d_head, 2048, np.float16)
         assert mha == heads * mqa
-    measured = {n_kv: memory.seed_model(n_kv).new_cache(1).nbytes
+    measured = {n_kv: memory.assignment_model(n_kv).new_cache(1).nbytes
                 for n_kv in (4, 2, 1)}
     assert measured[4] == 4 * measured[1] == 2 * measured[2]
 
 
 def test_measure_fills_the_cache_and_its_peaks_contain_the_cache() -> None:
-    row = memory.measure(memory.seed_model(2), "GQA", 128, np.dtype(np.float16), decode_steps=3)
+    row = memory.measure(memory.assignment_model(2), "GQA", 128, np.dtype(np.float16),
+                         decode_steps=3)
     assert row.formula == row.nbytes == 2 * 2 * 1 * 2 * 128 * 32 * 2
     assert row.peak_decode >= row.nbytes  # the cache is alive while decoding
     assert row.peak_fill >= row.peak_decode
