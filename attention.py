@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from checks import positive_int
 from rope import apply_rope
 
 if TYPE_CHECKING:  # only for type hints; cache.py does not import this module
@@ -26,7 +27,8 @@ if TYPE_CHECKING:  # only for type hints; cache.py does not import this module
 
 # A finite "minus infinity" for masked logits (the block exercise's choice). exp(-1e9 - max) is
 # exactly 0.0 in float32 and float64, so masked keys get zero probability; and a row whose every
-# key is masked becomes uniform instead of 0/0 = NaN, which -inf would give.
+# key is masked becomes uniform (the mean of the values) instead of 0/0 = NaN, which -inf would
+# give. PyTorch >= 2.5 returns zeros for such a row instead; either way it is padding nobody reads.
 NEG_INF = -1e9
 
 
@@ -55,7 +57,11 @@ def causal_mask(t_q: int, t_k: int | None = None) -> np.ndarray:
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable softmax: subtracting the row max keeps exp() <= 1, so logits of 1e4 or
     -1e9 never overflow. Same shape in and out."""
-    x = np.asarray(x, dtype=np.result_type(x, np.float32))  # integer logits become floats
+    x = np.asarray(x)
+    if x.ndim == 0 or not (np.issubdtype(x.dtype, np.number) and x.dtype.kind != "c"):
+        raise ValueError(f"softmax: x must be an array of real numbers with at least one axis, "
+                         f"got {x.dtype} of shape {x.shape}")
+    x = x.astype(np.result_type(x.dtype, np.float32), copy=False)  # integer logits become floats
     e = x - x.max(axis=axis, keepdims=True)  # a new array (the caller's x is untouched) ...
     np.exp(e, out=e)  # ... so exp and the division can work in place: one array, not three
     e /= e.sum(axis=axis, keepdims=True)
@@ -69,20 +75,49 @@ def scaled_dot_product_attention(
 ) -> tuple[np.ndarray, np.ndarray]:
     """softmax(q k^T / sqrt(d) + mask) v.
 
-    q (..., t_q, d), k and v (..., t_k, d), mask bool broadcastable to (..., t_q, t_k), True = may
-    attend. Returns out (..., t_q, d) and weights (..., t_q, t_k).
+    q (..., t_q, d), k and v (..., t_k, d), all of one float dtype; mask bool broadcastable to
+    (..., t_q, t_k), True = may attend (only bool: torch's additive 0 / -inf float masks mean
+    the opposite of a 0 / 1 mask, so a float mask is refused rather than guessed at).
+    Returns out (..., t_q, d) and weights (..., t_q, t_k).
 
     The mask goes on the logits BEFORE softmax: a masked logit becomes NEG_INF, so softmax gives it
     exactly zero probability and renormalises over the visible keys. Zeroing probabilities after
     softmax would leave rows that no longer sum to one (and the future already mixed into the max).
     """
+    check_attention_inputs(q, k, v, mask)
     # Scale q (t_q x d numbers) rather than the scores (t_q x t_k); a Python float keeps float32.
     q = q * (1.0 / math.sqrt(q.shape[-1]))
     scores = q @ k.swapaxes(-1, -2)  # (..., t_q, d) @ (..., d, t_k) -> (..., t_q, t_k)
     if mask is not None:
-        scores = np.where(mask, scores, NEG_INF)
-    weights = softmax(scores, axis=-1)
-    return weights @ v, weights  # (..., t_q, t_k) @ (..., t_k, d) -> (..., t_q, d)
+        scores = np.where(mask, scores, mask_value(scores.dtype))
+    weights = softmax(scores, axis=-1)  # in float32 at least, as llama does for float16
+    out = weights @ v  # (..., t_q, t_k) @ (..., t_k, d) -> (..., t_q, d)
+    return out.astype(v.dtype, copy=False), weights
+
+
+def mask_value(dtype: np.dtype) -> float:
+    """NEG_INF, or in float16 (where -1e9 rounds to -inf: its largest finite value is 65504) the
+    most negative float16, so a fully masked row stays uniform there too instead of NaN."""
+    return NEG_INF if np.dtype(dtype).itemsize >= 4 else float(np.finfo(dtype).min)
+
+
+def check_attention_inputs(q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                           mask: np.ndarray | None) -> None:
+    """Raise ValueError/TypeError naming the argument unless q, k, v are float arrays of one dtype
+    with at least 2 dimensions (time, features) and the mask, if any, is bool."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"attention: {name} must be a float array, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if x.ndim < 2:
+            raise ValueError(f"attention: {name} must be (..., time, features), got shape "
+                             f"{x.shape}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
+    if mask is not None and getattr(mask, "dtype", None) != np.bool_:
+        raise TypeError(f"attention: mask must be bool (True = may attend), got "
+                        f"{getattr(mask, 'dtype', type(mask).__name__)}")
 
 
 # --- 4. The parallel graders ---------------------------------------------------------------------
@@ -91,7 +126,7 @@ def split_heads(x: np.ndarray, n_heads: int) -> np.ndarray:
     """(B, T, D) -> (B, H, T, D // H): cut the width into H slices, then put heads before time so
     every head is an independent (T, d_head) attention problem."""
     B, T, D = x.shape
-    if D % n_heads:
+    if positive_int("split_heads n_heads", n_heads) and D % n_heads:
         raise ValueError(f"split_heads: width {D} is not divisible by n_heads={n_heads}")
     x = x.reshape(B, T, n_heads, D // n_heads)  # (B, T, D) -> (B, T, H, d_head)
     return x.transpose(0, 2, 1, 3)  # (B, T, H, d_head) -> (B, H, T, d_head)
@@ -171,7 +206,7 @@ def causal_self_attention_block(
         if np.shape(w) != (D, D):
             raise ValueError(
                 f"causal_self_attention_block: {name} must be ({D}, {D}), got {np.shape(w)}")
-    if not isinstance(num_heads, (int, np.integer)) or num_heads < 1 or D % num_heads:
+    if D < 1 or positive_int("causal_self_attention_block num_heads", num_heads) and D % num_heads:
         raise ValueError(
             f"causal_self_attention_block: num_heads={num_heads!r} must divide d_model={D}")
     q = split_heads(x @ w_q, num_heads)  # (N, T, D) -> (N, H, T, d_head)
@@ -228,6 +263,8 @@ def multi_head_attention(
     if cache is not None:
         # Only K and V are worth keeping: a past query is never asked again.
         k, v = cache.append(k, v)  # (B, H_kv, T, d_head) -> (B, H_kv, cached + T, d_head)
+        if k.dtype != q.dtype:  # a float16 cache saves memory; attention still runs in q's dtype
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
     out, weights = grouped_attention(q, k, v, mask)  # (B, H, T, d_head)
     # W_O mixes what the heads found; before it each head's slice is only that head's opinion.
     return merge_heads(out) @ p.w_o + p.b_o, weights  # (B, H, T, d_head) -> (B, T, D)

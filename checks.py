@@ -36,8 +36,12 @@ def optional_positive_int(name: str, value: object) -> int | None:
 def finite_number(name: str, value: object, *, above: float | None = None,
                   at_least: float | None = None) -> float:
     """value as a float if it is a finite real number (> above, >= at_least when given)."""
-    if not is_real(value) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    try:
+        finite = is_real(value) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float, e.g. 10**400
+        finite = False
+    if not finite:
+        raise ValueError(f"{name} must be a finite number, got {value!r:.40}")
     if above is not None and not value > above:
         raise ValueError(f"{name} must be > {above}, got {value!r}")
     if at_least is not None and not value >= at_least:

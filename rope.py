@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from checks import positive_int
+
 
 def rope_angles(
     positions: np.ndarray, d_head: int, base: float = 10000.0, dtype: np.dtype = np.float64
 ) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin for integer positions (1 or B, T): each (1 or B, 1, T, d_head // 2), ready to
     broadcast over the head axis of q and k (B, H, T, d_head)."""
-    if d_head % 2:
+    if positive_int("rope_angles d_head", d_head) % 2:
         raise ValueError(f"rope_angles: d_head must be even to form pairs, got {d_head}")
     inv_freq = base ** (-np.arange(0, d_head, 2, dtype=np.float64) / d_head)  # (d_head / 2,)
     angles = np.asarray(positions, dtype=np.float64)[..., None] * inv_freq  # (B, T, d_head / 2)

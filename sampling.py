@@ -4,7 +4,7 @@
 
 temperature  rescales confidence before softmax: T < 1 sharpens, T > 1 flattens, and T = 0 (or
              None) is greedy: the argmax, no randomness at all.
-top_k        keeps only the k highest logits (k >= V keeps everything).
+top_k        keeps only the k highest logits, and any tied with the k-th (k >= V keeps all).
 top_p        nucleus: keeps the smallest set of most likely tokens whose probability reaches p.
 The filters run in that order (temperature, top-k, top-p), as Hugging Face's do.
 
@@ -14,10 +14,25 @@ that see the same logits consume a seeded np.random.Generator identically and pi
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from checks import finite_number, optional_positive_int
+
+
+def check_logits(logits: np.ndarray) -> np.ndarray:
+    """logits as a (B, V) float array, refusing NaN and +inf (which would silently pick token 0);
+    -inf is a banned token and allowed, as long as some token in every row is not banned."""
+    logits = np.asarray(logits)
+    if logits.ndim != 2 or logits.shape[1] < 1 or not np.issubdtype(logits.dtype, np.number):
+        raise ValueError(f"logits must be a (B, V) array of numbers, got {logits.dtype} of shape "
+                         f"{logits.shape}")
+    if np.isnan(logits).any() or np.isposinf(logits).any():
+        raise ValueError("logits hold NaN or +inf: no token can be chosen from them")
+    if np.isneginf(logits).all(axis=-1).any():
+        raise ValueError("a row of logits is -inf everywhere: every token is banned")
+    return logits
 
 
 def greedy(logits: np.ndarray) -> np.ndarray:
@@ -26,14 +41,13 @@ def greedy(logits: np.ndarray) -> np.ndarray:
 
 
 def keep_top_k(logits: np.ndarray, k: int) -> np.ndarray:
-    """(B, V) -> bool (B, V), True for exactly min(k, V) highest logits of each row."""
+    """(B, V) -> bool (B, V), True for the logits >= each row's k-th highest. Ties with the k-th
+    are kept, as Hugging Face's top-k does, so a row may keep more than k tokens (never fewer)."""
     V = logits.shape[-1]
     if k >= V:
         return np.ones(logits.shape, dtype=bool)
-    top = np.argpartition(-logits, k - 1, axis=-1)[:, :k]  # (B, k) indices, in no order
-    keep = np.zeros(logits.shape, dtype=bool)
-    np.put_along_axis(keep, top, True, axis=-1)
-    return keep
+    kth = np.partition(logits, V - k, axis=-1)[:, V - k, None]  # (B, 1): the k-th highest
+    return logits >= kth
 
 
 def keep_top_p(probs: np.ndarray, p: float) -> np.ndarray:
@@ -53,11 +67,14 @@ def sampling_probs(
 ) -> np.ndarray:
     """(B, V) logits -> (B, V) float64 probabilities the draw uses: softmax(logits / T) with the
     tokens outside top-k and the nucleus set to zero, renormalised to sum to one."""
-    scaled = np.asarray(logits, dtype=np.float64) / temperature  # float64: the draw is exact
+    logits = np.asarray(logits, dtype=np.float64)  # float64: the draw is exact
+    # Shift by the row max BEFORE dividing: every value is then <= 0, so even temperature 1e-310
+    # gives -inf (probability 0) for the rest and 0 (probability 1) for the max, never inf - inf.
+    with np.errstate(over="ignore"):  # -x / 1e-310 overflows to -inf: probability 0, as meant
+        scaled = (logits - logits.max(axis=-1, keepdims=True)) / temperature
     if top_k is not None:
         scaled = np.where(keep_top_k(scaled, top_k), scaled, -np.inf)  # the max is always kept
-    scaled = scaled - scaled.max(axis=-1, keepdims=True)  # stable softmax; exp(-inf) = 0 exactly
-    probs = np.exp(scaled)
+    probs = np.exp(scaled)  # exp(-inf) = 0 exactly
     probs /= probs.sum(axis=-1, keepdims=True)
     if top_p is not None:
         probs = np.where(keep_top_p(probs, top_p), probs, 0.0)
@@ -72,6 +89,10 @@ def draw(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     it lands in is chosen. u is drawn in (0, 1], never 0, so a zero-probability token (an empty
     segment) can never be hit.
     """
+    probs = np.asarray(probs)
+    if (probs.ndim != 2 or not np.isfinite(probs).all() or (probs < 0).any()
+            or not (probs.sum(axis=-1) > 0).all()):
+        raise ValueError("draw: probs must be (B, V), finite, >= 0, each row summing to > 0")
     u = 1.0 - rng.random(probs.shape[0])  # (B,) in (0, 1]
     cdf = np.cumsum(probs, axis=-1)  # (B, V) right edge of every segment
     # Count the segments that end before the dart; scaling by cdf[:, -1] keeps rounding in range.
@@ -99,6 +120,7 @@ class Sampler:
         return self.temperature is None or self.temperature == 0
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
+        logits = check_logits(logits)
         if self.is_greedy:
             return greedy(logits)
         return draw(sampling_probs(logits, self.temperature, self.top_k, self.top_p), self.rng)
@@ -109,17 +131,10 @@ def check_sampling(
     rng: np.random.Generator | None,
 ) -> None:
     """Raise ValueError/TypeError naming the argument if a sampling setting is invalid."""
-    def is_real(x: object) -> bool:
-        return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
-
-    if temperature is not None and (not is_real(temperature) or not math.isfinite(temperature)
-                                    or temperature < 0):
-        raise ValueError(f"temperature must be None or a finite number >= 0 (0 = greedy), "
-                         f"got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool)
-                              or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and (not is_real(top_p) or not 0 < top_p <= 1):
+    if temperature is not None:
+        finite_number("temperature (None or 0 = greedy)", temperature, at_least=0)
+    optional_positive_int("top_k", top_k)
+    if top_p is not None and not 0 < finite_number("top_p", top_p) <= 1:
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
     if rng is not None and not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a np.random.Generator (np.random.default_rng(seed)), "

@@ -394,3 +394,71 @@ def test_mha_layer_is_the_textbook_multi_head_path_exactly():
     v = split_heads(x @ p.w_v + p.b_v, 4)
     heads, _ = scaled_dot_product_attention(q, k, v, mask)
     np.testing.assert_array_equal(out, merge_heads(heads) @ p.w_o + p.b_o)
+
+
+# --- what attention refuses, and float16 -------------------------------------------------------
+
+Q = np.zeros((1, 2, 3, 4))
+
+
+@pytest.mark.parametrize(("args", "error", "match"), [
+    ((Q, Q, Q, np.where(rule_mask(3, 3), 0.0, -np.inf)), TypeError, "mask must be bool"),
+    ((Q, Q, Q, rule_mask(3, 3).astype(int)), TypeError, "mask must be bool"),
+    ((Q, Q.astype(np.float32), Q, None), TypeError, "share one dtype"),
+    ((Q, Q, Q.astype(np.float16), None), TypeError, "share one dtype"),
+    ((np.zeros(4), np.zeros(4), np.zeros(4), None), ValueError, r"q must be \(..., time"),
+    ((Q.astype(int), Q, Q, None), TypeError, "q must be a float array"),
+    ((Q.tolist(), Q, Q, None), TypeError, "q must be a float array"),
+])
+def test_attention_refuses_what_it_would_misread(args, error, match):
+    with pytest.raises(error, match=match):
+        scaled_dot_product_attention(*args)
+
+
+def test_a_torch_style_additive_mask_would_have_been_inverted():
+    """Why float masks are refused: torch's additive mask uses 0 for 'may attend' and -inf for
+    'blocked', so reading it as truth values (non-zero = attend) flips it."""
+    additive = np.where(rule_mask(3, 3), 0.0, -np.inf)
+    assert np.array_equal(additive.astype(bool), ~rule_mask(3, 3))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_a_fully_masked_row_is_uniform_in_every_float_dtype(dtype):
+    """A row whose every key is masked (a pad query) averages the values uniformly rather than
+    becoming NaN; -1e9 would be -inf in float16, so float16 masks with its most negative value."""
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((1, 1, 2, 4)).astype(dtype) for _ in range(3))
+    mask = np.array([[False, False], [True, False]])  # query 0 sees nothing
+    out, w = scaled_dot_product_attention(q, k, v, mask)
+    assert out.dtype == dtype and np.isfinite(out).all()
+    np.testing.assert_array_equal(w[0, 0, 0], [0.5, 0.5])
+    np.testing.assert_array_equal(w[0, 0, 1], [1.0, 0.0])
+
+
+def test_softmax_accepts_a_list_and_refuses_a_scalar_or_text():
+    np.testing.assert_allclose(softmax([[1.0, 2.0]]), [[1 / (1 + np.e), np.e / (1 + np.e)]],
+                               rtol=1e-12)
+    for bad in (np.float64(3.0), np.array(["a", "b"]), np.array([1j, 2j])):
+        with pytest.raises(ValueError, match="softmax: x must be"):
+            softmax(bad)
+
+
+@pytest.mark.parametrize("n_heads", [0, -1, True, 2.0])
+def test_split_heads_refuses_a_head_count_that_is_not_positive(n_heads):
+    with pytest.raises(ValueError, match="n_heads"):
+        split_heads(np.zeros((1, 2, 8)), n_heads)
+
+
+@pytest.mark.parametrize(("D", "num_heads"), [(8, True), (0, 1), (8, 1.0)])
+def test_exercise_block_refuses_true_heads_and_zero_width(D, num_heads):
+    eye = np.eye(D)
+    with pytest.raises(ValueError, match="num_heads"):
+        causal_self_attention_block(np.zeros((1, 2, D)), eye, eye, eye, eye, num_heads)
+
+
+def test_exercise_block_with_one_head_matches_torch():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 5, 6))
+    ws = rng.standard_normal((4, 6, 6)) / np.sqrt(6)
+    np.testing.assert_allclose(causal_self_attention_block(x, *ws, 1),
+                               torch_block_exercise(x, *ws, 1), rtol=0, atol=1e-12)

@@ -325,3 +325,27 @@ def test_model_cache_refuses_a_layer_that_already_holds_positions():
     layer = full_cache_at(2)
     with pytest.raises(ValueError, match="layer 0 must be empty"):
         ModelCache([layer])
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.uint8, bool, np.complex64, "float8", None])
+def test_cache_buffers_must_be_float16_32_or_64(dtype):
+    # an int cache would store 0.7 as 0, a bool cache everything as True, uint8 would wrap
+    with pytest.raises(TypeError, match="KVCache dtype must be one of float16, float32, float64"):
+        KVCache(B, H_KV, MAX_LEN, D_HEAD, dtype)
+
+
+def test_kv_cache_bytes_does_not_overflow_with_numpy_int32_sizes():
+    # Llama-2-7B: 32 layers, 32 KV heads, d_head 128, fp16, 32k context = 16 GiB, past 2**31.
+    sizes = [np.int32(x) for x in (32, 1, 32, 128, 32768)]
+    assert kv_cache_bytes(*sizes, np.float16) == 2 * 32 * 32 * 128 * 32768 * 2 == 16 * 2**30
+    assert type(kv_cache_bytes(*sizes, np.float16)) is int
+
+
+@pytest.mark.parametrize(("position", "bad"), [(0, -2), (1, 0), (2, 2.0), (3, True), (4, "512")])
+def test_kv_cache_bytes_refuses_sizes_that_are_not_positive_ints(position, bad):
+    sizes = [2, 1, 4, 8, 16]
+    sizes[position] = bad
+    with pytest.raises(ValueError, match="must be a positive int"):
+        kv_cache_bytes(*sizes)
+    with pytest.raises(TypeError, match="dtype"):
+        kv_cache_bytes(2, 1, 4, 8, 16, np.int8)

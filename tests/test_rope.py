@@ -195,3 +195,16 @@ def test_decode_position_bug_breaks_naive_equals_cached(monkeypatch: pytest.Monk
     np.testing.assert_allclose(buggy.logits[:, 0], naive.logits[:, 0], rtol=0, atol=1e-10)
     step_error = np.abs(buggy.logits - naive.logits).max(axis=(0, 2))  # (N,)
     assert np.all(step_error[1:] > 1e-3), step_error
+
+
+def test_default_base_is_ten_thousand() -> None:
+    """Position 1, d_head 4: pair 1 turns by 1 * base ** (-2 / 4) = 0.01 rad when base = 1e4."""
+    cos, sin = rope_angles(np.array([[1]]), d_head=4)
+    np.testing.assert_allclose(np.arccos(cos).ravel(), [1.0, 0.01], rtol=1e-12)
+    np.testing.assert_allclose(small_model("rope").config.rope_base, 10_000.0)
+
+
+@pytest.mark.parametrize("d_head", [0, -2, 3, True, 2.0])
+def test_rope_angles_refuses_a_head_size_it_cannot_pair(d_head) -> None:
+    with pytest.raises(ValueError, match="d_head"):
+        rope_angles(np.array([[0]]), d_head)

@@ -11,7 +11,7 @@ import pytest
 
 from block import GPT, GPTConfig
 from generate import generate_cached, generate_naive
-from sampling import Sampler, draw, keep_top_p
+from sampling import Sampler, draw, keep_top_k, keep_top_p, sampling_probs
 
 MODEL = GPT(GPTConfig(vocab_size=64, max_seq_len=32, d_model=32, n_heads=4, n_layers=2,
                       init_std=0.2), seed=1, dtype=np.float64)
@@ -195,3 +195,93 @@ def test_bad_sampling_settings_are_refused_before_decoding(monkeypatch, generate
     monkeypatch.setattr(GPT, "__call__", refuse)
     with pytest.raises(error, match=name):
         generate(MODEL, PROMPTS, 4, **bad)
+
+
+# --- hostile numbers -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("temperature", [1e-310, 5e-324, 1e-30])
+def test_a_tiny_temperature_is_greedy_not_token_zero(temperature):
+    logits = np.random.default_rng(12).standard_normal((50, 20)) * 3
+    picks = Sampler(temperature, rng=np.random.default_rng(0))(logits)
+    np.testing.assert_array_equal(picks, logits.argmax(axis=-1))
+    assert (picks != 0).any()  # power: token 0 for every row was the old failure
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("temperature", [None, 1.0])
+def test_nan_or_inf_logits_are_refused_not_read_as_token_zero(bad, temperature):
+    logits = np.zeros((2, 5))
+    logits[1, 3] = bad
+    with pytest.raises(ValueError, match=r"NaN or \+inf"):
+        Sampler(temperature, rng=np.random.default_rng(0))(logits)
+
+
+def test_banned_tokens_at_minus_inf_are_never_drawn():
+    logits = np.array([[0.0, -np.inf, 1.0, -np.inf]] * 2000)
+    picks = Sampler(1.0, rng=np.random.default_rng(3))(logits)
+    assert set(picks.tolist()) == {0, 2}
+    with pytest.raises(ValueError, match="every token is banned"):
+        Sampler()(np.full((1, 3), -np.inf))
+
+
+@pytest.mark.parametrize("probs", [np.array([[0.5, np.nan]]), np.array([[0.5, -0.1]]),
+                                   np.array([[0.0, 0.0]]), np.array([0.5, 0.5])])
+def test_draw_refuses_probabilities_that_are_not_a_distribution(probs):
+    with pytest.raises(ValueError, match="probs must be"):
+        draw(probs, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("logits", [np.zeros(5), np.zeros((2, 0)), np.array([["a", "b"]])])
+def test_sampler_refuses_logits_that_are_not_a_batch_of_rows(logits):
+    with pytest.raises(ValueError, match=r"logits must be a \(B, V\) array"):
+        Sampler()(logits)
+
+
+@pytest.mark.parametrize("temperature", [10**400, -(10**400)])
+def test_a_temperature_too_large_for_a_float_is_refused(temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        Sampler(temperature, rng=np.random.default_rng(0))
+
+
+# --- top-k against a full sort -------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_top_k_keeps_exactly_the_k_highest_for_every_k(rows):
+    """Against a full argsort, for every k from 1 to V, on one row and on many (rows both fewer
+    and more than k: a top-k reading the wrong axis would pass on one of them only)."""
+    logits = np.random.default_rng(rows).standard_normal((rows, 9))  # no ties
+    order = np.argsort(-logits, axis=-1)
+    for k in range(1, 10):
+        expected = np.zeros(logits.shape, dtype=bool)
+        np.put_along_axis(expected, order[:, :k], True, axis=-1)
+        np.testing.assert_array_equal(keep_top_k(logits, k), expected)
+    np.testing.assert_array_equal(keep_top_k(logits, 100), np.ones(logits.shape, dtype=bool))
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth_as_hugging_face_does():
+    logits = np.array([[3.0, 1.0, 2.0, 2.0, 0.0]])
+    # k = 2: 3.0 and the 2.0s (both tied with the 2nd highest), as HF's TopKLogitsWarper keeps.
+    assert np.flatnonzero(keep_top_k(logits, 2)).tolist() == [0, 2, 3]
+    assert np.flatnonzero(keep_top_k(logits, 1)).tolist() == [0]
+
+
+def test_top_k_of_one_is_greedy():
+    logits = np.random.default_rng(13).standard_normal((300, 11))
+    for temperature in (0.5, 1.0, 5.0):
+        picks = Sampler(temperature, top_k=1, rng=np.random.default_rng(1))(logits)
+        np.testing.assert_array_equal(picks, logits.argmax(axis=-1))
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.9, 1.0])
+def test_top_p_probabilities_are_a_distribution_over_the_nucleus(top_p):
+
+
+    logits = np.random.default_rng(14).standard_normal((25, 12)) * 2
+    probs = sampling_probs(logits, 1.3, top_k=8, top_p=top_p)
+    np.testing.assert_allclose(probs.sum(axis=-1), 1.0, rtol=0, atol=1e-12)
+    assert (probs >= 0).all()
+    full = softmax(logits / 1.3)
+    for row, p in zip(probs, full, strict=True):
+        kept = np.flatnonzero(row)
+        assert 1 <= len(kept) <= 8
+        assert p[kept].min() >= p[np.setdiff1d(np.arange(12), kept)].max(initial=0)  # the top
