@@ -45,6 +45,7 @@ import numpy as np
 
 from block import GPT
 from cache import KVCache, ModelCache, kv_cache_bytes
+from checks import SEED, cli_int, cli_output_dir, cli_output_file
 from generate import decode, generate_cached, generate_naive, greedy, prefill
 
 # The two model shapes measured. Both are GPT-2 models with random weights built from a local
@@ -52,6 +53,7 @@ from generate import decode, generate_cached, generate_naive, greedy, prefill
 SEED_SHAPE = dict(vocab_size=256, n_positions=2048, n_embd=128, n_head=4, n_layer=2)
 GPT2_SMALL_SHAPE = dict(vocab_size=512, n_positions=1024, n_embd=768, n_head=12, n_layer=12)
 PROMPT_LEN = 16  # the prompt before every decode measurement
+QUICK_DIR = "out/quick"  # where --quick writes by default (ignored by git)
 
 
 @dataclass
@@ -777,18 +779,25 @@ def measure_all(s: Settings, seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Naive vs cached decode, this repo vs Hugging Face.")
-    ap.add_argument("--quick", action="store_true", help="small sizes, ~20-30 s (smoke test)")
-    ap.add_argument("--json", default="bench.json", help="where to write results (bench.json)")
-    ap.add_argument("--figures", default="figures", help="directory for the PNG plots (figures)")
-    ap.add_argument("--seed", type=int, default=0, help="weights and prompts seed (0)")
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--quick", action="store_true",
+                    help=f"small sizes, under a minute (a smoke test); writes under {QUICK_DIR}/ "
+                         "unless --json/--figures say otherwise")
+    ap.add_argument("--json", type=cli_output_file(".json"), default=None,
+                    help="where to write results (default bench.json)")
+    ap.add_argument("--figures", type=cli_output_dir, default=None,
+                    help="directory for the PNG plots (default figures)")
+    ap.add_argument("--seed", type=SEED, default=0, help="weights and prompts seed (0)")
+    ap.add_argument("--threads", type=cli_int(1, 512), default=None,
                     help="BLAS and torch threads (default: the BLAS library's own count); on a "
                          "busy machine 1 avoids threads waiting for each other")
     ap.add_argument("--profile", action="store_true",
                     help="print cProfile tables of our decode and prefill, measure nothing else")
     args = ap.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        ap.error(f"--threads must be a positive int, got {args.threads}")
+    # A smoke run never overwrites the committed full-run figures.
+    default_dir = Path(QUICK_DIR) if args.quick else Path(".")
+    args.json = args.json or default_dir / "bench.json"
+    args.figures = args.figures or (default_dir if args.quick else Path("figures"))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     if args.profile:
         import threadpoolctl
 
@@ -799,10 +808,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     r = run(QUICK if args.quick else FULL, args.seed, args.threads)
     r["settings"]["quick"] = args.quick
-    r["figures"] = plot_all(r, Path(args.figures))
+    r["figures"] = plot_all(r, args.figures)
     r["wall_time_s"] = time.perf_counter() - t0
     print_report(r)
-    Path(args.json).write_text(json.dumps(r, indent=1, default=_jsonable))
+    args.json.write_text(json.dumps(r, indent=1, default=_jsonable))
     print(f"\nwrote {args.json} and {', '.join(r['figures'])} in {r['wall_time_s']:.0f} s")
     return 0 if r["correctness"]["all_passed"] else 1
 

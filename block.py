@@ -22,7 +22,15 @@ import numpy as np
 import weights as weight_files
 from attention import AttentionParams, causal_mask, layer_norm, multi_head_attention
 from cache import KVCache, ModelCache
-from checks import finite_number, float_dtype, is_int, positive_int, token_ids, zero_one_mask
+from checks import (
+    finite_number,
+    fits_in_memory,
+    float_dtype,
+    is_int,
+    positive_int,
+    token_ids,
+    zero_one_mask,
+)
 from rope import rope_angles
 
 MODEL_DTYPES = ("float32", "float64")
@@ -74,19 +82,37 @@ def weight_shapes(c: GPTConfig) -> dict[str, tuple[int, ...]]:
     """Every weight of the model, by name, with its shape: the one table that random init,
     loading, saving and Hugging Face conversion are all checked against. Matrices are used as
     x @ W (GPT-2's layout): (in, out)."""
-    D, F, q, kv = c.d_model, c.d_ff, c.n_heads * c.d_head, c.n_kv_heads * c.d_head
+    shapes = outer_shapes(c)
+    for i in range(c.n_layers):
+        shapes |= {f"h.{i}.{name}": shape for name, shape in block_shapes(c).items()}
+    return shapes
+
+
+def outer_shapes(c: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """The weights outside the blocks: the embeddings and the final LayerNorm."""
+    D = c.d_model
     shapes = {"wte": (c.vocab_size, D)}
     if not c.rope:
         shapes["wpe"] = (c.max_seq_len, D)
-    for i in range(c.n_layers):
-        shapes |= {f"h.{i}.{name}": shape for name, shape in (
-            ("ln_1.gamma", (D,)), ("ln_1.beta", (D,)),
-            ("attn.w_q", (D, q)), ("attn.b_q", (q,)), ("attn.w_k", (D, kv)), ("attn.b_k", (kv,)),
-            ("attn.w_v", (D, kv)), ("attn.b_v", (kv,)), ("attn.w_o", (q, D)), ("attn.b_o", (D,)),
-            ("ln_2.gamma", (D,)), ("ln_2.beta", (D,)),
-            ("mlp.w_fc", (D, F)), ("mlp.b_fc", (F,)), ("mlp.w_proj", (F, D)),
-            ("mlp.b_proj", (D,)))}
     return shapes | {"ln_f.gamma": (D,), "ln_f.beta": (D,)}
+
+
+def block_shapes(c: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """One block's weights, named as inside block i ("h.{i}." goes in front)."""
+    D, F, q, kv = c.d_model, c.d_ff, c.n_heads * c.d_head, c.n_kv_heads * c.d_head
+    return {"ln_1.gamma": (D,), "ln_1.beta": (D,),
+            "attn.w_q": (D, q), "attn.b_q": (q,), "attn.w_k": (D, kv), "attn.b_k": (kv,),
+            "attn.w_v": (D, kv), "attn.b_v": (kv,), "attn.w_o": (q, D), "attn.b_o": (D,),
+            "ln_2.gamma": (D,), "ln_2.beta": (D,),
+            "mlp.w_fc": (D, F), "mlp.b_fc": (F,), "mlp.w_proj": (F, D), "mlp.b_proj": (D,)}
+
+
+def count_weights(c: GPTConfig) -> int:
+    """How many numbers the model holds, from the tables (without building the full one)."""
+    def total(shapes: dict[str, tuple[int, ...]]) -> int:
+        return sum(math.prod(shape) for shape in shapes.values())
+
+    return total(outer_shapes(c)) + c.n_layers * total(block_shapes(c))
 
 
 @dataclass
@@ -160,6 +186,10 @@ class GPT:
         if not isinstance(config, GPTConfig):
             raise TypeError(f"GPT: config must be a GPTConfig, got {type(config).__name__}")
         self.config, self.dtype = config, float_dtype("GPT dtype", dtype, MODEL_DTYPES)
+        n_params = count_weights(config)
+        # random_weights draws in float64, then they are cast: both exist for a moment.
+        fits_in_memory(f"GPT: {n_params:,} weights",
+                       n_params * (self.dtype.itemsize + (8 if weights is None else 0)))
         shapes = weight_shapes(config)
         if weights is None:
             if not is_int(seed) or seed < 0:

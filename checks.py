@@ -6,7 +6,11 @@ expected, and is called before any work is done, so a refused call changes nothi
 
 from __future__ import annotations
 
+import argparse
 import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -102,3 +106,82 @@ def zero_one_mask(name: str, value: object, shape: tuple[int, ...]) -> np.ndarra
         if not np.isin(value, (0, 1)).all():
             raise ValueError(f"{name} must hold only 0 (padding) and 1 (real token)")
     return value.astype(bool)
+
+
+# --- command lines: a one-line usage error before any work, never a traceback --------------------
+
+def cli_int(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an int in [low, high] (no upper bound if high is None)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+    return parse
+
+
+def cli_output_file(*suffixes: str) -> Callable[[str], Path]:
+    """An argparse type: a file path to write, checked before any work is done. It must end in
+    one of `suffixes` (nothing is appended to it), must not be a directory, and its directory
+    must exist and be writable: so the file written is exactly the one named."""
+    def parse(text: str) -> Path:
+        path = Path(text)
+        if path.suffix.lower() not in suffixes:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} must end in {' or '.join(suffixes)}")
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file")
+        if not can_create_in(path.parent):
+            raise argparse.ArgumentTypeError(f"cannot write {text!r}: directory "
+                                             f"{str(path.parent)!r} does not exist or is not "
+                                             "writable")
+        return path
+    return parse
+
+
+def can_create_in(directory: Path) -> bool:
+    """Whether a file can be created in `directory`, found by creating (and removing) one: a
+    permission bit alone says yes to root in /proc, where nothing can be created."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
+
+
+def cli_output_dir(text: str) -> Path:
+    """An argparse type: a directory to write into; created if missing, if its parent exists."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    base = path if path.exists() else path.parent
+    if not can_create_in(base):
+        raise argparse.ArgumentTypeError(f"cannot write into {text!r}: {str(base)!r} does not "
+                                         "exist or is not writable")
+    return path
+
+
+SEED = cli_int(0, 2**32 - 1)  # what np.random.default_rng and torch.manual_seed both take
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still hand out (Linux MemAvailable), or None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # the file says kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def fits_in_memory(what: str, n_bytes: int) -> None:
+    """Refuse, before allocating, a request that needs more memory than the machine has free."""
+    free = available_memory()
+    if free is not None and n_bytes > free:
+        raise ValueError(f"{what} needs {n_bytes / 2**30:.1f} GiB, more than the "
+                         f"{free / 2**30:.1f} GiB of memory available")

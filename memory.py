@@ -40,12 +40,14 @@ from threadpoolctl import threadpool_limits
 
 from block import GPT, GPTConfig
 from cache import KVCache, ModelCache, kv_cache_bytes
+from checks import cli_output_file
 from generate import decode, greedy, prefill
 
 CONTEXTS = (128, 512, 2048)
 VARIANTS = (("MHA", 4), ("GQA", 2), ("MQA", 1))  # name, n_kv_heads, for 4 query heads
 CACHE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 BATCH = 1
+QUICK_OUT = "out/quick/cache_memory.png"  # where --quick writes by default (ignored by git)
 
 # name, layers, query heads, key/value heads, d_head (published configs)
 REAL_MODELS = (("GPT-2 small", 12, 12, 12, 64),
@@ -227,9 +229,16 @@ def plot_memory(rows: list[Row], path: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="KV-cache memory: formula, nbytes, measured peak.")
-    ap.add_argument("--quick", action="store_true", help="fewer decode steps (a smoke run)")
-    ap.add_argument("--out", default="figures/cache_memory.png", help="PNG path")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"fewer decode steps (a smoke run); writes {QUICK_OUT} unless --out says "
+                         "otherwise")
+    ap.add_argument("--out", type=cli_output_file(".png"), default=None,
+                    help="PNG path (default figures/cache_memory.png)")
     args = ap.parse_args(argv)
+    # A smoke run never overwrites the committed figure.
+    if args.out is None:
+        args.out = Path(QUICK_OUT if args.quick else "figures/cache_memory.png")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     decode_steps = 4 if args.quick else 64
 
     models = {n_kv: assignment_model(n_kv) for _, n_kv in VARIANTS}

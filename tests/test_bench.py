@@ -20,11 +20,20 @@ from generate import decode, greedy, prefill
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One --quick run shared by the tests below (it takes ~20-30 s on an idle machine)."""
+    """One --quick run shared by the tests below (it takes ~20-30 s on an idle machine), from an
+    empty directory with no output paths given: a smoke run writes under out/quick/ only."""
     tmp = tmp_path_factory.mktemp("bench")
-    code = bench.main(["--quick", "--threads", "1", "--json", str(tmp / "bench.json"),
-                       "--figures", str(tmp / "figures")])
-    return code, json.loads((tmp / "bench.json").read_text()), tmp
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        code = bench.main(["--quick", "--threads", "1"])
+    return code, json.loads((tmp / "out/quick/bench.json").read_text()), tmp
+
+
+def test_quick_run_writes_only_under_out_quick(quick):
+    _, r, tmp = quick
+    written = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    assert written == ["out/quick/bench.json", "out/quick/bench_cache_append.png",
+                       "out/quick/bench_decode_latency.png", "out/quick/bench_vs_hf.png"]
 
 
 def test_quick_run_passes_its_correctness_guards(quick):
@@ -95,7 +104,7 @@ def test_plots_are_small_pngs(quick):
     _, r, tmp = quick
     assert len(r["figures"]) == 3
     for path in r["figures"]:
-        data = open(path, "rb").read()
+        data = (tmp / path).read_bytes()  # relative to the directory the run started in
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
         assert 1_000 < len(data) < 300_000
 

@@ -83,11 +83,15 @@ def test_one_shot_prefill_holds_the_full_score_matrix_and_chunks_do_not() -> Non
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    out = tmp_path_factory.mktemp("memory") / "cache_memory.png"
+    """--quick from an empty directory with no --out: a smoke run writes out/quick/ only."""
+    tmp = tmp_path_factory.mktemp("memory")
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert memory.main(["--quick", "--out", str(out)]) == 0
-    return printed.getvalue(), out
+    with contextlib.redirect_stdout(printed), pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        assert memory.main(["--quick"]) == 0
+    written = [p for p in tmp.rglob("*") if p.is_file()]
+    assert written == [tmp / "out/quick/cache_memory.png"]
+    return printed.getvalue(), written[0]
 
 
 def test_quick_run_prints_the_tables(quick_run) -> None:

@@ -433,3 +433,20 @@ def test_a_forward_that_fails_half_way_leaves_the_cache_as_it_was(monkeypatch):
     fresh = half_filled(model)
     np.testing.assert_array_equal(model(random_ids(15, 2, 3), cache),
                                   model(random_ids(15, 2, 3), fresh))
+
+
+def test_a_model_that_cannot_fit_in_memory_is_refused_before_allocating(monkeypatch):
+    """A million layers of the assignment's width: per block 2 LayerNorms (4 * 128) + Q, K, V, O
+    (4 * 128 * 128 + 4 * 128) + MLP (2 * 128 * 512 + 512 + 128) = 198,272 weights, plus wte,
+    wpe, ln_f (256 * 128 + 128 * 128 + 256 = 49,408): ~0.8 TB in float32. Refused from the
+    weight tables alone, before any array exists (random_weights must never run)."""
+    monkeypatch.setattr(block, "random_weights", lambda *a: pytest.fail("allocated"))
+    with pytest.raises(ValueError, match=r"GPT: 198,272,049,408 weights needs .* GiB, more than"):
+        GPT(GPTConfig(n_layers=1_000_000))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_count_weights_is_the_size_of_the_table(variant):
+    config = small_model(variant).config
+    assert block.count_weights(config) == sum(w.size for w in small_model(variant)
+                                              .named_weights().values())
