@@ -21,7 +21,7 @@ import numpy as np
 
 import weights as weight_files
 from attention import AttentionParams, causal_mask, layer_norm, multi_head_attention
-from cache import KVCache, ModelCache
+from cache import KVCache, ModelCache, kv_cache_bytes
 from checks import (
     finite_number,
     fits_in_memory,
@@ -262,6 +262,10 @@ class GPT:
         d_head) for K and for V, stored as dtype (default: the model's)."""
         c = self.config
         dtype = self.dtype if dtype is None else dtype
+        # All layers together must fit, not only one (a huge batch is refused before any layer).
+        fits_in_memory(f"a cache for {batch_size!r} rows",
+                       kv_cache_bytes(c.n_layers, batch_size, c.n_kv_heads, c.d_head,
+                                      c.max_seq_len, dtype))
         return ModelCache([KVCache(batch_size, c.n_kv_heads, c.max_seq_len, c.d_head, dtype)
                            for _ in range(c.n_layers)])
 

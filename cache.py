@@ -18,9 +18,11 @@ Two objects, smallest first:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from checks import float_dtype, is_int, positive_int, zero_one_mask
+from checks import fits_in_memory, float_dtype, is_int, positive_int, zero_one_mask
 
 CACHE_DTYPES = ("float16", "float32", "float64")  # int or bool buffers would round or wrap K/V
 
@@ -36,6 +38,7 @@ class KVCache:
             ("batch_size", batch_size), ("n_kv_heads", n_kv_heads), ("max_len", max_len),
             ("d_head", d_head)))
         dtype = float_dtype("KVCache dtype", dtype, CACHE_DTYPES)
+        fits_in_memory(f"KVCache {shape} x 2 ({dtype.name})", 2 * math.prod(shape) * dtype.itemsize)
         self.keys = np.zeros(shape, dtype=dtype)  # (B, H_kv, max_len, d_head)
         self.values = np.zeros(shape, dtype=dtype)  # (B, H_kv, max_len, d_head)
         self.length = 0  # positions [0, length) are filled; past them: zeros, never read

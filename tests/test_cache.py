@@ -349,3 +349,14 @@ def test_kv_cache_bytes_refuses_sizes_that_are_not_positive_ints(position, bad):
         kv_cache_bytes(*sizes)
     with pytest.raises(TypeError, match="dtype"):
         kv_cache_bytes(2, 1, 4, 8, 16, np.int8)
+
+
+def test_a_cache_that_cannot_fit_in_memory_is_refused_before_allocating(monkeypatch):
+    import checks
+
+    monkeypatch.setattr(checks, "available_memory", lambda: 2**30)  # a machine with 1 GiB free
+    # 2 * 8,192 rows * 4 heads * 128 positions * 32 * 4 bytes = 1 GiB exactly: fits.
+    assert KVCache(8192, 4, 128, 32).nbytes == 2**30
+    with pytest.raises(ValueError, match=r"KVCache \(8193, 4, 128, 32\) x 2 .float32. needs "
+                                         r"1.0 GiB, more than the 1.0 GiB"):
+        KVCache(8193, 4, 128, 32)

@@ -450,3 +450,13 @@ def test_count_weights_is_the_size_of_the_table(variant):
     config = small_model(variant).config
     assert block.count_weights(config) == sum(w.size for w in small_model(variant)
                                               .named_weights().values())
+
+
+def test_a_cache_for_too_many_rows_is_refused_before_any_layer_exists(monkeypatch):
+    import checks
+
+    monkeypatch.setattr(checks, "available_memory", lambda: 2**30)
+    monkeypatch.setattr(block, "KVCache", lambda *a: pytest.fail("allocated a layer"))
+    # 2 layers * 2 (K, V) * 8,192 rows * 4 heads * 128 positions * 32 * 4 bytes = 2 GiB > 1 GiB
+    with pytest.raises(ValueError, match="a cache for 8192 rows needs 2.0 GiB"):
+        GPT(GPTConfig()).new_cache(8192)
