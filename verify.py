@@ -172,6 +172,11 @@ def random_ids(shape: tuple[int, ...], seed: int, vocab: int = ASSIGNMENT_CONFIG
 
 # --- check 1: the mask ---------------------------------------------------------------------------
 
+# The README's 4x4 example (prefill), and 2 new tokens after 3 cached (a chunk or decode step).
+TOY_SCORES = np.array([[2, 1, 0, 3], [1, 3, 2, 0], [0, 1, 2, 1], [3, 0, 1, 2]], dtype=float)
+TOY_CHUNK_SCORES = np.array([[1, 0, 2, 1, 3], [0, 2, 1, 3, 1]], dtype=float)
+
+
 @check(1, "mask", "future gets p = 0; rows sum to 1")
 def check_mask() -> Evidence:
     """Toy score matrices, a square one (prefill) and a 2 x 5 one (2 new tokens after 3 cached),
@@ -180,8 +185,8 @@ def check_mask() -> Evidence:
     output equal the weights."""
     future_w, row_err, ref_err, mask_wrong = 0.0, 0.0, 0.0, 0
     shown = []
-    for t_q, t_k in ((4, 4), (2, 5)):
-        scores = ((np.arange(t_q * t_k).reshape(t_q, t_k) * 7) % 9 - 4) / 2.0  # small, varied
+    for scores in (TOY_SCORES, TOY_CHUNK_SCORES):
+        t_q, t_k = scores.shape
         mask = attention.causal_mask(t_q, t_k)
         q, k, v = scores * math.sqrt(t_k), np.eye(t_k), np.eye(t_k)
         out, weights = attention.scaled_dot_product_attention(q, k, v, mask)
