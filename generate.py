@@ -24,14 +24,25 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+import task
 from block import GPT, GPTConfig
 from cache import ModelCache
-from checks import int_array, is_int, optional_positive_int, positive_int, token_ids, zero_one_mask
+from checks import (
+    SEED,
+    cli_int,
+    int_array,
+    is_int,
+    optional_positive_int,
+    positive_int,
+    token_ids,
+    zero_one_mask,
+)
 from sampling import Sampler, greedy
 
 __all__ = ["Generation", "decode", "decode_loop", "generate_cached", "generate_naive", "greedy",
@@ -239,99 +250,259 @@ def generate_cached(
 
 
 # --- the command ---------------------------------------------------------------------------------
+# python generate.py            the trained string-reversal model on a batch of text prompts
+# python generate.py --prompt "some text"        your own string (the flag may repeat)
+# python generate.py --random   the assignment's config with random weights, on token ids
+# python generate.py --hf DIR --prompt "text"    a Hugging Face GPT-2 you have, run in NumPy
+
+CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "reverse.npz"
+DEMO_PROMPTS = ("attention", "kv cache", "causal mask", "the exam rule")
+SHOW_ROWS = 6  # longer batches are abbreviated when printed
+
+
+class SideBySide(NamedTuple):
+    """The same request decoded both ways, and how long each took."""
+
+    naive: Generation
+    cached: Generation
+    naive_s: float
+    cached_s: float
+
+    @property
+    def same_tokens(self) -> bool:
+        return bool(np.array_equal(self.naive.tokens, self.cached.tokens))
+
+    @property
+    def logit_diff(self) -> float:
+        return float(np.max(np.abs(self.naive.logits - self.cached.logits)))
+
+    @property
+    def grew_by_one(self) -> bool:
+        return bool(np.all(np.diff(self.cached.cache_lengths) == 1))
+
+
+def side_by_side(model: GPT, prompts: np.ndarray | list[np.ndarray], max_new_tokens: int,
+                 seed: int, prefill_chunk: int | None = None, **options: object) -> SideBySide:
+    """generate_naive, then generate_cached, on the same request; sampling (if asked) draws from
+    a fresh generator of the same seed for each, so both see the same random numbers."""
+    def rng() -> np.random.Generator | None:
+        return np.random.default_rng(seed) if options.get("temperature") else None
+
+    t0 = time.perf_counter()
+    naive = generate_naive(model, prompts, max_new_tokens, rng=rng(), **options)
+    t1 = time.perf_counter()
+    cached = generate_cached(model, prompts, max_new_tokens, prefill_chunk, rng=rng(), **options)
+    t2 = time.perf_counter()
+    return SideBySide(naive, cached, t1 - t0, t2 - t1)
+
+
+def rows(lines: list[str]) -> list[str]:
+    """At most SHOW_ROWS lines; the rest summarised in one."""
+    if len(lines) <= SHOW_ROWS:
+        return lines
+    return [*lines[:SHOW_ROWS - 1], f"... ({len(lines) - SHOW_ROWS + 1} more rows)"]
+
+
+def show_padded(ids: np.ndarray, mask: np.ndarray, token: Callable[[int], str], pad: str,
+                sep: str = "", last: int = 24) -> None:
+    """Print a left-padded batch, pads as `pad`, each row's attention mask on its right; only the
+    `last` columns and SHOW_ROWS rows, so a huge request prints a few lines."""
+    cut = "... " if ids.shape[1] > last else ""
+    lines = []
+    for row, real in zip(ids[:, -last:], mask[:, -last:], strict=True):
+        shown = sep.join(token(t) if r else pad for t, r in zip(row, real, strict=True))
+        lines.append(f"  {cut}{shown}   {''.join(str(int(r)) for r in real)}")
+    print("\n".join(rows(lines)))
+
+
+def print_steps(run: SideBySide, show: Callable[[np.ndarray], str]) -> None:
+    """One line per decode step: the cache length when the token was chosen, and the tokens."""
+    print("\nstep  cache length  tokens chosen (one per row)")
+    for n, length in enumerate(run.cached.cache_lengths):
+        print(f"{n:>4}  {length:>12}  {show(run.cached.tokens[:, n])}")
+
+
+def print_agreement(run: SideBySide) -> bool:
+    """naive == cached, the cache's growth, and the speed of each; True if both checks hold."""
+    B, N = run.cached.tokens.shape
+    print(f"\ntokens identical (naive vs cached): {run.same_tokens}")
+    print(f"largest |logit difference|:         {run.logit_diff:.3e}")
+    print(f"cache grew by exactly 1 per step:   {run.grew_by_one}")
+    for name, seconds in (("naive ", run.naive_s), ("cached", run.cached_s)):
+        print(f"time {name}: {1e3 * seconds:8.2f} ms = {B * N / seconds:8.0f} tokens/s "
+              f"({B} rows x {N} steps)")
+    print(f"cached is {run.naive_s / run.cached_s:.1f}x faster")
+    return run.same_tokens and run.grew_by_one
+
+
+def trained(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
+    """The trained string-reversal model: prompts as text, answers checked."""
+    texts = args.prompt or list(DEMO_PROMPTS)
+    try:
+        texts = [task.check_chars(text) for text in texts]
+    except ValueError as err:
+        ap.error(str(err))
+    try:
+        model = GPT.load(args.checkpoint)
+    except (OSError, ValueError) as err:
+        ap.error(f"{err} (make train writes {CHECKPOINT.relative_to(CHECKPOINT.parents[1])})")
+    prompts = [task.encode(task.make_prompt(text)) for text in texts]
+    c = model.config
+    print(f"model: {args.checkpoint} (trained to reverse strings): d_model={c.d_model} "
+          f"heads={c.n_heads} layers={c.n_layers} max_seq_len={c.max_seq_len}")
+    print("prompts, left-padded into one batch (pads shown as _), attention_mask on the right:")
+    show_padded(*left_pad(prompts), token=chr, pad="_")
+    run = side_by_side(model, prompts, max(map(len, texts)) + 1, args.seed, args.prefill_chunk,
+                       eos_id=ord(task.END))
+    print_steps(run, lambda tokens: " ".join(repr(chr(t)) for t in tokens))
+    print(f"\n{'prompt':<{task.MAX_CHARS + 2}}{'answer':<{task.MAX_CHARS + 2}}right")
+    for text, tokens in zip(texts, run.cached.tokens, strict=True):
+        answer = task.decode(tokens).split(task.END)[0] + task.END
+        print(f"{task.make_prompt(text):<{task.MAX_CHARS + 2}}{answer:<{task.MAX_CHARS + 2}}"
+              f"{'yes' if answer == task.expected_answer(task.make_prompt(text)) else 'NO'}")
+    return 0 if print_agreement(run) else 1
+
+
+def random_weights(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
+    """The assignment's config with random weights, on random token ids (what the assignment
+    asks the decode loops to show: naive and cached agree, the cache grows by one per step)."""
+    config = GPTConfig(n_layers=args.layers, init_std=0.2)  # d_model 128, 4 heads, max_seq_len 128
+    data = np.random.default_rng(args.seed)
+    if args.prompt_lens is None:
+        prompts = data.integers(0, config.vocab_size, (args.batch, args.prompt_len))
+        shape = f"(B={args.batch}, P={args.prompt_len})"
+    else:
+        prompts = [data.integers(0, config.vocab_size, n) for n in args.prompt_lens]
+        shape = f"(B={len(prompts)}, lengths {args.prompt_lens})"
+    options = dict(eos_id=args.eos_id, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p)
+    try:  # refuse a bad request before printing or decoding anything
+        model = GPT(config, seed=args.seed, dtype=args.dtype)
+        ids, mask = prepare_request(model, prompts, args.new_tokens, eos_id=args.eos_id)
+        Sampler(args.temperature, args.top_k, args.top_p,
+                np.random.default_rng(args.seed) if args.temperature else None)
+        model.new_cache(len(ids))  # would the cache fit?
+    except (TypeError, ValueError) as err:
+        ap.error(str(err))
+
+    print(f"model: random weights, d_model={config.d_model} heads={config.n_heads} "
+          f"d_head={config.d_head} layers={config.n_layers} vocab={config.vocab_size} "
+          f"max_seq_len={config.max_seq_len} dtype={args.dtype}")
+    print(f"prompt {shape}, left-padded (pads shown as .), attention_mask on the right:")
+    show_padded(ids, mask, token=lambda t: f"{t:>3}", pad="  .", sep=" ")
+    print(f"sampling: temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} "
+          f"seed={args.seed}" if args.temperature else "decoding: greedy")
+    run = side_by_side(model, prompts, args.new_tokens, args.seed, args.prefill_chunk, **options)
+    print_steps(run, lambda tokens: str(tokens[:SHOW_ROWS].tolist())[:-1]
+                + (", ...]" if len(tokens) > SHOW_ROWS else "]"))
+    if args.eos_id is not None:
+        print(f"\nsteps taken: {run.cached.tokens.shape[1]} of max {args.new_tokens} "
+              f"(eos_id={args.eos_id}; finished rows repeat it)")
+    return 0 if print_agreement(run) else 1
+
+
+def hugging_face(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
+    """A Hugging Face GPT-2 checkpoint (a hub name this machine has, or a save_pretrained
+    directory) converted with GPT.from_gpt2 and decoded by our cached decoder; its logits are
+    compared with Hugging Face's on the same tokens."""
+    if not args.prompt:
+        ap.error("--hf needs --prompt TEXT")
+    try:
+        from transformers import AutoTokenizer, GPT2LMHeadModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one line of output per fact, no loading bars
+        tokenizer = AutoTokenizer.from_pretrained(args.hf)
+        hf = GPT2LMHeadModel.from_pretrained(args.hf).eval()
+    except (OSError, ValueError) as err:
+        ap.error(f"no Hugging Face GPT-2 at {args.hf!r} on this machine "
+                 f"({str(err).splitlines()[0][:120]}); give a directory written by "
+                 "save_pretrained, or a hub name already downloaded")
+    try:
+        model = GPT.from_gpt2(hf.state_dict(), dtype=np.float32, hf_config=hf.config)
+        prompts = [np.array(tokenizer(text)["input_ids"], dtype=np.int64) for text in args.prompt]
+        eos = tokenizer.eos_token_id
+        eos = eos if eos is not None and 0 <= eos < model.config.vocab_size else None
+        prepare_request(model, prompts, args.new_tokens, eos_id=eos)
+    except (TypeError, ValueError) as err:
+        ap.error(str(err))
+    start = time.perf_counter()
+    out = generate_cached(model, prompts, args.new_tokens, args.prefill_chunk, eos_id=eos)
+    seconds = time.perf_counter() - start
+    B, N = out.tokens.shape
+    print(f"model: {args.hf} ({model.config.n_layers} layers, d_model {model.config.d_model}, "
+          f"vocab {model.config.vocab_size}), converted to NumPy float32")
+    for text, tokens in zip(args.prompt, out.tokens, strict=True):
+        print(f"\n{text!r} -> {tokenizer.decode(tokens.tolist())!r}")
+    print(f"\n{B * N} tokens in {seconds:.2f} s = {B * N / seconds:.0f} tokens/s (cached, "
+          "NumPy)")
+    print(f"largest |logit difference| vs Hugging Face on the same tokens: "
+          f"{hf_logit_difference(hf, prompts, out):.2e} (float32)")
+    return 0
+
+
+def hf_logit_difference(hf: object, prompts: list[np.ndarray], out: Generation) -> float:
+    """Run Hugging Face once over each finished sequence and compare the logits that chose every
+    new token with ours."""
+    import torch
+
+    diff = 0.0
+    for prompt, tokens, logits in zip(prompts, out.tokens, out.logits, strict=True):
+        seq = torch.from_numpy(np.concatenate([prompt, tokens])[None])  # (1, P + N)
+        with torch.no_grad():
+            theirs = hf(seq).logits[0, len(prompt) - 1:-1].numpy()  # (N, V): step n's logits
+        diff = max(diff, float(np.max(np.abs(theirs - logits))))
+    return diff
+
 
 def _prompt_lens(text: str) -> list[int]:
     try:
         lens = [int(part) for part in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--prompt-lens must look like 3,7,1, got {text!r}") \
-            from None
+        raise argparse.ArgumentTypeError(f"must look like 3,7,1, got {text!r}") from None
     if not lens or min(lens) < 1:
-        raise argparse.ArgumentTypeError(f"--prompt-lens must be positive ints, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be positive ints, got {text!r}")
     return lens
 
 
-def _rng(args: argparse.Namespace) -> np.random.Generator | None:
-    """A fresh generator for each run, so naive and cached draw from the same stream."""
-    return np.random.default_rng(args.seed) if args.temperature else None
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Naive vs cached decoding on a random tiny GPT.")
-    ap.add_argument("--new-tokens", type=int, default=16, help="tokens to generate (default 16)")
-    ap.add_argument("--prompt-len", type=int, default=8, help="prompt length (default 8)")
-    ap.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    ap = argparse.ArgumentParser(
+        description="Naive vs cached decoding: the trained string-reversal model by default, "
+                    "random weights with --random, a Hugging Face GPT-2 with --hf.")
+    ap.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                    help="a prompt (repeat for a batch); the trained model reverses it")
+    ap.add_argument("--checkpoint", default=str(CHECKPOINT), help="the trained model's .npz")
+    ap.add_argument("--random", action="store_true",
+                    help="the assignment's config with random weights, on random token ids")
+    ap.add_argument("--hf", metavar="NAME_OR_DIR", default=None,
+                    help="a Hugging Face GPT-2 (hub name on this machine, or a directory)")
+    ap.add_argument("--new-tokens", type=cli_int(1, 4096), default=16,
+                    help="tokens to generate with --random or --hf (default 16)")
+    ap.add_argument("--prompt-len", type=cli_int(1, 4096), default=8,
+                    help="--random: prompt length (default 8)")
+    ap.add_argument("--batch", type=cli_int(1, 1_000_000), default=2,
+                    help="--random: batch size (default 2)")
     ap.add_argument("--prompt-lens", type=_prompt_lens, default=None, metavar="3,7,1",
-                    help="a ragged batch: one prompt per length, left-padded (overrides "
-                         "--batch and --prompt-len)")
-    ap.add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
-    ap.add_argument("--seed", type=int, default=0, help="weights, prompt and sampling seed")
+                    help="--random: a ragged batch, one prompt per length, left-padded "
+                         "(overrides --batch and --prompt-len)")
+    ap.add_argument("--layers", type=cli_int(1, 1_000_000), default=2,
+                    help="--random: transformer blocks (default 2)")
+    ap.add_argument("--seed", type=SEED, default=0, help="weights, prompt and sampling seed")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--temperature", type=float, default=None, help="0 or unset = greedy")
     ap.add_argument("--top-k", type=int, default=None, help="keep the k highest logits")
     ap.add_argument("--top-p", type=float, default=None, help="nucleus: keep mass p")
-    ap.add_argument("--eos-id", type=int, default=None, help="a row stops at this token")
-    ap.add_argument("--prefill-chunk", type=int, default=None, help="prefill in chunks of this")
+    ap.add_argument("--eos-id", type=int, default=None, help="--random: a row stops at this token")
+    ap.add_argument("--prefill-chunk", type=cli_int(1), default=None,
+                    help="prefill in chunks of this many tokens")
     args = ap.parse_args(argv)
-
-    if min(args.batch, args.prompt_len, args.layers) < 1:
-        ap.error("--batch, --prompt-len and --layers must be positive")
-    config = GPTConfig(n_layers=args.layers, init_std=0.2)  # d_model 128, 4 heads, max_seq_len 128
-    model = GPT(config, seed=args.seed, dtype=args.dtype)
-    data = np.random.default_rng(args.seed)
-    if args.prompt_lens is None:
-        prompt = data.integers(0, config.vocab_size, (args.batch, args.prompt_len))
-        shape = f"(B={args.batch}, P={args.prompt_len})"
-    else:
-        prompt = [data.integers(0, config.vocab_size, n) for n in args.prompt_lens]
-        shape = f"(B={len(prompt)}, lengths {args.prompt_lens})"
-    options = dict(eos_id=args.eos_id, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p)
-    try:  # refuse a bad request before printing or decoding anything
-        ids, mask = prepare_request(model, prompt, args.new_tokens, eos_id=args.eos_id)
-        optional_positive_int("prefill_chunk", args.prefill_chunk)
-        Sampler(args.temperature, args.top_k, args.top_p, _rng(args))
-    except (TypeError, ValueError) as err:
-        ap.error(str(err))
-
-    print(f"model: d_model={config.d_model} heads={config.n_heads} d_head={config.d_head} "
-          f"layers={config.n_layers} vocab={config.vocab_size} max_seq_len={config.max_seq_len} "
-          f"dtype={args.dtype}")
-    print(f"prompt {shape}: {[np.asarray(p).tolist() for p in prompt]}")
-    if args.prompt_lens is not None:
-        print("left-padded into one batch (pads shown as .), attention_mask on the right:")
-        for row, real in zip(ids, mask, strict=True):
-            shown = " ".join(f"{t:>3}" if r else "  ." for t, r in zip(row, real, strict=True))
-            print(f"  {shown}   {''.join(map(str, real.astype(int)))}")
-    if args.temperature:
-        print(f"sampling: temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} "
-              f"seed={args.seed}")
-    else:
-        print("decoding: greedy")
-
-    t0 = time.perf_counter()
-    naive = generate_naive(model, prompt, args.new_tokens, rng=_rng(args), **options)
-    t1 = time.perf_counter()
-    cached = generate_cached(model, prompt, args.new_tokens, args.prefill_chunk, rng=_rng(args),
-                             **options)
-    t2 = time.perf_counter()
-
-    print("\nstep  cache length  tokens chosen (one per row)")
-    for n, length in enumerate(cached.cache_lengths):
-        print(f"{n:>4}  {length:>12}  {cached.tokens[:, n].tolist()}")
-    same = np.array_equal(naive.tokens, cached.tokens)
-    diff = float(np.max(np.abs(naive.logits - cached.logits)))
-    grew = bool(np.all(np.diff(cached.cache_lengths) == 1))
-    ok = same and grew
-    if args.eos_id is not None:
-        print(f"\nsteps taken: {len(cached.cache_lengths)} of max {args.new_tokens} "
-              f"(eos_id={args.eos_id}; finished rows repeat it)")
-    print(f"\ntokens identical (naive vs cached): {same}")
-    print(f"largest |logit difference|:         {diff:.3e}")
-    print(f"cache grew by exactly 1 per step:   {grew}")
-    print(f"time naive:  {1e3 * (t1 - t0):8.2f} ms")
-    print(f"time cached: {1e3 * (t2 - t1):8.2f} ms   ({(t1 - t0) / (t2 - t1):.1f}x faster)")
-    return 0 if ok else 1
+    if args.random and args.hf:
+        ap.error("--random and --hf are two different models: pick one")
+    if args.hf:
+        return hugging_face(args, ap)
+    if args.random:
+        return random_weights(args, ap)
+    return trained(args, ap)
 
 
 if __name__ == "__main__":

@@ -67,50 +67,77 @@ def test_masked_cells_render_grey_not_as_a_small_probability(maps: np.ndarray) -
     np.testing.assert_allclose(pixel(canvas, ax, i, j), expected, atol=0.02)
 
 
-def test_cli_writes_a_png_and_prints_the_ascii_head(tmp_path, capsys) -> None:
+def test_random_cli_writes_a_png_and_prints_the_ascii_head(tmp_path, capsys) -> None:
     out = tmp_path / "grid.png"
-    assert heatmap.main(["--prompt-len", "6", "--layers", "1", "--out", str(out)]) == 0
+    assert heatmap.main(["--random", "--prompt-len", "6", "--layers", "1", "--out",
+                         str(out)]) == 0
+    assert sorted(tmp_path.iterdir()) == [out]  # exactly the path asked for
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert 10_000 < len(data) < 300_000
     image = imread(out)
     assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0.05  # not a blank canvas
     printed = capsys.readouterr().out
-    assert "query     5 |" in printed and "masked" in printed
+    assert "query  5 5 |" in printed and "masked" in printed
 
 
-def ascii_cells(text: str, n: int) -> np.ndarray:
-    """The (n, n) characters of the grid: rows are 'query   i |' + two chars per cell + '|'."""
-    rows = [line for line in text.splitlines() if line.startswith("query")]
-    assert len(rows) == n
-    return np.array([list(row.split("|")[1][::2]) for row in rows])
+def test_ascii_labels_name_the_rows_and_columns() -> None:
+    text = heatmap.ascii_heatmap(np.eye(3), labels=["a", "b", "="])
+    assert text.splitlines()[0] == "        key a b ="
+    assert text.splitlines()[3].startswith("query  2 = |")
 
 
-def test_ascii_marks_exactly_the_future_cells(maps: np.ndarray) -> None:
-    cells = ascii_cells(heatmap.ascii_heatmap(maps[1, 2]), T)
-    np.testing.assert_array_equal(cells == heatmap.MASKED, future())
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--random", "--out", "."], "must end in .png"),
+    (["--random", "--out", ""], "must end in .png"),
+    (["--random", "--out", "noext"], "must end in .png"),
+    (["--random", "--out", "x.txt"], "must end in .png"),
+    (["--random", "--out", "/proc/x.png"], "not writable"),
+    (["--random", "--out", "adir.png"], "is a directory"),
+    (["--random", "--layers", "0"], "--layers: must be in [1, 12]"),
+    (["--random", "--seed", "-1"], "--seed: must be in"),
+    (["--random", "--prompt-len", "200"], "--prompt-len: must be in [1, 128]"),
+    (["--random", "--ascii-layer", "2"], "--ascii-layer/--ascii-head must be < (2, 4)"),
+    (["--prompt", "Attention"], "'A' at index 0 is not in the alphabet"),
+    (["--checkpoint", "nowhere.npz"], "no checkpoint at 'nowhere.npz'"),
+])
+def test_bad_arguments_are_one_line_usage_errors(tmp_path, monkeypatch, capsys, argv,
+                                                 match) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adir.png").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        heatmap.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert match in err.strip().splitlines()[-1]
+    assert [p.name for p in tmp_path.iterdir()] == ["adir.png"]  # nothing written
 
 
-def test_ascii_shades_by_tenths_and_a_visible_zero_is_not_masked() -> None:
-    """A hand-made 3 x 3 causal matrix. The exact 0.0 at (2, 0) is a visible key whose probability
-    happens to be 0: it is drawn blank, not as masked."""
-    weights = np.array([[1.0, 0.0, 0.0],
-                        [0.55, 0.45, 0.0],
-                        [0.0, 0.95, 0.05]])
-    cells = ascii_cells(heatmap.ascii_heatmap(weights), 3)
-    expected = np.array([["@", "x", "x"],
-                         ["+", "=", "x"],
-                         [" ", "@", " "]])
-    np.testing.assert_array_equal(cells, expected)
+def test_mirror_and_previous_token_weights_by_hand() -> None:
+    """"ab=ba.": n = 2. Query 2 ("=", writes b = c_1) must read key 2 and query 3 ("b", writes
+    a = c_0) key 1, where a previous-token head has put c_1 and c_0. A head doing exactly that
+    scores 1, one that looks at itself scores 1/2 (query 2 looks at key 2 either way)."""
+    T = 6
+    mirror, itself, previous = np.zeros((T, T)), np.eye(T), np.eye(T, k=-1)
+    previous[0, 0] = 1.0
+    mirror[2, 2] = mirror[3, 1] = 1.0
+    maps = np.stack([mirror, itself, previous])[None]  # (1, 3, T, T)
+    np.testing.assert_array_equal(heatmap.mirror_weights(maps, 2), [[1.0, 0.5, 0.0]])
+    np.testing.assert_array_equal(heatmap.previous_token_weights(maps)[0, 2], 1.0)
 
 
-@pytest.mark.parametrize("shape", [(3, 4), (2, 3, 3), (3,)])
-def test_ascii_refuses_non_square_weights(shape) -> None:
-    with pytest.raises(ValueError, match=r"weights must be \(T, T\)"):
-        heatmap.ascii_heatmap(np.zeros(shape))
+def test_the_trained_model_has_a_mirroring_head_on_100_prompts() -> None:
+    """The shipped checkpoint, on 100 fresh prompts: layer 0 has a previous-token head and a
+    layer-1 head puts most of its weight, at every answer position, on the key holding the
+    character to copy (the README names these heads)."""
+    import task
 
-
-def test_attention_maps_refuses_a_batch() -> None:
-    model = GPT(GPTConfig(n_layers=1), seed=0)
-    with pytest.raises(ValueError, match="one prompt"):
-        heatmap.attention_maps(model, np.zeros((2, 4), dtype=np.int64))
+    model = GPT.load(heatmap.CHECKPOINT)
+    rng = task.prompt_rng(7, "test")
+    mirror, previous = np.zeros((2, 4)), np.zeros((2, 4))
+    for chars in task.random_chars(rng, 100):
+        maps, _ = heatmap.trained_maps(model, chars)
+        mirror += heatmap.mirror_weights(maps, len(chars)) / 100
+        previous += heatmap.previous_token_weights(maps) / 100
+    assert previous[0].max() > 0.5 and mirror[1].max() > 0.5
+    assert (int(np.argmax(previous[0])), int(np.argmax(mirror[1]))) == heatmap.KNOWN_HEADS

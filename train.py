@@ -1,0 +1,571 @@
+"""Train the string-reversal model with torch autograd, then hand its weights to the NumPy GPT.
+
+    python train.py                    the shipped model: checkpoints/reverse.npz and its loss log
+    python train.py --no-causal-mask   the ablation: same config, steps and seed, no causal mask
+    python train.py --plot             figures/mask_ablation.png and a table, from the two logs
+    python train.py --quick            a smoke run of a few steps, written under out/quick/
+
+The torch model (TorchGPT) is the NumPy model's twin: its parameters have exactly the names and
+shapes of block.weight_shapes, used as x @ W (in, out), so exporting is {name: p.numpy()} and the
+trained model is block.GPT(config, weights=named). Training starts from the same random weights
+as GPT(config, seed). Only the answer tokens are scored: the prompt is random, so predicting it
+teaches nothing, and a loss on it would hide how well the answer is learned.
+
+Why the ablation: without the causal mask, position i can read token i + 1, which is its target.
+The loss falls as low as (or lower than) the honest model's, yet generating token by token, where
+the next token does not exist yet, fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 (torch's own spelling)
+from torch import nn
+
+import evaluate
+import task
+from block import GPT, GPTConfig, random_weights, weight_shapes
+from checks import SEED, cli_int, cli_output_file
+
+PAD_ID = 0  # right padding in a training batch; never a target
+IGNORE = -100  # target of a position the loss skips (F.cross_entropy's ignore_index)
+
+OUT = "checkpoints/reverse.npz"  # the shipped checkpoint
+NO_MASK_OUT = "out/reverse_no_mask.npz"  # not shipped: only a torch model can run it as trained
+NO_MASK_LOG = "checkpoints/reverse_no_mask.log.json"
+QUICK_DIR = "out/quick"  # where --quick writes by default (ignored by git)
+LOG = "checkpoints/reverse.log.json"
+FIGURE = "figures/mask_ablation.png"
+COMMITTED = (OUT, LOG, NO_MASK_LOG, FIGURE)
+
+# THREADS_NOTE: one torch thread by default. On a 2-core machine with other work running, torch's
+# default of 2 OpenMP threads spin-waits for a thread that is not scheduled: a training step took
+# 670-870 ms with 2 threads and 85-90 ms with 1 (memory.py limits BLAS for the same reason).
+# On an idle machine --threads 2 may be faster.
+
+
+@dataclass
+class Settings:
+    """Everything that decides a training run besides the model config."""
+
+    steps: int = 4000  # 100% held-out exact match (seeds 0 and 1) in 6-8 min on 1 busy core
+    batch: int = 64
+    lr: float = 3e-3  # peak learning rate, reached after `warmup` steps
+    warmup: int = 200  # linear warm-up: Adam's early steps are noisy, large ones can diverge
+    min_lr_ratio: float = 0.05  # cosine decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.1  # on matrices only (AdamW), not on biases and LayerNorms
+    clip: float = 1.0  # gradient-norm clipping: one bad batch cannot throw the weights far
+    length_power: float = 0.0  # prompt length L drawn with probability ~ L ** length_power
+    seed: int = 0
+    causal: bool = True  # False: the ablation, every position sees the whole sequence
+    eval_every: int = 500  # steps between held-out exact-match measurements
+    monitor_per_length: int = 10  # held-out prompts of each length 1..24 measured every eval
+
+
+# --- the torch twin of block.GPT -----------------------------------------------------------------
+
+class LayerNorm(nn.Module):
+    """Normalise the last axis, then scale by gamma and shift by beta (parameters named as in
+    block.weight_shapes)."""
+
+    def __init__(self, D: int, eps: float) -> None:
+        super().__init__()
+        self.gamma, self.beta, self.eps = nn.Parameter(torch.ones(D)), nn.Parameter(
+            torch.zeros(D)), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.gamma, self.beta, self.eps)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with Q/K/V/O projections used as x @ W + b."""
+
+    def __init__(self, c: GPTConfig) -> None:
+        super().__init__()
+        D, self.n_heads = c.d_model, c.n_heads
+        for name in ("q", "k", "v", "o"):
+            setattr(self, f"w_{name}", nn.Parameter(torch.zeros(D, D)))
+            setattr(self, f"b_{name}", nn.Parameter(torch.zeros(D)))
+
+    def forward(self, x: torch.Tensor, real: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """x (N, D), the N real tokens of a (B, T) batch marked by real (B, T) bool; allowed
+        (B, 1, T, T) bool, True = may attend. Returns (N, D)."""
+        B, T = real.shape
+        H, D = self.n_heads, x.shape[-1]
+
+        def heads(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            rows = x.new_zeros(B, T, D)
+            rows[real] = x @ w + b  # (N, D) -> (B, T, D): tokens back in their rows, pads 0
+            return rows.view(B, T, H, D // H).transpose(1, 2)  # (B, T, D) -> (B, H, T, d_head)
+
+        q, k, v = heads(self.w_q, self.b_q), heads(self.w_k, self.b_k), heads(self.w_v, self.b_v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, H, T, d_head)
+        out = out.transpose(1, 2).reshape(B, T, D)  # (B, H, T, d_head) -> (B, T, D)
+        return out[real] @ self.w_o + self.b_o  # (B, T, D) -> (N, D)
+
+
+class MLP(nn.Module):
+    """(N, D) -> (N, d_ff) -> (N, D), token by token, with GPT-2's tanh GELU."""
+
+    def __init__(self, c: GPTConfig) -> None:
+        super().__init__()
+        self.w_fc, self.b_fc = nn.Parameter(torch.zeros(c.d_model, c.d_ff)), nn.Parameter(
+            torch.zeros(c.d_ff))
+        self.w_proj, self.b_proj = nn.Parameter(torch.zeros(c.d_ff, c.d_model)), nn.Parameter(
+            torch.zeros(c.d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x @ self.w_fc + self.b_fc, approximate="tanh") @ self.w_proj + self.b_proj
+
+
+class Block(nn.Module):
+    """GPT-2's pre-LN block: x + attention(ln_1(x)), then + mlp(ln_2(x))."""
+
+    def __init__(self, c: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1, self.attn = LayerNorm(c.d_model, c.ln_eps), Attention(c)
+        self.ln_2, self.mlp = LayerNorm(c.d_model, c.ln_eps), MLP(c)
+
+    def forward(self, x: torch.Tensor, real: torch.Tensor, allowed: torch.Tensor
+                ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), real, allowed)
+        return x + self.mlp(self.ln_2(x))
+
+
+class TorchGPT(nn.Module):
+    """block.GPT in torch, for autograd. named_parameters() gives exactly block.weight_shapes's
+    names and shapes; the LM head is wte (tied), as in the NumPy model."""
+
+    def __init__(self, config: GPTConfig, named: dict[str, np.ndarray]) -> None:
+        super().__init__()
+        if config.rope or config.n_kv_heads != config.n_heads:
+            raise ValueError("TorchGPT trains learned positions and n_kv_heads == n_heads only")
+        self.config = config
+        self.wte = nn.Parameter(torch.zeros(config.vocab_size, config.d_model))
+        self.wpe = nn.Parameter(torch.zeros(config.max_seq_len, config.d_model))
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.ln_f = LayerNorm(config.d_model, config.ln_eps)
+        shapes = {name: tuple(p.shape) for name, p in self.named_parameters()}
+        assert shapes == weight_shapes(config), "TorchGPT's names or shapes drifted from block.py"
+        # float64 weights make a float64 model (for exact comparisons), anything else float32
+        wide = all(np.asarray(a).dtype == np.float64 for a in named.values())
+        self.to(torch.float64 if wide else torch.float32)
+        # strict: every name present, none extra
+        self.load_state_dict({name: torch.from_numpy(np.array(a)) for name, a in named.items()})
+
+    def hidden(self, ids: torch.Tensor, real: torch.Tensor, causal: bool = True) -> torch.Tensor:
+        """ids (B, T) right-padded, real (B, T) bool -> final hidden states (N, D) of the N real
+        tokens, row by row, after ln_f.
+
+        Everything but attention works on one token at a time, so it runs on the real tokens
+        only: with prompts of 1 to 24 characters nearly half of a padded batch is padding, and
+        skipping it made a training step about a third cheaper. Positions are 0 .. T - 1: with
+        right padding a real token's position is the number of real tokens before it, as in
+        block.GPT.
+        """
+        T = ids.shape[1]
+        allowed = real[:, None, None, :]  # (B, T) -> (B, 1, 1, T): pad keys are never read
+        if causal:
+            allowed = allowed & torch.ones(T, T, dtype=torch.bool).tril()  # (B, 1, T, T)
+        else:
+            allowed = allowed.expand(-1, 1, T, T)  # (B, 1, 1, T) -> (B, 1, T, T)
+        x = (self.wte[ids] + self.wpe[:T])[real]  # (B, T) -> (B, T, D) -> (N, D)
+        for block in self.h:
+            x = block(x, real, allowed)
+        return self.ln_f(x)
+
+    def forward(self, ids: torch.Tensor, real: torch.Tensor | None = None,
+                causal: bool = True) -> torch.Tensor:
+        """ids (B, T) -> logits (B, T, V). real (B, T) bool marks right padding (default: none);
+        a padded position's logits are 0."""
+        real = torch.ones_like(ids, dtype=torch.bool) if real is None else real
+        logits = self.hidden(ids, real, causal) @ self.wte.T  # (N, D) -> (N, V)
+        rows = logits.new_zeros(*ids.shape, logits.shape[-1])
+        rows[real] = logits  # (N, V) -> (B, T, V), padded positions 0
+        return rows
+
+    def export(self) -> dict[str, np.ndarray]:
+        """name -> NumPy array for every weight: what block.GPT(config, weights=...) takes."""
+        return {name: p.detach().numpy().copy() for name, p in self.named_parameters()}
+
+
+def to_numpy_model(model: TorchGPT) -> GPT:
+    """The trained weights in the NumPy GPT (always causal, with its own KV cache)."""
+    named = model.export()
+    return GPT(model.config, dtype=next(iter(named.values())).dtype, weights=named)
+
+
+# --- batches -------------------------------------------------------------------------------------
+
+def make_batch(chars: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """B strings -> ids (B, T), targets (B, T), real (B, T) bool, right-padded to the longest.
+
+    Row b is "chars=srahc." shifted by one: ids[t] predicts targets[t] = the token after it.
+    Targets are the answer tokens only (the reversed characters and "."); every other target,
+    prompt and padding, is IGNORE, so the loss never reads them.
+    """
+    rows = [task.encode(c + task.SEP + c[::-1] + task.END) for c in chars]
+    B, T = len(rows), max(len(r) for r in rows) - 1
+    ids = np.full((B, T), PAD_ID, dtype=np.int64)
+    targets = np.full((B, T), IGNORE, dtype=np.int64)
+    real = np.zeros((B, T), dtype=bool)
+    for b, (c, row) in enumerate(zip(chars, rows, strict=True)):
+        n = len(row) - 1
+        ids[b, :n], real[b, :n] = row[:-1], True
+        # The "=" sits at index len(c); from there on each position predicts an answer token.
+        targets[b, len(c):n] = row[len(c) + 1:]
+    return ids, targets, real
+
+
+def answer_loss(model: TorchGPT, ids: np.ndarray, targets: np.ndarray, real: np.ndarray,
+                causal: bool) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens of a batch (from make_batch). The LM head runs
+    only where there is a target, about half the positions."""
+    real_t = torch.from_numpy(real)
+    targets_t = torch.from_numpy(targets)[real_t]  # (B, T) -> (N,), like the hidden states
+    scored = targets_t != IGNORE
+    h = model.hidden(torch.from_numpy(ids), real_t, causal)  # (N, D)
+    return F.cross_entropy(h[scored] @ model.wte.T, targets_t[scored])  # (A, D) -> (A, V)
+
+
+def length_weights(power: float) -> np.ndarray:
+    """(MAX_CHARS,) probabilities ~ L ** power for L = 1 .. 24; power 0 is uniform. A long
+    answer has more tokens to get right and more positions to learn, so it can use more draws."""
+    w = np.arange(1, task.MAX_CHARS + 1, dtype=np.float64) ** power
+    return w / w.sum()
+
+
+def learning_rate(step: int, s: Settings) -> float:
+    """Linear warm-up to s.lr, then cosine decay to s.lr * s.min_lr_ratio at the last step."""
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: TorchGPT, s: Settings) -> torch.optim.AdamW:
+    """AdamW; weight decay pulls the matrices (embeddings included) toward 0, never a bias or a
+    LayerNorm's gamma/beta, whose natural values are 0 and 1, not 0."""
+    matrices = [p for p in model.parameters() if p.ndim == 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW([{"params": matrices, "weight_decay": s.weight_decay},
+                              {"params": vectors, "weight_decay": 0.0}],
+                             lr=s.lr, betas=(0.9, 0.98))
+
+
+# --- generating the way the model was trained -----------------------------------------------------
+
+@torch.no_grad()
+def greedy_answers(model: TorchGPT, prompts: list[str], causal: bool = True) -> list[str]:
+    """Greedy answers, token by token, recomputing the whole sequence each step with the model's
+    own mask (an unmasked model has no KV cache: every earlier position changes when a token is
+    added). Prompts of one length run together, so no row needs padding. An answer ends at its
+    first "." or after len(prompt) tokens (the length of a correct answer)."""
+    answers = [""] * len(prompts)
+    for P in sorted({len(p) for p in prompts}):
+        rows = [i for i, p in enumerate(prompts) if len(p) == P]
+        seq = torch.from_numpy(np.stack([task.encode(prompts[i]) for i in rows]))  # (b, P)
+        for _ in range(P):
+            logits = model(seq, causal=causal)[:, -1]  # (b, t, V) -> (b, V)
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)  # (b, t) -> (b, t+1)
+        for i, row in zip(rows, seq[:, P:].numpy(), strict=True):
+            text = task.decode(row)
+            answers[i] = text[:text.index(task.END) + 1] if task.END in text else text
+    return answers
+
+
+@torch.no_grad()
+def teacher_forced_exact(model: TorchGPT, chars: list[str], causal: bool = True) -> float:
+    """Fraction of strings whose every answer token is the argmax GIVEN the true answer so far:
+    one forward pass, no generation. For a causal model this equals greedy exact match; for an
+    unmasked one it is what the loss sees, and generation is a different story."""
+    ids, targets, real = make_batch(chars)
+    guess = model(torch.from_numpy(ids), torch.from_numpy(real), causal).argmax(-1).numpy()
+    right = (guess == targets) | (targets == IGNORE)
+    return float(right.all(axis=1).mean())
+
+
+def exact_match(prompts: list[str], answers: list[str]) -> float:
+    """Fraction of answers equal to task.expected_answer of their prompt."""
+    return float(np.mean([a == task.expected_answer(p) for p, a in zip(prompts, answers,
+                                                                         strict=True)]))
+
+
+def monitor_chars(seed: int, per_length: int) -> list[str]:
+    """per_length held-out strings of every length 1 .. 24 (the "monitor" stream), so a
+    measurement during training covers the long prompts as well as the short ones."""
+    rng = task.prompt_rng(seed, "monitor")
+    return [c for L in range(1, task.MAX_CHARS + 1)
+            for c in task.random_chars(rng, per_length, np.eye(task.MAX_CHARS)[L - 1])]
+
+
+# --- the training loop ---------------------------------------------------------------------------
+
+def progress_line(step: int, steps: int, loss: float, elapsed: float) -> str:
+    """The live line: step, loss, elapsed time, ETA (from the mean time per step so far)."""
+    eta = elapsed / max(step, 1) * (steps - step)
+    return (f"step {step:>5}/{steps}  loss {loss:.4f}  elapsed {clock(elapsed)}  "
+            f"eta {clock(eta)}")
+
+
+def show(line: str, keep: bool = False) -> None:
+    """Rewrite the current terminal line in place (carriage return, padded over the old text);
+    keep=True ends it with a newline so it stays on screen."""
+    print("\r" + line.ljust(78), end="\n" if keep else "", flush=True)
+
+
+def clock(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
+def train(config: GPTConfig, s: Settings, log_path: Path | None = None,
+          verbose: bool = False) -> tuple[TorchGPT, dict]:
+    """Train from GPT(config, s.seed)'s random weights for s.steps steps of s.batch fresh random
+    prompts each; return the model and its log (also written to log_path, if given, at every
+    measurement, so an interrupted run leaves its curve behind)."""
+    torch.manual_seed(s.seed)
+    start = random_weights(weight_shapes(config), config.init_std, s.seed)  # float64 draws
+    model = TorchGPT(config, {name: w.astype(np.float32) for name, w in start.items()})
+    optimizer = make_optimizer(model, s)
+    rng, weights = task.prompt_rng(s.seed, "train"), length_weights(s.length_power)
+    monitor = monitor_chars(s.seed, s.monitor_per_length)
+    monitor_prompts = [c + task.SEP for c in monitor]
+    log = {"settings": asdict(s), "config": asdict(config), "losses": [], "evals": []}
+    window: list[float] = []  # losses since the last log entry: the log keeps their mean
+    start, eval_seconds = time.perf_counter(), 0.0
+    for step in range(1, s.steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step - 1, s)
+        loss = answer_loss(model, *make_batch(task.random_chars(rng, s.batch, weights)), s.causal)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip)
+        optimizer.step()
+        window.append(loss.item())
+        if step % 10 == 0 or step == s.steps:
+            log["losses"].append({"step": step, "loss": float(np.mean(window))})
+            window = []
+        elapsed = time.perf_counter() - start
+        if verbose and (step % 10 == 0 or step == s.steps):
+            show(progress_line(step, s.steps, log["losses"][-1]["loss"], elapsed))
+        if step % s.eval_every == 0 or step == s.steps:
+            t0 = time.perf_counter()
+            model.eval()
+            entry = {"step": step, "elapsed": round(elapsed, 1),
+                     "generation_exact_match": exact_match(
+                         monitor_prompts, greedy_answers(model, monitor_prompts, s.causal)),
+                     "teacher_forced_exact_match": teacher_forced_exact(model, monitor, s.causal)}
+            model.train()
+            log["evals"].append(entry)
+            eval_seconds += time.perf_counter() - t0
+            if verbose:
+                show(f"step {step:>5}  {clock(elapsed)}  loss {log['losses'][-1]['loss']:.4f}  "
+                     f"held-out exact match: generated {entry['generation_exact_match']:.1%}, "
+                     f"teacher-forced {entry['teacher_forced_exact_match']:.1%}", keep=True)
+            write_log(log, log_path)
+    log["train_seconds"] = round(time.perf_counter() - start, 1)
+    log["eval_seconds"] = round(eval_seconds, 1)
+    log["final_loss"] = float(np.mean([e["loss"] for e in log["losses"][-10:]]))  # last 100 steps
+    write_log(log, log_path)
+    return model, log
+
+
+def write_log(log: dict, path: Path | None) -> None:
+    if path is not None:
+        path.write_text(json.dumps(log, indent=1) + "\n")
+
+
+def final_evaluation(model: TorchGPT, causal: bool, n: int, seed: int) -> dict:
+    """Exact match on n fresh prompts of the "test" stream (the ones `python evaluate.py --seed
+    seed` draws): generated in torch with the training mask, generated by the NumPy cached decoder
+    (always causal), and teacher-forced."""
+    prompts = task.random_prompts(task.prompt_rng(seed, "test"), n)
+    model.eval()
+    cached = evaluate.decode_prompts(to_numpy_model(model), prompts, naive=False)[0]
+    return {"n": n, "seed": seed,
+            "torch_generation_exact_match": exact_match(prompts,
+                                                        greedy_answers(model, prompts, causal)),
+            "numpy_cached_exact_match": exact_match(prompts, cached),
+            "teacher_forced_exact_match": teacher_forced_exact(model, [p[:-1] for p in prompts],
+                                                               causal)}
+
+
+# --- the ablation figure -------------------------------------------------------------------------
+
+def plot_ablation(masked: dict, unmasked: dict, path: Path) -> Path:
+    """Loss curves (left) and held-out exact match during training (right) of both runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for log, name, color in ((masked, "causal mask", "tab:blue"),
+                             (unmasked, "no mask", "tab:red")):
+        steps = [e["step"] for e in log["losses"]]
+        left.plot(steps, [e["loss"] for e in log["losses"]], color=color, lw=1, label=name)
+        steps = [e["step"] for e in log["evals"]]
+        right.plot(steps, [100 * e["generation_exact_match"] for e in log["evals"]], "o-",
+                   color=color, label=f"{name}: generated token by token")
+        # With the mask the two coincide: greedy generation feeds back exactly the tokens
+        # teacher forcing would, as long as every argmax is right.
+        right.plot(steps, [100 * e["teacher_forced_exact_match"] for e in log["evals"]], "x--",
+                   color=color, alpha=0.6, label=f"{name}: teacher-forced (what the loss sees)")
+    left.set(yscale="log", xlabel="step", ylabel="loss on answer tokens (mean of 10 steps)",
+             title="training loss")
+    left.legend()
+    right.set(xlabel="step", ylabel="held-out exact match (%)", ylim=(-3, 103),
+              title="greedy exact match on held-out prompts")
+    right.legend(fontsize=7, loc="center right")
+    fig.suptitle("With and without the causal mask: same config, steps and seed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def ablation_table(masked: dict, unmasked: dict) -> str:
+    """A Markdown table of both runs' final numbers (greedy exact match on held-out prompts)."""
+    keys = ("torch_generation_exact_match", "numpy_cached_exact_match",
+            "teacher_forced_exact_match")
+    rows = ["| run | final loss | held-out prompts | generated in torch, as trained | "
+            "NumPy cached decoder (causal) | teacher-forced |", "|---|---|---|---|---|---|"]
+    for name, log in (("causal mask", masked), ("no causal mask", unmasked)):
+        f = log.get("final", {})
+        cells = [f"{100 * f[k]:.1f}%" if k in f else "n/a" for k in keys]
+        rows.append(f"| {name} | {log['final_loss']:.2e} | {f.get('n', 'n/a')} | "
+                    + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def read_log(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SystemExit(f"train.py: cannot read the loss log {path}: {err}") from None
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+def is_committed(path: Path) -> bool:
+    """Whether path is one of the shipped files (relative to here or to this file's folder)."""
+    here = Path(__file__).resolve().parent
+    targets = {Path(p).resolve() for p in COMMITTED} | {(here / p).resolve() for p in COMMITTED}
+    return path.resolve() in targets
+
+
+def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The checkpoint and its log for this run. The log goes next to the checkpoint, except the
+    ablation's default: its weights stay under out/, its log is shipped next to the real one."""
+    name = "reverse" if args.causal else "reverse_no_mask"
+    if args.out is not None:
+        out = args.out
+    elif args.quick:
+        out = Path(QUICK_DIR) / f"{name}.npz"
+    else:
+        out = Path(OUT if args.causal else NO_MASK_OUT)
+    if args.log is not None:
+        log = args.log
+    elif args.out is None and not args.quick and not args.causal:
+        log = Path(NO_MASK_LOG)
+    else:
+        log = out.with_name(out.stem + ".log.json")
+    return out, log
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = Settings()
+    ap = argparse.ArgumentParser(description="Train the string-reversal model (torch), export it "
+                                             "to the NumPy GPT.")
+    ap.add_argument("--out", type=cli_output_file(".npz"), default=None,
+                    help=f"checkpoint to write (default {OUT}; {NO_MASK_OUT} with "
+                         f"--no-causal-mask; under {QUICK_DIR}/ with --quick)")
+    ap.add_argument("--log", type=cli_output_file(".json"), default=None,
+                    help="loss log to write (default: next to the checkpoint, as .log.json; "
+                         f"{NO_MASK_LOG} for the ablation)")
+    ap.add_argument("--steps", type=cli_int(1), default=d.steps, help=f"default {d.steps}")
+    ap.add_argument("--batch", type=cli_int(1), default=d.batch, help=f"default {d.batch}")
+    ap.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    ap.add_argument("--warmup", type=cli_int(1), default=d.warmup, help=f"default {d.warmup}")
+    ap.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                    help=f"default {d.weight_decay}")
+    ap.add_argument("--length-power", type=float, default=d.length_power,
+                    help=f"draw prompt length L with probability ~ L**power (default "
+                         f"{d.length_power}: uniform)")
+    ap.add_argument("--seed", type=SEED, default=d.seed, help=f"default {d.seed}")
+    ap.add_argument("--threads", type=cli_int(1, 512), default=1,
+                    help="torch threads (default 1: see THREADS_NOTE in train.py)")
+    ap.add_argument("--eval-every", type=cli_int(1), default=d.eval_every,
+                    help=f"steps between held-out measurements (default {d.eval_every})")
+    ap.add_argument("--no-causal-mask", dest="causal", action="store_false",
+                    help="the ablation: attention without the causal mask")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"a smoke run of 20 steps on batch 8, written under {QUICK_DIR}/ unless "
+                         "--out says otherwise (never over the shipped files)")
+    ap.add_argument("--plot", action="store_true",
+                    help=f"no training: draw {FIGURE} and print the ablation table from the "
+                         "two loss logs")
+    ap.add_argument("--figure", type=cli_output_file(".png"), default=None,
+                    help=f"with --plot: the figure to write (default {FIGURE}; under "
+                         f"{QUICK_DIR}/ with --quick)")
+    ap.add_argument("--logs", type=Path, nargs=2, default=[Path(LOG), Path(NO_MASK_LOG)],
+                    metavar=("MASKED", "UNMASKED"),
+                    help=f"with --plot: the two loss logs (default {LOG} {NO_MASK_LOG})")
+    ap.add_argument("--final-n", type=cli_int(1), default=1000,
+                    help="held-out prompts for the final exact match (default 1000)")
+    args = ap.parse_args(argv)
+    if not (args.lr > 0 and math.isfinite(args.lr)) or not args.weight_decay >= 0:
+        ap.error("--lr must be a positive number and --weight-decay >= 0")
+
+    if args.plot:
+        figure = args.figure or Path(QUICK_DIR if args.quick else ".") / FIGURE
+        if args.quick and is_committed(figure):
+            ap.error(f"--quick never writes over a shipped file ({figure})")
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        masked, unmasked = (read_log(path) for path in args.logs)
+        print(ablation_table(masked, unmasked))
+        print(f"wrote {plot_ablation(masked, unmasked, figure)}")
+        return 0
+
+    out, log = output_paths(args)
+    if args.quick and (is_committed(out) or is_committed(log)):
+        ap.error(f"--quick never writes over a shipped file ({out}, {log})")
+    for path in (out, log):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    s = Settings(steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
+                 weight_decay=args.weight_decay, length_power=args.length_power, seed=args.seed,
+                 causal=args.causal, eval_every=args.eval_every)
+    if args.quick:
+        s.steps, s.batch, s.warmup, s.eval_every, s.monitor_per_length = 20, 8, 5, 10, 1
+        args.final_n = 48
+    torch.set_num_threads(args.threads)  # THREADS_NOTE
+    config = GPTConfig()
+    print(f"training {'with' if s.causal else 'WITHOUT'} the causal mask: {s.steps} steps of "
+          f"{s.batch} prompts (length power {s.length_power}), lr {s.lr}, warm-up {s.warmup}, "
+          f"seed {s.seed}, torch threads {torch.get_num_threads()}")
+    model, result = train(config, s, log, verbose=True)
+    print(f"trained in {clock(result['train_seconds'])} ({result['train_seconds']} s, "
+          f"{result['eval_seconds']} s of it measuring); final loss {result['final_loss']:.2e}")
+    result["final"] = final_evaluation(model, s.causal, args.final_n, s.seed)
+    write_log(result, log)
+    f = result["final"]
+    print(f"exact match on {f['n']} held-out prompts: torch generation "
+          f"{f['torch_generation_exact_match']:.1%}, NumPy cached decoder "
+          f"{f['numpy_cached_exact_match']:.1%}, teacher-forced "
+          f"{f['teacher_forced_exact_match']:.1%}")
+    to_numpy_model(model).save(out)
+    print(f"wrote {out} ({out.stat().st_size:,} bytes) and {log}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
