@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import cache_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -186,7 +187,7 @@ def test_append_of_wrong_dtype_is_refused_before_any_write(bad):
 def test_constructor_refuses_bad_sizes(kwargs, name):
     args = {"batch_size": B, "n_kv_heads": H_KV, "max_len": MAX_LEN, "d_head": D_HEAD}
     args.update(kwargs)
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=f"^KVCache {name} must be a positive int"):
         KVCache(**args)
 
 
@@ -254,11 +255,13 @@ def test_the_mask_is_handed_over_once_and_kept():
     mask = np.array([[0, 0, 1], [1, 1, 1]])  # row 0 left-padded by two
     new = cache.check_step(B, 3, mask)
     np.testing.assert_array_equal(new, mask.astype(bool))
+    assert new.dtype == bool  # flags, as documented: ~new and masks built from it need bools
     fill(cache, new)
     np.testing.assert_array_equal(cache.real_counts(), [1, 3])
     # The next step needs no mask: its tokens are real, and the padding is remembered.
     new = cache.check_step(B, 1)
     np.testing.assert_array_equal(new, [[True], [True]])
+    assert new.dtype == bool  # without a mask too (float ones would compare equal above)
     all_real = cache.record(new)
     np.testing.assert_array_equal(all_real, [[0, 0, 1, 1], [1, 1, 1, 1]])
     # A mask given again is accepted when it agrees with what the cache holds ...
@@ -269,9 +272,9 @@ def test_the_mask_is_handed_over_once_and_kept():
 @pytest.mark.parametrize(("mask", "match"), [
     (np.array([[1, 0, 1, 1], [1, 1, 1, 1]]), "contradicts the cache: row 0 was cached as "
                                              r"\[0, 0, 1\], the mask says \[1, 0, 1\]"),
-    (np.ones((B, 3)), r"shape \(2, 4\)"),
-    (np.array([[0, 0, 1, 2], [1, 1, 1, 1]]), "only 0"),
-    ([[0, 0, 1, 1], [1, 1, 1, 1]], "numpy array"),
+    (np.ones((B, 3)), r"^attention_mask must have shape \(2, 4\)"),  # the argument is named
+    (np.array([[0, 0, 1, 2], [1, 1, 1, 1]]), "^attention_mask must hold only 0"),
+    ([[0, 0, 1, 1], [1, 1, 1, 1]], "^attention_mask must be a numpy array"),
 ])
 def test_a_mask_that_contradicts_the_cache_is_refused(mask, match):
     cache = model_cache()
@@ -311,6 +314,29 @@ def test_truncate_and_reset_rewind_every_layer():
         cache.truncate(1)
 
 
+def test_model_cache_truncate_to_its_own_length_changes_nothing():
+    """Rewinding to where the cache already is (a rollback of a call that added nothing) is
+    allowed, not refused as out of range, and leaves every byte as it was."""
+    cache = model_cache()
+    fill(cache, np.array([[False, True, True], [True] * 3]))
+    before = cache_state(cache)
+    cache.truncate(3)
+    assert cache_state(cache) == before
+
+
+@pytest.mark.parametrize("bad", [-1, 4, 2.0, True])
+def test_model_cache_truncate_refuses_by_its_own_name_before_any_layer(bad):
+    """The ModelCache itself refuses (naming itself), before any layer is asked: a check left to
+    the layers would report a KVCache the caller never handled."""
+    cache = model_cache()
+    fill(cache, np.array([[False, True, True], [True] * 3]))
+    before = cache_state(cache)
+    with pytest.raises(ValueError,
+                       match=r"^ModelCache.truncate: length must be an int in \[0, 3\]"):
+        cache.truncate(bad)
+    assert cache_state(cache) == before
+
+
 @pytest.mark.parametrize(("layers", "error"), [
     ([], TypeError), ("layers", TypeError),
     ([KVCache(B, H_KV, MAX_LEN, D_HEAD), KVCache(B + 1, H_KV, MAX_LEN, D_HEAD)], ValueError),
@@ -345,9 +371,10 @@ def test_kv_cache_bytes_does_not_overflow_with_numpy_int32_sizes():
 def test_kv_cache_bytes_refuses_sizes_that_are_not_positive_ints(position, bad):
     sizes = [2, 1, 4, 8, 16]
     sizes[position] = bad
-    with pytest.raises(ValueError, match="must be a positive int"):
+    name = ("n_layers", "batch", "n_kv_heads", "d_head", "seq_len")[position]
+    with pytest.raises(ValueError, match=f"^{name} must be a positive int"):  # named, in order
         kv_cache_bytes(*sizes)
-    with pytest.raises(TypeError, match="dtype"):
+    with pytest.raises(TypeError, match="^dtype must be one of float16, float32, float64"):
         kv_cache_bytes(2, 1, 4, 8, 16, np.int8)
 
 
