@@ -204,7 +204,12 @@ def test_default_base_is_ten_thousand() -> None:
     np.testing.assert_allclose(small_model("rope").config.rope_base, 10_000.0)
 
 
-@pytest.mark.parametrize("d_head", [0, -2, 3, True, 2.0])
-def test_rope_angles_refuses_a_head_size_it_cannot_pair(d_head) -> None:
-    with pytest.raises(ValueError, match="d_head"):
+@pytest.mark.parametrize(("d_head", "match"), [
+    (0, "^rope_angles d_head must be a positive int"), (-2, "^rope_angles d_head must be"),
+    (True, "^rope_angles d_head must be"), (2.0, "^rope_angles d_head must be"),
+    (3, "^rope_angles: d_head must be even"),
+])
+def test_rope_angles_refuses_a_head_size_it_cannot_pair(d_head, match) -> None:
+    """The message names the function and the argument, whichever check refuses it."""
+    with pytest.raises(ValueError, match=match):
         rope_angles(np.array([[0]]), d_head)
