@@ -165,24 +165,29 @@ def test_sampling_with_chunked_prefill_matches_one_shot():
 # --- bad settings are refused before any decoding ------------------------------------------------
 
 RNG = np.random.default_rng(0)
+TEMPERATURE = r"^temperature \(None or 0 = greedy\) must be"  # each message names its argument
+TOP_P_RANGE = r"^top_p must be None or a number in \(0, 1\], got "
 BAD_SETTINGS = [
-    (dict(temperature=-0.5, rng=RNG), ValueError, "temperature"),
-    (dict(temperature=float("nan"), rng=RNG), ValueError, "temperature"),
-    (dict(temperature=float("inf"), rng=RNG), ValueError, "temperature"),
-    (dict(temperature="1", rng=RNG), ValueError, "temperature"),
-    (dict(temperature=1.0, top_k=0, rng=RNG), ValueError, "top_k"),
-    (dict(temperature=1.0, top_k=-3, rng=RNG), ValueError, "top_k"),
-    (dict(temperature=1.0, top_k=2.5, rng=RNG), ValueError, "top_k"),
-    (dict(temperature=1.0, top_k=True, rng=RNG), ValueError, "top_k"),
-    (dict(temperature=1.0, top_p=0.0, rng=RNG), ValueError, "top_p"),
-    (dict(temperature=1.0, top_p=1.01, rng=RNG), ValueError, "top_p"),
-    (dict(temperature=1.0, top_p=-0.2, rng=RNG), ValueError, "top_p"),
-    (dict(temperature=1.0, top_p=float("nan"), rng=RNG), ValueError, "top_p"),
-    (dict(top_k=0), ValueError, "top_k"),  # checked even when greedy
-    (dict(temperature=1.0, rng=np.random.RandomState(0)), TypeError, "rng"),
-    (dict(temperature=1.0, rng=0), TypeError, "rng"),
-    (dict(rng=0), TypeError, "rng"),
-    (dict(temperature=1.0), ValueError, "rng"),  # sampling needs a seeded generator
+    (dict(temperature=-0.5, rng=RNG), ValueError, TEMPERATURE + " >= 0, got -0.5"),
+    (dict(temperature=float("nan"), rng=RNG), ValueError, TEMPERATURE + " a finite number"),
+    (dict(temperature=float("inf"), rng=RNG), ValueError, TEMPERATURE + " a finite number"),
+    (dict(temperature="1", rng=RNG), ValueError, TEMPERATURE + " a finite number"),
+    (dict(temperature=1.0, top_k=0, rng=RNG), ValueError, "^top_k must be a positive int"),
+    (dict(temperature=1.0, top_k=-3, rng=RNG), ValueError, "^top_k must be a positive int"),
+    (dict(temperature=1.0, top_k=2.5, rng=RNG), ValueError, "^top_k must be a positive int"),
+    (dict(temperature=1.0, top_k=True, rng=RNG), ValueError, "^top_k must be a positive int"),
+    (dict(temperature=1.0, top_p=0.0, rng=RNG), ValueError, TOP_P_RANGE + "0.0"),
+    (dict(temperature=1.0, top_p=1.01, rng=RNG), ValueError, TOP_P_RANGE + "1.01"),
+    (dict(temperature=1.0, top_p=-0.2, rng=RNG), ValueError, TOP_P_RANGE + "-0.2"),
+    (dict(temperature=1.0, top_p=float("nan"), rng=RNG), ValueError,
+     "^top_p must be a finite number"),
+    (dict(top_k=0), ValueError, "^top_k must be"),  # checked even when greedy
+    (dict(temperature=1.0, rng=np.random.RandomState(0)), TypeError,
+     r"^rng must be a np.random.Generator .*, got RandomState$"),
+    (dict(temperature=1.0, rng=0), TypeError, "^rng must be .*, got int$"),
+    (dict(rng=0), TypeError, "^rng must be"),
+    (dict(temperature=1.0), ValueError,  # sampling needs a seeded generator, and says how
+     r"^temperature=1.0 samples, so rng must be given: rng=np\.random\.default_rng\(seed\)$"),
 ]
 
 
@@ -212,7 +217,7 @@ def test_a_tiny_temperature_is_greedy_not_token_zero(temperature):
 def test_nan_or_inf_logits_are_refused_not_read_as_token_zero(bad, temperature):
     logits = np.zeros((2, 5))
     logits[1, 3] = bad
-    with pytest.raises(ValueError, match=r"NaN or \+inf"):
+    with pytest.raises(ValueError, match=r"^logits hold NaN or \+inf: no token can be chosen"):
         Sampler(temperature, rng=np.random.default_rng(0))(logits)
 
 
@@ -220,14 +225,16 @@ def test_banned_tokens_at_minus_inf_are_never_drawn():
     logits = np.array([[0.0, -np.inf, 1.0, -np.inf]] * 2000)
     picks = Sampler(1.0, rng=np.random.default_rng(3))(logits)
     assert set(picks.tolist()) == {0, 2}
-    with pytest.raises(ValueError, match="every token is banned"):
+    with pytest.raises(ValueError, match="^a row of logits is -inf everywhere: every token is "
+                                         "banned$"):
         Sampler()(np.full((1, 3), -np.inf))
 
 
 @pytest.mark.parametrize("probs", [np.array([[0.5, np.nan]]), np.array([[0.5, -0.1]]),
                                    np.array([[0.0, 0.0]]), np.array([0.5, 0.5])])
 def test_draw_refuses_probabilities_that_are_not_a_distribution(probs):
-    with pytest.raises(ValueError, match="probs must be"):
+    with pytest.raises(ValueError, match=r"^draw: probs must be \(B, V\), finite, >= 0, each row "
+                                         "summing to > 0$"):
         draw(probs, np.random.default_rng(0))
 
 
@@ -285,3 +292,89 @@ def test_top_p_probabilities_are_a_distribution_over_the_nucleus(top_p):
         kept = np.flatnonzero(row)
         assert 1 <= len(kept) <= 8
         assert p[kept].min() >= p[np.setdiff1d(np.arange(12), kept)].max(initial=0)  # the top
+
+
+# --- edges of each step --------------------------------------------------------------------------
+
+class Darts:
+    """A stand-in for np.random.Generator that throws chosen darts: random() returns 1 - u, so
+    draw's u (in (0, 1]) is exactly the given value. It reaches u = 1, which a real generator
+    returns with probability 2**-53."""
+
+    def __init__(self, *u: float) -> None:
+        self.u = np.array(u)
+
+    def random(self, n: int) -> np.ndarray:
+        assert n == len(self.u)
+        return 1.0 - self.u
+
+
+def test_draw_by_hand_on_dyadic_segments():
+    """Segments [0, .25], (.25, .25] (empty), (.25, .75], (.75, 1]: a dart picks the segment it
+    lands in, the empty one never, and a dart at the very end (u = 1) the last non-empty token,
+    never the index V one past the end."""
+    probs = np.array([[0.25, 0.0, 0.5, 0.25, 0.0]] * 4)
+    assert draw(probs, Darts(0.125, 0.5, 0.875, 1.0)).tolist() == [0, 2, 3, 3]
+
+
+def test_draw_treats_a_row_as_weights_scaled_by_its_total():
+    """draw accepts any non-negative row with a positive sum: [1, 3] is 1/4 and 3/4, so a dart at
+    u = 0.5 lands in token 1 (a dart not scaled by the total would always hit token 0)."""
+    assert draw(np.array([[1.0, 3.0], [3.0, 1.0]]), Darts(0.5, 0.5)).tolist() == [1, 0]
+
+
+def test_draw_refuses_one_empty_row_among_good_ones():
+    """Every row must have mass; a check on the whole batch's total would let an all-zero row
+    through (and it would pick the index V, past the last token)."""
+    with pytest.raises(ValueError, match="probs must be"):
+        draw(np.array([[0.5, 0.5], [0.0, 0.0]]), np.random.default_rng(0))
+
+
+def test_one_row_banned_everywhere_is_refused_even_if_another_row_is_fine():
+    with pytest.raises(ValueError, match="every token is banned"):
+        Sampler()(np.array([[0.0, 1.0], [-np.inf, -np.inf]]))
+
+
+@pytest.mark.parametrize("temperature", [None, 1.0])
+def test_a_one_token_vocabulary_is_accepted(temperature):
+    """V = 1 is a valid (if dull) model: its only token is always chosen."""
+    picks = Sampler(temperature, rng=np.random.default_rng(0))(np.zeros((3, 1)))
+    assert picks.tolist() == [0, 0, 0]
+
+
+def test_top_p_of_one_is_accepted_and_keeps_every_token():
+    """top_p = 1 is in (0, 1]: the nucleus is the whole vocabulary, so the draws are those of
+    no top_p at all for the same seed."""
+    logits = np.random.default_rng(15).standard_normal((200, 7))
+    full = Sampler(1.0, top_p=1.0, rng=np.random.default_rng(2))(logits)
+    np.testing.assert_array_equal(full, Sampler(1.0, rng=np.random.default_rng(2))(logits))
+
+
+def test_the_filters_return_bool_masks():
+    """keep_top_k and keep_top_p are documented as bool (B, V): a float mask would turn ~keep
+    into an error and keep * x into a multiplication. k >= V takes its own early return."""
+    logits = np.random.default_rng(16).standard_normal((3, 5))
+    for keep in (keep_top_k(logits, 2), keep_top_k(logits, 5), keep_top_k(logits, 9),
+                 keep_top_p(softmax(logits), 0.5)):
+        assert keep.dtype == bool and keep.shape == (3, 5)
+
+
+def test_top_p_breaks_ties_toward_the_lower_token_id():
+    """With ties across the nucleus edge, the kept tokens are the lower ids among the tied, as
+    greedy's argmax does (a sort that is not stable keeps an arbitrary subset). Reference: the
+    by-hand nucleus above, whose Python sort is stable. Dyadic probabilities: no rounding."""
+    rng = np.random.default_rng(17)
+    base = np.array([1 / 16] * 8 + [1 / 32] * 16)  # sums to 1; V = 24, 8-way and 16-way ties
+    probs = np.stack([rng.permutation(base) for _ in range(30)])
+    for p in (0.25, 0.6, 0.8):
+        keep = keep_top_p(probs, p)
+        for row, kept in zip(probs, keep, strict=True):
+            assert set(np.flatnonzero(kept).tolist()) == nucleus(row, p)
+
+
+@pytest.mark.filterwarnings("error")
+def test_a_tiny_temperature_overflows_silently():
+    """logits / 1e-310 overflows to -inf on purpose (probability 0): no RuntimeWarning."""
+    logits = np.random.default_rng(18).standard_normal((4, 6)) * 3
+    picks = Sampler(1e-310, rng=np.random.default_rng(0))(logits)
+    np.testing.assert_array_equal(picks, logits.argmax(axis=-1))
