@@ -9,6 +9,8 @@ references.hf_gpt2), so the same tokens are a strong check, not 20 copies of one
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -194,9 +196,14 @@ def test_one_dimensional_embedding_is_named(hf32):
         GPT.from_gpt2(sd, n_heads=N_HEADS)
 
 
-@pytest.mark.parametrize("n_heads", [3, 0, 2.0, True, None])
-def test_n_heads_must_be_given_and_divide_d_model(hf32, n_heads):
-    with pytest.raises(ValueError, match="n_heads"):
+@pytest.mark.parametrize(("n_heads", "match"), [
+    (3, "d_model=64 is not divisible by n_heads=3"),
+    (0, "^from_gpt2 n_heads must be a positive int, got 0"),
+    (2.0, "^from_gpt2 n_heads must be a positive int"), (True, "^from_gpt2 n_heads must be"),
+    (None, r"^from_gpt2: give n_heads, or hf_config \(the model's GPT2Config\)$"),
+])
+def test_n_heads_must_be_given_and_divide_d_model(hf32, n_heads, match):
+    with pytest.raises(ValueError, match=match):
         GPT.from_gpt2(hf32.state_dict(), n_heads=n_heads)
 
 
@@ -206,7 +213,8 @@ def test_n_heads_must_agree_with_the_config(hf32):
 
 
 def test_state_dict_must_be_a_mapping(hf32):
-    with pytest.raises(TypeError, match="state_dict"):
+    with pytest.raises(TypeError, match="^from_gpt2: state_dict must be a mapping, got "
+                                        "<class 'list'>$"):
         GPT.from_gpt2(list(hf32.state_dict().items()), n_heads=N_HEADS)
 
 
@@ -246,10 +254,53 @@ def test_the_configs_activation_and_epsilon_are_used_or_refused(hf32):
     for refused in ({"activation_function": "gelu"}, {"activation_function": "relu"},
                     {"scale_attn_weights": False}, {"scale_attn_by_inverse_layer_idx": True}):
         hf = gpt2(2, dtype=torch.float32, **refused)
-        with pytest.raises(ValueError, match="not implemented|only scores scaled"):
+        match = (r"is not implemented \(this model computes the tanh GELU: gelu_new, "
+                 r"gelu_pytorch_tanh\)$" if "activation_function" in refused else
+                 r"^from_gpt2: only scores scaled by 1 / sqrt\(d_head\) are implemented "
+                 r"\(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False\)$")
+        with pytest.raises(ValueError, match=match):
             ours(hf, np.float32)
     hf = gpt2(2, activation_function="gelu_pytorch_tanh", layer_norm_epsilon=1e-3)
     model = ours(hf)
     assert model.config.ln_eps == 1e-3
     ids = random_ids(7, 2, 8)
     np.testing.assert_allclose(model(ids), hf_logits(hf, ids), rtol=0, atol=1e-10)
+
+
+def test_a_config_that_leaves_settings_out_gets_gpt2s_defaults(hf64):
+    """hf_config is read attribute by attribute: an object that gives only n_head gets the
+    defaults of GPT2Config itself (tanh GELU, scores scaled by 1 / sqrt(d_head), LayerNorm epsilon
+    1e-5), so the model still matches Hugging Face's (which uses those defaults)."""
+    from transformers import GPT2Config
+
+    defaults = GPT2Config()
+    assert (defaults.activation_function, defaults.scale_attn_weights,
+            defaults.scale_attn_by_inverse_layer_idx) == ("gelu_new", True, False)
+    model = GPT.from_gpt2(hf64.state_dict(), dtype=np.float64,
+                          hf_config=SimpleNamespace(n_head=N_HEADS))
+    assert model.config.ln_eps == defaults.layer_norm_epsilon == 1e-5
+    ids = random_ids(8, 2, 8)
+    np.testing.assert_allclose(model(ids), hf_logits(hf64, ids), rtol=0, atol=1e-10)
+
+
+def test_a_config_without_n_head_is_refused_by_name(hf32):
+    with pytest.raises(ValueError, match="^from_gpt2 hf_config.n_head must be a positive int, "
+                                         "got None"):
+        GPT.from_gpt2(hf32.state_dict(), hf_config=SimpleNamespace())
+
+
+def test_old_checkpoints_causal_mask_buffers_are_skipped(hf64):
+    """Older GPT-2 checkpoints store, in every block, the causal mask as a uint8 buffer
+    (attn.bias) and attn.masked_bias; they are not weights. Skipped, whatever comes after them,
+    the model is Hugging Face's; read as weights, the uint8 mask would be refused."""
+    sd = {}
+    for key, value in hf64.state_dict().items():
+        sd[key] = value
+        if key.endswith(".ln_1.weight"):  # first key of a block: the buffers come before the rest
+            block = key.removesuffix("ln_1.weight")
+            tril = torch.tril(torch.ones(N_POSITIONS, N_POSITIONS, dtype=torch.uint8))
+            sd[block + "attn.bias"] = tril[None, None]
+            sd[block + "attn.masked_bias"] = torch.tensor(-1e4)
+    model = GPT.from_gpt2(sd, n_heads=N_HEADS, dtype=np.float64)
+    ids = random_ids(9, 2, 8)
+    np.testing.assert_allclose(model(ids), hf_logits(hf64, ids), rtol=0, atol=1e-10)

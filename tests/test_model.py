@@ -89,16 +89,36 @@ def broken(name: str, value: object) -> dict:
     (broken("h.1.attn.w_k", None), ValueError, r"missing \['h.1.attn.w_k'\]"),
     (broken("h.2.attn.w_k", np.zeros((32, 32))), ValueError, r"unexpected \['h.2.attn.w_k'\]"),
     (broken("h.0.mlp.w_fc", np.zeros((32, 127))), ValueError, r"h.0.mlp.w_fc must have shape"),
-    (broken("wte", np.zeros((V, 32), dtype=np.int64)), TypeError, "wte must be a floating"),
-    (broken("wpe", np.zeros((32, 32), dtype=bool)), TypeError, "wpe must be a floating"),
-    (broken("ln_f.beta", [0.0] * 32), TypeError, "ln_f.beta must be a floating"),
+    (broken("wte", np.zeros((V, 32), dtype=np.int64)), TypeError,
+     "wte must be a floating-point array, got int64$"),
+    (broken("wpe", np.zeros((32, 32), dtype=bool)), TypeError,
+     "wpe must be a floating-point array, got bool$"),
+    (broken("ln_f.beta", [0.0] * 32), TypeError, "ln_f.beta must be a floating-point array, got "
+                                                 "list$"),
     (broken("h.0.attn.b_q", np.full(32, np.nan)), ValueError, r"\['h.0.attn.b_q'\] hold NaN"),
     (broken("wte", np.full((V, 32), 1e300)), ValueError, "hold NaN or inf .in float32"),
     ([("wte", np.zeros((V, 32)))], TypeError, "mapping"),
 ])
+@pytest.mark.filterwarnings("error")  # a value overflowing float32 is refused, without a warning
 def test_constructor_refuses_weights_that_do_not_fit_the_config(weights, error, match):
     with pytest.raises(error, match=match):
         GPT(small_model().config, dtype=np.float32, weights=weights)
+
+
+def test_a_name_mismatch_lists_four_names_and_says_when_there_are_more():
+    """The message stays one line for a model of any size: the first four names (sorted) of each
+    kind, then ' ...' only when there are more than four."""
+    named = dict(small_model().named_weights())
+    gone = sorted(named)[:5]
+    for extra, cut in ((5, 5), (4, 4)):
+        weights = {k: w for k, w in named.items() if k not in gone[:cut]}
+        weights |= {f"x{i}": np.zeros(1) for i in range(extra)}
+        more = " ..." if cut > 4 else ""
+        expected = (f"weights do not match the config: missing {gone[:4]}{more}, "
+                    f"unexpected {['x0', 'x1', 'x2', 'x3']}{more}")
+        with pytest.raises(ValueError) as err:
+            GPT(small_model().config, weights=weights)
+        assert str(err.value) == expected
 
 
 # --- save and load -------------------------------------------------------------------------------
@@ -146,6 +166,12 @@ def test_load_refuses_what_it_cannot_trust(tmp_path):
     write_zip(tmp_path / "noconfig.npz", {k: v for k, v in members.items() if k != "config.npy"})
     with pytest.raises(ValueError, match="no 'config' entry"):
         GPT.load(tmp_path / "noconfig.npz")
+    # The config must be one JSON string: not a number, not an array of strings.
+    for name, config in (("number", np.array(5)), ("strings", np.array(['{"d_model": 32}']))):
+        write_zip(tmp_path / f"{name}.npz", members | {"config.npy": npy(config)})
+        with pytest.raises(ValueError, match=r"has no 'config' entry \(a JSON string\) "
+                                             "describing the model$"):
+            GPT.load(tmp_path / f"{name}.npz")
     for name, config, match in (("badjson", "{", "not valid JSON"),
                                 ("list", "[1]", "JSON object"),
                                 ("field", '{"d_model": 32, "colour": 1}', "invalid config"),
@@ -160,9 +186,9 @@ def test_load_refuses_what_it_cannot_trust(tmp_path):
         GPT.load(tmp_path / "mismatch.npz")
 
 
-@pytest.mark.parametrize(("name", "match"), [("m.pt", "must end in .npz"),
-                                             ("m", "must end in .npz"),
-                                             ("nowhere/m.npz", "does not exist")])
+@pytest.mark.parametrize(("name", "match"), [("m.pt", r"must end in .npz, got '\S+/m.pt'$"),
+                                             ("m", r"must end in .npz, got '\S+/m'$"),
+                                             ("nowhere/m.npz", r"'\S+/nowhere' does not exist")])
 def test_save_writes_exactly_the_path_asked_for_or_nothing(tmp_path, name, match):
     with pytest.raises(ValueError, match=match):
         small_model().save(tmp_path / name)
