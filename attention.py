@@ -56,16 +56,26 @@ def causal_mask(t_q: int, t_k: int | None = None) -> np.ndarray:
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable softmax: subtracting the row max keeps exp() <= 1, so logits of 1e4 or
-    -1e9 never overflow. Same shape in and out."""
+    -1e9 never overflow. Same shape in and out; x itself is not changed."""
     x = np.asarray(x)
     if x.ndim == 0 or not (np.issubdtype(x.dtype, np.number) and x.dtype.kind != "c"):
         raise ValueError(f"softmax: x must be an array of real numbers with at least one axis, "
                          f"got {x.dtype} of shape {x.shape}")
-    x = x.astype(np.result_type(x.dtype, np.float32), copy=False)  # integer logits become floats
-    e = x - x.max(axis=axis, keepdims=True)  # a new array (the caller's x is untouched) ...
-    np.exp(e, out=e)  # ... so exp and the division can work in place: one array, not three
-    e /= e.sum(axis=axis, keepdims=True)
-    return e
+    # A copy to work in (integer logits become floats), so the caller's x is untouched.
+    return softmax_in_place(x.astype(np.result_type(x.dtype, np.float32)), axis)
+
+
+def softmax_in_place(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """softmax written over x itself (a float array nobody else needs), and returned.
+
+    Why: attention's scores are (B, H, t_q, t_k), 12 MB per layer at GPT-2-small width and 512
+    tokens, and NumPy runs each step as its own pass on one core. In place, the four passes
+    (subtract, exp, sum, scale) touch one array instead of allocating three.
+    """
+    x -= x.max(axis=axis, keepdims=True)
+    np.exp(x, out=x)
+    x *= 1.0 / x.sum(axis=axis, keepdims=True)  # one division per row, then a multiplication
+    return x
 
 
 # --- 3. One attention step -----------------------------------------------------------------------
@@ -88,11 +98,23 @@ def scaled_dot_product_attention(
     # Scale q (t_q x d numbers) rather than the scores (t_q x t_k); a Python float keeps float32.
     q = q * (1.0 / math.sqrt(q.shape[-1]))
     scores = q @ k.swapaxes(-1, -2)  # (..., t_q, d) @ (..., d, t_k) -> (..., t_q, t_k)
-    if mask is not None:
-        scores = np.where(mask, scores, mask_value(scores.dtype))
-    weights = softmax(scores, axis=-1)  # in float32 at least, as llama does for float16
+    # scores is a fresh array nobody else holds, so the mask and softmax work in it in place:
+    # np.where and softmax would each allocate another score-sized array (12 MB per layer at
+    # GPT-2-small width and 512 tokens) and pay for it in page faults and memory traffic.
+    weights = scores.astype(np.result_type(scores.dtype, np.float32), copy=False)  # at least
+    if mask is not None:  # float32, as llama does for float16 (a copy only in float16)
+        weights = broadcast_to_mask(weights, mask)
+        np.copyto(weights, mask_value(scores.dtype), where=~mask)
+    softmax_in_place(weights)
     out = weights @ v  # (..., t_q, t_k) @ (..., t_k, d) -> (..., t_q, d)
     return out.astype(v.dtype, copy=False), weights
+
+
+def broadcast_to_mask(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """scores itself, or a copy grown to the mask's shape when the mask has axes the scores lack
+    (a (B, 1, t_q, t_k) mask on (t_q, t_k) scores): masking in place cannot grow an array."""
+    shape = np.broadcast_shapes(scores.shape, mask.shape)
+    return scores if shape == scores.shape else np.array(np.broadcast_to(scores, shape))
 
 
 def mask_value(dtype: np.dtype) -> float:
@@ -179,14 +201,17 @@ def layer_norm(
 ) -> np.ndarray:
     """Normalise the last axis to mean 0, variance 1 (biased variance, as torch does), then scale
     by gamma and shift by beta when given. Same shape in and out."""
-    xc = x - x.mean(axis=-1, keepdims=True)  # centred once, reused for the variance
-    var = (xc * xc).mean(axis=-1, keepdims=True)
-    x = xc / np.sqrt(var + eps)
+    xc = x - x.mean(axis=-1, keepdims=True)  # centred once (a new array: x is untouched) ...
+    var = np.square(xc).mean(axis=-1, keepdims=True)
+    out_dtype = np.result_type(xc, *(a for a in (gamma, beta) if a is not None))
+    if out_dtype != xc.dtype:  # a wider gamma or beta (float64 on float32): promote, as x * gamma
+        xc = xc.astype(out_dtype)  # would
+    xc *= 1.0 / np.sqrt(var + eps)  # ... then scaled and shifted in place: one array, not four
     if gamma is not None:
-        x = x * gamma
+        xc *= gamma
     if beta is not None:
-        x = x + beta
-    return x
+        xc += beta
+    return xc
 
 
 def causal_self_attention_block(
@@ -255,9 +280,9 @@ def multi_head_attention(
     for the new positions, or None for models with learned position embeddings.
     Returns the output (B, T, D) and the attention weights (B, H, T, t_k).
     """
-    q = split_heads(x @ p.w_q + p.b_q, p.n_heads)  # (B, T, D) -> (B, H, T, d_head)
-    k = split_heads(x @ p.w_k + p.b_k, p.n_kv_heads)  # (B, T, D) -> (B, H_kv, T, d_head)
-    v = split_heads(x @ p.w_v + p.b_v, p.n_kv_heads)  # (B, T, D) -> (B, H_kv, T, d_head)
+    q = split_heads(linear(x, p.w_q, p.b_q), p.n_heads)  # (B, T, D) -> (B, H, T, d_head)
+    k = split_heads(linear(x, p.w_k, p.b_k), p.n_kv_heads)  # (B, T, D) -> (B, H_kv, T, d_head)
+    v = split_heads(linear(x, p.w_v, p.b_v), p.n_kv_heads)  # (B, T, D) -> (B, H_kv, T, d_head)
     if rotate is not None:  # RoPE turns q and k by their absolute positions; v is left alone
         q, k = apply_rope(q, *rotate), apply_rope(k, *rotate)
     if cache is not None:
@@ -267,4 +292,20 @@ def multi_head_attention(
             k, v = k.astype(q.dtype), v.astype(q.dtype)
     out, weights = grouped_attention(q, k, v, mask)  # (B, H, T, d_head)
     # W_O mixes what the heads found; before it each head's slice is only that head's opinion.
-    return merge_heads(out) @ p.w_o + p.b_o, weights  # (B, H, T, d_head) -> (B, T, D)
+    return linear(merge_heads(out), p.w_o, p.b_o), weights  # (B, H, T, d_head) -> (B, T, D)
+
+
+def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """x @ w + b for x (..., d_in), w (d_in, d_out), b (d_out,) -> (..., d_out).
+
+    Two things NumPy would not do by itself. The leading axes are flattened into one, so BLAS
+    runs ONE (B * T, d_in) @ (d_in, d_out) product: given a (B, 1, d_in) decode batch, matmul
+    would loop over B and read all of w once per row. And the bias is added in place to the
+    fresh product, not into a second (B, T, d_out) array.
+    """
+    y = x.reshape(-1, x.shape[-1]) @ w  # (B, T, d_in) -> (B * T, d_in) -> (B * T, d_out)
+    if y.dtype == np.result_type(y.dtype, b.dtype):
+        y += b
+    else:  # a wider bias (float64 on float32): promote, as x @ w + b would
+        y = y + b
+    return y.reshape(*x.shape[:-1], w.shape[-1])  # (B * T, d_out) -> (B, T, d_out)

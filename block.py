@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import weights as weight_files
-from attention import AttentionParams, causal_mask, layer_norm, multi_head_attention
+from attention import AttentionParams, causal_mask, layer_norm, linear, multi_head_attention
 from cache import KVCache, ModelCache
 from checks import (
     finite_number,
@@ -128,15 +128,37 @@ class BlockParams:
     b_proj: np.ndarray  # (D,)
 
 
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
 def gelu(x: np.ndarray) -> np.ndarray:
-    """GELU, tanh approximation (GPT-2's "gelu_new"). Same shape in and out."""
-    # x * x * x, not x**3: NumPy's float32 power is a scalar pow per element, ~200x slower here.
-    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
+    """GELU, tanh approximation (GPT-2's "gelu_new"):
+    0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))). Same shape in and out; x is not changed."""
+    return gelu_in_place(np.array(x, dtype=np.result_type(x, 1.0)))  # a float copy to work in
+
+
+def gelu_in_place(x: np.ndarray) -> np.ndarray:
+    """gelu written over x (a fresh float array nobody else needs), and returned.
+
+    Why: the MLP's hidden layer is (B, T, 4 D), 6 MB at GPT-2-small width and 512 tokens, and
+    every NumPy operator is one single-threaded pass that, written as one expression, allocates
+    its own result: seven arrays of that size. Here one temporary t holds the bracket.
+    """
+    t = x * x  # x^2 ...
+    t *= 0.044715 * SQRT_2_OVER_PI
+    t += SQRT_2_OVER_PI
+    t *= x  # ... t = sqrt(2 / pi) (x + 0.044715 x^3), by multiplications (x**3 is a slow pow)
+    np.tanh(t, out=t)
+    t += 1.0
+    t *= 0.5
+    x *= t  # 0.5 x (1 + tanh(...))
+    return x
 
 
 def mlp(x: np.ndarray, p: BlockParams) -> np.ndarray:
     """Position-wise feed-forward: (B, T, D) -> (B, T, d_ff) -> (B, T, D)."""
-    return gelu(x @ p.w_fc + p.b_fc) @ p.w_proj + p.b_proj
+    h = gelu_in_place(linear(x, p.w_fc, p.b_fc))  # (B, T, D) -> (B, T, d_ff): its own array
+    return linear(h, p.w_proj, p.b_proj)  # (B, T, d_ff) -> (B, T, D)
 
 
 def transformer_block(
@@ -350,10 +372,13 @@ class GPT:
         for layer, p in enumerate(self.blocks):
             kv = None if cache is None else cache.layers[layer]
             x, weights = transformer_block(x, p, mask, kv, rotate, c.ln_eps)
-            attention.append(weights)
+            if return_attention:  # otherwise let each layer's (B, H, T, t_k) weights go at once:
+                attention.append(weights)  # kept, 12 layers of 512 tokens would hold 150 MB
         if last_only:
             x = x[:, -1:]  # (B, T, D) -> (B, 1, D)
-        logits = layer_norm(x, *self.ln_f, c.ln_eps) @ self.wte.T  # (B, T, D) -> (B, T, V)
+        h = layer_norm(x, *self.ln_f, c.ln_eps)
+        logits = h.reshape(-1, c.d_model) @ self.wte.T  # (B, T, D) -> (B * T, D) -> (B * T, V):
+        logits = logits.reshape(*x.shape[:-1], c.vocab_size)  # one product, as in linear()
         return (logits, attention) if return_attention else logits
 
 
