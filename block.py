@@ -177,6 +177,13 @@ def transformer_block(
     return x, weights
 
 
+def lm_head(x: np.ndarray, wte: np.ndarray) -> np.ndarray:
+    """x (B, T, D) -> logits (B, T, V): each logit is x's dot product with one token's embedding
+    (the LM head is the embedding table, tied). One (B * T, D) @ (D, V) product, as in linear."""
+    logits = x.reshape(-1, x.shape[-1]) @ wte.T  # (B, T, D) -> (B * T, D) -> (B * T, V)
+    return logits.reshape(*x.shape[:-1], wte.shape[0])  # (B * T, V) -> (B, T, V)
+
+
 def positions_and_mask(real: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the last T tokens and the mask they attend with; built once per forward.
 
@@ -376,9 +383,7 @@ class GPT:
                 attention.append(weights)  # kept, 12 layers of 512 tokens would hold 150 MB
         if last_only:
             x = x[:, -1:]  # (B, T, D) -> (B, 1, D)
-        h = layer_norm(x, *self.ln_f, c.ln_eps)
-        logits = h.reshape(-1, c.d_model) @ self.wte.T  # (B, T, D) -> (B * T, D) -> (B * T, V):
-        logits = logits.reshape(*x.shape[:-1], c.vocab_size)  # one product, as in linear()
+        logits = lm_head(layer_norm(x, *self.ln_f, c.ln_eps), self.wte)  # (B, T, D) -> (B, T, V)
         return (logits, attention) if return_attention else logits
 
 
