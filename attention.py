@@ -316,10 +316,9 @@ def multi_head_attention(
     Returns the output (B, T, D) and the attention weights (B, H, T, t_k).
     """
     q = split_heads(linear(x, p.w_q, p.b_q), p.n_heads)  # (B, T, D) -> (B, H, T, d_head)
-    k = split_heads(linear(x, p.w_k, p.b_k), p.n_kv_heads)  # (B, T, D) -> (B, H_kv, T, d_head)
-    v = split_heads(linear(x, p.w_v, p.b_v), p.n_kv_heads)  # (B, T, D) -> (B, H_kv, T, d_head)
+    k, v = keys_and_values(x, p, rotate)  # (B, T, D) -> (B, H_kv, T, d_head) each
     if rotate is not None:  # RoPE turns q and k by their absolute positions; v is left alone
-        q, k = apply_rope(q, *rotate), apply_rope(k, *rotate)
+        q = apply_rope(q, *rotate)
     if cache is not None:
         # Only K and V are worth keeping: a past query is never asked again.
         k, v = cache.append(k, v)  # (B, H_kv, T, d_head) -> (B, H_kv, cached + T, d_head)
@@ -328,6 +327,17 @@ def multi_head_attention(
     out, weights = grouped_attention(q, k, v, mask)  # (B, H, T, d_head)
     # W_O mixes what the heads found; before it each head's slice is only that head's opinion.
     return linear(merge_heads(out), p.w_o, p.b_o), weights  # (B, H, T, d_head) -> (B, T, D)
+
+
+def keys_and_values(
+    x: np.ndarray, p: AttentionParams, rotate: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The two lenses a cache keeps: x (B, T, D) -> k, v (B, H_kv, T, d_head), k turned by RoPE
+    when rotate is given. multi_head_attention makes its keys and values here, and so does the
+    model when it caches a block's keys without running the block (block.py, last layer)."""
+    k = split_heads(linear(x, p.w_k, p.b_k), p.n_kv_heads)  # (B, T, D) -> (B, H_kv, T, d_head)
+    v = split_heads(linear(x, p.w_v, p.b_v), p.n_kv_heads)  # (B, T, D) -> (B, H_kv, T, d_head)
+    return (k if rotate is None else apply_rope(k, *rotate)), v
 
 
 def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
