@@ -69,12 +69,12 @@ def softmax_in_place(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """softmax written over x itself (a float array nobody else needs), and returned.
 
     Why: attention's scores are (B, H, t_q, t_k), 12 MB per layer at GPT-2-small width and 512
-    tokens, and NumPy runs each step as its own pass on one core. In place, the four passes
-    (subtract, exp, sum, scale) touch one array instead of allocating three.
+    tokens, and NumPy runs each step as its own pass on one core. In place, the five passes
+    (max, subtract, exp, sum, divide) work in one array instead of allocating three.
     """
     x -= x.max(axis=axis, keepdims=True)
     np.exp(x, out=x)
-    x *= 1.0 / x.sum(axis=axis, keepdims=True)  # one division per row, then a multiplication
+    x /= x.sum(axis=axis, keepdims=True)
     return x
 
 
