@@ -192,6 +192,49 @@ def machine_header() -> dict:
     }
 
 
+def busy_processes(interval: float = 1.0, at_least: float = 0.2) -> list[dict]:
+    """Other processes that used at least `at_least` of a core during `interval` seconds: their
+    command name, nice value and share of a core (Linux /proc; [] elsewhere).
+
+    Why: OpenBLAS and torch split products and parallel loops between their threads, and a
+    call returns only when every thread is done. If another process holds one of the two cores,
+    the second thread waits for it at every call, so multi-threaded timings (ours and Hugging
+    Face's, each in its own way) are inflated for reasons that are not in the code. The load
+    average says the machine was busy; this says with what."""
+    def cpu_ticks() -> dict[int, tuple[str, int, int]]:
+        ticks = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            name = text[text.index("(") + 1:text.rindex(")")]
+            fields = text[text.rindex(")") + 2:].split()
+            ticks[int(stat.parent.name)] = (name, int(fields[11]) + int(fields[12]),
+                                            int(fields[16]))  # utime + stime, nice
+        return ticks
+
+    if not Path("/proc/self/stat").exists():
+        return []
+    before = cpu_ticks()
+    time.sleep(interval)
+    after = cpu_ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    busy = []
+    for pid, (name, ticks, nice) in after.items():
+        share = (ticks - before.get(pid, (name, ticks, nice))[1]) / hz / interval
+        if pid != os.getpid() and share >= at_least:
+            try:  # the script a Python process runs says more than "python"
+                args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                script = next((Path(a.decode()).name for a in args[1:3] if a.endswith(b".py")),
+                              None)
+            except (OSError, UnicodeDecodeError):
+                script = None
+            busy.append({"pid": pid, "name": f"{name} {script}" if script else name,
+                         "nice": nice, "core_share": round(share, 2)})
+    return sorted(busy, key=lambda b: -b["core_share"])
+
+
 # --- the models ----------------------------------------------------------------------------------
 
 def build_pair(shape: dict, seed: int):
@@ -818,6 +861,12 @@ def print_header(h: dict) -> None:
     print(f"Python {h['python']}, NumPy {h['numpy']}, torch {h['torch']}, transformers "
           f"{h['transformers']}; load average (1, 5, 15 min) at start {load}"
           + ("" if end is None else ", at end " + " ".join(f"{x:.2f}" for x in end)))
+    for when in ("start", "end"):
+        busy = h.get(f"busy_processes_at_{when}")
+        if busy is not None:
+            names = ", ".join(f"{b['name']} (nice {b['nice']}, {b['core_share']:.0%} of a core)"
+                              for b in busy) or "none"
+            print(f"Other processes using >= 20% of a core at {when}: {names}")
     print("Times: median [quartiles] of repeats; variants interleaved in one loop.\n")
 
 
@@ -1071,6 +1120,7 @@ def measure_all(s: Settings, seed: int) -> dict:
     header = machine_header()
     torch.set_num_threads(header["blas_threads"] or 1)  # both libraries get the same cores
     header["torch_threads"] = torch.get_num_threads()
+    header["busy_processes_at_start"] = busy_processes()
     rng = np.random.default_rng(seed)
     _, small_model = build_pair(ASSIGNMENT_SHAPE, seed)  # the assignment's widths
     r = {"header": header, "settings": asdict(s), "section_seconds": {}}
@@ -1095,6 +1145,7 @@ def measure_all(s: Settings, seed: int) -> dict:
                 r[name] = measure()
         r["section_seconds"][name] = time.perf_counter() - t0
     header["load_average_at_end"] = list(os.getloadavg())
+    header["busy_processes_at_end"] = busy_processes()
     r["targets"] = targets(r)
     r["correctness"] = guards(r)
     return r
@@ -1146,8 +1197,10 @@ def profile_only(s: Settings, args: argparse.Namespace) -> int:
         header = machine_header()
         torch.set_num_threads(header["blas_threads"] or 1)
         header["torch_threads"] = torch.get_num_threads()
+        header["busy_processes_at_start"] = busy_processes()
         r = {"header": header, "settings": asdict(s), "profile": profile(s, args.seed)}
         header["load_average_at_end"] = list(os.getloadavg())
+        header["busy_processes_at_end"] = busy_processes()
     print_header(header)
     print_profile(r["profile"])
     r["figures"] = [plot_profile(r["profile"], machine_label(header),
