@@ -64,7 +64,8 @@ def test_json_has_every_promised_field(quick):
     # The header names the machine: CPU, threads, BLAS library and kernel, versions, load.
     assert {"cpu", "cpu_count", "blas_library", "blas_kernel", "blas_threads", "torch_threads",
             "numpy", "torch", "openblas_coretype", "load_average_at_start",
-            "load_average_at_end", "busy_processes_at_start", "busy_processes_at_end"} <= set(
+            "load_average_at_end", "busy_processes_at_start", "busy_processes_at_end",
+            "nice"} <= set(
         r["header"])
     for busy in r["header"]["busy_processes_at_start"] + r["header"]["busy_processes_at_end"]:
         assert {"name", "nice", "core_share"} <= set(busy)
