@@ -346,11 +346,13 @@ class HFGreedy:
 
 
 def weight_matrices(model: GPT) -> list[np.ndarray]:
-    """Every matrix one decode step multiplies by, in the order the forward pass reads them."""
+    """Every matrix one decode step multiplies by, in the order the forward pass reads them:
+    W_Q, W_K, W_V as the one side-by-side matrix the model multiplies by (AttentionParams)."""
     mats = []
     for p in model.blocks:
         a = p.attn
-        mats += [a.w_q, a.w_k, a.w_v, a.w_o, p.w_fc, p.w_proj]
+        mats += [a.w_qkv] if attention.fused_qkv(a) else [a.w_q, a.w_k, a.w_v]
+        mats += [a.w_o, p.w_fc, p.w_proj]
     return mats + [model.wte.T]  # the tied LM head, read as the same transposed view
 
 
@@ -772,7 +774,8 @@ def step_breakdown(model: GPT, prompt: np.ndarray, decode_step: bool, rounds: in
     parts[OVERHEAD] = ms["total"] - sum(parts.values())
     products = [args for part, _, args in calls if part == "matrix products"]
     flop = sum(2 * x.size // x.shape[-1] * w.shape[0] * w.shape[1] for x, w, *_ in products)
-    weight_bytes = sum({id(w): w.nbytes for _, w, *_ in products}.values())
+    whole = [w if w.base is None else w.base for _, w, *_ in products]  # W_K of W_QKV: W_QKV
+    weight_bytes = sum({id(w): w.nbytes for w in whole}.values())
     return {"what": f"decode step, B={B}, {P} cached" if decode_step else f"prefill {P}",
             "total_ms": ms["total"], "total": summary(times["total"]), "parts_ms": parts,
             "share": {part: v / ms["total"] for part, v in parts.items()},

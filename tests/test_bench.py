@@ -126,12 +126,12 @@ def test_the_profile_parts_add_up_to_the_measured_total(quick):
         assert sum(step["share"].values()) == pytest.approx(1.0, rel=1e-9)
         assert step["total_ms"] == step["total"]["median_ms"]
         assert all(parts[p] > 0 for p in bench.PARTS)  # only the overhead may come out negative
-        # The recorded calls are the real forward pass's: per layer Q, K, V, O, fc, proj and one
-        # LM head; one attention call and one cache append per layer; 2 LayerNorms and a GELU
-        # per layer plus the final LayerNorm. A prefill's last block first caches the keys and
-        # values of all but the last position (block.last_position_only): one more LayerNorm,
-        # K and V products and append.
-        assert step["calls"] == {"matrix products": 6 * c + 1 + 2 * extra, "attention": c,
+        # The recorded calls are the real forward pass's: per layer QKV (one product), O, fc,
+        # proj and one LM head; one attention call and one cache append per layer; 2 LayerNorms
+        # and a GELU per layer plus the final LayerNorm. A prefill's last block first caches the
+        # keys and values of all but the last position (block.last_position_only): one more
+        # LayerNorm, K and V products and append.
+        assert step["calls"] == {"matrix products": 4 * c + 1 + 2 * extra, "attention": c,
                                  "cache writes": c + extra, "elementwise": 3 * c + 1 + extra}
         assert step["weight_bytes"] == r["batched_decode"]["floor_bytes"]
     assert "where the time goes" in text and "Python overhead" in text
@@ -211,10 +211,12 @@ def test_concat_cache_gives_the_same_tokens_as_the_real_cache():
 def test_floor_reads_every_weight_matrix_once():
     model = GPT(GPTConfig(n_layers=3))
     mats = bench.weight_matrices(model)
-    # By hand: per block W_q, W_k, W_v, W_o, W_fc, W_proj, then the tied LM head.
+    # By hand: per block [W_q | W_k | W_v] (one matrix, as the model multiplies by it), W_o,
+    # W_fc, W_proj, then the tied LM head.
     D, F, V = 128, 512, 256
     assert sum(w.size for w in mats) == 3 * (4 * D * D + 2 * D * F) + V * D
-    assert len(mats) == 3 * 6 + 1
+    assert len(mats) == 3 * 4 + 1
+    assert [w.shape for w in mats[:4]] == [(D, 3 * D), (D, D), (D, F), (F, D)]
 
 
 def test_interleave_rotates_and_counts():
@@ -260,3 +262,22 @@ def test_query_blocks_change_no_result(dtype, monkeypatch):
             assert a.shape == b.shape and a.dtype == b.dtype
             np.testing.assert_allclose(a, b, rtol=0, atol=tol)
         np.testing.assert_array_equal(blocked[1] == 0, whole[1] == 0)
+
+
+def test_the_floor_follows_the_matrices_the_model_multiplies_by():
+    """The model multiplies by [W_q | W_k | W_v] as one matrix while w_q, w_k, w_v are still its
+    views, and the floor streams that matrix; an attribute rebound to another array turns the
+    fused product off (the model then multiplies by the three, and the floor lists the three),
+    and either way the model's logits are those of the three separate products."""
+    model = GPT(GPTConfig(n_layers=2, init_std=0.2), seed=1)
+    ids = np.random.default_rng(1).integers(0, 256, (2, 9))
+    fused = model(ids)
+    a = model.blocks[0].attn
+    assert attention.fused_qkv(a) and a.w_k.base is a.w_qkv
+    a.w_k[0, 0] += 1.0  # in place: written into w_qkv as well
+    changed = model(ids)
+    assert not np.array_equal(changed, fused)
+    a.w_k = a.w_k.copy()  # rebound: w_qkv no longer holds what w_k says
+    assert not attention.fused_qkv(a)
+    assert len(bench.weight_matrices(model)) == 6 + 4 + 1  # layer 0 unfused, layer 1 fused, head
+    np.testing.assert_allclose(model(ids), changed, rtol=0, atol=1e-5)
