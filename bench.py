@@ -99,12 +99,12 @@ class Settings:
 
 
 FULL = Settings(positions=(16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2047), sweep_rounds=5,
-                cached_inner=20, total_tokens=(128, 512, 1024), total_rounds=(5, 3, 3),
+                cached_inner=20, total_tokens=(128, 512, 1024), total_rounds=(5, 3, 2),
                 decode_steps=(128, 64), decode_rounds=(5, 3), prefill_len=512, prefill_rounds=5,
                 append_lengths=(128, 256, 512, 1024, 2048), append_repeats=300,
                 concat_decode_tokens=2048 - PROMPT_LEN, concat_rounds=3, memory_seq_len=2048,
                 batch_sizes=(1, 8, 32), batch_prompt_len=64, batch_new_tokens=64,
-                batch_rounds=2, profile_rounds=30)
+                batch_rounds=2, profile_rounds=21)
 QUICK = Settings(positions=(16, 256, 2047), sweep_rounds=2, cached_inner=5,
                  total_tokens=(64, 128), total_rounds=(1, 1), decode_steps=(16, 8),
                  decode_rounds=(2, 2), prefill_len=128, prefill_rounds=2,
@@ -733,7 +733,14 @@ def part_runners(model: GPT, calls: list[tuple[str, Callable, tuple]], ids: np.n
 def step_breakdown(model: GPT, prompt: np.ndarray, decode_step: bool, rounds: int) -> dict:
     """Time one whole step (a prefill of `prompt` into an empty cache, or one decode step after
     it), then each part on its own with that step's recorded calls; Python overhead = total -
-    sum of parts. All of them interleaved, medians of `rounds`."""
+    sum of parts. All of them interleaved, medians of `rounds`.
+
+    What the remainder holds: the Python between the recorded calls (the model's glue, checks,
+    reshapes, head splits and merges, the mask), and whatever running the parts in turn costs
+    beyond running each alone: each part replays its calls back to back, so a BLAS thread that
+    goes idle during the Python between two products in the real step and must be woken for the
+    next one costs its wake-up only there. It can come out slightly negative when a part runs
+    slower alone (its data colder) than inside the step."""
     B, P = prompt.shape
     cache = model.new_cache(B)
     token = greedy(prefill(model, prompt, cache))  # (B,)
@@ -960,12 +967,12 @@ def print_batched(b: dict) -> None:
 def print_profile(prof: dict, number: str = "") -> None:
     dec, pre = prof["decode"], prof["prefill"]
     print(f"\n{number}where the time goes, {prof['description']} (each part timed alone with "
-          "the step's own calls; overhead = total - parts)")
+          "the step's own calls; the rest = measured total - parts)")
     print(f"{'part':<34} {dec['what']:>24} {pre['what']:>24}")
     for part in prof["parts"]:
         cells = [f"{x['parts_ms'][part]:9.2f} ms {100 * x['share'][part]:5.1f}%"
                  for x in (dec, pre)]
-        label = part if part != OVERHEAD else f"{OVERHEAD} (total - parts)"
+        label = part if part != OVERHEAD else f"{OVERHEAD}, thread wake-ups (rest)"
         print(f"{label:<34} {cells[0]:>24} {cells[1]:>24}")
     print(f"{'total (measured)':<34} {dec['total_ms']:9.2f} ms {100.0:5.1f}% "
           f"{pre['total_ms']:12.2f} ms {100.0:5.1f}%")
