@@ -633,6 +633,7 @@ def batched_decode(s: Settings, seed: int) -> dict:
 
 PARTS = ("matrix products", "attention", "elementwise", "cache writes")
 OVERHEAD = "Python overhead"  # the measured total minus the parts
+REST_LABEL = f"{OVERHEAD}, thread wake-ups (rest)"  # what it holds: see step_breakdown
 # The functions the model's forward pass calls for each part, by the names it calls them through.
 TRACED = [(attention, "linear", "matrix products"), (block, "linear", "matrix products"),
           (block, "lm_head", "matrix products"), (attention, "grouped_attention", "attention"),
@@ -972,7 +973,7 @@ def print_profile(prof: dict, number: str = "") -> None:
     for part in prof["parts"]:
         cells = [f"{x['parts_ms'][part]:9.2f} ms {100 * x['share'][part]:5.1f}%"
                  for x in (dec, pre)]
-        label = part if part != OVERHEAD else f"{OVERHEAD}, thread wake-ups (rest)"
+        label = part if part != OVERHEAD else REST_LABEL
         print(f"{label:<34} {cells[0]:>24} {cells[1]:>24}")
     print(f"{'total (measured)':<34} {dec['total_ms']:9.2f} ms {100.0:5.1f}% "
           f"{pre['total_ms']:12.2f} ms {100.0:5.1f}%")
@@ -1074,12 +1075,13 @@ def plot_batch(b: dict, machine: str, path: Path) -> str:
         ax.plot(B, [row["tokens_per_s"][who] for row in b["rows"]], style, label=label)
     for row in b["rows"]:
         ax.annotate(f"{row['ours_over_hf']:.2f}x HF", (row["batch"], row["tokens_per_s"]["ours"]),
-                    textcoords="offset points", xytext=(4, -12), fontsize=8)
+                    textcoords="offset points", xytext=(5, -13), ha="left", fontsize=8)
     ax.set(xscale="log", yscale="log", xlabel="batch size B (rows decoded together)",
            ylabel="decode tokens per second (all rows)",
-           title=f"Batched cached decode, {b['description']}, prompt {b['prompt_len']}\n"
-                 f"{machine}")
+           title=f"Batched cached decode, {b['description']}\nprompt {b['prompt_len']}, "
+                 f"{b['new_tokens']} new tokens per row; {machine}")
     ax.set_xticks(B, [str(x) for x in B])
+    ax.set_xlim(min(B) / 1.5, max(B) * 2.5)  # room for the last label
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return save(fig, path)
@@ -1097,10 +1099,10 @@ def plot_profile(prof: dict, machine: str, path: Path) -> str:
     left = np.zeros(len(steps))
     for part in prof["parts"]:
         shares = np.array([100 * max(x["share"][part], 0.0) for x in steps])
-        bars = ax.barh([f"{x['what']}\n{x['total_ms']:.3g} ms" for x in steps], shares,
-                       left=left, label=part)
-        ax.bar_label(bars, [f"{x['parts_ms'][part]:.3g} ms" if share >= 6 else ""
-                            for x, share in zip(steps, shares, strict=True)],
+        bars = ax.barh([f"{x['what']}\n{x['total_ms']:.1f} ms" for x in steps], shares,
+                       left=left, label=REST_LABEL if part == OVERHEAD else part)
+        ax.bar_label(bars, [f"{x['parts_ms'][part]:.{0 if x['parts_ms'][part] >= 100 else 2}f} ms"
+                            if share >= 6 else "" for x, share in zip(steps, shares, strict=True)],
                      label_type="center", fontsize=7)
         left += shares
     ax.set(xlabel="share of the measured step time (%)", xlim=(0, max(100, left.max())),
