@@ -385,8 +385,8 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
     fresh product, not into a second (B, T, d_out) array.
     """
     y = x.reshape(-1, x.shape[-1]) @ w  # (B, T, d_in) -> (B * T, d_in) -> (B * T, d_out)
-    if b.dtype == y.dtype:
+    if getattr(b, "dtype", None) == y.dtype:
         y += b
-    else:  # another dtype (a float64 bias on float32): promote as x @ w + b would
+    else:  # another dtype (a float64 bias on float32), or not an array: as x @ w + b would
         y = y + b
     return y.reshape(*x.shape[:-1], w.shape[-1])  # (B * T, d_out) -> (B, T, d_out)
