@@ -65,10 +65,12 @@ def test_json_has_every_promised_field(quick):
     assert {"cpu", "cpu_count", "blas_library", "blas_kernel", "blas_threads", "torch_threads",
             "numpy", "torch", "openblas_coretype", "load_average_at_start",
             "load_average_at_end", "busy_processes_at_start", "busy_processes_at_end",
-            "nice"} <= set(
+            "nice", "autogroup", "cpu_shares_during_run"} <= set(
         r["header"])
     for busy in r["header"]["busy_processes_at_start"] + r["header"]["busy_processes_at_end"]:
         assert {"name", "nice", "core_share"} <= set(busy)
+    shares = r["header"]["cpu_shares_during_run"]  # {} where /proc/stat does not exist
+    assert not shares or sum(shares.values()) == pytest.approx(1.0)
     assert r["header"]["blas_threads"] == r["header"]["torch_threads"] == 1
     # 1. naive and cached latency at every sampled position, up to a 2048-token context.
     sweep = r["latency_vs_position"]
