@@ -107,7 +107,9 @@ def scaled_dot_product_attention(
     shape = np.broadcast_shapes((*q.shape[:-1], t_k), (*k.shape[:-2], t_q, t_k),
                                 () if mask is None else hidden.shape)
     weights = np.empty(shape, np.result_type(q.dtype, np.float32))
-    out = np.empty((*np.broadcast_shapes(shape[:-2], v.shape[:-2]), t_q, v.shape[-1]), v.dtype)
+    lead = shape[:-2] if v.shape[:-2] == k.shape[:-2] else np.broadcast_shapes(shape[:-2],
+                                                                                v.shape[:-2])
+    out = np.empty((*lead, t_q, v.shape[-1]), v.dtype)  # (..., t_q, d)
     for rows, n_keys in blocks:
         # Every step writes into its block of weights and out: no score-sized temporaries.
         scores = weights[..., rows, :n_keys]  # a view of the block's (rows, n_keys) corner
@@ -241,7 +243,7 @@ def layer_norm(
     dtype = np.result_type(xc, 1.0 if gamma is None else gamma, 1.0 if beta is None else beta)
     if dtype != xc.dtype:  # a float64 gamma or beta on float32 x promotes, as x * gamma would
         xc = xc.astype(dtype)
-    xc *= 1.0 / np.sqrt(var + eps)  # ... then scaled and shifted in place: one array, not four
+    xc /= np.sqrt(var + eps)  # ... then scaled and shifted in place: one array, not four
     if gamma is not None:
         xc *= gamma
     if beta is not None:
@@ -347,7 +349,8 @@ def multi_head_attention(
     """
     if fused_qkv(p):  # one product, then the three column blocks (views, no copies)
         qkv = linear(x, p.w_qkv, p.b_qkv)  # (B, T, D) -> (B, T, (H + 2 H_kv) d_head)
-        q, k, v = np.split(qkv, np.cumsum([p.w_q.shape[1], p.w_k.shape[1]]), axis=-1)
+        k_at, v_at = p.w_q.shape[1], p.w_q.shape[1] + p.w_k.shape[1]  # where K and V start
+        q, k, v = qkv[..., :k_at], qkv[..., k_at:v_at], qkv[..., v_at:]
     else:
         q, k, v = (linear(x, w, b) for w, b in ((p.w_q, p.b_q), (p.w_k, p.b_k), (p.w_v, p.b_v)))
     q = split_heads(q, p.n_heads)  # (B, T, D) -> (B, H, T, d_head)
