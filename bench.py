@@ -1,4 +1,4 @@
-"""What the KV cache buys, measured: `python bench.py` (about 5-6 minutes on 2 idle cores).
+"""What the KV cache buys, measured: `python bench.py` (about 4 minutes on 2 cores).
 
 Every comparison runs its variants side by side in one loop (A, B, A, B, ... with the order
 rotated each round) so a noisy neighbour slows both, and every number is a median of repeats with
@@ -105,7 +105,7 @@ class Settings:
 
 FULL = Settings(positions=(16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2047), sweep_rounds=5,
                 cached_inner=20, total_tokens=(128, 512, 1024), total_rounds=(5, 3, 2),
-                decode_steps=(128, 64), decode_rounds=(5, 3), prefill_len=512, prefill_rounds=5,
+                decode_steps=(128, 64), decode_rounds=(5, 3), prefill_len=512, prefill_rounds=7,
                 append_lengths=(128, 256, 512, 1024, 2048), append_repeats=300,
                 concat_decode_tokens=2048 - PROMPT_LEN, concat_rounds=3, memory_seq_len=2048,
                 batch_sizes=(1, 8, 32), batch_prompt_len=64, batch_new_tokens=64,
