@@ -1,17 +1,23 @@
 """bench.py: the --quick run writes every field it promises, its correctness guards pass,
-and its numbers are finite; the concatenating cache it compares against really is a KV cache.
+and its numbers are finite; the batched section and the profile breakdown are there and the
+breakdown's parts add up to the measured total; the concatenating cache it compares against really
+is a KV cache; the query blocks its prefill relies on change no result.
 No timing assertions: the machine may be busy."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import attention
 import bench
 from block import GPT, GPTConfig
 from cache import KVCache
@@ -23,34 +29,48 @@ def quick(tmp_path_factory):
     """One --quick run shared by the tests below (it takes ~20-30 s on an idle machine), from an
     empty directory with no output paths given: a smoke run writes under out/quick/ only."""
     tmp = tmp_path_factory.mktemp("bench")
-    with pytest.MonkeyPatch.context() as mp:
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
         mp.chdir(tmp)
         code = bench.main(["--quick", "--threads", "1"])
-    return code, json.loads((tmp / "out/quick/bench.json").read_text()), tmp
+    return code, json.loads((tmp / "out/quick/bench.json").read_text()), tmp, printed.getvalue()
 
 
 def test_quick_run_writes_only_under_out_quick(quick):
-    _, r, tmp = quick
+    _, r, tmp, _ = quick
     written = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    assert written == ["out/quick/bench.json", "out/quick/bench_cache_append.png",
-                       "out/quick/bench_decode_latency.png", "out/quick/bench_vs_hf.png"]
+    assert written == ["out/quick/bench.json", "out/quick/bench_batch.png",
+                       "out/quick/bench_cache_append.png", "out/quick/bench_decode_latency.png",
+                       "out/quick/bench_profile.png", "out/quick/bench_vs_hf.png"]
 
 
 def test_quick_run_passes_its_correctness_guards(quick):
-    code, r, _ = quick
+    code, r, _, text = quick
     failed = [k for k, ok in r["correctness"].items() if not ok]
     assert failed == []
     assert code == 0
-    assert len(r["correctness"]) >= 12  # naive == cached (4) and ours == HF (4 per config)
+    # naive == cached (4), ours == HF (4 per config), and per batch size ours == HF (2 each).
+    assert len(r["correctness"]) == 4 + 4 * 2 + 2 * len(r["settings"]["batch_sizes"]) + 1
+    assert {f"batch_{B}_decode_tokens_ours_vs_hf" for B in r["settings"]["batch_sizes"]} <= set(
+        r["correctness"])
+    assert "Correctness guard: PASS" in text
 
 
 def test_json_has_every_promised_field(quick):
-    _, r, _ = quick
+    _, r, _, _ = quick
     assert {"header", "settings", "latency_vs_position", "total_time", "vs_hf", "cache_append",
-            "cache_decode", "memory", "targets", "correctness", "figures"} <= set(r)
-    # The header names the machine: CPU, threads, BLAS library and kernel, versions.
+            "cache_decode", "memory", "batched_decode", "profile", "targets", "correctness",
+            "figures"} <= set(r)
+    # The header names the machine: CPU, threads, BLAS library and kernel, versions, load.
     assert {"cpu", "cpu_count", "blas_library", "blas_kernel", "blas_threads", "torch_threads",
-            "numpy", "torch", "openblas_coretype"} <= set(r["header"])
+            "numpy", "torch", "openblas_coretype", "load_average_at_start",
+            "load_average_at_end", "busy_processes_at_start", "busy_processes_at_end",
+            "nice", "autogroup", "cpu_shares_during_run"} <= set(
+        r["header"])
+    for busy in r["header"]["busy_processes_at_start"] + r["header"]["busy_processes_at_end"]:
+        assert {"name", "nice", "core_share"} <= set(busy)
+    shares = r["header"]["cpu_shares_during_run"]  # {} where /proc/stat does not exist
+    assert not shares or sum(shares.values()) == pytest.approx(1.0)
     assert r["header"]["blas_threads"] == r["header"]["torch_threads"] == 1
     # 1. naive and cached latency at every sampled position, up to a 2048-token context.
     sweep = r["latency_vs_position"]
@@ -59,7 +79,7 @@ def test_json_has_every_promised_field(quick):
     # 2. totals with the speed-up.
     assert all({"new_tokens", "naive", "cached", "speedup"} <= set(row) for row in r["total_time"])
     # 3 and 4. both shapes, decode and prefill against Hugging Face, and the floor.
-    assert set(r["vs_hf"]) == {"seed", "gpt2_small"}
+    assert set(r["vs_hf"]) == {"assignment", "gpt2_small"}
     small = r["vs_hf"]["gpt2_small"]["shape"]
     assert (small["n_layer"], small["n_embd"], small["n_head"]) == (12, 768, 12)
     for v in r["vs_hf"].values():
@@ -73,7 +93,55 @@ def test_json_has_every_promised_field(quick):
     # The formula, worked by hand for the assignment widths: 2 (K, V) * 2 layers * 4 heads * 2048
     # positions * 32 dims * 4 bytes = 4 MiB.
     assert r["memory"]["kv_cache_formula_bytes"] == 2 * 2 * 4 * 2048 * 32 * 4
-    assert len(r["targets"]) == 7
+    # 7 fixed targets, then one batched-decode target per batch size.
+    assert len(r["targets"]) == 7 + len(r["settings"]["batch_sizes"])
+    assert all({"target", "goal", "value", "met"} <= set(t) for t in r["targets"])
+
+
+def test_the_batched_section_has_every_batch_size(quick):
+    _, r, _, text = quick
+    b = r["batched_decode"]
+    assert [row["batch"] for row in b["rows"]] == r["settings"]["batch_sizes"]
+    assert (b["shape"]["n_layer"], b["shape"]["n_embd"], b["shape"]["vocab_size"]) == (12, 768,
+                                                                                       512)
+    for row in b["rows"]:
+        assert set(row["step"]) == {"ours", "hf", "floor"}
+        assert set(row["prefill"]) == {"ours", "hf"}
+        tps = row["tokens_per_s"]
+        # tokens/s are B over the median step time, and the bound is B per floor pass.
+        assert tps["ours"] == pytest.approx(row["batch"] * 1e3 / row["step"]["ours"]["median_ms"])
+        assert tps["floor_bound"] == pytest.approx(
+            row["batch"] * 1e3 / row["step"]["floor"]["median_ms"])
+        assert row["ours_over_hf"] == pytest.approx(tps["ours"] / tps["hf"])
+    assert "7. batched cached decode" in text
+
+
+def test_the_profile_parts_add_up_to_the_measured_total(quick):
+    _, r, _, text = quick
+    prof = r["profile"]
+    assert prof["parts"] == [*bench.PARTS, bench.OVERHEAD]
+    c = bench.GPT2_SMALL_SHAPE["n_layer"]
+    for step, extra in ((prof["decode"], 0), (prof["prefill"], 1)):
+        parts = step["parts_ms"]
+        assert set(parts) == set(prof["parts"])
+        assert sum(parts.values()) == pytest.approx(step["total_ms"], rel=1e-9)
+        assert sum(step["share"].values()) == pytest.approx(1.0, rel=1e-9)
+        assert step["total_ms"] == step["total"]["median_ms"]
+        assert all(parts[p] > 0 for p in bench.PARTS)  # only the overhead may come out negative
+        # The recorded calls are the real forward pass's: per layer QKV (one product), O, fc,
+        # proj and one LM head; one attention call and one cache append per layer; 2 LayerNorms
+        # and a GELU per layer plus the final LayerNorm. A prefill's last block first caches the
+        # keys and values of all but the last position (block.last_position_only): one more
+        # LayerNorm, K and V products and append.
+        assert step["calls"] == {"matrix products": 4 * c + 1 + 2 * extra, "attention": c,
+                                 "cache writes": c + extra, "elementwise": 3 * c + 1 + extra}
+        assert step["weight_bytes"] == r["batched_decode"]["floor_bytes"]
+    assert "where the time goes" in text and "Python overhead" in text
+
+
+def test_no_config_is_called_seed(quick):
+    *_, text = quick
+    assert "seed" not in text.lower()
 
 
 def numbers(x, path=""):
@@ -89,11 +157,12 @@ def numbers(x, path=""):
 
 
 def test_every_number_is_finite_and_every_time_positive(quick):
-    _, r, _ = quick
+    _, r, _, _ = quick
     values = list(numbers(r))
     assert len(values) > 100
     assert [p for p, v in values if not math.isfinite(v)] == []
-    times = [(p, v) for p, v in values if p.endswith(("median_ms", "q1_ms", "q3_ms"))]
+    times = [(p, v) for p, v in values if p.endswith(("median_ms", "q1_ms", "q3_ms"))
+             and "Python overhead" not in p]
     assert len(times) > 30
     assert [p for p, v in times if v <= 0] == []
     assert all(t["value"] > 0 for t in r["targets"])
@@ -101,8 +170,10 @@ def test_every_number_is_finite_and_every_time_positive(quick):
 
 
 def test_plots_are_small_pngs(quick):
-    _, r, tmp = quick
-    assert len(r["figures"]) == 3
+    _, r, tmp, _ = quick
+    assert [Path(p).name for p in r["figures"]] == [
+        "bench_decode_latency.png", "bench_cache_append.png", "bench_vs_hf.png",
+        "bench_batch.png", "bench_profile.png"]
     for path in r["figures"]:
         data = (tmp / path).read_bytes()  # relative to the directory the run started in
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -142,10 +213,12 @@ def test_concat_cache_gives_the_same_tokens_as_the_real_cache():
 def test_floor_reads_every_weight_matrix_once():
     model = GPT(GPTConfig(n_layers=3))
     mats = bench.weight_matrices(model)
-    # By hand: per block W_q, W_k, W_v, W_o, W_fc, W_proj, then the tied LM head.
+    # By hand: per block [W_q | W_k | W_v] (one matrix, as the model multiplies by it), W_o,
+    # W_fc, W_proj, then the tied LM head.
     D, F, V = 128, 512, 256
     assert sum(w.size for w in mats) == 3 * (4 * D * D + 2 * D * F) + V * D
-    assert len(mats) == 3 * 6 + 1
+    assert len(mats) == 3 * 4 + 1
+    assert [w.shape for w in mats[:4]] == [(D, 3 * D), (D, D), (D, F), (F, D)]
 
 
 def test_interleave_rotates_and_counts():
@@ -154,3 +227,59 @@ def test_interleave_rotates_and_counts():
                              rounds=3, inner={"b": 2})
     assert calls == ["a", "b", "b", "b", "b", "a", "a", "b", "b"]
     assert (len(times["a"]), len(times["b"])) == (3, 6)
+
+
+def test_profile_alone_writes_under_out_profile_only(tmp_path):
+    """--profile never touches the committed figures/ (nor does --quick, tested above)."""
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        mp.chdir(tmp_path)
+        mp.setattr(bench, "FULL", bench.QUICK)  # the full profile's sizes take a minute
+        assert bench.main(["--profile", "--threads", "1"]) == 0
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["out/profile/bench.json", "out/profile/bench_profile.png"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_query_blocks_change_no_result(dtype, monkeypatch):
+    """The prefill benchmark's attention runs in query blocks that skip keys the mask hides from
+    the whole block. With blocks and without (one block of every query): the same weights to
+    rounding, exact zeros in the same places, for a causal mask, left padding with a query that
+    sees nothing, and grouped K/V heads."""
+    rng = np.random.default_rng(0)
+    B, H, H_kv, t_q, t_k, d = 2, 4, 2, 300, 340, 8
+    q = rng.standard_normal((B, H, t_q, d)).astype(dtype)
+    k, v = rng.standard_normal((2, B, H_kv, t_k, d)).astype(dtype)
+    real = np.ones((B, t_k), dtype=bool)
+    real[1, :60] = False  # row 1 is left-padded: its first queries see only padding
+    masks = [attention.causal_mask(t_q, t_k)[None, None],
+             attention.causal_mask(t_q, t_k)[None, None] & real[:, None, None, :]]
+    for mask in masks:
+        assert len(attention.query_blocks(mask, t_q, t_k)) > 1  # the blocked path is tested
+        blocked = attention.grouped_attention(q, k, v, mask)
+        monkeypatch.setattr(attention, "QUERY_BLOCK", t_q)
+        whole = attention.grouped_attention(q, k, v, mask)
+        monkeypatch.undo()
+        tol = 1e-5 if dtype == np.float32 else 1e-12
+        for a, b in zip(blocked, whole, strict=True):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            np.testing.assert_allclose(a, b, rtol=0, atol=tol)
+        np.testing.assert_array_equal(blocked[1] == 0, whole[1] == 0)
+
+
+def test_the_floor_follows_the_matrices_the_model_multiplies_by():
+    """The model multiplies by [W_q | W_k | W_v] as one matrix while w_q, w_k, w_v are still its
+    views, and the floor streams that matrix; an attribute rebound to another array turns the
+    fused product off (the model then multiplies by the three, and the floor lists the three),
+    and either way the model's logits are those of the three separate products."""
+    model = GPT(GPTConfig(n_layers=2, init_std=0.2), seed=1)
+    ids = np.random.default_rng(1).integers(0, 256, (2, 9))
+    fused = model(ids)
+    a = model.blocks[0].attn
+    assert attention.fused_qkv(a) and a.w_k.base is a.w_qkv
+    a.w_k[0, 0] += 1.0  # in place: written into w_qkv as well
+    changed = model(ids)
+    assert not np.array_equal(changed, fused)
+    a.w_k = a.w_k.copy()  # rebound: w_qkv no longer holds what w_k says
+    assert not attention.fused_qkv(a)
+    assert len(bench.weight_matrices(model)) == 6 + 4 + 1  # layer 0 unfused, layer 1 fused, head
+    np.testing.assert_allclose(model(ids), changed, rtol=0, atol=1e-5)
