@@ -196,13 +196,17 @@ def check_mask() -> Evidence:
         row_err = max(row_err, float(np.max(np.abs(weights.sum(-1) - 1.0))))
         ref_err = max(ref_err, max_abs(weights, ref.masked_softmax_by_hand(scores, allowed)),
                       max_abs(out, weights))
+        wrong = attention.softmax(scores) * mask  # for the printout: what masking late gives
         shown.append(f"    t_q={t_q}, t_k={t_k} (queries are the last {t_q} positions)\n"
                      f"    scores:\n{fmt_matrix(scores)}\n"
                      f"    mask (1 = may attend):\n{fmt_matrix(mask, '{:6d}')}\n"
                      f"    masked scores (future -> -1e9, shown as -inf):\n"
                      f"{fmt_matrix(np.where(mask, scores, -np.inf))}\n"
                      f"    weights after softmax (rows sum to 1, future exactly 0):\n"
-                     f"{fmt_matrix(weights, '{:6.3f}')}")
+                     f"{fmt_matrix(weights, '{:6.3f}')}\n"
+                     f"    the wrong order, softmax then zero the future:\n"
+                     f"{fmt_matrix(wrong, '{:6.3f}')}\n"
+                     f"    (rows sum to {', '.join(f'{r:.3f}' for r in wrong.sum(-1))})")
     measures = [Measure("largest weight on a future key", future_w, 0.0),
                 Measure("largest |row sum - 1|", row_err, 1e-12),
                 Measure("weights vs hand-worked masked softmax", ref_err, 1e-12),
