@@ -269,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{one_shot / scores:.1f}"],
                  ["chunks of 256", f"(1, 4, 256, {T}) = {human(scores * 256 // T)}",
                   human(chunked), f"{chunked / (scores * 256 // T):.1f}"]]))
-    print("(peak / matrix > 1: several score-sized arrays are alive at once inside attention,"
-          " e.g. raw scores, masked scores, and the one array softmax works in place)")
+    print("(peak / matrix > 1: one score-sized array, masked and normalised in place, plus the"
+          " cache, the bool mask and its negation, and the layer's activations)")
     print(f"same last logits: max |difference| = {np.abs(a - b).max():.2e}")
 
     path = plot_memory(rows, args.out)
