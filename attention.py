@@ -93,6 +93,8 @@ def scaled_dot_product_attention(
     The mask goes on the logits BEFORE softmax: a masked logit becomes NEG_INF, so softmax gives it
     exactly zero probability and renormalises over the visible keys. Zeroing probabilities after
     softmax would leave rows that no longer sum to one (and the future already mixed into the max).
+    The five steps are in `attend`; here the queries are cut into blocks (query_blocks) so that a
+    block skips the keys none of its queries may see.
     """
     check_attention_inputs(q, k, v, mask)
     t_q, t_k = q.shape[-2], k.shape[-2]
@@ -102,27 +104,35 @@ def scaled_dot_product_attention(
     hidden = None if mask is None else ~mask  # True = may NOT attend: where NEG_INF goes
     if len(blocks) > 1:  # full (t_q, t_k) axes, so that rows can be sliced out of it
         hidden = np.broadcast_to(hidden, np.broadcast_shapes(hidden.shape, (t_q, t_k)))
-    # weights (..., t_q, t_k): q's and k's batch and head axes (and the mask's, if it has more);
-    # softmax runs in float32 at least, as llama does for float16.
-    shape = np.broadcast_shapes((*q.shape[:-1], t_k), (*k.shape[:-2], t_q, t_k),
-                                () if mask is None else hidden.shape)
-    weights = np.empty(shape, np.result_type(q.dtype, np.float32))
-    lead = shape[:-2] if v.shape[:-2] == k.shape[:-2] else np.broadcast_shapes(shape[:-2],
-                                                                                v.shape[:-2])
-    out = np.empty((*lead, t_q, v.shape[-1]), v.dtype)  # (..., t_q, d)
+    # weights (..., t_q, t_k) over q's, k's (and the mask's) leading axes, in float32 at least
+    # (softmax in float16 loses too much, as llama also avoids); out (..., t_q, d) over v's too.
+    lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], () if mask is None else
+                               hidden.shape[:-2])
+    weights = np.empty((*lead, t_q, t_k), np.result_type(q.dtype, np.float32))
+    out = np.empty((*np.broadcast_shapes(lead, v.shape[:-2]), t_q, v.shape[-1]), v.dtype)
     for rows, n_keys in blocks:
-        # Every step writes into its block of weights and out: no score-sized temporaries.
-        scores = weights[..., rows, :n_keys]  # a view of the block's (rows, n_keys) corner
-        np.matmul(q[..., rows, :], k[..., :n_keys, :].swapaxes(-1, -2), out=scores)
-        #         (..., rows, d) @ (..., d, n_keys) -> (..., rows, n_keys)
-        if hidden is not None:
-            np.copyto(scores, mask_value(q.dtype), where=hidden[..., rows, :n_keys])
-        softmax_in_place(scores)
-        if n_keys < t_k:
-            weights[..., rows, n_keys:] = 0.0  # keys no query of the block may see: exactly 0
-        np.matmul(scores, v[..., :n_keys, :], out=out[..., rows, :])
-        #         (..., rows, n_keys) @ (..., n_keys, d) -> (..., rows, d)
+        attend(q[..., rows, :], k[..., :n_keys, :], v[..., :n_keys, :],
+               None if hidden is None else hidden[..., rows, :n_keys],
+               weights[..., rows, :], out[..., rows, :])
     return out, weights
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, hidden: np.ndarray | None,
+           weights: np.ndarray, out: np.ndarray) -> None:
+    """The whiteboard steps for one block of (already scaled) queries: scores, mask, softmax,
+    weighted sum, written into weights (..., rows, t_k) and out (..., rows, d).
+
+    k and v hold the first n_keys keys; weights past them are set to exactly 0. Every step writes
+    in place into weights or out: no score-sized temporaries, which at 512 tokens are 12 MB each.
+    """
+    n_keys = k.shape[-2]
+    scores = weights[..., :n_keys]  # a view: the scores become the weights in place
+    np.matmul(q, k.swapaxes(-1, -2), out=scores)  # (..., rows, d) @ (..., d, n_keys)
+    if hidden is not None:
+        np.copyto(scores, mask_value(q.dtype), where=hidden)  # the mask, BEFORE softmax
+    softmax_in_place(scores)
+    weights[..., n_keys:] = 0.0  # keys no query of the block may see: exactly 0
+    np.matmul(scores, v, out=out)  # (..., rows, n_keys) @ (..., n_keys, d) -> (..., rows, d)
 
 
 QUERY_BLOCK = 128  # query rows per block in query_blocks
