@@ -24,7 +24,7 @@ from generate import greedy, left_pad
 def grid(rows: list[str], mask: np.ndarray, first_query: int) -> list[str]:
     """A (t_q, t_k) bool mask as text: 1 where the query may attend, . where it may not."""
     header = "key j:    " + " ".join(str(j % 10) for j in range(mask.shape[1]))
-    return [header] + [f"{rows[i] if rows else f'query {first_query + i}':<10}"
+    return [header] + [f"{rows[i] if rows else f'pos {first_query + i}':<10}"
                        + " ".join("1" if m else "." for m in row) for i, row in enumerate(mask)]
 
 
@@ -41,8 +41,9 @@ def mask_picture(t_q: int = 3, t_k: int = 7) -> str:
     return (f"{t_q} new queries after {t_k - t_q} cached keys: scores are ({t_q}, {t_k})\n\n"
             + side_by_side(["causal_mask(3, 7): bottom-right", *grid([], right, first)],
                            ["is_causal=True: top-left (wrong)", *grid([], wrong, first)])
-            + f"\n\nquery i sits at position t_k - t_q + i = {first} + i and sees keys j <= it;"
-              f"\ntop-left, query {first} would miss {first} of its {first + 1} keys.")
+            + f"\n\nrows are the new queries' positions: t_k - t_q + i = {first} + i for query i,"
+              f"\nwhich sees keys j <= {first} + i; top-left, pos {first} would see 1 of its"
+              f" {first + 1} keys.")
 
 
 def heads_picture(T: int = 3, H: int = 2, d_head: int = 2) -> str:
@@ -130,7 +131,7 @@ def gqa_picture(H: int = 4, H_kv: int = 2) -> str:
               f" {H // H_kv}x smaller.")
 
 
-def timeline_picture(prompt: int = 5, steps: int = 3) -> str:
+def timeline_picture(prompt: int = 4, steps: int = 2) -> str:
     """A real prefill and decode steps on a tiny model: what each step computes, what it reads
     from the cache, the shape of its scores, and the cache length after it."""
     model = GPT(GPTConfig(vocab_size=16, max_seq_len=16, d_model=8, n_heads=2, n_layers=1),
