@@ -350,7 +350,7 @@ def trained(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     c = model.config
     print(f"model: {args.checkpoint} (trained to reverse strings): d_model={c.d_model} "
           f"heads={c.n_heads} layers={c.n_layers} max_seq_len={c.max_seq_len}")
-    print("prompts, left-padded into one batch (pads shown as _), attention_mask on the right:")
+    print("prompts, left-padded into one batch (pads shown as _), each with its attention_mask:")
     show_padded(*left_pad(prompts), token=chr, pad="_")
     run = side_by_side(model, prompts, max(map(len, texts)) + 1, args.seed, args.prefill_chunk,
                        eos_id=ord(task.END))
@@ -388,7 +388,7 @@ def random_weights(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int
     print(f"model: random weights, d_model={config.d_model} heads={config.n_heads} "
           f"d_head={config.d_head} layers={config.n_layers} vocab={config.vocab_size} "
           f"max_seq_len={config.max_seq_len} dtype={args.dtype}")
-    print(f"prompt {shape}, left-padded (pads shown as .), attention_mask on the right:")
+    print(f"prompt {shape}, left-padded (pads shown as .), each row with its attention_mask:")
     show_padded(ids, mask, token=lambda t: f"{t:>3}", pad="  .", sep=" ")
     print(f"sampling: temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} "
           f"seed={args.seed}" if args.temperature else "decoding: greedy")
