@@ -422,7 +422,11 @@ def decode_side_by_side(model: GPT, hf, prompt: np.ndarray, steps: int, rounds: 
 
 def prefill_side_by_side(model: GPT, hf, prompt: np.ndarray, rounds: int) -> dict:
     """Prefill of a (B, P) prompt into an empty cache. Ours computes the LM head for the last
-    position only; Hugging Face is asked for the same with logits_to_keep=1."""
+    position only; Hugging Face is asked for the same with logits_to_keep=1. Each side's time
+    includes making and dropping its cache, as a user's first call does: ours allocates all
+    max_len positions up front (the OS backs a page when it is first written: see
+    cache.zeros_in_small_pages for why that page is 4 KB), Hugging Face's grows to the P it
+    holds."""
     import torch
 
     prompt_t = torch.from_numpy(prompt)

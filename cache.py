@@ -27,6 +27,28 @@ from checks import fits_in_memory, float_dtype, is_int, positive_int, zero_one_m
 CACHE_DTYPES = ("float16", "float32", "float64")  # int or bool buffers would round or wrap K/V
 
 
+def zeros_in_small_pages(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """np.zeros(shape, dtype), without NumPy's request for 2 MB huge pages.
+
+    Why: the zeros cost nothing until written (the OS backs a page on its first write), and a
+    cache is written a few positions at a time into every (b, h) slab of max_len * d_head numbers,
+    256 KB at GPT-2-small shapes. On Linux NumPy asks for huge pages for arrays of 4 MB or more,
+    so the first write into each slab would make the kernel find and zero a whole 2 MB page: a
+    64-token prefill of 8 rows zeroed (and timed) all 604 MB of its 1024-position cache instead of
+    the 1/16 it writes. In 4 KB pages memory is backed as the cache fills.
+    """
+    # NumPy's own switch (the env variable NUMPY_MADVISE_HUGEPAGE sets it for every array). It is
+    # private: should a later NumPy drop it, the cache gets plain zeros, only slower to fill.
+    set_hugepage = getattr(np._core.multiarray, "_set_madvise_hugepage", None)
+    if set_hugepage is None:
+        return np.zeros(shape, dtype=dtype)
+    was = set_hugepage(False)
+    try:
+        return np.zeros(shape, dtype=dtype)
+    finally:
+        set_hugepage(was)
+
+
 class KVCache:
     """Preallocated keys and values of one attention layer, and how many positions are filled."""
 
@@ -39,8 +61,8 @@ class KVCache:
             ("d_head", d_head)))
         dtype = float_dtype("KVCache dtype", dtype, CACHE_DTYPES)
         fits_in_memory(f"KVCache {shape} x 2 ({dtype.name})", 2 * math.prod(shape) * dtype.itemsize)
-        self.keys = np.zeros(shape, dtype=dtype)  # (B, H_kv, max_len, d_head)
-        self.values = np.zeros(shape, dtype=dtype)  # (B, H_kv, max_len, d_head)
+        self.keys = zeros_in_small_pages(shape, dtype)  # (B, H_kv, max_len, d_head)
+        self.values = zeros_in_small_pages(shape, dtype)  # (B, H_kv, max_len, d_head)
         self.length = 0  # positions [0, length) are filled; past them: zeros, never read
 
     @property

@@ -40,6 +40,23 @@ def test_new_cache_is_preallocated_and_empty():
     assert not np.shares_memory(cache.keys, cache.values)
 
 
+@pytest.mark.parametrize("numpy_asks_for_huge_pages", [True, False])
+def test_a_large_cache_is_zeros_and_leaves_numpys_huge_page_switch_as_it_was(
+        numpy_asks_for_huge_pages):
+    """The buffers are allocated with NumPy's huge-page request switched off (4 MB and more is
+    where NumPy would ask); whatever the switch was before, it is put back."""
+    switch = np._core.multiarray._set_madvise_hugepage
+    was = switch(numpy_asks_for_huge_pages)
+    try:
+        cache = KVCache(2, 8, 1024, 64, np.float32)  # 256 KB per (b, h) slab, 4 MB per buffer
+        assert switch(numpy_asks_for_huge_pages) == numpy_asks_for_huge_pages
+    finally:
+        switch(was)
+    assert cache.keys.nbytes >= 4 * 2**20
+    assert not cache.keys.any() and not cache.values.any()
+    assert cache.keys.flags.writeable and cache.keys.flags.c_contiguous
+
+
 def test_nbytes_is_the_formula():
     for dtype, itemsize in ((np.float32, 4), (np.float64, 8), (np.float16, 2)):
         cache = KVCache(B, H_KV, MAX_LEN, D_HEAD, dtype)
