@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 import generate
@@ -103,6 +104,9 @@ def test_trained_mode_decodes_text_and_checks_each_answer(tmp_path, capsys):
     assert re.search(r"^kv cache=\s+\S+\s+(yes|NO)$", out, flags=re.M)
     assert "tokens identical (naive vs cached): True" in out
     assert [int(row[1]) for row in step_lines(out)][:2] == [9, 10]
+    steps = step_lines(out)  # this model never says '.': it runs to the limit, the longest
+    assert all("'.'" not in row for row in steps)  # prompt's length + 1 (its reversal and '.')
+    assert len(steps) == len("kv cache") + 1
 
 
 # --- --hf: a Hugging Face GPT-2 directory --------------------------------------------------------
@@ -180,3 +184,170 @@ def test_bad_arguments_are_one_line_usage_errors(capsys, argv, match):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert "Traceback" not in err and match in err.strip().splitlines()[-1]
+
+
+# --- defaults, ranges and flags that must reach the decoder ---------------------------------------
+
+def without_timings(out: str) -> list[str]:
+    """The output minus the lines that report wall-clock time (they differ between two runs)."""
+    return [line for line in out.splitlines()
+            if not line.startswith(("time ", "cached is"))]
+
+
+def test_random_defaults_are_the_ones_the_help_states(capsys):
+    """--help says --new-tokens 16, --prompt-len 8, --batch 2 and --layers 2 by default; the
+    seed is 0 and the dtype float32 unless given. Spelled out, they give the same run."""
+    code, default = run(["--random"], capsys)
+    assert code == 0
+    explicit_code, explicit = run(["--random", "--new-tokens", "16", "--prompt-len", "8",
+                                   "--batch", "2", "--layers", "2", "--seed", "0",
+                                   "--dtype", "float32"], capsys)
+    assert explicit_code == 0
+    assert without_timings(default) == without_timings(explicit)
+    assert "prompt (B=2, P=8)" in default and "layers=2 " in default
+    assert "dtype=float32" in default
+    assert [int(row[1]) for row in step_lines(default)] == list(range(8, 8 + 16))
+
+
+@pytest.mark.parametrize(("flag", "value", "expected"), [
+    ("--new-tokens", "0", "must be in [1, 4096], got 0"),
+    ("--new-tokens", "4097", "must be in [1, 4096], got 4097"),
+    ("--prompt-len", "0", "must be in [1, 4096], got 0"),
+    ("--prompt-len", "4097", "must be in [1, 4096], got 4097"),
+    ("--batch", "1000001", "must be in [1, 1000000], got 1000001"),
+    ("--layers", "1000001", "must be in [1, 1000000], got 1000001"),
+    ("--seed", "4294967296", "must be in [0, 4294967295], got 4294967296"),
+    ("--prefill-chunk", "0", "must be >= 1, got 0"),
+    ("--prompt-lens", "3,x", "must look like 3,7,1, got '3,x'"),
+    ("--prompt-lens", "", "must look like 3,7,1, got ''"),
+    ("--prompt-lens", "2,0,1", "must be positive ints, got '2,0,1'"),
+    ("--dtype", "float16", "invalid choice: 'float16'"),
+])
+def test_out_of_range_flags_are_refused_naming_the_flag_and_the_range(capsys, flag, value,
+                                                                       expected):
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--random", flag, value])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {expected}" in last
+
+
+@pytest.mark.parametrize("flags", [["--new-tokens", "1"], ["--prompt-len", "1"],
+                                   ["--batch", "1"], ["--layers", "1"], ["--seed", "4294967295"],
+                                   ["--prefill-chunk", "1"], ["--prompt-lens", "1"],
+                                   ["--dtype", "float64"]])
+def test_the_ends_of_each_range_are_accepted(capsys, flags):
+    code, out = run(["--random", "--new-tokens", "2", *flags], capsys)
+    assert code == 0 and "tokens identical (naive vs cached): True" in out
+
+
+def test_prefill_chunk_reaches_the_cached_prefill(capsys, monkeypatch):
+    """--prefill-chunk 3 on prompts of 8: the cached decoder prefills in chunks of 3 (3 + 3 + 2
+    model calls), not in one call; chunked and one-shot agree, so only the calls can tell."""
+    calls = []
+    real = generate.prefill
+
+    def recorded(model, ids, cache, chunk_size=None, attention_mask=None):
+        calls.append(chunk_size)
+        return real(model, ids, cache, chunk_size, attention_mask)
+
+    monkeypatch.setattr(generate, "prefill", recorded)
+    code, _ = run(["--random", "--new-tokens", "2", "--prefill-chunk", "3"], capsys)
+    assert code == 0 and calls == [3]
+    calls.clear()
+    run(["--random", "--new-tokens", "2"], capsys)
+    assert calls == [None]
+
+
+def test_top_k_of_one_and_a_tiny_top_p_sample_the_greedy_tokens(capsys):
+    """Top-k 1 (or a nucleus of 1e-9, the top token alone) leaves one token to draw at any
+    temperature, so the run prints greedy's tokens; at the same temperature without them the
+    draws differ from greedy (so the flags, not the temperature, made it greedy)."""
+    _, greedy = run(["--random", "--new-tokens", "8", "--batch", "4"], capsys)
+    hot = ["--random", "--new-tokens", "8", "--batch", "4", "--temperature", "50", "--seed", "0"]
+    for extra in (["--top-k", "1"], ["--top-p", "1e-9"]):
+        code, out = run([*hot, *extra], capsys)
+        assert code == 0 and step_lines(out) == step_lines(greedy)
+    code, out = run(hot, capsys)
+    assert code == 0 and step_lines(out) != step_lines(greedy)
+
+
+@pytest.mark.parametrize("batch", [6, 7])
+def test_step_lines_show_at_most_six_rows_of_tokens(capsys, batch):
+    """A batch of 6 prints all six tokens per step; 7 prints six and then '...'."""
+    code, out = run(["--random", "--new-tokens", "2", "--batch", str(batch)], capsys)
+    assert code == 0
+    tokens = out.split("step  cache length")[1].split("\n\n")[0].splitlines()[1:]
+    shown = r"\[(\d+, ){5}\d+" + (r", \.\.\.\]" if batch > 6 else r"\]")
+    assert all(re.fullmatch(r"\s+\d+\s+\d+\s+" + shown, line) for line in tokens), tokens
+
+
+def test_rows_keeps_six_lines_and_summarises_the_rest():
+    lines = [f"row {i}" for i in range(9)]
+    assert generate.rows(lines[:6]) == lines[:6]
+    assert generate.rows(lines[:7]) == [*lines[:5], "... (2 more rows)"]
+    assert generate.rows(lines) == [*lines[:5], "... (4 more rows)"]
+
+
+def test_show_padded_cuts_to_the_last_columns_by_hand(capsys):
+    """ids (2, 5), mask [[0 0 1 1 1], [1 1 1 1 1]], last=3: only columns 2..4 are shown, after
+    '... '; pads print as the pad string, real tokens through `token`, joined by sep."""
+    ids = np.array([[0, 0, 7, 8, 9], [1, 2, 3, 4, 5]])
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    generate.show_padded(ids, mask, token=lambda t: f"<{t}>", pad="_", sep="|", last=3)
+    assert capsys.readouterr().out.splitlines() == ["  ... <7>|<8>|<9>   111",
+                                                    "  ... <3>|<4>|<5>   111"]
+    generate.show_padded(ids, mask, token=str, pad="_", last=5)
+    assert capsys.readouterr().out.splitlines() == ["  __789   00111", "  12345   11111"]
+
+
+def test_agreement_needs_both_the_same_tokens_and_a_cache_growing_by_one(capsys):
+    """print_agreement's verdict, on hand-made runs: same tokens and lengths 3, 4, 5 pass;
+    different tokens fail; same tokens with a cache that skipped a length fail."""
+    tokens, logits = np.array([[1, 2, 3]]), np.zeros((1, 3, 4))
+
+    def side(cached_tokens, lengths):
+        naive = generate.Generation(tokens, logits, None)
+        return generate.SideBySide(naive, generate.Generation(cached_tokens, logits, lengths),
+                                   0.2, 0.1)
+
+    assert generate.print_agreement(side(tokens, [3, 4, 5])) is True
+    assert generate.print_agreement(side(tokens + 1, [3, 4, 5])) is False
+    assert generate.print_agreement(side(tokens, [3, 5, 6])) is False
+    out = capsys.readouterr().out
+    assert "cache grew by exactly 1 per step:   False" in out
+
+
+def test_the_trained_checkpoint_reverses_the_prompts(capsys):
+    """The default checkpoint (make train) reverses each prompt, ends it with '.', and a row that
+    has finished repeats '.' while the longer one goes on; the run has room for the longest
+    answer plus its '.' (len + 1 steps)."""
+    code, out = run(["--prompt", "kv cache", "--prompt", "ab"], capsys)
+    assert code == 0
+    assert re.search(r"^kv cache=\s+ehcac vk\.\s+yes$", out, flags=re.M)
+    assert re.search(r"^ab=\s+ba\.\s+yes$", out, flags=re.M)
+    steps = step_lines(out)
+    assert len(steps) == len("kv cache") + 1
+    columns = ["ehcac vk.", "ba." + "." * 6]  # each row's token per step, by hand
+    assert [" ".join(row[2:]) for row in steps] == [
+        f"{a!r} {b!r}" for a, b in zip(*columns, strict=True)]
+
+
+def test_the_trained_model_answers_every_demo_prompt(capsys):
+    """With no --prompt, the demo batch is decoded and every answer is right."""
+    code, out = run([], capsys)
+    answers = out.split("right\n")[1].split("\n\n")[0].splitlines()
+    assert code == 0 and len(answers) > 1
+    assert all(line.endswith(" yes") for line in answers), answers
+
+
+def test_the_trained_mode_fails_when_cached_and_naive_disagree(capsys, monkeypatch):
+    real = generate.generate_cached
+
+    def off_by_one(model, prompts, n, *args, **kwargs):
+        out = real(model, prompts, n, *args, **kwargs)
+        return out._replace(tokens=(out.tokens + 1) % model.config.vocab_size)
+
+    monkeypatch.setattr(generate, "generate_cached", off_by_one)
+    code, out = run(["--prompt", "ab"], capsys)
+    assert code == 1 and "tokens identical (naive vs cached): False" in out
