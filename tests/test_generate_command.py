@@ -143,6 +143,23 @@ def test_hf_generates_text_and_matches_hugging_faces_logits(tiny_hf_dir, capsys)
     assert float(re.search(r"on the same tokens: (\S+)", out)[1]) < 1e-4
 
 
+def test_hf_logit_difference_finds_one_wrong_logit(tiny_hf_dir):
+    """The comparison reads, for every row, the logits Hugging Face gives the prompt plus the new
+    tokens at the positions that chose each new token: it is tiny for our own run, and a single
+    logit moved by 0.5 (in the last step of the shorter row) shows up as 0.5."""
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
+    model = GPT.from_gpt2(hf.state_dict(), dtype=np.float32, hf_config=hf.config)
+    prompts = [np.array([5, 9, 2, 40]), np.array([7, 1])]
+    out = generate.generate_cached(model, prompts, 4)
+    assert generate.hf_logit_difference(hf, prompts, out) < 1e-4
+    logits = out.logits.copy()
+    logits[1, -1, 17] += 0.5
+    moved = generate.hf_logit_difference(hf, prompts, out._replace(logits=logits))
+    assert abs(moved - 0.5) < 1e-4
+
+
 @pytest.mark.parametrize(("argv", "match"), [
     (["--hf", "no-such-model-here", "--prompt", "x"], "no Hugging Face GPT-2 at"),
     (["--hf", "DIR"], "--hf needs --prompt"),
