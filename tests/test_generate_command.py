@@ -258,9 +258,11 @@ def test_the_ends_of_each_range_are_accepted(capsys, flags):
     assert code == 0 and "tokens identical (naive vs cached): True" in out
 
 
-def test_prefill_chunk_reaches_the_cached_prefill(capsys, monkeypatch):
-    """--prefill-chunk 3 on prompts of 8: the cached decoder prefills in chunks of 3 (3 + 3 + 2
-    model calls), not in one call; chunked and one-shot agree, so only the calls can tell."""
+@pytest.mark.parametrize("mode", [["--random"], ["--prompt", "kv cache"],
+                                  ["--hf", "DIR", "--prompt", "the cat sat"]])
+def test_prefill_chunk_reaches_the_cached_prefill(capsys, monkeypatch, tiny_hf_dir, mode):
+    """--prefill-chunk 3 reaches the cached decoder's prefill, in every mode (chunked and one-shot
+    prefill agree, so only the call can tell); without the flag the prompt goes in one piece."""
     calls = []
     real = generate.prefill
 
@@ -269,10 +271,11 @@ def test_prefill_chunk_reaches_the_cached_prefill(capsys, monkeypatch):
         return real(model, ids, cache, chunk_size, attention_mask)
 
     monkeypatch.setattr(generate, "prefill", recorded)
-    code, _ = run(["--random", "--new-tokens", "2", "--prefill-chunk", "3"], capsys)
+    argv = [str(tiny_hf_dir) if a == "DIR" else a for a in mode] + ["--new-tokens", "2"]
+    code, _ = run([*argv, "--prefill-chunk", "3"], capsys)
     assert code == 0 and calls == [3]
     calls.clear()
-    run(["--random", "--new-tokens", "2"], capsys)
+    run(argv, capsys)
     assert calls == [None]
 
 
