@@ -143,6 +143,32 @@ def test_hf_generates_text_and_matches_hugging_faces_logits(tiny_hf_dir, capsys)
     assert float(re.search(r"on the same tokens: (\S+)", out)[1]) < 1e-4
 
 
+def test_hf_stops_at_the_tokenizers_eos(tiny_hf_dir, tmp_path, capsys):
+    """--hf takes eos from the tokenizer: with eos set to the token Hugging Face's model picks
+    first after the prompt (found here with torch, greedily), the run stops after that one
+    token instead of going on for --new-tokens."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer("the cat")["input_ids"]])
+        first = int(hf(ids).logits[0, -1].argmax())
+    path = tmp_path / "eos-is-the-first-token"
+    shutil.copytree(tiny_hf_dir, path)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(first)
+    tokenizer.save_pretrained(path)
+    assert AutoTokenizer.from_pretrained(path).eos_token_id == first
+    code, out = run(["--hf", str(path), "--prompt", "the cat", "--new-tokens", "6"], capsys)
+    assert code == 0 and re.search(r"^1 tokens in ", out, flags=re.M), out
+    _, free = run(["--hf", str(tiny_hf_dir), "--prompt", "the cat", "--new-tokens", "6"],
+                  capsys)
+    assert re.search(r"^6 tokens in ", free, flags=re.M), free  # power: it would go on
+
+
 def test_hf_logit_difference_finds_one_wrong_logit(tiny_hf_dir):
     """The comparison reads, for every row, the logits Hugging Face gives the prompt plus the new
     tokens at the positions that chose each new token: it is tiny for our own run, and a single
@@ -256,6 +282,26 @@ def test_out_of_range_flags_are_refused_naming_the_flag_and_the_range(capsys, fl
 def test_the_ends_of_each_range_are_accepted(capsys, flags):
     code, out = run(["--random", "--new-tokens", "2", *flags], capsys)
     assert code == 0 and "tokens identical (naive vs cached): True" in out
+
+
+def test_seed_and_dtype_reach_the_random_model(capsys, monkeypatch):
+    """--seed seeds the random weights (another seed, other weights; the same seed, the same
+    weights in either dtype) and --dtype is the model's dtype (float32 unless given)."""
+    models = []
+    real = generate.generate_cached
+
+    def recorded(model, *args, **kwargs):
+        models.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_cached", recorded)
+    for flags in (["--seed", "0"], ["--seed", "3"], ["--seed", "3", "--dtype", "float64"]):
+        code, _ = run(["--random", "--new-tokens", "1", "--layers", "1", *flags], capsys)
+        assert code == 0
+    zero, three, three64 = models
+    assert zero.dtype == three.dtype == np.float32 and three64.dtype == np.float64
+    assert not np.allclose(zero.wte, three.wte)
+    np.testing.assert_allclose(three.wte, three64.wte, rtol=1e-6)
 
 
 @pytest.mark.parametrize("mode", [["--random"], ["--prompt", "kv cache"],
