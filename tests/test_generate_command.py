@@ -44,6 +44,7 @@ def test_random_ragged_batch_is_shown_left_padded(capsys):
                                                                          "00001"))]
     assert [line.split()[-1] for line in rows] == ["00111", "11111", "00001"]
     assert rows[2].split()[:4] == [".", ".", ".", "."]  # four pads before the one real token
+    assert [len(line.split()) for line in rows] == [6, 6, 6]  # 5 columns apart, then the mask
     assert [int(row[1]) for row in step_lines(out)] == [5, 6, 7]
 
 
@@ -167,6 +168,39 @@ def test_hf_stops_at_the_tokenizers_eos(tiny_hf_dir, tmp_path, capsys):
     _, free = run(["--hf", str(tiny_hf_dir), "--prompt", "the cat", "--new-tokens", "6"],
                   capsys)
     assert re.search(r"^6 tokens in ", free, flags=re.M), free  # power: it would go on
+
+
+def test_hf_runs_in_float32_and_stops_at_an_eos_of_id_zero(tiny_hf_dir, tmp_path, capsys,
+                                                           monkeypatch):
+    """The tiny tokenizer's eos is token 0 (its first special token). A copy of the model made to
+    pick token 0 always (final LayerNorm out -> a fixed vector v, token 0's embedding 10 v) must
+    stop after one token: id 0 is a valid eos. The converted model is float32, as printed."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    assert AutoTokenizer.from_pretrained(tiny_hf_dir).eos_token_id == 0
+    hf = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
+    v = torch.linspace(-1.0, 1.0, hf.config.n_embd)
+    with torch.no_grad():
+        hf.transformer.ln_f.weight.zero_()
+        hf.transformer.ln_f.bias.copy_(v)
+        hf.transformer.wte.weight[0] = 10 * v
+    path = tmp_path / "always-eos"
+    shutil.copytree(tiny_hf_dir, path)
+    hf.save_pretrained(path)
+    models = []
+    real = generate.generate_cached
+
+    def recorded(model, *args, **kwargs):
+        models.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_cached", recorded)
+    code, out = run(["--hf", str(path), "--prompt", "the cat", "--new-tokens", "6"], capsys)
+    assert code == 0 and re.search(r"^1 tokens in ", out, flags=re.M), out
+    assert [m.dtype for m in models] == [np.float32]
 
 
 def test_hf_logit_difference_finds_one_wrong_logit(tiny_hf_dir):
@@ -348,6 +382,16 @@ def test_step_lines_show_at_most_six_rows_of_tokens(capsys, batch):
     assert all(re.fullmatch(r"\s+\d+\s+\d+\s+" + shown, line) for line in tokens), tokens
 
 
+def test_side_by_side_times_each_decoder_separately(monkeypatch):
+    """naive_s is the time from before generate_naive to after it, cached_s from there to after
+    generate_cached; a fake clock reading 1, 3, 7 makes them 2 and 4 exactly."""
+    clock = iter([1.0, 3.0, 7.0])
+    monkeypatch.setattr(generate.time, "perf_counter", lambda: next(clock))
+    model = GPT(GPTConfig(vocab_size=16, max_seq_len=8, d_model=8, n_heads=2, n_layers=1))
+    run_ = generate.side_by_side(model, [np.array([1, 2])], 2, seed=0)
+    assert (run_.naive_s, run_.cached_s) == (2.0, 4.0)
+
+
 def test_rows_keeps_six_lines_and_summarises_the_rest():
     lines = [f"row {i}" for i in range(9)]
     assert generate.rows(lines[:6]) == lines[:6]
@@ -365,6 +409,10 @@ def test_show_padded_cuts_to_the_last_columns_by_hand(capsys):
                                                     "  ... <3>|<4>|<5>   111"]
     generate.show_padded(ids, mask, token=str, pad="_", last=5)
     assert capsys.readouterr().out.splitlines() == ["  __789   00111", "  12345   11111"]
+    wide = np.arange(30)[None] % 10  # 30 columns: by default only the last 24 are shown
+    generate.show_padded(wide, np.ones_like(wide), token=str, pad="_")
+    assert capsys.readouterr().out.splitlines() == [
+        "  ... " + "".join(str(i % 10) for i in range(6, 30)) + "   " + "1" * 24]
 
 
 def test_agreement_needs_both_the_same_tokens_and_a_cache_growing_by_one(capsys):
