@@ -22,6 +22,22 @@ def test_left_pad_hand_worked_example():
     np.testing.assert_array_equal(mask, [[1, 1, 1], [0, 0, 1], [0, 1, 1]])
 
 
+def test_left_pad_pads_with_token_zero_by_default():
+    ids, mask = left_pad([np.array([4]), np.array([5, 6])])
+    np.testing.assert_array_equal(ids, [[0, 4], [5, 6]])
+    np.testing.assert_array_equal(mask, [[0, 1], [1, 1]])
+
+
+@pytest.mark.parametrize("prompts", [(np.array([1, 2]) for _ in range(2)), {1: np.array([1])},
+                                     np.array([[1, 2]]), [], 7])
+def test_left_pad_refuses_anything_but_a_non_empty_list_of_prompts(prompts):
+    """A generator or a dict would iterate, and a (B, P) array would pass row by row, but none
+    is the documented list of 1-D prompts: each is refused by name."""
+    with pytest.raises(TypeError, match=r"^prompts must be a non-empty list of 1-D int arrays, "
+                                        "got "):
+        left_pad(prompts)
+
+
 def test_generation_leaves_the_callers_prompts_alone():
     prompts = [np.array([1, 2]), np.array([3])]
     array = random_ids(1, 2, 5)
