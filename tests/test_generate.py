@@ -26,6 +26,7 @@ def test_left_pad_pads_with_token_zero_by_default():
     ids, mask = left_pad([np.array([4]), np.array([5, 6])])
     np.testing.assert_array_equal(ids, [[0, 4], [5, 6]])
     np.testing.assert_array_equal(mask, [[0, 1], [1, 1]])
+    assert np.issubdtype(ids.dtype, np.integer) and np.issubdtype(mask.dtype, np.integer)
 
 
 @pytest.mark.parametrize("prompts", [(np.array([1, 2]) for _ in range(2)), {1: np.array([1])},
