@@ -9,7 +9,9 @@ import pytest
 from conftest import V, cache_state, prompts_of, random_ids, small_model
 
 import attention
-from generate import decode, generate_cached, generate_naive, left_pad, prefill
+from block import GPT
+from generate import decode, generate_cached, generate_naive, left_pad, prefill, prepare_request
+from sampling import Sampler
 
 TOL = 1e-10
 
@@ -20,6 +22,23 @@ def test_left_pad_hand_worked_example():
     ids, mask = left_pad([np.array([5, 6, 7]), np.array([8]), np.array([9, 10])], pad_id=3)
     np.testing.assert_array_equal(ids, [[5, 6, 7], [3, 3, 8], [3, 9, 10]])
     np.testing.assert_array_equal(mask, [[1, 1, 1], [0, 0, 1], [0, 1, 1]])
+
+
+def test_left_pad_pads_with_token_zero_by_default():
+    ids, mask = left_pad([np.array([4]), np.array([5, 6])])
+    np.testing.assert_array_equal(ids, [[0, 4], [5, 6]])
+    np.testing.assert_array_equal(mask, [[0, 1], [1, 1]])
+    assert np.issubdtype(ids.dtype, np.integer) and np.issubdtype(mask.dtype, np.integer)
+
+
+@pytest.mark.parametrize("prompts", [(np.array([1, 2]) for _ in range(2)), {1: np.array([1])},
+                                     np.array([[1, 2]]), [], 7])
+def test_left_pad_refuses_anything_but_a_non_empty_list_of_prompts(prompts):
+    """A generator or a dict would iterate, and a (B, P) array would pass row by row, but none
+    is the documented list of 1-D prompts: each is refused by name."""
+    with pytest.raises(TypeError, match=r"^prompts must be a non-empty list of 1-D int arrays, "
+                                        "got "):
+        left_pad(prompts)
 
 
 def test_generation_leaves_the_callers_prompts_alone():
@@ -289,3 +308,63 @@ def test_decode_refuses_a_bad_token_without_touching_the_cache(token, error, mat
 def test_prefill_and_decode_need_a_model_cache(fn, cache):
     with pytest.raises(TypeError, match="cache must be a ModelCache"):
         fn(small_model(), np.array([1, 2]) if fn is decode else np.array([[1, 2]]), cache)
+
+
+# --- refusals name the argument; the pieces of a request reach the decoder -----------------------
+
+@pytest.mark.parametrize(("bad", "error", "match"), [
+    (dict(max_new_tokens=0), ValueError, r"^max_new_tokens must be a positive int, got 0$"),
+    (dict(pad_id=64), ValueError, r"^pad_id must be a token id in \[0, 64\), got 64$"),
+    (dict(eos_id=-1), ValueError, r"^eos_id must be a token id in \[0, 64\), got -1$"),
+    (dict(prompt_ids=np.ones((2, 3), int), attention_mask=np.ones((2, 2), int)), ValueError,
+     r"^attention_mask must have shape \(2, 3\), got \(2, 2\)$"),
+    (dict(prefill_chunk=0), ValueError, r"^prefill_chunk must be a positive int, got 0$"),
+])
+def test_refusals_start_with_the_arguments_name(model_calls, bad, error, match):
+    request = dict(prompt_ids=[np.array([1, 2, 3]), np.array([4])], max_new_tokens=2) | bad
+    with pytest.raises(error, match=match):
+        generate_cached(small_model(), **request)
+    assert model_calls == {"forward": 0, "new_cache": 0}
+
+
+def test_prefill_refuses_a_bad_chunk_size_by_its_name():
+    model, cache = started_cache()
+    with pytest.raises(ValueError, match=r"^chunk_size must be a positive int, got 0$"):
+        prefill(model, random_ids(21, 2, 4), cache, chunk_size=0)
+
+
+def test_prepare_request_pads_with_pad_id_and_returns_a_bool_mask():
+    """A list of prompts is left-padded with the pad_id asked for (5 here, not the default 0);
+    an array without a mask gets an all-True bool mask, as the docstring says."""
+    model = small_model()
+    ids, mask = prepare_request(model, [np.array([1, 2, 3]), np.array([4])], 2, pad_id=5)
+    np.testing.assert_array_equal(ids, [[1, 2, 3], [5, 5, 4]])
+    np.testing.assert_array_equal(mask, [[True, True, True], [False, False, True]])
+    ids, mask = prepare_request(model, np.array([[7, 8]]), 2)
+    assert mask.dtype == bool and mask.tolist() == [[True, True]]
+
+
+def test_prepare_request_checks_the_sampler_it_is_given():
+    model = small_model()
+    prepare_request(model, np.array([[7, 8]]), 2, sampler=Sampler())  # a Sampler is accepted
+    with pytest.raises(TypeError, match=r"^sampler must be a Sampler, got str$"):
+        prepare_request(model, np.array([[7, 8]]), 2, sampler="greedy")
+
+
+def test_a_prefill_that_fails_half_way_leaves_the_cache_as_it_was(monkeypatch):
+    """The second chunk's model call fails after the first chunk was written: the cache is rolled
+    back to its length before the call, and the original error reaches the caller."""
+    model, cache = started_cache()
+    before = cache_state(cache)
+    real, calls = GPT.__call__, []
+
+    def fails_on_the_second_chunk(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the second chunk failed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "__call__", fails_on_the_second_chunk)
+    with pytest.raises(RuntimeError, match="^the second chunk failed$"):
+        prefill(model, random_ids(21, 2, 4), cache, chunk_size=2)
+    assert len(calls) == 2 and cache_state(cache) == before

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
 import generate
@@ -43,6 +44,7 @@ def test_random_ragged_batch_is_shown_left_padded(capsys):
                                                                          "00001"))]
     assert [line.split()[-1] for line in rows] == ["00111", "11111", "00001"]
     assert rows[2].split()[:4] == [".", ".", ".", "."]  # four pads before the one real token
+    assert [len(line.split()) for line in rows] == [6, 6, 6]  # 5 columns apart, then the mask
     assert [int(row[1]) for row in step_lines(out)] == [5, 6, 7]
 
 
@@ -103,6 +105,9 @@ def test_trained_mode_decodes_text_and_checks_each_answer(tmp_path, capsys):
     assert re.search(r"^kv cache=\s+\S+\s+(yes|NO)$", out, flags=re.M)
     assert "tokens identical (naive vs cached): True" in out
     assert [int(row[1]) for row in step_lines(out)][:2] == [9, 10]
+    steps = step_lines(out)  # this model never says '.': it runs to the limit, the longest
+    assert all("'.'" not in row for row in steps)  # prompt's length + 1 (its reversal and '.')
+    assert len(steps) == len("kv cache") + 1
 
 
 # --- --hf: a Hugging Face GPT-2 directory --------------------------------------------------------
@@ -137,6 +142,82 @@ def test_hf_generates_text_and_matches_hugging_faces_logits(tiny_hf_dir, capsys)
     assert "'the cat' -> " in out and "'attention' -> " in out
     assert re.search(r"\d+ tokens in .* tokens/s", out)
     assert float(re.search(r"on the same tokens: (\S+)", out)[1]) < 1e-4
+
+
+def test_hf_stops_at_the_tokenizers_eos(tiny_hf_dir, tmp_path, capsys):
+    """--hf takes eos from the tokenizer: with eos set to the token Hugging Face's model picks
+    first after the prompt (found here with torch, greedily), the run stops after that one
+    token instead of going on for --new-tokens."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer("the cat")["input_ids"]])
+        first = int(hf(ids).logits[0, -1].argmax())
+    path = tmp_path / "eos-is-the-first-token"
+    shutil.copytree(tiny_hf_dir, path)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(first)
+    tokenizer.save_pretrained(path)
+    assert AutoTokenizer.from_pretrained(path).eos_token_id == first
+    code, out = run(["--hf", str(path), "--prompt", "the cat", "--new-tokens", "6"], capsys)
+    assert code == 0 and re.search(r"^1 tokens in ", out, flags=re.M), out
+    _, free = run(["--hf", str(tiny_hf_dir), "--prompt", "the cat", "--new-tokens", "6"],
+                  capsys)
+    assert re.search(r"^6 tokens in ", free, flags=re.M), free  # power: it would go on
+
+
+def test_hf_runs_in_float32_and_stops_at_an_eos_of_id_zero(tiny_hf_dir, tmp_path, capsys,
+                                                           monkeypatch):
+    """The tiny tokenizer's eos is token 0 (its first special token). A copy of the model made to
+    pick token 0 always (final LayerNorm out -> a fixed vector v, token 0's embedding 10 v) must
+    stop after one token: id 0 is a valid eos. The converted model is float32, as printed."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    assert AutoTokenizer.from_pretrained(tiny_hf_dir).eos_token_id == 0
+    hf = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
+    v = torch.linspace(-1.0, 1.0, hf.config.n_embd)
+    with torch.no_grad():
+        hf.transformer.ln_f.weight.zero_()
+        hf.transformer.ln_f.bias.copy_(v)
+        hf.transformer.wte.weight[0] = 10 * v
+    path = tmp_path / "always-eos"
+    shutil.copytree(tiny_hf_dir, path)
+    hf.save_pretrained(path)
+    models = []
+    real = generate.generate_cached
+
+    def recorded(model, *args, **kwargs):
+        models.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_cached", recorded)
+    code, out = run(["--hf", str(path), "--prompt", "the cat", "--new-tokens", "6"], capsys)
+    assert code == 0 and re.search(r"^1 tokens in ", out, flags=re.M), out
+    assert [m.dtype for m in models] == [np.float32]
+
+
+def test_hf_logit_difference_finds_one_wrong_logit(tiny_hf_dir):
+    """The comparison reads, for every row, the logits Hugging Face gives the prompt plus the new
+    tokens at the positions that chose each new token: it is tiny for our own run, and a single
+    logit moved by 0.5 (in the last step of the shorter row) shows up as 0.5."""
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(tiny_hf_dir).eval()
+    model = GPT.from_gpt2(hf.state_dict(), dtype=np.float32, hf_config=hf.config)
+    prompts = [np.array([5, 9, 2, 40]), np.array([7, 1])]
+    out = generate.generate_cached(model, prompts, 4)
+    assert generate.hf_logit_difference(hf, prompts, out) < 1e-4
+    logits = out.logits.copy()
+    logits[1, -1, 17] += 0.5
+    moved = generate.hf_logit_difference(hf, prompts, out._replace(logits=logits))
+    assert abs(moved - 0.5) < 1e-4
 
 
 @pytest.mark.parametrize(("argv", "match"), [
@@ -180,3 +261,207 @@ def test_bad_arguments_are_one_line_usage_errors(capsys, argv, match):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert "Traceback" not in err and match in err.strip().splitlines()[-1]
+
+
+# --- defaults, ranges and flags that must reach the decoder ---------------------------------------
+
+def without_timings(out: str) -> list[str]:
+    """The output minus the lines that report wall-clock time (they differ between two runs)."""
+    return [line for line in out.splitlines()
+            if not line.startswith(("time ", "cached is"))]
+
+
+def test_random_defaults_are_the_ones_the_help_states(capsys):
+    """--help says --new-tokens 16, --prompt-len 8, --batch 2 and --layers 2 by default; the
+    seed is 0 and the dtype float32 unless given. Spelled out, they give the same run."""
+    code, default = run(["--random"], capsys)
+    assert code == 0
+    explicit_code, explicit = run(["--random", "--new-tokens", "16", "--prompt-len", "8",
+                                   "--batch", "2", "--layers", "2", "--seed", "0",
+                                   "--dtype", "float32"], capsys)
+    assert explicit_code == 0
+    assert without_timings(default) == without_timings(explicit)
+    assert "prompt (B=2, P=8)" in default and "layers=2 " in default
+    assert "dtype=float32" in default
+    assert [int(row[1]) for row in step_lines(default)] == list(range(8, 8 + 16))
+
+
+@pytest.mark.parametrize(("flag", "value", "expected"), [
+    ("--new-tokens", "0", "must be in [1, 4096], got 0"),
+    ("--new-tokens", "4097", "must be in [1, 4096], got 4097"),
+    ("--prompt-len", "0", "must be in [1, 4096], got 0"),
+    ("--prompt-len", "4097", "must be in [1, 4096], got 4097"),
+    ("--batch", "1000001", "must be in [1, 1000000], got 1000001"),
+    ("--layers", "1000001", "must be in [1, 1000000], got 1000001"),
+    ("--seed", "4294967296", "must be in [0, 4294967295], got 4294967296"),
+    ("--prefill-chunk", "0", "must be >= 1, got 0"),
+    ("--prompt-lens", "3,x", "must look like 3,7,1, got '3,x'"),
+    ("--prompt-lens", "", "must look like 3,7,1, got ''"),
+    ("--prompt-lens", "2,0,1", "must be positive ints, got '2,0,1'"),
+    ("--dtype", "float16", "invalid choice: 'float16'"),
+])
+def test_out_of_range_flags_are_refused_naming_the_flag_and_the_range(capsys, flag, value,
+                                                                       expected):
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--random", flag, value])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {expected}" in last
+
+
+@pytest.mark.parametrize("flags", [["--new-tokens", "1"], ["--prompt-len", "1"],
+                                   ["--batch", "1"], ["--layers", "1"], ["--seed", "4294967295"],
+                                   ["--prefill-chunk", "1"], ["--prompt-lens", "1"],
+                                   ["--dtype", "float64"]])
+def test_the_ends_of_each_range_are_accepted(capsys, flags):
+    code, out = run(["--random", "--new-tokens", "2", *flags], capsys)
+    assert code == 0 and "tokens identical (naive vs cached): True" in out
+
+
+def test_seed_and_dtype_reach_the_random_model(capsys, monkeypatch):
+    """--seed seeds the random weights (another seed, other weights; the same seed, the same
+    weights in either dtype) and --dtype is the model's dtype (float32 unless given)."""
+    models = []
+    real = generate.generate_cached
+
+    def recorded(model, *args, **kwargs):
+        models.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_cached", recorded)
+    for flags in (["--seed", "0"], ["--seed", "3"], ["--seed", "3", "--dtype", "float64"]):
+        code, _ = run(["--random", "--new-tokens", "1", "--layers", "1", *flags], capsys)
+        assert code == 0
+    zero, three, three64 = models
+    assert zero.dtype == three.dtype == np.float32 and three64.dtype == np.float64
+    assert not np.allclose(zero.wte, three.wte)
+    np.testing.assert_allclose(three.wte, three64.wte, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", [["--random"], ["--prompt", "kv cache"],
+                                  ["--hf", "DIR", "--prompt", "the cat sat"]])
+def test_prefill_chunk_reaches_the_cached_prefill(capsys, monkeypatch, tiny_hf_dir, mode):
+    """--prefill-chunk 3 reaches the cached decoder's prefill, in every mode (chunked and one-shot
+    prefill agree, so only the call can tell); without the flag the prompt goes in one piece."""
+    calls = []
+    real = generate.prefill
+
+    def recorded(model, ids, cache, chunk_size=None, attention_mask=None):
+        calls.append(chunk_size)
+        return real(model, ids, cache, chunk_size, attention_mask)
+
+    monkeypatch.setattr(generate, "prefill", recorded)
+    argv = [str(tiny_hf_dir) if a == "DIR" else a for a in mode] + ["--new-tokens", "2"]
+    code, _ = run([*argv, "--prefill-chunk", "3"], capsys)
+    assert code == 0 and calls == [3]
+    calls.clear()
+    run(argv, capsys)
+    assert calls == [None]
+
+
+def test_top_k_of_one_and_a_tiny_top_p_sample_the_greedy_tokens(capsys):
+    """Top-k 1 (or a nucleus of 1e-9, the top token alone) leaves one token to draw at any
+    temperature, so the run prints greedy's tokens; at the same temperature without them the
+    draws differ from greedy (so the flags, not the temperature, made it greedy)."""
+    _, greedy = run(["--random", "--new-tokens", "8", "--batch", "4"], capsys)
+    hot = ["--random", "--new-tokens", "8", "--batch", "4", "--temperature", "50", "--seed", "0"]
+    for extra in (["--top-k", "1"], ["--top-p", "1e-9"]):
+        code, out = run([*hot, *extra], capsys)
+        assert code == 0 and step_lines(out) == step_lines(greedy)
+    code, out = run(hot, capsys)
+    assert code == 0 and step_lines(out) != step_lines(greedy)
+
+
+@pytest.mark.parametrize("batch", [6, 7])
+def test_step_lines_show_at_most_six_rows_of_tokens(capsys, batch):
+    """A batch of 6 prints all six tokens per step; 7 prints six and then '...'."""
+    code, out = run(["--random", "--new-tokens", "2", "--batch", str(batch)], capsys)
+    assert code == 0
+    tokens = out.split("step  cache length")[1].split("\n\n")[0].splitlines()[1:]
+    shown = r"\[(\d+, ){5}\d+" + (r", \.\.\.\]" if batch > 6 else r"\]")
+    assert all(re.fullmatch(r"\s+\d+\s+\d+\s+" + shown, line) for line in tokens), tokens
+
+
+def test_side_by_side_times_each_decoder_separately(monkeypatch):
+    """naive_s is the time from before generate_naive to after it, cached_s from there to after
+    generate_cached; a fake clock reading 1, 3, 7 makes them 2 and 4 exactly."""
+    clock = iter([1.0, 3.0, 7.0])
+    monkeypatch.setattr(generate.time, "perf_counter", lambda: next(clock))
+    model = GPT(GPTConfig(vocab_size=16, max_seq_len=8, d_model=8, n_heads=2, n_layers=1))
+    run_ = generate.side_by_side(model, [np.array([1, 2])], 2, seed=0)
+    assert (run_.naive_s, run_.cached_s) == (2.0, 4.0)
+
+
+def test_rows_keeps_six_lines_and_summarises_the_rest():
+    lines = [f"row {i}" for i in range(9)]
+    assert generate.rows(lines[:6]) == lines[:6]
+    assert generate.rows(lines[:7]) == [*lines[:5], "... (2 more rows)"]
+    assert generate.rows(lines) == [*lines[:5], "... (4 more rows)"]
+
+
+def test_show_padded_cuts_to_the_last_columns_by_hand(capsys):
+    """ids (2, 5), mask [[0 0 1 1 1], [1 1 1 1 1]], last=3: only columns 2..4 are shown, after
+    '... '; pads print as the pad string, real tokens through `token`, joined by sep."""
+    ids = np.array([[0, 0, 7, 8, 9], [1, 2, 3, 4, 5]])
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    generate.show_padded(ids, mask, token=lambda t: f"<{t}>", pad="_", sep="|", last=3)
+    assert capsys.readouterr().out.splitlines() == ["  ... <7>|<8>|<9>   111",
+                                                    "  ... <3>|<4>|<5>   111"]
+    generate.show_padded(ids, mask, token=str, pad="_", last=5)
+    assert capsys.readouterr().out.splitlines() == ["  __789   00111", "  12345   11111"]
+    wide = np.arange(30)[None] % 10  # 30 columns: by default only the last 24 are shown
+    generate.show_padded(wide, np.ones_like(wide), token=str, pad="_")
+    assert capsys.readouterr().out.splitlines() == [
+        "  ... " + "".join(str(i % 10) for i in range(6, 30)) + "   " + "1" * 24]
+
+
+def test_agreement_needs_both_the_same_tokens_and_a_cache_growing_by_one(capsys):
+    """print_agreement's verdict, on hand-made runs: same tokens and lengths 3, 4, 5 pass;
+    different tokens fail; same tokens with a cache that skipped a length fail."""
+    tokens, logits = np.array([[1, 2, 3]]), np.zeros((1, 3, 4))
+
+    def side(cached_tokens, lengths):
+        naive = generate.Generation(tokens, logits, None)
+        return generate.SideBySide(naive, generate.Generation(cached_tokens, logits, lengths),
+                                   0.2, 0.1)
+
+    assert generate.print_agreement(side(tokens, [3, 4, 5])) is True
+    assert generate.print_agreement(side(tokens + 1, [3, 4, 5])) is False
+    assert generate.print_agreement(side(tokens, [3, 5, 6])) is False
+    out = capsys.readouterr().out
+    assert "cache grew by exactly 1 per step:   False" in out
+
+
+def test_the_trained_checkpoint_reverses_the_prompts(capsys):
+    """The default checkpoint (make train) reverses each prompt, ends it with '.', and a row that
+    has finished repeats '.' while the longer one goes on; the run has room for the longest
+    answer plus its '.' (len + 1 steps)."""
+    code, out = run(["--prompt", "kv cache", "--prompt", "ab"], capsys)
+    assert code == 0
+    assert re.search(r"^kv cache=\s+ehcac vk\.\s+yes$", out, flags=re.M)
+    assert re.search(r"^ab=\s+ba\.\s+yes$", out, flags=re.M)
+    steps = step_lines(out)
+    assert len(steps) == len("kv cache") + 1
+    columns = ["ehcac vk.", "ba." + "." * 6]  # each row's token per step, by hand
+    assert [" ".join(row[2:]) for row in steps] == [
+        f"{a!r} {b!r}" for a, b in zip(*columns, strict=True)]
+
+
+def test_the_trained_model_answers_every_demo_prompt(capsys):
+    """With no --prompt, the demo batch is decoded and every answer is right."""
+    code, out = run([], capsys)
+    answers = out.split("right\n")[1].split("\n\n")[0].splitlines()
+    assert code == 0 and len(answers) > 1
+    assert all(line.endswith(" yes") for line in answers), answers
+
+
+def test_the_trained_mode_fails_when_cached_and_naive_disagree(capsys, monkeypatch):
+    real = generate.generate_cached
+
+    def off_by_one(model, prompts, n, *args, **kwargs):
+        out = real(model, prompts, n, *args, **kwargs)
+        return out._replace(tokens=(out.tokens + 1) % model.config.vocab_size)
+
+    monkeypatch.setattr(generate, "generate_cached", off_by_one)
+    code, out = run(["--prompt", "ab"], capsys)
+    assert code == 1 and "tokens identical (naive vs cached): False" in out

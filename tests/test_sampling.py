@@ -378,3 +378,20 @@ def test_a_tiny_temperature_overflows_silently():
     logits = np.random.default_rng(18).standard_normal((4, 6)) * 3
     picks = Sampler(1e-310, rng=np.random.default_rng(0))(logits)
     np.testing.assert_array_equal(picks, logits.argmax(axis=-1))
+
+
+def test_sampling_probs_are_the_float64_softmax_of_the_kept_logits():
+    """Without filters the draw's probabilities are softmax(logits / T), each row summing to one,
+    in float64 even for float32 logits (the docstring's promise: the draw is exact); with top-k
+    they are the softmax of the k highest logits alone, zero elsewhere. Reference: the test's own
+    softmax on the logits widened to float64 first."""
+    logits = (np.random.default_rng(19).standard_normal((5, 9)) * 3).astype(np.float32)
+    wide = logits.astype(np.float64)
+    probs = sampling_probs(logits, 0.7)
+    assert probs.dtype == np.float64
+    np.testing.assert_allclose(probs, softmax(wide / 0.7), rtol=1e-13, atol=0)
+    top3 = np.argsort(-wide, axis=-1)[:, :3]  # (B, 3) the kept tokens
+    expected = np.zeros_like(wide)
+    np.put_along_axis(expected, top3, softmax(np.take_along_axis(wide, top3, -1) / 0.7), -1)
+    np.testing.assert_allclose(sampling_probs(logits, 0.7, top_k=3), expected, rtol=1e-13,
+                               atol=0)
