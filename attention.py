@@ -129,7 +129,8 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, hidden: np.ndarray | Non
     scores = weights[..., :n_keys]  # a view: the scores become the weights in place
     np.matmul(q, k.swapaxes(-1, -2), out=scores)  # (..., rows, d) @ (..., d, n_keys)
     if hidden is not None:
-        np.copyto(scores, mask_value(q.dtype), where=hidden)  # the mask, BEFORE softmax
+        # the mask, BEFORE softmax; scores are float32 at least, so -1e9 is finite even for float16
+        np.copyto(scores, NEG_INF, where=hidden)
     softmax_in_place(scores)
     weights[..., n_keys:] = 0.0  # keys no query of the block may see: exactly 0
     np.matmul(scores, v, out=out)  # (..., rows, n_keys) @ (..., n_keys, d) -> (..., rows, d)
@@ -159,12 +160,6 @@ def query_blocks(mask: np.ndarray | None, t_q: int, t_k: int) -> list[tuple[slic
     needs[blind] = t_k
     return [(slice(i, min(i + QUERY_BLOCK, t_q)), int(needs[i:i + QUERY_BLOCK].max()))
             for i in range(0, t_q, QUERY_BLOCK)]
-
-
-def mask_value(dtype: np.dtype) -> float:
-    """NEG_INF, or in float16 (where -1e9 rounds to -inf: its largest finite value is 65504) the
-    most negative float16, so a fully masked row stays uniform there too instead of NaN."""
-    return NEG_INF if np.dtype(dtype).itemsize >= 4 else float(np.finfo(dtype).min)
 
 
 def check_attention_inputs(q: np.ndarray, k: np.ndarray, v: np.ndarray,

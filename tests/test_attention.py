@@ -425,7 +425,7 @@ def test_a_torch_style_additive_mask_would_have_been_inverted():
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_a_fully_masked_row_is_uniform_in_every_float_dtype(dtype):
     """A row whose every key is masked (a pad query) averages the values uniformly rather than
-    becoming NaN; -1e9 would be -inf in float16, so float16 masks with its most negative value."""
+    becoming NaN; -1e9 would be -inf in float16, so float16 inputs are scored in float32."""
     rng = np.random.default_rng(7)
     q, k, v = (rng.standard_normal((1, 1, 2, 4)).astype(dtype) for _ in range(3))
     mask = np.array([[False, False], [True, False]])  # query 0 sees nothing
@@ -462,3 +462,58 @@ def test_exercise_block_with_one_head_matches_torch():
     ws = rng.standard_normal((4, 6, 6)) / np.sqrt(6)
     np.testing.assert_allclose(causal_self_attention_block(x, *ws, 1),
                                torch_block_exercise(x, *ws, 1), rtol=0, atol=1e-12)
+
+
+# --- query blocks: the masked triangle is skipped, never guessed ---------------------------------
+
+def test_query_blocks_give_each_block_the_keys_its_last_query_sees():
+    """Worked by hand for QUERY_BLOCK = 128: a causal prefill of 300 needs 128, 256, 300 keys;
+    200 new queries after 100 cached need 228 and 300; no mask, or at most 128 queries: one block."""
+    from attention import QUERY_BLOCK, query_blocks
+
+    assert QUERY_BLOCK == 128
+    assert query_blocks(causal_mask(300), 300, 300) == [
+        (slice(0, 128), 128), (slice(128, 256), 256), (slice(256, 300), 300)]
+    assert query_blocks(causal_mask(200, 300), 200, 300) == [
+        (slice(0, 128), 228), (slice(128, 200), 300)]
+    assert query_blocks(None, 300, 300) == [(slice(0, 300), 300)]
+    assert query_blocks(causal_mask(128), 128, 128) == [(slice(0, 128), 128)]
+    assert query_blocks(causal_mask(129), 129, 129) == [(slice(0, 128), 128),
+                                                        (slice(128, 129), 129)]
+
+
+def test_query_blocks_read_every_batch_row_and_keep_all_keys_for_a_blind_query():
+    """Keys are counted over every batch row and head (the widest row decides); a query that sees
+    no key at all is uniform over all t_k keys, so its block keeps every key."""
+    from attention import query_blocks
+
+    mask = np.broadcast_to(causal_mask(260), (2, 1, 260, 260)).copy()
+    mask[1, 0, 5, :] = True  # row 1, query 5 sees everything: block 0 needs all 260 keys
+    assert query_blocks(mask, 260, 260)[0] == (slice(0, 128), 260)
+    assert query_blocks(mask, 260, 260)[1] == (slice(128, 256), 256)
+    blind = np.broadcast_to(causal_mask(260), (3, 1, 260, 260)).copy()
+    blind[2, 0, 140, :] = False  # row 2, query 140 sees nothing: block 1 keeps every key
+    assert query_blocks(blind, 260, 260)[1] == (slice(128, 256), 260)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_attention_in_several_query_blocks_matches_torch(dtype):
+    """300 queries (three blocks) against torch's SDPA with the same bool mask: a padding row and a
+    fully blind query included. Future weights are exactly 0 and every row sums to 1."""
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((2, 2, 300, 8)).astype(dtype) for _ in range(3))
+    mask = np.broadcast_to(causal_mask(300), (2, 1, 300, 300)).copy()
+    mask[1, 0, :, :40] = False  # row 1: 40 pads on the left
+    mask[1, 0, :40, :] = False  # whose queries see nothing
+    out, w = scaled_dot_product_attention(q, k, v, mask)
+    assert out.dtype == dtype and np.isfinite(out).all()
+    np.testing.assert_array_equal(w[np.broadcast_to(~mask, w.shape) & ~np.broadcast_to(
+        ~mask.any(-1, keepdims=True), w.shape)], 0.0)
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
+    seen = mask.any(-1)[:, 0]  # (B, t_q): torch gives 0 or NaN for a blind row; compare the rest
+    ref_out, ref_w = torch_attention(q.astype(np.float64), k.astype(np.float64),
+                                     v.astype(np.float64), mask)
+    tol = {np.float16: 2e-2, np.float32: 1e-5, np.float64: 1e-12}[dtype]
+    for b in range(2):
+        np.testing.assert_allclose(w[b][:, seen[b]], ref_w[b][:, seen[b]], atol=tol)
+        np.testing.assert_allclose(out[b][:, seen[b]], ref_out[b][:, seen[b]], atol=tol)
