@@ -468,7 +468,7 @@ def test_exercise_block_with_one_head_matches_torch():
 
 def test_query_blocks_give_each_block_the_keys_its_last_query_sees():
     """Worked by hand for QUERY_BLOCK = 128: a causal prefill of 300 needs 128, 256, 300 keys;
-    200 new queries after 100 cached need 228 and 300; no mask, or at most 128 queries: one block."""
+    200 new queries after 100 cached need 228 and 300; no mask, or <= 128 queries: one block."""
     from attention import QUERY_BLOCK, query_blocks
 
     assert QUERY_BLOCK == 128
