@@ -80,7 +80,9 @@ def test_a_large_batch_is_printed_in_a_few_lines(capsys):
     assert len(out.splitlines()) < 30
 
 
-def test_the_command_fails_when_cached_and_naive_disagree(capsys, monkeypatch):
+@pytest.mark.parametrize("args", [["--random", "--new-tokens", "3"], ["--prompt", "ab"]],
+                         ids=["random", "trained"])
+def test_the_command_fails_when_cached_and_naive_disagree(capsys, monkeypatch, args):
     real = generate.generate_cached
 
     def off_by_one(model, prompts, n, *args, **kwargs):
@@ -88,7 +90,7 @@ def test_the_command_fails_when_cached_and_naive_disagree(capsys, monkeypatch):
         return out._replace(tokens=(out.tokens + 1) % model.config.vocab_size)
 
     monkeypatch.setattr(generate, "generate_cached", off_by_one)
-    code, out = run(["--random", "--new-tokens", "3"], capsys)
+    code, out = run(args, capsys)
     assert code == 1 and "tokens identical (naive vs cached): False" in out
 
 
@@ -453,15 +455,3 @@ def test_the_trained_model_answers_every_demo_prompt(capsys):
     answers = out.split("right\n")[1].split("\n\n")[0].splitlines()
     assert code == 0 and len(answers) > 1
     assert all(line.endswith(" yes") for line in answers), answers
-
-
-def test_the_trained_mode_fails_when_cached_and_naive_disagree(capsys, monkeypatch):
-    real = generate.generate_cached
-
-    def off_by_one(model, prompts, n, *args, **kwargs):
-        out = real(model, prompts, n, *args, **kwargs)
-        return out._replace(tokens=(out.tokens + 1) % model.config.vocab_size)
-
-    monkeypatch.setattr(generate, "generate_cached", off_by_one)
-    code, out = run(["--prompt", "ab"], capsys)
-    assert code == 1 and "tokens identical (naive vs cached): False" in out
