@@ -359,10 +359,9 @@ def multi_head_attention(
     else:
         q, k, v = (linear(x, w, b) for w, b in ((p.w_q, p.b_q), (p.w_k, p.b_k), (p.w_v, p.b_v)))
     q = split_heads(q, p.n_heads)  # (B, T, D) -> (B, H, T, d_head)
-    k = split_heads(k, p.n_kv_heads)  # (B, T, D) -> (B, H_kv, T, d_head)
-    v = split_heads(v, p.n_kv_heads)  # (B, T, D) -> (B, H_kv, T, d_head)
+    k, v = kv_heads(k, v, p, rotate)  # (B, T, H_kv d_head) -> (B, H_kv, T, d_head) each
     if rotate is not None:  # RoPE turns q and k by their absolute positions; v is left alone
-        q, k = apply_rope(q, *rotate), apply_rope(k, *rotate)
+        q = apply_rope(q, *rotate)
     if cache is not None:
         # Only K and V are worth keeping: a past query is never asked again.
         k, v = cache.append(k, v)  # (B, H_kv, T, d_head) -> (B, H_kv, cached + T, d_head)
@@ -379,8 +378,17 @@ def keys_and_values(
     """The two lenses a cache keeps: x (B, T, D) -> k, v (B, H_kv, T, d_head), k turned by RoPE
     when rotate is given; the same k and v multi_head_attention makes. For the model to cache a
     block's keys and values without running the block (block.last_position_only)."""
-    k = split_heads(linear(x, p.w_k, p.b_k), p.n_kv_heads)  # (B, T, D) -> (B, H_kv, T, d_head)
-    v = split_heads(linear(x, p.w_v, p.b_v), p.n_kv_heads)  # (B, T, D) -> (B, H_kv, T, d_head)
+    return kv_heads(linear(x, p.w_k, p.b_k), linear(x, p.w_v, p.b_v), p, rotate)
+
+
+def kv_heads(
+    k: np.ndarray, v: np.ndarray, p: AttentionParams,
+    rotate: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Projected keys and values (B, T, H_kv * d_head) into heads, k turned by RoPE when rotate is
+    given: where multi_head_attention and keys_and_values both shape what the cache keeps."""
+    k = split_heads(k, p.n_kv_heads)  # (B, T, H_kv d_head) -> (B, H_kv, T, d_head)
+    v = split_heads(v, p.n_kv_heads)  # (B, T, H_kv d_head) -> (B, H_kv, T, d_head)
     return (k if rotate is None else apply_rope(k, *rotate)), v
 
 
