@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from checks import positive_int
-from rope import apply_rope
+from parts.checks import positive_int
+from parts.rope import apply_rope
 
 if TYPE_CHECKING:  # only for type hints; cache.py does not import this module
     from cache import KVCache

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-import weights as weight_files
 from attention import (
     AttentionParams,
     causal_mask,
@@ -29,7 +28,8 @@ from attention import (
     multi_head_attention,
 )
 from cache import KVCache, ModelCache, kv_cache_bytes
-from checks import (
+from parts import weights as weight_files
+from parts.checks import (
     finite_number,
     fits_in_memory,
     float_dtype,
@@ -38,7 +38,7 @@ from checks import (
     token_ids,
     zero_one_mask,
 )
-from rope import rope_angles
+from parts.rope import rope_angles
 
 MODEL_DTYPES = ("float32", "float64")
 

@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from checks import fits_in_memory, float_dtype, is_int, positive_int, zero_one_mask
+from parts.checks import fits_in_memory, float_dtype, is_int, positive_int, zero_one_mask
 
 CACHE_DTYPES = ("float16", "float32", "float64")  # int or bool buffers would round or wrap K/V
 

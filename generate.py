@@ -30,10 +30,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-import task
 from block import GPT, GPTConfig
 from cache import ModelCache
-from checks import (
+from parts import task
+from parts.checks import (
     SEED,
     cli_int,
     int_array,
@@ -43,7 +43,7 @@ from checks import (
     token_ids,
     zero_one_mask,
 )
-from sampling import Sampler, greedy
+from parts.sampling import Sampler, greedy
 
 __all__ = ["Generation", "decode", "decode_loop", "generate_cached", "generate_naive", "greedy",
            "left_pad", "main", "prefill", "prepare_request"]

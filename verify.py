@@ -48,8 +48,8 @@ import attention
 import block
 import cache
 import generate
-import references as ref
-import rope
+from parts import references as ref
+from parts import rope
 
 HERE = Path(__file__).resolve().parent
 WIDTH = 80
@@ -836,9 +836,12 @@ def everywhere(original: Callable, broken: Callable) -> list[Swap]:
     """Every name in the project's modules bound to `original`. `from attention import
     causal_mask` in block.py makes block.causal_mask a second name for the same function; both
     must be swapped or half the code keeps the real one."""
-    modules = [m for m in list(sys.modules.values())
-               if getattr(m, "__file__", None) and Path(m.__file__).resolve().parent == HERE
-               and Path(m.__file__).resolve() != Path(__file__).resolve()]  # not this harness
+    def ours(m: object) -> bool:  # the repo's modules (parts/, engine/, ...), not this harness
+        path = Path(getattr(m, "__file__", None) or HERE / ".venv")
+        return (HERE in path.resolve().parents and ".venv" not in path.parts
+                and path.resolve() != Path(__file__).resolve())
+
+    modules = [m for m in list(sys.modules.values()) if ours(m)]
     return [(m, name, broken) for m in modules for name, value in vars(m).items()
             if value is original]
 

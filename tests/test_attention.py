@@ -28,7 +28,7 @@ from attention import (
     softmax,
     split_heads,
 )
-from references import (
+from parts.references import (
     masked_softmax_by_hand,
     rule_mask,
     torch_attention,

@@ -18,10 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attention
-import bench
 from block import GPT, GPTConfig
 from cache import KVCache
 from generate import decode, greedy, prefill
+from tools import bench
 
 
 @pytest.fixture(scope="module")

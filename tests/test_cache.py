@@ -396,7 +396,7 @@ def test_kv_cache_bytes_refuses_sizes_that_are_not_positive_ints(position, bad):
 
 
 def test_a_cache_that_cannot_fit_in_memory_is_refused_before_allocating(monkeypatch):
-    import checks
+    from parts import checks
 
     monkeypatch.setattr(checks, "available_memory", lambda: 2**30)  # a machine with 1 GiB free
     # 2 * 8,192 rows * 4 heads * 128 positions * 32 * 4 bytes = 1 GiB exactly: fits.

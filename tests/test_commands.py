@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-import bench
-import memory
 import verify
+from tools import bench, memory
 
 
 def usage_error(main, argv: list[str], capsys) -> str:

@@ -11,7 +11,7 @@ from conftest import V, cache_state, prompts_of, random_ids, small_model
 import attention
 from block import GPT
 from generate import decode, generate_cached, generate_naive, left_pad, prefill, prepare_request
-from sampling import Sampler
+from parts.sampling import Sampler
 
 TOL = 1e-10
 

@@ -8,8 +8,8 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.image import imread
 
-import heatmap
 from block import GPT, GPTConfig
+from tools import heatmap
 
 T = 7
 
@@ -130,7 +130,7 @@ def test_the_trained_model_has_a_mirroring_head_on_100_prompts() -> None:
     """The shipped checkpoint, on 100 fresh prompts: layer 0 has a previous-token head and a
     layer-1 head puts most of its weight, at every answer position, on the key holding the
     character to copy (the README names these heads)."""
-    import task
+    from parts import task
 
     model = GPT.load(heatmap.CHECKPOINT)
     rng = task.prompt_rng(7, "test")

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import memory
 from block import GPT, GPTConfig
 from cache import kv_cache_bytes
+from tools import memory
 
 
 def test_gpt2_small_by_hand() -> None:

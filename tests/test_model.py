@@ -479,7 +479,7 @@ def test_count_weights_is_the_size_of_the_table(variant):
 
 
 def test_a_cache_for_too_many_rows_is_refused_before_any_layer_exists(monkeypatch):
-    import checks
+    from parts import checks
 
     monkeypatch.setattr(checks, "available_memory", lambda: 2**30)
     monkeypatch.setattr(block, "KVCache", lambda *a: pytest.fail("allocated a layer"))

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-import pictures
-from references import rule_mask
+from parts.references import rule_mask
+from tools import pictures
 
 
 def grids(text: str) -> list[np.ndarray]:

@@ -94,9 +94,9 @@ def test_every_output_block_is_what_its_command_prints(page, command, rtol, bloc
 
 def test_the_readme_shows_the_outputs_it_must():
     commands = {command for _, command, _, _ in output_blocks()}
-    pictures = {f"python pictures.py {name}" for name in
+    pictures = {f"python tools/pictures.py {name}" for name in
                 ("mask", "heads", "cache", "padding", "gqa", "timeline")}
-    assert pictures | {"python generate.py", "python verify.py", "python evaluate.py",
+    assert pictures | {"python generate.py", "python verify.py", "python tools/evaluate.py",
                        "python verify.py --failure-modes"} <= commands
 
 

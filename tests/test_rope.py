@@ -25,7 +25,7 @@ from transformers.models.llama.modeling_llama import (
 import block
 from attention import AttentionParams, causal_mask, multi_head_attention
 from generate import generate_cached, generate_naive
-from rope import apply_rope, rope_angles
+from parts.rope import apply_rope, rope_angles
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 

@@ -11,7 +11,7 @@ import pytest
 
 from block import GPT, GPTConfig
 from generate import generate_cached, generate_naive
-from sampling import Sampler, draw, keep_top_k, keep_top_p, sampling_probs
+from parts.sampling import Sampler, draw, keep_top_k, keep_top_p, sampling_probs
 
 MODEL = GPT(GPTConfig(vocab_size=64, max_seq_len=32, d_model=32, n_heads=4, n_layers=2,
                       init_std=0.2), seed=1, dtype=np.float64)

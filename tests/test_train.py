@@ -15,12 +15,11 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
-import evaluate
-import task
-import train
 from block import GPT, GPTConfig, random_weights, weight_shapes
 from generate import generate_cached, generate_naive
-from references import random_model
+from parts import task
+from parts.references import random_model
+from tools import evaluate, train
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "checkpoints" / "reverse.npz"

@@ -12,8 +12,8 @@ import pytest
 import attention
 import block
 import cache
-import rope
 import verify
+from parts import rope
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_real_functions_are_back_after_the_gallery(gallery):
                          (attention, "multi_head_attention"), (block, "multi_head_attention"),
                          (block, "positions_and_mask"), (block, "rope_angles"),
                          (rope, "rope_angles")):
-        assert getattr(module, name).__module__ in ("attention", "block", "rope"), name
+        assert getattr(module, name).__module__ in ("attention", "block", "parts.rope"), name
     assert cache.KVCache.append.__module__ == "cache"
     assert cache.ModelCache.reset.__module__ == "cache"
     assert not np.array_equal(attention.causal_mask(3), np.ones((3, 3), bool))

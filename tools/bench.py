@@ -1,4 +1,4 @@
-"""What the KV cache buys, measured: `python bench.py` (about 4 minutes on 2 cores).
+"""What the KV cache buys, measured: `python tools/bench.py` (about 4 minutes on 2 cores).
 
 Every comparison runs its variants side by side in one loop (A, B, A, B, ... with the order
 rotated each round) so a noisy neighbour slows both, and every number is a median of repeats with
@@ -34,7 +34,7 @@ the machine's CPU time was spent during the run (steal = taken by the hypervisor
 autogroups on (Linux's default for desktops and this VM), CPU is shared between sessions first,
 so nice alone does not put a benchmark ahead of another session's job; on a shared 2-core
 machine, as root:
-    setsid sh -c 'echo -20 > /proc/$$/autogroup; exec nice -n -10 python bench.py'
+    setsid sh -c 'echo -20 > /proc/$$/autogroup; exec nice -n -10 python tools/bench.py'
 keeps other jobs from stalling every multi-threaded call, ours and Hugging Face's alike,
 without stopping them.
 Every correctness guard (naive == cached tokens, ours == Hugging Face tokens) is printed; the
@@ -42,6 +42,12 @@ exit code is 1 if any guard fails.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python tools/x.py` from anywhere: find the repo
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 import gc
@@ -55,7 +61,6 @@ import tracemalloc
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -63,8 +68,8 @@ import attention
 import block
 from block import GPT
 from cache import KVCache, ModelCache, kv_cache_bytes
-from checks import SEED, cli_int, cli_output_dir, cli_output_file
 from generate import decode, generate_cached, generate_naive, greedy, prefill
+from parts.checks import SEED, cli_int, cli_output_dir, cli_output_file
 
 # The two model shapes measured. Both are GPT-2 models with random weights built from a local
 # config (nothing is downloaded); ours is loaded from the very same state_dict.
@@ -278,7 +283,7 @@ def build_pair(shape: dict, seed: int):
     """A Hugging Face GPT2LMHeadModel with random weights and our GPT with the same weights."""
     import torch
 
-    from references import hf_gpt2
+    from parts.references import hf_gpt2
 
     hf = hf_gpt2(shape["vocab_size"], shape["n_positions"], shape["n_embd"], shape["n_layer"],
                  shape["n_head"], seed=seed, jitter=0.0, dtype=torch.float32,

@@ -1,6 +1,6 @@
 """How much memory the KV cache takes: the formula, the allocated bytes, and a measured peak.
 
-    python memory.py [--quick] [--out figures/cache_memory.png]
+    python tools/memory.py [--quick] [--out figures/cache_memory.png]
 
 The cache keeps K and V for every layer, batch row, key/value head, position and dimension:
 
@@ -26,12 +26,17 @@ Finally a 2048-token prefill in one shot vs in chunks of 256: the one-shot forwa
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python tools/x.py` from anywhere: find the repo
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import resource
 import tracemalloc
 from collections.abc import Callable
 from itertools import product
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -40,8 +45,8 @@ from threadpoolctl import threadpool_limits
 
 from block import GPT, GPTConfig
 from cache import KVCache, ModelCache, kv_cache_bytes
-from checks import cli_output_file
 from generate import decode, greedy, prefill
+from parts.checks import cli_output_file
 
 CONTEXTS = (128, 512, 2048)
 VARIANTS = (("MHA", 4), ("GQA", 2), ("MQA", 1))  # name, n_kv_heads, for 4 query heads

@@ -1,6 +1,6 @@
 """Score a trained reversal checkpoint with the NumPy decoders, cached and naive.
 
-    python evaluate.py [--checkpoint checkpoints/reverse.npz] [--n 1000] [--seed 0]
+    python tools/evaluate.py [--checkpoint checkpoints/reverse.npz] [--n 1000] [--seed 0]
 
 Draws n fresh prompts from the "test" stream (never the stream training draws from), decodes them
 greedily in left-padded batches with generate_cached and again with generate_naive, and prints
@@ -10,21 +10,25 @@ token: the cache must change the cost, never the answer.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python tools/x.py` from anywhere: find the repo
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import time
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-import task
 from block import GPT
-from checks import SEED, cli_int
 from generate import generate_cached, generate_naive
+from parts import task
+from parts.checks import SEED, cli_int
 
 EOS_ID = ord(task.END)
-CHECKPOINT = "checkpoints/reverse.npz"
+CHECKPOINT = str(Path(__file__).resolve().parents[1] / "checkpoints" / "reverse.npz")
 
 
 def answer_of(tokens: np.ndarray) -> str:

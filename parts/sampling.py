@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from checks import finite_number, optional_positive_int
+from parts.checks import finite_number, optional_positive_int
 
 
 def check_logits(logits: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from checks import positive_int
+from parts.checks import positive_int
 
 CONFIG_KEY = "config"
 

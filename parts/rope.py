@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from checks import positive_int
+from parts.checks import positive_int
 
 
 def rope_angles(

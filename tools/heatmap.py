@@ -1,8 +1,8 @@
 """Attention heatmaps: where each head of each layer looks, and the triangle the mask leaves.
 
-    python heatmap.py                      the trained string-reversal model on "attention="
-    python heatmap.py --prompt "kv cache"  another prompt (a-z and space, up to 24 characters)
-    python heatmap.py --random             the assignment's config with random weights
+    python tools/heatmap.py                      the trained string-reversal model on "attention="
+    python tools/heatmap.py --prompt "kv cache"  another prompt (a-z and space, up to 24 characters)
+    python tools/heatmap.py --random             the assignment's config with random weights
 
 The trained model's sequence is the prompt, "=", and its own greedy answer, so the picture shows
 the answer reading the prompt backwards: for reversal some head puts most of its weight, for every
@@ -15,19 +15,24 @@ weights are noise, so the picture shows the mechanics only.
 
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python tools/x.py` from anywhere: find the repo
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing global to close
 from matplotlib.patches import Patch
 
-import task
 from attention import causal_mask
 from block import GPT, GPTConfig
-from checks import SEED, cli_int, cli_output_file
 from generate import CHECKPOINT, generate_cached
+from parts import task
+from parts.checks import SEED, cli_int, cli_output_file
 
 SHADES = " .:-=+*#%@"  # probability in tenths: ' ' is [0, 0.1), '@' is [0.9, 1]
 MASKED = "x"  # a future cell: masked before softmax, probability exactly 0

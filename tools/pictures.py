@@ -1,7 +1,7 @@
 """The pictures a learner draws on the whiteboard, drawn by running the real code.
 
-    python pictures.py            every picture
-    python pictures.py mask       one of: mask, heads, cache, padding, gqa, timeline
+    python tools/pictures.py            every picture
+    python tools/pictures.py mask       one of: mask, heads, cache, padding, gqa, timeline
 
 Each picture is computed, not typed: the masks come from causal_mask and positions_and_mask, the
 heads from split_heads on a labelled array, the cache from a real KVCache, the GQA wiring from
@@ -10,6 +10,12 @@ a test fails if the two drift apart.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python tools/x.py` from anywhere: find the repo
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
 
