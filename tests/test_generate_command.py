@@ -11,10 +11,11 @@ import pytest
 
 import generate
 from block import GPT, GPTConfig
+from tools import generate_cli
 
 
 def run(argv: list[str], capsys) -> tuple[int, str]:
-    code = generate.main(argv)
+    code = generate_cli.main(argv)
     return code, capsys.readouterr().out
 
 
@@ -56,7 +57,7 @@ def test_random_sampling_and_chunking_agree_naive_and_cached(capsys, flags):
     code, out = run(["--random", "--new-tokens", "6", *flags], capsys)
     assert code == 0 and "tokens identical (naive vs cached): True" in out
     if "1e-310" in flags:  # a tiny temperature is greedy, not token 0 for every row
-        greedy = generate.main(["--random", "--new-tokens", "6"])
+        greedy = generate_cli.main(["--random", "--new-tokens", "6"])
         assert greedy == 0
         assert step_lines(out) == step_lines(capsys.readouterr().out)
 
@@ -215,10 +216,10 @@ def test_hf_logit_difference_finds_one_wrong_logit(tiny_hf_dir):
     model = GPT.from_gpt2(hf.state_dict(), dtype=np.float32, hf_config=hf.config)
     prompts = [np.array([5, 9, 2, 40]), np.array([7, 1])]
     out = generate.generate_cached(model, prompts, 4)
-    assert generate.hf_logit_difference(hf, prompts, out) < 1e-4
+    assert generate_cli.hf_logit_difference(hf, prompts, out) < 1e-4
     logits = out.logits.copy()
     logits[1, -1, 17] += 0.5
-    moved = generate.hf_logit_difference(hf, prompts, out._replace(logits=logits))
+    moved = generate_cli.hf_logit_difference(hf, prompts, out._replace(logits=logits))
     assert abs(moved - 0.5) < 1e-4
 
 
@@ -231,7 +232,7 @@ def test_hf_logit_difference_finds_one_wrong_logit(tiny_hf_dir):
 def test_hf_refusals_are_one_line(tiny_hf_dir, capsys, argv, match):
     argv = [str(tiny_hf_dir) if a == "DIR" else a for a in argv]
     with pytest.raises(SystemExit) as exit_info:
-        generate.main(argv)
+        generate_cli.main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and match in err and "Traceback" not in err
 
@@ -259,7 +260,7 @@ def test_hf_refusals_are_one_line(tiny_hf_dir, capsys, argv, match):
 ])
 def test_bad_arguments_are_one_line_usage_errors(capsys, argv, match):
     with pytest.raises(SystemExit) as exit_info:
-        generate.main(argv)
+        generate_cli.main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert "Traceback" not in err and match in err.strip().splitlines()[-1]
@@ -305,7 +306,7 @@ def test_random_defaults_are_the_ones_the_help_states(capsys):
 def test_out_of_range_flags_are_refused_naming_the_flag_and_the_range(capsys, flag, value,
                                                                        expected):
     with pytest.raises(SystemExit) as exit_info:
-        generate.main(["--random", flag, value])
+        generate_cli.main(["--random", flag, value])
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_info.value.code == 2
     assert f"argument {flag}: {expected}" in last
@@ -388,17 +389,17 @@ def test_side_by_side_times_each_decoder_separately(monkeypatch):
     """naive_s is the time from before generate_naive to after it, cached_s from there to after
     generate_cached; a fake clock reading 1, 3, 7 makes them 2 and 4 exactly."""
     clock = iter([1.0, 3.0, 7.0])
-    monkeypatch.setattr(generate.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(generate_cli.time, "perf_counter", lambda: next(clock))
     model = GPT(GPTConfig(vocab_size=16, max_seq_len=8, d_model=8, n_heads=2, n_layers=1))
-    run_ = generate.side_by_side(model, [np.array([1, 2])], 2, seed=0)
+    run_ = generate_cli.side_by_side(model, [np.array([1, 2])], 2, seed=0)
     assert (run_.naive_s, run_.cached_s) == (2.0, 4.0)
 
 
 def test_rows_keeps_six_lines_and_summarises_the_rest():
     lines = [f"row {i}" for i in range(9)]
-    assert generate.rows(lines[:6]) == lines[:6]
-    assert generate.rows(lines[:7]) == [*lines[:5], "... (2 more rows)"]
-    assert generate.rows(lines) == [*lines[:5], "... (4 more rows)"]
+    assert generate_cli.rows(lines[:6]) == lines[:6]
+    assert generate_cli.rows(lines[:7]) == [*lines[:5], "... (2 more rows)"]
+    assert generate_cli.rows(lines) == [*lines[:5], "... (4 more rows)"]
 
 
 def test_show_padded_cuts_to_the_last_columns_by_hand(capsys):
@@ -406,13 +407,13 @@ def test_show_padded_cuts_to_the_last_columns_by_hand(capsys):
     '... '; pads print as the pad string, real tokens through `token`, joined by sep."""
     ids = np.array([[0, 0, 7, 8, 9], [1, 2, 3, 4, 5]])
     mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    generate.show_padded(ids, mask, token=lambda t: f"<{t}>", pad="_", sep="|", last=3)
+    generate_cli.show_padded(ids, mask, token=lambda t: f"<{t}>", pad="_", sep="|", last=3)
     assert capsys.readouterr().out.splitlines() == ["  ... <7>|<8>|<9>   111",
                                                     "  ... <3>|<4>|<5>   111"]
-    generate.show_padded(ids, mask, token=str, pad="_", last=5)
+    generate_cli.show_padded(ids, mask, token=str, pad="_", last=5)
     assert capsys.readouterr().out.splitlines() == ["  __789   00111", "  12345   11111"]
     wide = np.arange(30)[None] % 10  # 30 columns: by default only the last 24 are shown
-    generate.show_padded(wide, np.ones_like(wide), token=str, pad="_")
+    generate_cli.show_padded(wide, np.ones_like(wide), token=str, pad="_")
     assert capsys.readouterr().out.splitlines() == [
         "  ... " + "".join(str(i % 10) for i in range(6, 30)) + "   " + "1" * 24]
 
@@ -424,12 +425,12 @@ def test_agreement_needs_both_the_same_tokens_and_a_cache_growing_by_one(capsys)
 
     def side(cached_tokens, lengths):
         naive = generate.Generation(tokens, logits, None)
-        return generate.SideBySide(naive, generate.Generation(cached_tokens, logits, lengths),
+        return generate_cli.SideBySide(naive, generate.Generation(cached_tokens, logits, lengths),
                                    0.2, 0.1)
 
-    assert generate.print_agreement(side(tokens, [3, 4, 5])) is True
-    assert generate.print_agreement(side(tokens + 1, [3, 4, 5])) is False
-    assert generate.print_agreement(side(tokens, [3, 5, 6])) is False
+    assert generate_cli.print_agreement(side(tokens, [3, 4, 5])) is True
+    assert generate_cli.print_agreement(side(tokens + 1, [3, 4, 5])) is False
+    assert generate_cli.print_agreement(side(tokens, [3, 5, 6])) is False
     out = capsys.readouterr().out
     assert "cache grew by exactly 1 per step:   False" in out
 

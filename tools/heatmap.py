@@ -30,9 +30,10 @@ from matplotlib.patches import Patch
 
 from attention import causal_mask
 from block import GPT, GPTConfig
-from generate import CHECKPOINT, generate_cached
+from generate import generate_cached
 from parts import task
 from parts.checks import SEED, cli_int, cli_output_file
+from tools.generate_cli import CHECKPOINT
 
 SHADES = " .:-=+*#%@"  # probability in tenths: ' ' is [0, 0.1), '@' is [0.9, 1]
 MASKED = "x"  # a future cell: masked before softmax, probability exactly 0
