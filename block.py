@@ -6,6 +6,11 @@
         x = x + mlp(layer_norm_2(x))           (B, T, D)   each token thinks on its own
     logits = layer_norm_f(x) @ wte.T           (B, T, V)   the LM head is the embedding, tied
 
+That diagram is GPT.forward, line for line: the readable path, the one verify.py checks against
+Hugging Face. GPT(..., fast=True), the default, runs the same model through the engine
+(engine/fast.py), which is proved equal to it. Either way GPT.__call__ checks the whole call once
+(ids, mask, cache), then runs.
+
 A token's position is the number of real (non-padding) tokens before it in its row; with a cache
 the model reads which earlier positions were real from the cache (cache.py), so positions and the
 padding mask have one home however many calls a sequence takes.
@@ -19,15 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from attention import (
-    AttentionParams,
-    causal_mask,
-    keys_and_values,
-    layer_norm,
-    linear,
-    multi_head_attention,
-)
+from attention import AttentionParams, causal_mask, layer_norm, multi_head_attention
 from cache import KVCache, ModelCache, kv_cache_bytes
+from engine import fast as engine
 from parts import weights as weight_files
 from parts.checks import (
     finite_number,
@@ -122,9 +121,12 @@ def count_weights(c: GPTConfig) -> int:
     return total(outer_shapes(c)) + c.n_layers * total(block_shapes(c))
 
 
-@dataclass
+# --- one block ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
 class BlockParams:
-    """One pre-LN block's weights: two LayerNorms, attention, and the MLP (used as x @ W + b)."""
+    """One pre-LN block's weights: two LayerNorms, attention, and the MLP (used as x @ W + b).
+    Frozen: weights change in place, never by rebinding."""
 
     ln_1: tuple[np.ndarray, np.ndarray]  # (gamma, beta), each (D,)
     attn: AttentionParams
@@ -135,37 +137,14 @@ class BlockParams:
     b_proj: np.ndarray  # (D,)
 
 
-SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
 def gelu(x: np.ndarray) -> np.ndarray:
-    """GELU, tanh approximation (GPT-2's "gelu_new"):
-    0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))). Same shape in and out; x is not changed."""
-    return gelu_in_place(np.array(x, dtype=np.result_type(x, 1.0)))  # a float copy to work in
-
-
-def gelu_in_place(x: np.ndarray) -> np.ndarray:
-    """gelu written over x (a fresh float array nobody else needs), and returned.
-
-    Why: the MLP's hidden layer is (B, T, 4 D), 6 MB at GPT-2-small width and 512 tokens, and
-    every NumPy operator is one single-threaded pass that, written as one expression, allocates
-    its own result: seven arrays of that size. Here one temporary t holds the bracket.
-    """
-    t = x * x  # x^2 ...
-    t *= 0.044715 * SQRT_2_OVER_PI
-    t += SQRT_2_OVER_PI
-    t *= x  # ... t = sqrt(2 / pi) (x + 0.044715 x^3), by multiplications (x**3 is a slow pow)
-    np.tanh(t, out=t)
-    t += 1.0
-    t *= 0.5
-    x *= t  # 0.5 x (1 + tanh(...))
-    return x
+    """GELU, tanh approximation (GPT-2's "gelu_new"). Same shape in and out."""
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def mlp(x: np.ndarray, p: BlockParams) -> np.ndarray:
     """Position-wise feed-forward: (B, T, D) -> (B, T, d_ff) -> (B, T, D)."""
-    h = gelu_in_place(linear(x, p.w_fc, p.b_fc))  # (B, T, D) -> (B, T, d_ff): its own array
-    return linear(h, p.w_proj, p.b_proj)  # (B, T, d_ff) -> (B, T, D)
+    return gelu(x @ p.w_fc + p.b_fc) @ p.w_proj + p.b_proj
 
 
 def transformer_block(
@@ -177,45 +156,41 @@ def transformer_block(
     Pre-LN residual: each sublayer reads a normalised copy and adds its answer to the stream, so
     the residual path from input to output stays an identity plus corrections.
     """
-    attn_out, weights = multi_head_attention(layer_norm(x, *p.ln_1, eps), p.attn, mask, cache,
-                                             rotate)
-    x = x + attn_out
-    x = x + mlp(layer_norm(x, *p.ln_2, eps), p)
+    attn, weights = multi_head_attention(layer_norm(x, *p.ln_1, eps), p.attn, mask, cache, rotate)
+    x = x + attn  # tokens talk to earlier tokens
+    x = x + mlp(layer_norm(x, *p.ln_2, eps), p)  # each token thinks on its own
     return x, weights
 
 
-def last_position_only(
-    x: np.ndarray, p: BlockParams, mask: np.ndarray, kv: KVCache | None,
-    rotate: tuple[np.ndarray, np.ndarray] | None, eps: float,
-) -> tuple[np.ndarray, np.ndarray, KVCache, tuple[np.ndarray, np.ndarray] | None]:
-    """Set up the LAST block of a forward pass whose caller reads only the last position's logits
-    (last_only: prefill, and each step of the naive loop).
+# --- the weights, by name ------------------------------------------------------------------------
 
-    That block's output at the other T - 1 positions is never read, but their keys and values
-    are (every later token attends to them). So they go into the cache now, straight from
-    layer_norm and W_K, W_V, and the block then runs on the last position alone, exactly like a
-    decode step after a prefill. Without a cache (the naive path) a temporary one holds the T keys.
-    At GPT-2-small shapes and 512 tokens this skips ~7% of a prefill: the other positions'
-    queries, attention, W_O and MLP in that block. Hugging Face computes and then drops them.
-
-    x (B, T, D), mask (1 or B, 1, T, t_k), rotate (cos, sin) for the T positions, or None.
-    Returns x (B, 1, D), mask (1 or B, 1, 1, t_k), the cache to use, rotate for the last position.
-    """
-    B, T, _ = x.shape
-    if kv is None:
-        kv = KVCache(B, p.attn.n_kv_heads, T, x.shape[-1] // p.attn.n_heads, x.dtype)
-    earlier = None if rotate is None else (rotate[0][:, :, :-1], rotate[1][:, :, :-1])
-    kv.append(*keys_and_values(layer_norm(x[:, :-1], *p.ln_1, eps), p.attn, earlier))
-    last = None if rotate is None else (rotate[0][:, :, -1:], rotate[1][:, :, -1:])
-    return x[:, -1:], mask[:, :, -1:], kv, last  # (B, T, D) -> (B, 1, D); the last query row
+def blocks_from_named(named: dict[str, np.ndarray], c: GPTConfig) -> tuple[BlockParams, ...]:
+    """The blocks' weights, from the names of weight_shapes ("h.{i}.attn.w_q", ...)."""
+    blocks = []
+    for i in range(c.n_layers):
+        w = {name.removeprefix(f"h.{i}."): a for name, a in named.items()
+             if name.startswith(f"h.{i}.")}
+        attn = AttentionParams(*(w[f"attn.{n}"] for n in ATTENTION_NAMES), c.n_heads,
+                               c.n_kv_heads)
+        blocks.append(BlockParams((w["ln_1.gamma"], w["ln_1.beta"]), attn,
+                                  (w["ln_2.gamma"], w["ln_2.beta"]), *(
+                                      w[f"mlp.{n}"] for n in MLP_NAMES)))
+    return tuple(blocks)
 
 
-def lm_head(x: np.ndarray, wte: np.ndarray) -> np.ndarray:
-    """x (B, T, D) -> logits (B, T, V): each logit is x's dot product with one token's embedding
-    (the LM head is the embedding table, tied). One (B * T, D) @ (D, V) product, as in linear."""
-    logits = x.reshape(-1, x.shape[-1]) @ wte.T  # (B, T, D) -> (B * T, D) -> (B * T, V)
-    return logits.reshape(*x.shape[:-1], wte.shape[0])  # (B * T, V) -> (B, T, V)
+ATTENTION_NAMES = ("w_q", "b_q", "w_k", "b_k", "w_v", "b_v", "w_o", "b_o")
+MLP_NAMES = ("w_fc", "b_fc", "w_proj", "b_proj")
 
+
+def named_from_block(i: int, p: BlockParams) -> dict[str, np.ndarray]:
+    """Block i's weights under their weight_shapes names: the inverse of blocks_from_named."""
+    return ({f"h.{i}.ln_1.gamma": p.ln_1[0], f"h.{i}.ln_1.beta": p.ln_1[1],
+             f"h.{i}.ln_2.gamma": p.ln_2[0], f"h.{i}.ln_2.beta": p.ln_2[1]}
+            | {f"h.{i}.attn.{n}": getattr(p.attn, n) for n in ATTENTION_NAMES}
+            | {f"h.{i}.mlp.{n}": getattr(p, n) for n in MLP_NAMES})
+
+
+# --- positions and the mask ----------------------------------------------------------------------
 
 def positions_and_mask(real: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the last T tokens and the mask they attend with; built once per forward.
@@ -234,20 +209,26 @@ def positions_and_mask(real: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray
     return positions, mask & real[:, None, None, :]  # (B, t_k) -> (B, 1, 1, t_k) for every query
 
 
+# --- the model -----------------------------------------------------------------------------------
+
 class GPT:
     """A GPT-2-style decoder. `model(ids)` runs the whole sequence; `model(ids, cache)` runs only
     the new tokens and reads earlier keys and values from the cache."""
 
     def __init__(
         self, config: GPTConfig, seed: int = 0, dtype: np.dtype | type | str = np.float32,
-        weights: dict[str, np.ndarray] | None = None,
+        weights: dict[str, np.ndarray] | None = None, fast: bool = True,
     ) -> None:
         """Random weights from `seed`, or the given `weights` (name -> array, as weight_shapes
-        names them; copied and cast to dtype). Every way of building a model comes through here:
-        GPT(...), GPT.load and GPT.from_gpt2."""
+        names them; copied and cast to dtype). fast chooses the engine (True) or the readable
+        forward (False); both compute the same numbers. Every way of building a model comes
+        through here: GPT(...), GPT.load and GPT.from_gpt2. Checks its own arguments."""
         if not isinstance(config, GPTConfig):
             raise TypeError(f"GPT: config must be a GPTConfig, got {type(config).__name__}")
-        self.config, self.dtype = config, float_dtype("GPT dtype", dtype, MODEL_DTYPES)
+        if not isinstance(fast, bool):
+            raise TypeError(f"GPT: fast must be True or False, got {fast!r}")
+        self.config, self.fast = config, fast
+        self.dtype = float_dtype("GPT dtype", dtype, MODEL_DTYPES)
         n_params = count_weights(config)
         # random_weights draws in float64, then they are cast: both exist for a moment.
         fits_in_memory(f"GPT: {n_params:,} weights",
@@ -258,35 +239,18 @@ class GPT:
                 raise ValueError(f"GPT: seed must be an int >= 0, got {seed!r}")
             weights = random_weights(shapes, config.init_std, seed)
         named = weight_files.checked(weights, shapes, self.dtype)
-        c = config
+        if fast:  # the engine stores W_Q, W_K, W_V side by side; the blocks see views of them
+            named = engine.fuse_qkv(named, config.n_layers)
         self.wte = named["wte"]  # (V, D)
         self.wpe = named.get("wpe")  # (max_seq_len, D), or None with RoPE
-        self.blocks = []
-        for i in range(c.n_layers):
-            w = {name.removeprefix(f"h.{i}."): a for name, a in named.items()
-                 if name.startswith(f"h.{i}.")}
-            self.blocks.append(BlockParams(
-                ln_1=(w["ln_1.gamma"], w["ln_1.beta"]),
-                attn=AttentionParams(w["attn.w_q"], w["attn.b_q"], w["attn.w_k"], w["attn.b_k"],
-                                     w["attn.w_v"], w["attn.b_v"], w["attn.w_o"], w["attn.b_o"],
-                                     c.n_heads, c.n_kv_heads),
-                ln_2=(w["ln_2.gamma"], w["ln_2.beta"]),
-                w_fc=w["mlp.w_fc"], b_fc=w["mlp.b_fc"], w_proj=w["mlp.w_proj"],
-                b_proj=w["mlp.b_proj"]))
+        self.blocks = blocks_from_named(named, config)
         self.ln_f = (named["ln_f.gamma"], named["ln_f.beta"])
 
     def named_weights(self) -> dict[str, np.ndarray]:
         """name -> array for every weight, the names of weight_shapes (the arrays themselves)."""
         named = {"wte": self.wte} | ({} if self.wpe is None else {"wpe": self.wpe})
         for i, p in enumerate(self.blocks):
-            a = p.attn
-            named |= {f"h.{i}.{name}": array for name, array in (
-                ("ln_1.gamma", p.ln_1[0]), ("ln_1.beta", p.ln_1[1]),
-                ("attn.w_q", a.w_q), ("attn.b_q", a.b_q), ("attn.w_k", a.w_k),
-                ("attn.b_k", a.b_k), ("attn.w_v", a.w_v), ("attn.b_v", a.b_v),
-                ("attn.w_o", a.w_o), ("attn.b_o", a.b_o), ("ln_2.gamma", p.ln_2[0]),
-                ("ln_2.beta", p.ln_2[1]), ("mlp.w_fc", p.w_fc), ("mlp.b_fc", p.b_fc),
-                ("mlp.w_proj", p.w_proj), ("mlp.b_proj", p.b_proj))}
+            named |= named_from_block(i, p)
         return named | {"ln_f.gamma": self.ln_f[0], "ln_f.beta": self.ln_f[1]}
 
     # --- weights in and out ----------------------------------------------------------------------
@@ -296,7 +260,8 @@ class GPT:
         return weight_files.write_npz(path, asdict(self.config), self.named_weights())
 
     @classmethod
-    def load(cls, path: str | Path, dtype: np.dtype | type | str = np.float32) -> GPT:
+    def load(cls, path: str | Path, dtype: np.dtype | type | str = np.float32,
+             fast: bool = True) -> GPT:
         """A model from a .npz file written by save(); refuses a file whose config is invalid or
         whose weights do not match it (names, shapes, float dtype, finite values)."""
         config, named = weight_files.read_npz(path)
@@ -304,18 +269,18 @@ class GPT:
             config = GPTConfig(**config)
         except (TypeError, ValueError) as err:
             raise ValueError(f"GPT.load: {path} holds an invalid config: {err}") from None
-        return cls(config, dtype=dtype, weights=named)
+        return cls(config, dtype=dtype, weights=named, fast=fast)
 
     @classmethod
     def from_gpt2(
         cls, state_dict: dict, n_heads: int | None = None,
-        dtype: np.dtype | type | str = np.float32, hf_config: object = None,
+        dtype: np.dtype | type | str = np.float32, hf_config: object = None, fast: bool = True,
     ) -> GPT:
         """A model from a Hugging Face GPT2LMHeadModel (or GPT2Model) state_dict, whose values
         may be torch tensors or NumPy arrays. n_heads is needed unless hf_config (the model's
         GPT2Config) is given; from hf_config also the LayerNorm epsilon and the activation."""
         sizes, named = weight_files.from_gpt2_state_dict(state_dict, n_heads, hf_config)
-        return cls(GPTConfig(**sizes), dtype=dtype, weights=named)
+        return cls(GPTConfig(**sizes), dtype=dtype, weights=named, fast=fast)
 
     # --- the cache -------------------------------------------------------------------------------
 
@@ -328,8 +293,9 @@ class GPT:
         fits_in_memory(f"a cache for {batch_size!r} rows",
                        kv_cache_bytes(c.n_layers, batch_size, c.n_kv_heads, c.d_head,
                                       c.max_seq_len, dtype))
-        return ModelCache([KVCache(batch_size, c.n_kv_heads, c.max_seq_len, c.d_head, dtype)
-                           for _ in range(c.n_layers)])
+        zeros = engine.zeros_in_small_pages if self.fast else np.zeros
+        return ModelCache([KVCache(batch_size, c.n_kv_heads, c.max_seq_len, c.d_head, dtype,
+                                   zeros) for _ in range(c.n_layers)])
 
     # --- the forward pass ------------------------------------------------------------------------
 
@@ -338,26 +304,22 @@ class GPT:
         attention_mask: np.ndarray | None = None, last_only: bool = False,
         return_attention: bool = False,
     ) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
-        """ids (B, T) int -> logits (B, T, V), or (B, 1, V) with last_only (the LM head is then
-        computed for the last position only, as generation needs).
+        """ids (B, T) int -> logits (B, T, V), or (B, 1, V) with last_only (generation needs
+        only the last position's logits).
 
         cache: from new_cache(B); the T tokens follow the len(cache) positions it holds, and their
         keys and values are appended. attention_mask (B, len(cache) + T) of 1 real / 0 pad marks
         padding; with a cache it is needed only on the call that brings the padding (the cache
         keeps it) and is refused if it contradicts what the cache holds. Padding anywhere is
         allowed: a token's position counts the real tokens before it. return_attention also
-        returns each layer's weights (B, H, T, len(cache) + T). The whole call is checked before
-        the cache changes, and a call that fails anyway leaves the cache as it was.
+        returns each layer's weights (B, H, T, len(cache) + T). The whole call is checked once,
+        here, before the cache changes, and a call that fails anyway leaves the cache as it was.
         """
+        for name, flag in (("last_only", last_only), ("return_attention", return_attention)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"GPT: {name} must be True or False, got {flag!r}")
         ids, new_real = self.check_call(ids, cache, attention_mask)
-        if cache is None:
-            return self._forward(ids, new_real, None, last_only, return_attention)
-        past = len(cache)
-        try:
-            return self._forward(ids, cache.record(new_real), cache, last_only, return_attention)
-        except BaseException:
-            cache.truncate(past)  # a failure half-way (out of memory, Ctrl-C) must not leave
-            raise                 # some layers one step ahead of the others
+        return self.run_checked(ids, new_real, cache, last_only, return_attention)
 
     def check_call(
         self, ids: np.ndarray, cache: ModelCache | None, attention_mask: np.ndarray | None
@@ -376,15 +338,21 @@ class GPT:
                 row = int(np.argmax(empty))  # still bring real tokens, so it is allowed there)
                 raise ValueError(f"row {row} of attention_mask has no real token")
         else:
-            self._check_cache(cache)
-            past = len(cache)
+            self.check_cache(cache)
             new_real = cache.check_step(B, T, attention_mask)
+            past = len(cache)
+            owner = None if cache.filled_by is None else cache.filled_by()
+            if past and owner is not self:
+                raise ValueError("GPT: this cache holds keys and values this model did not "
+                                 "compute; reset() it (or use model.new_cache) first")
         if past + T > c.max_seq_len:
             raise ValueError(f"GPT: {past} cached + {T} new = {past + T} positions exceed "
                              f"max_seq_len={c.max_seq_len}")
         return ids, new_real
 
-    def _check_cache(self, cache: ModelCache) -> None:
+    def check_cache(self, cache: ModelCache) -> None:
+        """Raise unless cache is a ModelCache shaped for this model: its layers, K/V heads and
+        d_head."""
         c = self.config
         if not isinstance(cache, ModelCache):
             raise TypeError(f"GPT: cache must be a ModelCache from model.new_cache(batch_size), "
@@ -398,31 +366,49 @@ class GPT:
                                  f"{(kv.n_kv_heads, kv.d_head)}, this model needs "
                                  f"{(c.n_kv_heads, c.d_head)}")
 
-    def _forward(
-        self, ids: np.ndarray, real: np.ndarray, cache: ModelCache | None, last_only: bool,
+    def run_checked(
+        self, ids: np.ndarray, new_real: np.ndarray, cache: ModelCache | None, last_only: bool,
         return_attention: bool,
     ) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
-        """The forward pass proper, on checked input. real (B, t_k): which of the t_k positions
-        (cached + new) are real tokens."""
-        c = self.config
+        """A call checked by check_call: positions and mask from the real-token flags (the
+        cache's, with a cache), then the readable forward or the engine. A failure half-way (out
+        of memory, Ctrl-C) rolls the cache back, so no layer is left a step ahead of another."""
+        past = 0 if cache is None else len(cache)
+        real = new_real if cache is None else cache.record(new_real, self)
         positions, mask = positions_and_mask(real, ids.shape[1])  # (B, T), (1|B, 1, T, t_k)
+        forward = engine.forward if self.fast else GPT.forward
+        try:
+            return forward(self, ids, positions, mask, cache, last_only, return_attention)
+        except BaseException:
+            if cache is not None:
+                cache.truncate(past)
+            raise
+
+    def embed(self, ids: np.ndarray, positions: np.ndarray
+              ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+        """Token vectors (B, T, D) plus the learned position vectors, or RoPE's (cos, sin) for
+        attention to turn q and k by, for ids and positions (B, T)."""
         x = self.wte[ids]  # (B, T) -> (B, T, D)
-        rotate = None
-        if c.rope:
-            rotate = rope_angles(positions, c.d_head, c.rope_base, self.dtype)
-        else:
-            x = x + self.wpe[positions]  # (B, T) -> (B, T, D)
+        if self.config.rope:
+            return x, rope_angles(positions, self.config.d_head, self.config.rope_base,
+                                  self.dtype)
+        return x + self.wpe[positions], None  # (B, T) -> (B, T, D)
+
+    def forward(
+        self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+        cache: ModelCache | None, last_only: bool = False, return_attention: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
+        """The readable forward: the block diagram at the top of this file, line for line.
+        ids, positions (B, T); mask (1|B, 1, T, t_k). Runs on checked input (see __call__)."""
+        x, rotate = self.embed(ids, positions)  # (B, T, D)
         attention = []
         for layer, p in enumerate(self.blocks):
             kv = None if cache is None else cache.layers[layer]
-            if layer == c.n_layers - 1 and last_only and not return_attention and x.shape[1] > 1:
-                x, mask, kv, rotate = last_position_only(x, p, mask, kv, rotate, c.ln_eps)
-            x, weights = transformer_block(x, p, mask, kv, rotate, c.ln_eps)
-            if return_attention:  # otherwise let each layer's (B, H, T, t_k) weights go at once:
-                attention.append(weights)  # kept, 12 layers of 512 tokens would hold 150 MB
+            x, weights = transformer_block(x, p, mask, kv, rotate, self.config.ln_eps)
+            attention.append(weights)
         if last_only:
-            x = x[:, -1:]  # (B, T, D) -> (B, 1, D)
-        logits = lm_head(layer_norm(x, *self.ln_f, c.ln_eps), self.wte)  # (B, T, D) -> (B, T, V)
+            x = x[:, -1:]  # (B, T, D) -> (B, 1, D): generation reads the last position only
+        logits = layer_norm(x, *self.ln_f, self.config.ln_eps) @ self.wte.T  # (B, T, V)
         return (logits, attention) if return_attention else logits
 
 

@@ -19,6 +19,8 @@ Two objects, smallest first:
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Callable
 
 import numpy as np
 
@@ -27,42 +29,22 @@ from parts.checks import fits_in_memory, float_dtype, is_int, positive_int, zero
 CACHE_DTYPES = ("float16", "float32", "float64")  # int or bool buffers would round or wrap K/V
 
 
-def zeros_in_small_pages(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """np.zeros(shape, dtype), without NumPy's request for 2 MB huge pages.
-
-    Why: the zeros cost nothing until written (the OS backs a page on its first write), and a
-    cache is written a few positions at a time into every (b, h) slab of max_len * d_head numbers,
-    256 KB at GPT-2-small shapes. On Linux NumPy asks for huge pages for arrays of 4 MB or more,
-    so the first write into each slab would make the kernel find and zero a whole 2 MB page: a
-    64-token prefill of 8 rows zeroed (and timed) all 604 MB of its 1024-position cache instead of
-    the 1/16 it writes. In 4 KB pages memory is backed as the cache fills.
-    """
-    # NumPy's own switch (the env variable NUMPY_MADVISE_HUGEPAGE sets it for every array). It is
-    # private: should a later NumPy drop it, the cache gets plain zeros, only slower to fill.
-    set_hugepage = getattr(np._core.multiarray, "_set_madvise_hugepage", None)
-    if set_hugepage is None:
-        return np.zeros(shape, dtype=dtype)
-    was = set_hugepage(False)
-    try:
-        return np.zeros(shape, dtype=dtype)
-    finally:
-        set_hugepage(was)
-
-
 class KVCache:
     """Preallocated keys and values of one attention layer, and how many positions are filled."""
 
     def __init__(
         self, batch_size: int, n_kv_heads: int, max_len: int, d_head: int,
-        dtype: np.dtype | type | str = np.float32,
+        dtype: np.dtype | type | str = np.float32, zeros: Callable[..., np.ndarray] = np.zeros,
     ) -> None:
+        """Both buffers are allocated here, zeroed, at full length. zeros(shape, dtype) makes
+        them (the engine passes one that backs memory in small pages). Checks its arguments."""
         shape = tuple(positive_int(f"KVCache {name}", value) for name, value in (
             ("batch_size", batch_size), ("n_kv_heads", n_kv_heads), ("max_len", max_len),
             ("d_head", d_head)))
         dtype = float_dtype("KVCache dtype", dtype, CACHE_DTYPES)
         fits_in_memory(f"KVCache {shape} x 2 ({dtype.name})", 2 * math.prod(shape) * dtype.itemsize)
-        self.keys = zeros_in_small_pages(shape, dtype)  # (B, H_kv, max_len, d_head)
-        self.values = zeros_in_small_pages(shape, dtype)  # (B, H_kv, max_len, d_head)
+        self.keys = zeros(shape, dtype=dtype)  # (B, H_kv, max_len, d_head)
+        self.values = zeros(shape, dtype=dtype)  # (B, H_kv, max_len, d_head)
         self.length = 0  # positions [0, length) are filled; past them: zeros, never read
 
     @property
@@ -101,24 +83,29 @@ class KVCache:
         """Write t new positions and return views of every position held so far.
 
         k, v (B, H_kv, t, d_head) -> keys, values (B, H_kv, length + t, d_head).
-        Everything is checked before anything is written, so a refused append leaves the cache
-        exactly as it was.
+        Everything is checked before anything is written (shapes, room, and that no value
+        overflows the cache's dtype), so a refused append leaves the cache exactly as it was.
         """
-        self.check_append(k, v)
+        k, v = self.check_append(k, v)
+        return self._write(k, v)
+
+    def _write(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """append without the checks, for callers that checked the whole step already."""
         start, end = self.length, self.length + k.shape[2]
         self.keys[:, :, start:end] = k  # along the sequence axis, never the batch or head axis
         self.values[:, :, start:end] = v
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]  # views: no copy
 
-    def check_append(self, k: np.ndarray, v: np.ndarray) -> None:
-        """Raise ValueError/TypeError if append(k, v) would be wrong; change nothing."""
+    def check_append(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """k and v as the cache will store them (cast to its dtype), or ValueError/TypeError if
+        append(k, v) would be wrong; changes nothing."""
         B, H_kv, _, d_head = self.keys.shape
         for name, x in (("k", k), ("v", v)):
-            if not isinstance(x, np.ndarray):
-                raise TypeError(f"KVCache.append: {name} must be a numpy array, got {type(x)}")
-            if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.floating)
-                                           or np.issubdtype(x.dtype, np.integer)):
+            if not isinstance(x, np.ndarray) or type(x) is not np.ndarray:
+                raise TypeError(f"KVCache.append: {name} must be a numpy array (not a "
+                                f"subclass), got {type(x).__name__}")
+            if x.dtype.kind not in "fiu":
                 raise TypeError(f"KVCache.append: {name} must hold real numbers, got dtype "
                                 f"{x.dtype}")
             if x.ndim != 4 or x.shape[0] != B or x.shape[1] != H_kv or x.shape[3] != d_head:
@@ -128,6 +115,20 @@ class KVCache:
         if k.shape != v.shape:
             raise ValueError(f"KVCache.append: k {k.shape} and v {v.shape} differ")
         self.check_room(k.shape[2])
+        return self.narrowed("k", k), self.narrowed("v", v)
+
+    def narrowed(self, name: str, x: np.ndarray) -> np.ndarray:
+        """x cast to the cache's dtype, refusing a finite value the cast would turn into inf
+        (over 65504 into a float16 cache, over 3.4e38 from float64 into float32)."""
+        if np.can_cast(x.dtype, self.dtype, "safe"):
+            return x
+        with np.errstate(over="ignore"):
+            cast = x.astype(self.dtype)
+        if np.any(np.isinf(cast) & np.isfinite(x)):
+            raise ValueError(f"KVCache.append: {name} holds values up to "
+                             f"{float(np.abs(x).max()):.3g}, beyond {self.dtype.name}'s largest "
+                             f"{float(np.finfo(self.dtype).max):.3g}: the cache would store inf")
+        return cast
 
     def check_room(self, t: int) -> None:
         """Raise ValueError unless 1 <= t and t more positions fit after the ones held."""
@@ -168,6 +169,13 @@ class ModelCache:
         if not isinstance(layers, list) or not layers:
             raise TypeError(f"ModelCache: layers must be a non-empty list of KVCache, got "
                             f"{layers!r:.60}")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, KVCache):
+                raise TypeError(f"ModelCache: layer {i} must be a KVCache, got "
+                                f"{type(layer).__name__}")
+            if any(layer is other for other in layers[:i]):
+                raise ValueError(f"ModelCache: layer {i} is the same KVCache object as an earlier "
+                                 "layer; every layer needs buffers of its own")
         B, max_len = layers[0].batch_size, layers[0].max_len
         for i, layer in enumerate(layers):
             if (layer.batch_size, layer.max_len) != (B, max_len) or len(layer) != 0:
@@ -175,6 +183,7 @@ class ModelCache:
                                  f"{max_len}, got {layer!r}")
         self.layers = layers
         self.real = np.zeros((B, max_len), dtype=bool)  # (B, max_len): True = a real token
+        self.filled_by: weakref.ref | None = None  # the model whose keys and values it holds
 
     @property
     def batch_size(self) -> int:
@@ -228,23 +237,28 @@ class ModelCache:
                              f"{real[row, :past].astype(int).tolist()}")
         return real[:, past:]
 
-    def record(self, new_real: np.ndarray) -> np.ndarray:
-        """Note which of the T positions about to be appended are real, (B, T) bool, and return
-        the flags of every position this step attends over, (B, len(self) + T). Call only after
-        check_step; the layers then append their keys and values at the same positions."""
+    def record(self, new_real: np.ndarray, model: object = None) -> np.ndarray:
+        """Note which of the T positions about to be appended are real, (B, T) bool, and which
+        model writes them, and return the flags of every position this step attends over,
+        (B, len(self) + T). Call only after check_step; the layers then append their keys and
+        values at the same positions."""
         start, end = len(self), len(self) + new_real.shape[1]
         self.real[:, start:end] = new_real
+        self.filled_by = None if model is None else weakref.ref(model)
         return self.real[:, :end]
 
     def truncate(self, length: int) -> None:
         """Keep the first `length` positions of every layer (a rollback, or a rewind for
-        timing the same step again)."""
-        if not is_int(length) or not 0 <= length <= len(self):
-            raise ValueError(f"ModelCache.truncate: length must be an int in [0, {len(self)}], "
-                             f"got {length!r}")
+        timing the same step again). Checked against every layer before any is cut."""
+        shortest = min(len(layer) for layer in self.layers)
+        if not is_int(length) or not 0 <= length <= shortest:
+            raise ValueError(f"ModelCache.truncate: length must be an int in [0, {shortest}] "
+                             f"(the shortest layer holds {shortest}), got {length!r}")
         for layer in self.layers:
             layer.truncate(length)
         self.real[:, length:] = False
+        if length == 0:
+            self.filled_by = None
 
     def reset(self) -> None:
         """Forget everything, padding flags included: the next call starts at position 0."""

@@ -153,10 +153,10 @@ def prefill(model: GPT, prompt_ids: np.ndarray, cache: ModelCache,
     past, P = len(cache), ids.shape[1]
     step = step or P
     try:
-        for start in range(0, P, step):
+        for start in range(0, P, step):  # checked above as one call: each chunk just runs
             end = min(start + step, P)
-            seen = None if attention_mask is None else attention_mask[:, :past + end]
-            logits = model(ids[:, start:end], cache, attention_mask=seen, last_only=True)
+            logits = model.run_checked(ids[:, start:end], new_real[:, start:end], cache,
+                                       last_only=True, return_attention=False)
     except BaseException:
         cache.truncate(past)
         raise

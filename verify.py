@@ -21,6 +21,11 @@ with tight tolerances prove the algebra is exact; float32 notes show what a user
     9 chunked prefill  chunks of 5, 1, 3 through the cache == one full forward
    10 batch invariance a left-padded row decodes exactly as its prompt alone
    11 HF padded batch  left-padded batch == hf.generate with attention_mask
+   12 engine == readable  the fast path (engine/fast.py) == the code above, over MHA, GQA, MQA,
+                      RoPE, padding, chunked prefill, float64 and float32
+
+Every model here runs the readable path (fast=False), the code a learner reads; check 12 proves
+the engine, which the commands use, computes the same numbers.
 
 The checks look up every function through its module (attention.causal_mask, not a local copy),
 so the failure-mode gallery can swap in a broken version for one run and the checks see it.
@@ -525,8 +530,10 @@ def check_gpt2() -> Evidence:
     logits at each step vs Hugging Face's."""
     expected = hf_gpt2_reference()
     hf = hf_gpt2()
-    model = block.GPT.from_gpt2(hf.state_dict(), dtype=np.float64, hf_config=hf.config)
-    model32 = block.GPT.from_gpt2(hf.state_dict(), dtype=np.float32, hf_config=hf.config)
+    model = block.GPT.from_gpt2(hf.state_dict(), dtype=np.float64, hf_config=hf.config,
+                                 fast=False)
+    model32 = block.GPT.from_gpt2(hf.state_dict(), dtype=np.float32, hf_config=hf.config,
+                                   fast=False)
     ours = generate.generate_cached(model, GPT2_PROMPT, GPT2_NEW_TOKENS)
     rel32 = max_rel(model32(GPT2_PROMPT), expected["logits32"])
     mismatch = int(np.sum(ours.tokens != expected["tokens"]))
@@ -658,7 +665,8 @@ def check_hf_padded() -> Evidence:
     input_ids, attention_mask and pad_token_id: token for token."""
     expected, expected_logits = hf_padded_reference()
     hf = hf_gpt2()
-    model = block.GPT.from_gpt2(hf.state_dict(), dtype=np.float64, hf_config=hf.config)
+    model = block.GPT.from_gpt2(hf.state_dict(), dtype=np.float64, hf_config=hf.config,
+                                 fast=False)
     ours = generate.generate_cached(model, RAGGED_PROMPTS, GPT2_NEW_TOKENS)
     mismatch = int(np.sum(np.asarray(ours.tokens) != expected))
     err = max_abs(ours.logits, expected_logits)
@@ -670,6 +678,47 @@ def check_hf_padded() -> Evidence:
     note = (f"{len(RAGGED_PROMPTS)} rows x {GPT2_NEW_TOKENS} tokens; logits within {err:.0e} "
             "(HF hands them back as float32)")
     return Evidence(measures, note, shown)
+
+
+# --- check 12: the engine == the readable path ---------------------------------------------------
+
+ENGINE_CONFIGS = {"MHA": {}, "GQA": {"n_kv_heads": 2}, "MQA": {"n_kv_heads": 1},
+                  "RoPE + GQA": {"rope": True, "n_kv_heads": 2}}
+ENGINE_PROMPTS = [150, 40, 97]  # left-padded to 150: more than one 128-query block
+
+
+@check(12, "fast == readable", "engine == the readable path, all modes")
+def check_engine() -> Evidence:
+    """The same weights run twice, readable (GPT.forward) and fast (engine.fast.forward): a
+    left-padded batch's logits and every layer's attention weights, and cached greedy decoding
+    with prefill in chunks of 64 (tokens and the logits of every step); float64 and float32."""
+    err64, rel32, tokens_differ, shown = 0.0, 0.0, 0, []
+    for label, extra in ENGINE_CONFIGS.items():
+        config = block.GPTConfig(**{**vars(ASSIGNMENT_CONFIG), "n_kv_heads": None,
+                                    "max_seq_len": 160, **extra})
+        for dtype in (np.float64, np.float32):
+            readable = ref.random_model(config, dtype=dtype)
+            fast = ref.random_model(config, dtype=dtype, fast=True)
+            prompts = [random_ids((n,), seed=12 + n) for n in ENGINE_PROMPTS]
+            ids, mask = generate.left_pad(prompts)
+            (a, a_w), (b, b_w) = (m(ids, attention_mask=mask, return_attention=True)
+                                  for m in (readable, fast))
+            slow, quick = (generate.generate_cached(m, prompts, 6, prefill_chunk=64)
+                           for m in (readable, fast))
+            tokens_differ += int(np.sum(slow.tokens != quick.tokens))
+            if dtype == np.float64:
+                err = max(max_abs(a, b), max_abs(slow.logits, quick.logits),
+                          *(max_abs(x, y) for x, y in zip(a_w, b_w, strict=True)))
+                err64 = max(err64, err)
+                shown.append(f"    {label:<11} float64 max |readable - fast| {err:.1e}")
+            else:
+                rel32 = max(rel32, max_rel(b, a), max_rel(quick.logits, slow.logits))
+    measures = [Measure("float64 logits, weights, decode: readable vs fast", err64, 1e-12),
+                Measure("greedy tokens differing (float64 and float32)", tokens_differ, 0),
+                Measure("float32 relative logits", rel32, 1e-5)]
+    note = f"float32: max |diff| / max |logit| = {rel32:.1e}, tokens identical" if not (
+        tokens_differ) else f"{tokens_differ} tokens differ"
+    return Evidence(measures, note, "\n".join(shown))
 
 
 # --- running and printing ------------------------------------------------------------------------

@@ -80,6 +80,27 @@ def int_array(name: str, value: object, ndim: int) -> np.ndarray:
     return array
 
 
+def float_array(name: str, value: object, *, ndim: int | None = None, min_ndim: int = 0,
+                allow_int: bool = False) -> np.ndarray:
+    """value as a plain ndarray of real floats (ints too if allow_int; a list or tuple is
+    converted), with exactly `ndim` or at least `min_ndim` dimensions.
+
+    NumPy subclasses are refused: np.matrix changes what @ and * mean, and a masked array's mask
+    would be silently dropped by the arithmetic below it."""
+    if isinstance(value, (list, tuple, np.generic)):
+        value = np.asarray(value)
+    if not isinstance(value, np.ndarray) or type(value) is not np.ndarray:
+        raise TypeError(f"{name} must be a plain numpy array, got {type(value).__name__}")
+    kinds = "fiu" if allow_int else "f"
+    if value.dtype.kind not in kinds:
+        raise TypeError(f"{name} must hold real {'numbers' if allow_int else 'floats'}, got dtype "
+                        f"{value.dtype}")
+    if (ndim is not None and value.ndim != ndim) or value.ndim < min_ndim:
+        wanted = f"{ndim}" if ndim is not None else f"at least {min_ndim}"
+        raise ValueError(f"{name} must have {wanted} dimension(s), got shape {value.shape}")
+    return value
+
+
 def token_ids(name: str, value: object, ndim: int, vocab_size: int) -> np.ndarray:
     """An integer array of `ndim` dimensions, no axis empty, every id in [0, vocab_size)."""
     ids = int_array(name, value, ndim)

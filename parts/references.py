@@ -176,15 +176,16 @@ def hf_generate(hf, ids: np.ndarray, max_new_tokens: int, attention_mask: np.nda
 # --- our model, every parameter random -----------------------------------------------------------
 
 def random_model(config: GPTConfig, seed: int = 0, dtype: type = np.float64,
-                 jitter: float = 0.1) -> GPT:
+                 jitter: float = 0.1, fast: bool = False) -> GPT:
     """A GPT whose biases and LayerNorm scales and shifts are random too (GPT(config) starts them
-    at 0 and 1), so a dropped bias or a skipped LayerNorm parameter changes the numbers."""
+    at 0 and 1), so a dropped bias or a skipped LayerNorm parameter changes the numbers. The
+    readable forward unless fast=True: the checks test the code a learner reads."""
     base = GPT(config, seed=seed, dtype=np.float64).named_weights()
     rng = np.random.default_rng(seed + 1)
     named = {name: w + (jitter * rng.standard_normal(w.shape) if w.ndim == 1 else 0.0)
              for name, w in base.items()}
     assert set(named) == set(weight_shapes(config))
-    return GPT(config, dtype=dtype, weights=named)
+    return GPT(config, dtype=dtype, weights=named, fast=fast)
 
 
 def random_ids(shape: tuple[int, ...], seed: int, vocab: int) -> np.ndarray:

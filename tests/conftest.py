@@ -32,10 +32,11 @@ TOL64 = 1e-10  # float64: the same algebra in another order agrees to ~1e-14
 
 
 @functools.cache
-def small_model(variant: str = "mha", dtype: str = "float64") -> GPT:
+def small_model(variant: str = "mha", dtype: str = "float64", fast: bool = False) -> GPT:
     """A small GPT of one of the VARIANTS with every parameter random (biases and LayerNorms
-    too), built once per session. Tests must not modify it."""
-    return random_model(GPTConfig(**SMALL, **VARIANTS[variant]), seed=1, dtype=dtype)
+    too), built once per session: the readable path, or the engine with fast=True (the same
+    weights). Tests must not modify it."""
+    return random_model(GPTConfig(**SMALL, **VARIANTS[variant]), seed=1, dtype=dtype, fast=fast)
 
 
 def random_ids(seed: int, B: int, T: int, vocab: int = V) -> np.ndarray:
@@ -72,9 +73,10 @@ def assert_close(got: np.ndarray, expected: np.ndarray, dtype: str = "float64") 
 
 @pytest.fixture
 def model_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Count every forward pass and every cache creation of any GPT during one test."""
+    """Count every forward pass (a checked call that runs) and every cache creation of any GPT
+    during one test."""
     calls = {"forward": 0, "new_cache": 0}
-    forward, new_cache = GPT.__call__, GPT.new_cache
+    forward, new_cache = GPT.run_checked, GPT.new_cache
 
     def counted_forward(self, *args, **kwargs):
         calls["forward"] += 1
@@ -84,6 +86,6 @@ def model_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         calls["new_cache"] += 1
         return new_cache(self, *args, **kwargs)
 
-    monkeypatch.setattr(GPT, "__call__", counted_forward)
+    monkeypatch.setattr(GPT, "run_checked", counted_forward)
     monkeypatch.setattr(GPT, "new_cache", counted_new_cache)
     return calls

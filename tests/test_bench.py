@@ -17,9 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import attention
+from attention import causal_mask
 from block import GPT, GPTConfig
 from cache import KVCache
+from engine import fast as engine
 from generate import decode, greedy, prefill
 from tools import bench
 
@@ -130,11 +131,11 @@ def test_the_profile_parts_add_up_to_the_measured_total(quick):
         assert all(parts[p] > 0 for p in bench.PARTS)  # only the overhead may come out negative
         # The recorded calls are the real forward pass's: per layer QKV (one product), O, fc,
         # proj and one LM head; one attention call and one cache append per layer; 2 LayerNorms
-        # and a GELU per layer plus the final LayerNorm. A prefill's last block first caches the
-        # keys and values of all but the last position (block.last_position_only): one more
-        # LayerNorm, K and V products and append.
-        assert step["calls"] == {"matrix products": 4 * c + 1 + 2 * extra, "attention": c,
-                                 "cache writes": c + extra, "elementwise": 3 * c + 1 + extra}
+        # and a GELU per layer plus the final LayerNorm. A prefill's last block makes K and V
+        # for every position but Q for the last one only (the engine's last_position_only): one
+        # more product, [W_K | W_V] and then W_Q.
+        assert step["calls"] == {"matrix products": 4 * c + 1 + extra, "attention": c,
+                                 "cache writes": c, "elementwise": 3 * c + 1}
         assert step["weight_bytes"] == r["batched_decode"]["floor_bytes"]
     assert "where the time goes" in text and "Python overhead" in text
 
@@ -241,23 +242,23 @@ def test_profile_alone_writes_under_out_profile_only(tmp_path):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_query_blocks_change_no_result(dtype, monkeypatch):
-    """The prefill benchmark's attention runs in query blocks that skip keys the mask hides from
-    the whole block. With blocks and without (one block of every query): the same weights to
-    rounding, exact zeros in the same places, for a causal mask, left padding with a query that
-    sees nothing, and grouped K/V heads."""
+    """The engine's attention runs in query blocks that skip keys the mask hides from the whole
+    block. With blocks and without (one block of every query): the same weights to rounding,
+    exact zeros in the same places, for a causal mask, left padding with a query that sees
+    nothing, and grouped K/V heads."""
     rng = np.random.default_rng(0)
     B, H, H_kv, t_q, t_k, d = 2, 4, 2, 300, 340, 8
     q = rng.standard_normal((B, H, t_q, d)).astype(dtype)
     k, v = rng.standard_normal((2, B, H_kv, t_k, d)).astype(dtype)
     real = np.ones((B, t_k), dtype=bool)
     real[1, :60] = False  # row 1 is left-padded: its first queries see only padding
-    masks = [attention.causal_mask(t_q, t_k)[None, None],
-             attention.causal_mask(t_q, t_k)[None, None] & real[:, None, None, :]]
+    masks = [causal_mask(t_q, t_k)[None, None],
+             causal_mask(t_q, t_k)[None, None] & real[:, None, None, :]]
     for mask in masks:
-        assert len(attention.query_blocks(mask, t_q, t_k)) > 1  # the blocked path is tested
-        blocked = attention.grouped_attention(q, k, v, mask)
-        monkeypatch.setattr(attention, "QUERY_BLOCK", t_q)
-        whole = attention.grouped_attention(q, k, v, mask)
+        assert len(engine.query_blocks(mask, t_q, t_k)) > 1  # the blocked path is tested
+        blocked = engine.grouped_attention(q, k, v, mask)
+        monkeypatch.setitem(engine.TRICKS, "query_blocks", False)
+        whole = engine.grouped_attention(q, k, v, mask)
         monkeypatch.undo()
         tol = 1e-5 if dtype == np.float32 else 1e-12
         for a, b in zip(blocked, whole, strict=True):
@@ -266,20 +267,21 @@ def test_query_blocks_change_no_result(dtype, monkeypatch):
         np.testing.assert_array_equal(blocked[1] == 0, whole[1] == 0)
 
 
-def test_the_floor_follows_the_matrices_the_model_multiplies_by():
-    """The model multiplies by [W_q | W_k | W_v] as one matrix while w_q, w_k, w_v are still its
-    views, and the floor streams that matrix; an attribute rebound to another array turns the
-    fused product off (the model then multiplies by the three, and the floor lists the three),
-    and either way the model's logits are those of the three separate products."""
-    model = GPT(GPTConfig(n_layers=2, init_std=0.2), seed=1)
+def test_the_floor_streams_the_matrices_the_engine_multiplies_by():
+    """The engine multiplies by [W_q | W_k | W_v] as one matrix, of which w_q, w_k, w_v are
+    views: the floor streams that one matrix (one per layer, plus W_O, the MLP and the head), a
+    weight changed in place through w_k changes the engine's product too, and the readable
+    model of the same weights multiplies by the three (so its floor lists three)."""
+    fast = GPT(GPTConfig(n_layers=2, init_std=0.2), seed=1, dtype=np.float64)
+    readable = GPT(GPTConfig(n_layers=2, init_std=0.2), seed=1, dtype=np.float64, fast=False)
     ids = np.random.default_rng(1).integers(0, 256, (2, 9))
-    fused = model(ids)
-    a = model.blocks[0].attn
-    assert attention.fused_qkv(a) and a.w_k.base is a.w_qkv
-    a.w_k[0, 0] += 1.0  # in place: written into w_qkv as well
-    changed = model(ids)
-    assert not np.array_equal(changed, fused)
-    a.w_k = a.w_k.copy()  # rebound: w_qkv no longer holds what w_k says
-    assert not attention.fused_qkv(a)
-    assert len(bench.weight_matrices(model)) == 6 + 4 + 1  # layer 0 unfused, layer 1 fused, head
-    np.testing.assert_allclose(model(ids), changed, rtol=0, atol=1e-5)
+    assert len(bench.weight_matrices(fast)) == 2 * 4 + 1
+    assert len(bench.weight_matrices(readable)) == 2 * 6 + 1
+    a = fast.blocks[0].attn
+    assert a.w_k.base is a.w_q.base and a.w_q.base.shape == (128, 3 * 128)
+    before = fast(ids)
+    a.w_k[0, 0] += 1.0
+    readable.blocks[0].attn.w_k[0, 0] += 1.0
+    changed = fast(ids)
+    assert np.abs(changed - before).max() > 1e-6
+    np.testing.assert_allclose(changed, readable(ids), rtol=0, atol=1e-12)

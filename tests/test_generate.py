@@ -356,7 +356,7 @@ def test_a_prefill_that_fails_half_way_leaves_the_cache_as_it_was(monkeypatch):
     back to its length before the call, and the original error reaches the caller."""
     model, cache = started_cache()
     before = cache_state(cache)
-    real, calls = GPT.__call__, []
+    real, calls = GPT.run_checked, []
 
     def fails_on_the_second_chunk(self, *args, **kwargs):
         calls.append(1)
@@ -364,7 +364,7 @@ def test_a_prefill_that_fails_half_way_leaves_the_cache_as_it_was(monkeypatch):
             raise RuntimeError("the second chunk failed")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(GPT, "__call__", fails_on_the_second_chunk)
+    monkeypatch.setattr(GPT, "run_checked", fails_on_the_second_chunk)
     with pytest.raises(RuntimeError, match="^the second chunk failed$"):
         prefill(model, random_ids(21, 2, 4), cache, chunk_size=2)
     assert len(calls) == 2 and cache_state(cache) == before

@@ -64,10 +64,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-import attention
-import block
 from block import GPT
 from cache import KVCache, ModelCache, kv_cache_bytes
+from engine import fast as engine
 from generate import decode, generate_cached, generate_naive, greedy, prefill
 from parts.checks import SEED, cli_int, cli_output_dir, cli_output_file
 
@@ -385,11 +384,12 @@ class HFGreedy:
 
 def weight_matrices(model: GPT) -> list[np.ndarray]:
     """Every matrix one decode step multiplies by, in the order the forward pass reads them:
-    W_Q, W_K, W_V as the one side-by-side matrix the model multiplies by (AttentionParams)."""
+    W_Q, W_K, W_V as the one side-by-side matrix the engine multiplies by (engine.fuse_qkv)."""
     mats = []
     for p in model.blocks:
         a = p.attn
-        mats += [a.w_qkv] if attention.fused_qkv(a) else [a.w_q, a.w_k, a.w_v]
+        fused = model.fast and engine.TRICKS["fused_qkv"]
+        mats += [a.w_q.base] if fused else [a.w_q, a.w_k, a.w_v]
         mats += [a.w_o, p.w_fc, p.w_proj]
     return mats + [model.wte.T]  # the tied LM head, read as the same transposed view
 
@@ -430,7 +430,7 @@ def prefill_side_by_side(model: GPT, hf, prompt: np.ndarray, rounds: int) -> dic
     position only; Hugging Face is asked for the same with logits_to_keep=1. Each side's time
     includes making and dropping its cache, as a user's first call does: ours allocates all
     max_len positions up front (the OS backs a page when it is first written: see
-    cache.zeros_in_small_pages for why that page is 4 KB), Hugging Face's grows to the P it
+    engine.zeros_in_small_pages for why that page is 4 KB), Hugging Face's grows to the P it
     holds."""
     import torch
 
@@ -501,46 +501,35 @@ def versus_hf(name: str, shape: dict, steps: int, rounds: int, s: Settings, seed
 
 # --- 5. preallocated vs concatenating cache ------------------------------------------------------
 
-class ConcatKVCache:
+class ConcatKVCache(KVCache):
     """The cache a first attempt writes: K and V grow by np.concatenate on every append.
 
-    It has KVCache's methods (so a ModelCache can hold it), and is used only to show the cost:
-    each append copies every position held so far, so appending at length 2048 costs 16 times
-    what it costs at 128, and a decode of n tokens copies O(n^2) numbers in total.
+    A KVCache in every other way (the same checks, so a ModelCache can hold it), used only to
+    show the cost: each append copies every position held so far, so appending at length 2048
+    costs 16 times what it costs at 128, and a decode of n tokens copies O(n^2) numbers in total.
     """
 
     def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, d_head: int,
                  dtype: np.dtype | type = np.float32) -> None:
-        self.max_len = max_len
+        self.capacity = max_len
         self.keys = np.zeros((batch_size, n_kv_heads, 0, d_head), dtype)  # (B, H_kv, 0, d_head)
         self.values = np.zeros((batch_size, n_kv_heads, 0, d_head), dtype)
-        self.batch_size, self.n_kv_heads, self.d_head, self.dtype = (batch_size, n_kv_heads,
-                                                                     d_head, np.dtype(dtype))
+        self.length = 0
 
     @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+    def max_len(self) -> int:
+        return self.capacity
 
-    def __len__(self) -> int:
-        return self.keys.shape[2]
-
-    def append(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _write(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """k, v (B, H_kv, t, d_head) -> keys, values (B, H_kv, length + t, d_head): new arrays."""
-        B, H_kv, _, d_head = self.keys.shape
-        for name, x in (("k", k), ("v", v)):
-            if not isinstance(x, np.ndarray) or x.ndim != 4 or x.shape[2] < 1 or (
-                    x.shape[0], x.shape[1], x.shape[3]) != (B, H_kv, d_head):
-                raise ValueError(f"ConcatKVCache.append: {name} must be a (B={B}, H_kv={H_kv}, "
-                                 f"t >= 1, d_head={d_head}) array, got {np.shape(x)}")
-        if k.shape != v.shape or len(self) + k.shape[2] > self.max_len:
-            raise ValueError(f"ConcatKVCache.append: k {k.shape} and v {v.shape} must match and "
-                             f"fit after {len(self)} of max_len={self.max_len} positions")
         self.keys = np.concatenate([self.keys, k], axis=2)  # a full copy of everything held
         self.values = np.concatenate([self.values, v], axis=2)
+        self.length = self.keys.shape[2]
         return self.keys, self.values
 
     def truncate(self, length: int) -> None:
         self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
+        self.length = length
 
 
 def concat_cache(model: GPT) -> ModelCache:
@@ -677,10 +666,9 @@ PARTS = ("matrix products", "attention", "elementwise", "cache writes")
 OVERHEAD = "Python overhead"  # the measured total minus the parts
 REST_LABEL = f"{OVERHEAD}, thread wake-ups (rest)"  # what it holds: see step_breakdown
 # The functions the model's forward pass calls for each part, by the names it calls them through.
-TRACED = [(attention, "linear", "matrix products"), (block, "linear", "matrix products"),
-          (block, "lm_head", "matrix products"), (attention, "grouped_attention", "attention"),
-          (attention, "layer_norm", "elementwise"), (block, "layer_norm", "elementwise"),
-          (block, "gelu_in_place", "elementwise"), (KVCache, "append", "cache writes")]
+TRACED = [(engine, "linear", "matrix products"), (engine, "grouped_attention", "attention"),
+          (engine, "norm", "elementwise"), (engine, "gelu_in_place", "elementwise"),
+          (KVCache, "_write", "cache writes")]
 
 
 @contextmanager
@@ -733,7 +721,7 @@ def part_runners(model: GPT, calls: list[tuple[str, Callable, tuple]], ids: np.n
     stream = np.ones((B, T, model.config.d_model), model.dtype)  # (B, T, D): a residual add
 
     def prepare_elementwise():
-        fresh[:] = [tuple(a.copy() for a in args) if fn is block.gelu_in_place else args
+        fresh[:] = [tuple(a.copy() for a in args) if fn is engine.gelu_in_place else args
                     for fn, args in elementwise]
 
     def run_elementwise():

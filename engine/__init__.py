@@ -1,0 +1,1 @@
+"""The engine: the same model as the readable root files, computed faster (engine/fast.py)."""
