@@ -145,11 +145,11 @@ ZIP_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error, Not
 @contextmanager
 def _reading(path: Path, what: str) -> Iterator[None]:
     """Turn whatever zipfile, zlib or NumPy's header parser raise into one ValueError naming the
-    path (a message already naming it passes through)."""
+    path (our own ValueErrors, which already name it, pass through)."""
     try:
         yield
     except ZIP_ERRORS as err:
-        if str(path) in str(err):
+        if type(err) is ValueError and str(path) in str(err):
             raise
         raise ValueError(f"{path} is not a .npz checkpoint without pickles ({what}: "
                          f"{type(err).__name__}: {err})") from None
@@ -283,8 +283,8 @@ def from_gpt2_state_dict(state_dict: Mapping, n_heads: int | None, hf_config: ob
     V, D = sd["wte.weight"].shape
     sizes = {"vocab_size": V, "max_seq_len": len(sd["wpe.weight"]), "d_model": D,
              "n_layers": _gpt2_layer_count(sd), "d_ff": sd["h.0.mlp.c_fc.weight"].shape[1]}
-    _check_hf_sizes(hf_config, sizes)
     sizes |= _from_hf_config(hf_config, n_heads)
+    _check_hf_sizes(hf_config, sizes)
     _check_gpt2_shapes(sd, sizes)
     _check_tied_head(head, sd["wte.weight"])
     named = {"wte": sd["wte.weight"], "wpe": sd["wpe.weight"], "ln_f.gamma": sd["ln_f.weight"],

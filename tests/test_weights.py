@@ -13,6 +13,7 @@ import json
 import re
 import struct
 import tracemalloc
+import warnings
 import zipfile
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -45,6 +46,13 @@ def header_only(shape: tuple[int, ...], dtype: str = "<f8") -> bytes:
     np.lib.format.write_array_header_1_0(
         buffer, {"descr": dtype, "fortran_order": False, "shape": shape})
     return buffer.getvalue()
+
+
+def matrix(values: np.ndarray) -> np.matrix:
+    """np.matrix, which NumPy discourages (with a warning) but still ships and people pass."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        return np.matrix(values)
 
 
 def write_zip(path: Path, members: dict[str, bytes], method: int = zipfile.ZIP_STORED) -> Path:
@@ -294,7 +302,7 @@ def test_a_masked_weight_is_refused_not_unmasked():
 
 def test_a_matrix_weight_is_honoured():
     named = named64()
-    named["wte"] = np.matrix(named["wte"])
+    named["wte"] = matrix(named["wte"])
     model = GPT(small_model().config, dtype=np.float64, weights=named)
     assert type(model.wte) is np.ndarray
     ids = random_ids(3, 2, 5)
@@ -433,7 +441,7 @@ def test_a_config_of_another_model_type_is_refused(hf):
     (torch.ones(D, dtype=torch.int64), TypeError, "got torch.int64"),
     (np.float64(1.0), TypeError, "must hold floating-point weights, got float64"),
     (torch.tensor(1.0), ValueError, r"h.0.ln_1.weight: got \(\), expected \(16,\)"),
-    (np.matrix(np.ones(D)), ValueError, r"h.0.ln_1.weight: got \(1, 16\), expected \(16,\)"),
+    (matrix(np.ones(D)), ValueError, r"h.0.ln_1.weight: got \(1, 16\), expected \(16,\)"),
 ])
 def test_state_dict_values_that_are_not_float_arrays(hf, value, error, match):
     sd = dict(hf.state_dict()) | {"transformer.h.0.ln_1.weight": value}
@@ -456,3 +464,53 @@ def test_float_types_numpy_lacks_are_converted(hf):
     got = GPT.from_gpt2(sd8, n_heads=N_HEADS, dtype=np.float64)(ids)
     np.testing.assert_array_equal(got, same)  # the float8 values themselves, nothing lost
     assert np.abs(got - expected).max() < 0.2 * np.abs(expected).max()
+
+
+# --- any corruption: refused with the path, or the very same model -------------------------------
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_random_corruption_is_refused_or_harmless(tmp_path, method):
+    """A few random bytes changed (and sometimes the end cut off) anywhere in a checkpoint: the
+    load is refused with a ValueError naming the path, or, when only a field nothing reads was
+    hit (a timestamp, a local header zip ignores), gives exactly the original model."""
+    model = GPT(GPTConfig(vocab_size=8, max_seq_len=4, d_model=8, n_heads=2, n_layers=1), seed=0)
+    with zipfile.ZipFile(model.save(tmp_path / "m.npz")) as z:
+        files = {name: z.read(name) for name in z.namelist()}
+    base = write_zip(tmp_path / "base.npz", files, method).read_bytes()
+    rng = np.random.default_rng(method)
+    ids = np.arange(4)[None]
+    outcomes = {"refused": 0, "same": 0}
+    for _ in range(300):
+        data = bytearray(base)
+        for at in rng.integers(0, len(data), rng.integers(1, 4)):
+            data[at] = rng.integers(256)
+        if rng.random() < 0.1:
+            data = data[:rng.integers(len(data))]
+        path = tmp_path / "hit.npz"
+        path.write_bytes(bytes(data))
+        try:
+            loaded = GPT.load(path)
+        except ValueError as err:
+            assert str(path) in str(err)
+            outcomes["refused"] += 1
+            continue
+        np.testing.assert_array_equal(loaded(ids), model(ids))
+        outcomes["same"] += 1
+    assert outcomes["refused"] > 250, outcomes
+
+
+@pytest.mark.parametrize(("member", "match"), [
+    (b"garbage!" * 20, "not a .npz checkpoint.*member wte.npy"),
+    (b"\x93NUMPY\x03\x00" + npy(np.zeros((64, 32)))[8:], r"format version \(3, 0\)"),
+])
+def test_member_that_is_not_a_readable_npy(tmp_path, members, member, match):
+    refused(write_zip(tmp_path / "odd.npz", members | {"wte.npy": member}), ValueError, match)
+
+
+def test_a_compression_method_zipfile_lacks(tmp_path, members):
+    path = write_zip(tmp_path / "method.npz", members, zipfile.ZIP_DEFLATED)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"PK\x01\x02")  # the first central-directory entry: config.npy's
+    data[at + 10:at + 12] = struct.pack("<H", 99)  # its compression method: unknown
+    path.write_bytes(bytes(data))
+    refused(path, ValueError, "not a .npz checkpoint.*NotImplementedError")
