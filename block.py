@@ -262,14 +262,18 @@ class GPT:
     @classmethod
     def load(cls, path: str | Path, dtype: np.dtype | type | str = np.float32,
              fast: bool = True) -> GPT:
-        """A model from a .npz file written by save(); refuses a file whose config is invalid or
-        whose weights do not match it (names, shapes, float dtype, finite values)."""
-        config, named = weight_files.read_npz(path)
-        try:
-            config = GPTConfig(**config)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"GPT.load: {path} holds an invalid config: {err}") from None
-        return cls(config, dtype=dtype, weights=named, fast=fast)
+        """A model from a .npz file written by save(). The file is read header first and refused
+        (FileNotFoundError, or ValueError naming the path) unless its config names every field
+        and its weights match it (names, shapes, float dtype, finite values); TypeError for a
+        dtype or path of the wrong kind. Checks its own door."""
+        dtype = float_dtype("GPT.load dtype", dtype, MODEL_DTYPES)
+
+        def shapes_for(config: dict) -> dict[str, tuple[int, ...]]:
+            return weight_shapes(weight_files.config_from(config, GPTConfig))
+
+        config, named = weight_files.read_npz(path, shapes_for)
+        return cls(weight_files.config_from(config, GPTConfig), dtype=dtype, weights=named,
+                   fast=fast)
 
     @classmethod
     def from_gpt2(
@@ -278,7 +282,9 @@ class GPT:
     ) -> GPT:
         """A model from a Hugging Face GPT2LMHeadModel (or GPT2Model) state_dict, whose values
         may be torch tensors or NumPy arrays. n_heads is needed unless hf_config (the model's
-        GPT2Config) is given; from hf_config also the LayerNorm epsilon and the activation."""
+        GPT2Config) is given; from hf_config also the LayerNorm epsilon and the activation.
+        Refused (ValueError/TypeError): an untied LM head, keys we do not compute, a config
+        whose sizes contradict the weights or whose settings are not implemented."""
         sizes, named = weight_files.from_gpt2_state_dict(state_dict, n_heads, hf_config)
         return cls(GPTConfig(**sizes), dtype=dtype, weights=named, fast=fast)
 

@@ -1,32 +1,64 @@
 """Weights in and out of the NumPy model: .npz checkpoints, and Hugging Face GPT-2 state_dicts.
 
-A checkpoint is one .npz file (NumPy's zip of .npy arrays, read with allow_pickle=False, so
-loading one cannot run code): every weight under its name from block.weight_shapes, and `config`,
-the GPTConfig as a JSON string. block.GPT.save, GPT.load and GPT.from_gpt2 call the functions here
-and then build the model through its one constructor, which checks every weight with `checked`.
+A checkpoint is one .npz file (NumPy's zip of .npy members): `config.npy`, the GPTConfig as one
+JSON string naming every field, and one float array per weight under its name from
+block.weight_shapes. It is read header first: the config, then every member's .npy header (dtype,
+shape, size), and only once all of them match the weight table is any weight's data inflated. So
+a file cannot make the reader allocate more than the model it describes, and cannot run code.
+Refused, with a ValueError naming the path and the fault: a file that is not a zip, members that
+are not .npy or appear twice, Python objects (pickles), a config that is missing, too large, not a
+JSON object, or leaves a field out (see ADDED_LATER), names/shapes/dtypes other than the table's,
+a member whose stored size or checksum disagrees with its header, NaN or inf weights.
+
+From Hugging Face, only what this model computes is accepted: GPT-2 with its LM head tied to wte,
+every key known (the stored causal-mask buffers aside), and a GPT2Config whose sizes match the
+weights and whose settings (activation, score scaling, cross-attention) are the ones implemented.
+
+block.GPT.save, GPT.load and GPT.from_gpt2 call the functions here and then build the model
+through its one constructor, which checks every weight with `checked` (NumPy subclasses included:
+a masked array is refused, since copying it would drop its mask).
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
+import math
+import os
 import zipfile
-from collections.abc import Mapping
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from parts.checks import positive_int
+from parts.checks import fits_in_memory, positive_int
 
 CONFIG_KEY = "config"
+# A GPTConfig is ~250 characters of JSON, 4 bytes each in a .npy string: 64 KiB is far beyond any
+# real one, and bounds what the reader inflates before it knows the model's size.
+CONFIG_MAX_BYTES = 1 << 16
+
+# Fields of GPTConfig added after checkpoints were written, with the value that reproduces what
+# those checkpoints computed (never simply the new default). Empty: every field so far existed
+# when checkpoints/reverse.npz was written. A new field goes here with that older behaviour's value;
+# any other missing field is refused, since a default could silently change the model.
+ADDED_LATER: dict[str, object] = {}
 
 
 def checked(weights: Mapping[str, np.ndarray], shapes: dict[str, tuple[int, ...]],
             dtype: np.dtype) -> dict[str, np.ndarray]:
     """Copies of `weights` in `dtype`, after checking them against `shapes`: exactly the same
-    names, the same shapes, real floating-point values, all finite after the cast."""
+    names, the same shapes, real floating-point ndarrays (np.matrix honoured, a masked array
+    refused), all finite after the cast. Checks its own door."""
     if not isinstance(weights, Mapping):
         raise TypeError(f"weights must be a mapping of name -> array, got "
                         f"{type(weights).__name__}")
+    odd = [key for key in weights if not isinstance(key, str)]
+    if odd:
+        raise TypeError(f"weights must be named by str, got the key {odd[0]!r}")
     missing, unexpected = sorted(set(shapes) - set(weights)), sorted(set(weights) - set(shapes))
     if missing or unexpected:
         raise ValueError(f"weights do not match the config: missing {missing[:4]}"
@@ -34,6 +66,9 @@ def checked(weights: Mapping[str, np.ndarray], shapes: dict[str, tuple[int, ...]
                          f"{' ...' if len(unexpected) > 4 else ''}")
     for name, shape in shapes.items():
         w = weights[name]
+        if isinstance(w, np.ma.MaskedArray):
+            raise TypeError(f"weight {name} is a masked array: fill it first (w.filled(...)), "
+                            "a copy would silently drop its mask")
         if not isinstance(w, np.ndarray) or not np.issubdtype(w.dtype, np.floating):
             raise TypeError(f"weight {name} must be a floating-point array, got "
                             f"{getattr(w, 'dtype', type(w).__name__)}")
@@ -46,6 +81,18 @@ def checked(weights: Mapping[str, np.ndarray], shapes: dict[str, tuple[int, ...]
     if bad:
         raise ValueError(f"weights {bad[:4]} hold NaN or inf (in {np.dtype(dtype).name})")
     return out
+
+
+def config_from(config: dict, config_class: type) -> object:
+    """config_class(**config) once `config` names every field of the dataclass exactly (fields in
+    ADDED_LATER may be absent and get the value listed there). ValueError/TypeError otherwise."""
+    fields = [field.name for field in dataclasses.fields(config_class)]
+    given = {name: value for name, value in ADDED_LATER.items() if name in fields} | config
+    missing, unknown = [f for f in fields if f not in given], sorted(set(config) - set(fields))
+    if missing or unknown:
+        raise ValueError(f"the config must give every field of {config_class.__name__}: "
+                         f"missing {missing}, unknown {unknown}")
+    return config_class(**given)
 
 
 # --- .npz checkpoints ----------------------------------------------------------------------------
@@ -63,34 +110,145 @@ def write_npz(path: str | Path, config: dict, named: dict[str, np.ndarray]) -> P
     return path
 
 
-def read_npz(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config dict, name -> array) from a .npz checkpoint. Refuses, with the path in the
-    message, a missing file, a file that is not a plain .npz (pickled objects included), and a
-    missing or unreadable config."""
+def read_npz(path: str | Path, shapes_for: Callable[[dict], dict[str, tuple[int, ...]]]
+             ) -> tuple[dict, dict[str, np.ndarray]]:
+    """(config dict, name -> array) from a .npz checkpoint, reading headers before data.
+
+    shapes_for(config) -> {name: shape} is the weight table the config describes (ValueError or
+    TypeError for a bad config). Only members with exactly those names and shapes and a float
+    dtype are inflated. Raises FileNotFoundError, or ValueError naming the path and the fault
+    (TypeError for a path that is not a str or Path). Checks its own door."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint path must be a str or Path, got {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+    with _reading(path, "the file"), zipfile.ZipFile(path) as z:
+        members = _npy_members(path, z)
+        config = _read_config(path, z, members.pop(CONFIG_KEY, None))
+        try:
+            shapes = shapes_for(config)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path} holds an invalid config: {err}") from None
+        _same_names(path, members, shapes)
+        headers = {name: _weight_header(path, z, members[name], shape)
+                   for name, shape in shapes.items()}
+        total = sum(info.file_size for info in members.values())
+        fits_in_memory(f"{path}: reading its weights", total)
+        return config, {name: _data(path, z, members[name], *headers[name]) for name in shapes}
+
+
+ZIP_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+              RuntimeError)  # RuntimeError: an encrypted member; NotImplementedError: a method
+
+
+@contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """Turn whatever zipfile, zlib or NumPy's header parser raise into one ValueError naming the
+    path (our own ValueErrors, which already name it, pass through)."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {name: f[name] for name in f.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as err:
-        raise ValueError(f"{path} is not a .npz checkpoint without pickles: {err}") from None
-    raw = arrays.pop(CONFIG_KEY, None)
-    if raw is None or raw.ndim != 0 or raw.dtype.kind != "U":
-        raise ValueError(f"{path} has no '{CONFIG_KEY}' entry (a JSON string) describing the "
-                         "model")
+        yield
+    except ZIP_ERRORS as err:
+        if type(err) is ValueError and str(path) in str(err):
+            raise
+        raise ValueError(f"{path} is not a .npz checkpoint without pickles ({what}: "
+                         f"{type(err).__name__}: {err})") from None
+
+
+def _npy_members(path: Path, z: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+    """name (without .npy) -> the member's zip entry; every member must be a .npy, once."""
+    names = [info.filename for info in z.infolist()]
+    twice = sorted(name for name, n in collections.Counter(names).items() if n > 1)
+    if twice:
+        raise ValueError(f"{path} holds the member(s) {twice[:4]} more than once")
+    other = [name for name in names if not name.endswith(".npy")]
+    if other:
+        raise ValueError(f"{path} holds member(s) {other[:4]} that are not .npy arrays")
+    return {info.filename.removesuffix(".npy"): info for info in z.infolist()}
+
+
+def _read_config(path: Path, z: zipfile.ZipFile, info: zipfile.ZipInfo | None) -> dict:
+    """The config member: one JSON string of at most CONFIG_MAX_BYTES, holding a JSON object."""
+    no_config = f"{path} has no '{CONFIG_KEY}' entry (a JSON string) describing the model"
+    if info is None:
+        raise ValueError(no_config)
+    if info.file_size > CONFIG_MAX_BYTES:
+        raise ValueError(f"{path}: its config member declares {info.file_size:,} bytes, more "
+                         f"than the {CONFIG_MAX_BYTES:,} any config needs")
+    dtype, shape, fortran, offset = _header(path, z, info)
+    if dtype.kind != "U" or shape != ():
+        raise ValueError(no_config)
+    _check_size(path, info, offset + dtype.itemsize)
+    text = _data(path, z, info, dtype, shape, fortran, offset)
     try:
-        config = json.loads(str(raw))
-    except json.JSONDecodeError as err:
+        config = json.loads(text.item())
+    except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path}: its config is not valid JSON: {err}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: its config must be a JSON object, got {config!r:.60}")
-    return config, arrays
+    return config
+
+
+def _same_names(path: Path, members: dict, shapes: dict) -> None:
+    missing, unexpected = sorted(set(shapes) - set(members)), sorted(set(members) - set(shapes))
+    if missing or unexpected:
+        raise ValueError(f"{path}: its weights do not match its config: missing {missing[:4]}"
+                         f"{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                         f"{' ...' if len(unexpected) > 4 else ''}")
+
+
+def _header(path: Path, z: zipfile.ZipFile, info: zipfile.ZipInfo
+            ) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """(dtype, shape, fortran_order, header bytes) of one .npy member, its data left unread."""
+    with _reading(path, f"member {info.filename}"), z.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f".npy format version {version}, expected (1, 0) or (2, 0)")
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{path}: member {info.filename} holds Python objects (a pickle); a "
+                         "checkpoint is a .npz without pickles")
+    return dtype, shape, fortran, offset
+
+
+def _weight_header(path: Path, z: zipfile.ZipFile, info: zipfile.ZipInfo,
+                   shape: tuple[int, ...]) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """A weight's header, checked against its shape in the table, a real float dtype, and the
+    member's stored size."""
+    name = info.filename.removesuffix(".npy")
+    dtype, got, fortran, offset = _header(path, z, info)
+    if got != shape:
+        raise ValueError(f"{path}: weight {name} must have shape {shape}, got {got}")
+    if dtype.kind != "f":
+        raise ValueError(f"{path}: weight {name} must be floating-point, got dtype {dtype}")
+    _check_size(path, info, offset + math.prod(shape) * dtype.itemsize)
+    return dtype, shape, fortran, offset
+
+
+def _check_size(path: Path, info: zipfile.ZipInfo, expected: int) -> None:
+    if info.file_size != expected:
+        raise ValueError(f"{path}: member {info.filename} declares {info.file_size:,} bytes, "
+                         f"its .npy header implies {expected:,}")
+
+
+def _data(path: Path, z: zipfile.ZipFile, info: zipfile.ZipInfo, dtype: np.dtype,
+          shape: tuple[int, ...], fortran: bool, offset: int) -> np.ndarray:
+    """The member's array (read-only, as stored), once its header and size are checked. zipfile
+    stops at the declared size and checks the CRC, so an inflated member cannot run on."""
+    with _reading(path, f"member {info.filename}"):
+        raw = z.read(info)
+    if len(raw) != info.file_size:
+        raise ValueError(f"{path}: member {info.filename} holds {len(raw):,} bytes, it declares "
+                         f"{info.file_size:,}")
+    return np.frombuffer(raw, dtype, offset=offset).reshape(shape, order="F" if fortran else "C")
 
 
 # --- Hugging Face GPT-2 --------------------------------------------------------------------------
 # GPT-2's Conv1D stores weights as (in, out), exactly our x @ W layout; its fused c_attn (D, 3D)
-# is split into W_q, W_k, W_v. The LM head is tied to wte, so lm_head.weight is not read.
+# is split into W_q, W_k, W_v. Our LM head is wte, so lm_head.weight is accepted only equal to it.
 
 GPT2_BLOCK = {  # Hugging Face's name in block i -> ours (c_attn is split separately)
     "ln_1.weight": "ln_1.gamma", "ln_1.bias": "ln_1.beta",
@@ -100,14 +258,23 @@ GPT2_BLOCK = {  # Hugging Face's name in block i -> ours (c_attn is split separa
     "mlp.c_proj.weight": "mlp.w_proj", "mlp.c_proj.bias": "mlp.b_proj",
 }
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh GELU of block.gelu
+GPT2_BUFFERS = (".attn.bias", ".attn.masked_bias")  # older files' causal mask: not weights
+GPT2_SIZES = {"vocab_size": "vocab_size", "max_seq_len": "n_positions", "d_model": "n_embd",
+              "n_layers": "n_layer"}  # ours -> GPT2Config's name, each checked against the weights
+# Read from a GPT2Config: n_head, layer_norm_epsilon, the sizes above and n_inner; refused unless
+# implemented: model_type, activation_function, scale_attn_*, add_cross_attention,
+# tie_word_embeddings. reorder_and_upcast_attn changes only where the scores are rounded (float32,
+# the same function), and the dropouts act only in training: both are left alone.
 
 
 def from_gpt2_state_dict(state_dict: Mapping, n_heads: int | None, hf_config: object = None
                          ) -> tuple[dict, dict[str, np.ndarray]]:
     """(GPTConfig keyword arguments, our name -> array) from a GPT-2 state_dict. Sizes come
-    from the weights; n_heads from the argument or hf_config.n_head; from hf_config also the
-    LayerNorm epsilon, and anything this model does not implement is refused."""
+    from the weights (and must match hf_config's); n_heads from the argument or hf_config.n_head;
+    from hf_config also the LayerNorm epsilon, and anything this model does not implement is
+    refused, an untied LM head and unknown keys included. Checks its own door."""
     sd = _gpt2_arrays(state_dict)
+    head = sd.pop("lm_head.weight", None)
     for key in ("wte.weight", "wpe.weight", "h.0.mlp.c_fc.weight"):
         if key not in sd:
             raise ValueError(f"from_gpt2: state_dict is missing {key!r}")
@@ -117,7 +284,9 @@ def from_gpt2_state_dict(state_dict: Mapping, n_heads: int | None, hf_config: ob
     sizes = {"vocab_size": V, "max_seq_len": len(sd["wpe.weight"]), "d_model": D,
              "n_layers": _gpt2_layer_count(sd), "d_ff": sd["h.0.mlp.c_fc.weight"].shape[1]}
     sizes |= _from_hf_config(hf_config, n_heads)
+    _check_hf_sizes(hf_config, sizes)
     _check_gpt2_shapes(sd, sizes)
+    _check_tied_head(head, sd["wte.weight"])
     named = {"wte": sd["wte.weight"], "wpe": sd["wpe.weight"], "ln_f.gamma": sd["ln_f.weight"],
              "ln_f.beta": sd["ln_f.bias"]}
     for i in range(sizes["n_layers"]):
@@ -135,14 +304,7 @@ def _from_hf_config(hf_config: object, n_heads: int | None) -> dict:
         if n_heads is None:
             raise ValueError("from_gpt2: give n_heads, or hf_config (the model's GPT2Config)")
         return {"n_heads": positive_int("from_gpt2 n_heads", n_heads)}
-    activation = getattr(hf_config, "activation_function", "gelu_new")
-    if activation not in GPT2_ACTIVATIONS:
-        raise ValueError(f"from_gpt2: activation_function {activation!r} is not implemented "
-                         f"(this model computes the tanh GELU: {', '.join(GPT2_ACTIVATIONS)})")
-    if not getattr(hf_config, "scale_attn_weights", True) or getattr(
-            hf_config, "scale_attn_by_inverse_layer_idx", False):
-        raise ValueError("from_gpt2: only scores scaled by 1 / sqrt(d_head) are implemented "
-                         "(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)")
+    _refuse_unimplemented(hf_config)
     config_heads = getattr(hf_config, "n_head", None)
     if n_heads is not None and n_heads != config_heads:
         raise ValueError(f"from_gpt2: n_heads={n_heads!r} contradicts hf_config.n_head="
@@ -151,25 +313,92 @@ def _from_hf_config(hf_config: object, n_heads: int | None) -> dict:
             "ln_eps": getattr(hf_config, "layer_norm_epsilon", 1e-5)}
 
 
+def _refuse_unimplemented(hf_config: object) -> None:
+    """Settings of a GPT2Config that change the function computed, other than ours. A setting the
+    object does not have gets GPT2Config's default."""
+    model_type = getattr(hf_config, "model_type", "gpt2")
+    if model_type != "gpt2":
+        raise ValueError(f"from_gpt2: hf_config is a {model_type!r} config, not GPT-2's")
+    activation = getattr(hf_config, "activation_function", "gelu_new")
+    if activation not in GPT2_ACTIVATIONS:
+        raise ValueError(f"from_gpt2: activation_function {activation!r} is not implemented "
+                         f"(this model computes the tanh GELU: {', '.join(GPT2_ACTIVATIONS)})")
+    if not getattr(hf_config, "scale_attn_weights", True) or getattr(
+            hf_config, "scale_attn_by_inverse_layer_idx", False):
+        raise ValueError("from_gpt2: only scores scaled by 1 / sqrt(d_head) are implemented "
+                         "(scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False)")
+    if getattr(hf_config, "add_cross_attention", False):
+        raise ValueError("from_gpt2: hf_config.add_cross_attention=True: cross-attention to an "
+                         "encoder is not implemented (this is a decoder-only model)")
+    if not getattr(hf_config, "tie_word_embeddings", True):
+        raise ValueError("from_gpt2: hf_config.tie_word_embeddings=False: this GPT-2 has its own "
+                         "LM head, and this model's LM head is wte (tied)")
+
+
+def _check_hf_sizes(hf_config: object, sizes: dict) -> None:
+    """The sizes hf_config states (those it has) must be the weights' own."""
+    if hf_config is None:
+        return
+    stated = {ours: getattr(hf_config, theirs) for ours, theirs in GPT2_SIZES.items()
+              if hasattr(hf_config, theirs)}
+    if hasattr(hf_config, "n_inner"):  # None means GPT-2's 4 * n_embd
+        n_inner = hf_config.n_inner
+        stated["d_ff"] = 4 * stated.get("d_model", sizes["d_model"]) if n_inner is None else n_inner
+    names = GPT2_SIZES | {"d_ff": "n_inner"}
+    for ours, value in stated.items():
+        if value != sizes[ours]:
+            field = names[ours]
+            raise ValueError(f"from_gpt2: hf_config.{field}={getattr(hf_config, field)!r} "
+                             f"contradicts the weights, whose {ours} is {sizes[ours]}")
+
+
+def _check_tied_head(head: np.ndarray | None, wte: np.ndarray) -> None:
+    """A state_dict's lm_head.weight (GPT2LMHeadModel's) must be wte exactly: ours is tied."""
+    if head is not None and (head.shape != wte.shape or not np.array_equal(head, wte)):
+        raise ValueError("from_gpt2: lm_head.weight differs from wte.weight: this GPT-2 has its "
+                         "own LM head (untied), and this model's LM head is wte")
+
+
 def _gpt2_arrays(state_dict: Mapping) -> dict[str, np.ndarray]:
-    """Strip the 'transformer.' prefix, drop what we do not use, and turn every value into a
-    floating-point NumPy array (bfloat16 tensors, which NumPy has no type for, via float32)."""
+    """Strip the 'transformer.' prefix, skip the causal-mask buffers, and turn every value into a
+    floating-point NumPy array."""
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"from_gpt2: state_dict must be a mapping, got {type(state_dict)}")
     out = {}
     for key, value in state_dict.items():
-        key = key.removeprefix("transformer.")
-        if key.startswith("lm_head") or key.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # the LM head is tied to wte; attn.bias is GPT-2's stored causal mask
-        if hasattr(value, "detach"):  # a torch tensor, converted without importing torch
-            value = value.detach().cpu()
-            value = (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()
-        value = np.asarray(value)
-        if not np.issubdtype(value.dtype, np.floating):
-            raise TypeError(f"from_gpt2: {key} must hold floating-point weights, got "
-                            f"{value.dtype}")
-        out[key] = value
+        if not isinstance(key, str):
+            raise TypeError(f"from_gpt2: state_dict keys must be str, got {key!r}")
+        name = key.removeprefix("transformer.")
+        if name.endswith(GPT2_BUFFERS):
+            continue
+        if name in out:
+            raise ValueError(f"from_gpt2: state_dict holds {name!r} twice, with and without "
+                             "'transformer.'")
+        out[name] = _gpt2_array(name, value)
     return out
+
+
+def _gpt2_array(name: str, value: object) -> np.ndarray:
+    """One weight as a floating-point ndarray, from a torch tensor (float types NumPy lacks,
+    such as bfloat16, via float32; torch is never imported) or a NumPy array."""
+    if hasattr(value, "detach") and hasattr(value, "is_floating_point"):  # a torch tensor
+        if not value.is_floating_point():
+            raise TypeError(f"from_gpt2: {name} must hold floating-point weights, got "
+                            f"{value.dtype}")
+        value = value.detach()
+        if str(value.dtype) not in ("torch.float16", "torch.float32", "torch.float64"):
+            value = value.float()
+        try:
+            value = value.cpu().numpy()
+        except (TypeError, RuntimeError, NotImplementedError) as err:
+            raise TypeError(f"from_gpt2: {name} cannot be read as a NumPy array: {err}") from None
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError(f"from_gpt2: {name} is a masked array: fill it first, a copy would "
+                        "silently drop its mask")
+    if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.floating):
+        raise TypeError(f"from_gpt2: {name} must hold floating-point weights, got "
+                        f"{getattr(value, 'dtype', type(value).__name__)}")
+    return np.asarray(value)  # an np.matrix becomes the plain array of the same values
 
 
 def _gpt2_layer_count(sd: dict[str, np.ndarray]) -> int:
@@ -186,7 +415,8 @@ def _gpt2_layer_count(sd: dict[str, np.ndarray]) -> int:
 
 
 def _check_gpt2_shapes(sd: dict[str, np.ndarray], sizes: dict) -> None:
-    """Every key GPT-2 must have, in Hugging Face's names, with the shape the sizes imply."""
+    """Exactly the keys GPT-2 has, in Hugging Face's names, with the shapes the sizes imply;
+    unknown keys (a LoRA adapter's, a cross-attention's) are refused by name."""
     D, F = sizes["d_model"], sizes["d_ff"]
     expected = {"wte.weight": (sizes["vocab_size"], D), "wpe.weight": (sizes["max_seq_len"], D),
                 "ln_f.weight": (D,), "ln_f.bias": (D,)}
@@ -195,10 +425,13 @@ def _check_gpt2_shapes(sd: dict[str, np.ndarray], sizes: dict) -> None:
              "mlp.c_proj.weight": (F, D)}
     for i in range(sizes["n_layers"]):
         expected |= {f"h.{i}.{key}": block.get(key, (D,)) for key in (*GPT2_BLOCK, *block)}
-    missing = sorted(set(expected) - set(sd))
+    missing, unknown = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing:
         raise ValueError(f"from_gpt2: state_dict is missing {len(missing)} keys, e.g. "
                          f"{missing[:4]}")
+    if unknown:
+        raise ValueError(f"from_gpt2: state_dict holds {len(unknown)} keys this model does not "
+                         f"compute, e.g. {unknown[:4]}")
     wrong = [f"{k}: got {sd[k].shape}, expected {s}" for k, s in expected.items()
              if sd[k].shape != s]
     if wrong:

@@ -6,7 +6,9 @@ leaving the cache exactly as it was.
 from __future__ import annotations
 
 import io
+import json
 import zipfile
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -180,7 +182,7 @@ def test_load_refuses_what_it_cannot_trust(tmp_path):
         with pytest.raises(ValueError, match=match):
             GPT.load(tmp_path / f"{name}.npz")
     # A config that does not match the weights: another d_model.
-    other = '{"vocab_size": 64, "max_seq_len": 32, "d_model": 64, "n_heads": 4, "n_layers": 2}'
+    other = json.dumps(asdict(model.config) | {"d_model": 64, "d_ff": 256})
     write_zip(tmp_path / "mismatch.npz", members | {"config.npy": npy(np.array(other))})
     with pytest.raises(ValueError, match="wte must have shape .64, 64."):
         GPT.load(tmp_path / "mismatch.npz")
