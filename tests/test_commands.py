@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import verify
+from block import GPT, GPTConfig
 from tools import bench, evaluate, generate_cli, heatmap, memory, pictures, train
 
 
@@ -175,3 +176,20 @@ def test_int_and_choice_flags_refuse_bad_values(monkeypatch, capsys, main, argv)
     monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained before refusing"))
     monkeypatch.setattr(evaluate, "decode_prompts", lambda *a, **k: pytest.fail("decoded"))
     assert "error: argument " in usage_error(main, argv, capsys)
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate", "heatmap"])
+@pytest.mark.parametrize("config", [{"max_seq_len": 16}, {"vocab_size": 64}],
+                         ids=["too-short", "too-few-tokens"])
+def test_a_checkpoint_that_cannot_answer_the_task_is_refused_before_decoding(
+        tmp_path, monkeypatch, capsys, command, config):
+    """A valid checkpoint of 16 positions (or 64 token ids: no letters) cannot decode a long
+    prompt and its answer: refused as a usage error, not a traceback half-way through."""
+    path = GPT(GPTConfig(**config)).save(tmp_path / "small.npz")
+    monkeypatch.setattr(GPT, "__call__", lambda *a, **k: pytest.fail("decoded before refusing"))
+    main, extra = {"generate": (generate_cli.main, ["--prompt", "abcdefghijklmnopqrstuvwx"]),
+                   "evaluate": (evaluate.main, []),
+                   "heatmap": (heatmap.main, ["--prompt", "abcdefghijklmnopqrstuvwx", "--out",
+                                              str(tmp_path / "h.png")])}[command]
+    last = usage_error(main, ["--checkpoint", str(path), *extra], capsys)
+    assert ("max_seq_len=16" if "max_seq_len" in config else "[0, 64)") in last

@@ -23,7 +23,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from block import GPT
-from generate import generate_cached, generate_naive
+from generate import generate_cached, generate_naive, prepare_request
 from parts import task
 from parts.checks import SEED, cli_int
 from tools.cli_types import load_checkpoint
@@ -95,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="prompts decoded together (default 100)")
     args = ap.parse_args(argv)
     model = load_checkpoint(ap, args.checkpoint)
+    try:  # the longest prompt and its answer must fit the checkpoint, before any decoding
+        longest = task.encode(task.make_prompt("z" * task.MAX_CHARS))
+        prepare_request(model, [longest], len(longest), eos_id=EOS_ID)
+    except ValueError as err:
+        ap.error(f"argument --checkpoint: {args.checkpoint} cannot answer the task: {err}")
 
     prompts = task.random_prompts(task.prompt_rng(args.seed, "test"), args.n)
     answers, same, seconds = [""] * args.n, True, {"cached": 0.0, "naive": 0.0}

@@ -139,6 +139,10 @@ def trained(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
     model = load_checkpoint(ap, args.checkpoint, " (make train writes "
                             f"{CHECKPOINT.relative_to(CHECKPOINT.parents[1])})")
     prompts = [task.encode(task.make_prompt(text)) for text in texts]
+    try:  # the prompts and their answers must fit this checkpoint, before anything is printed
+        prepare_request(model, prompts, max(map(len, texts)) + 1, eos_id=ord(task.END))
+    except ValueError as err:
+        ap.error(f"argument --checkpoint: {args.checkpoint} cannot answer these prompts: {err}")
     c = model.config
     print(f"model: {args.checkpoint} (trained to reverse strings): d_model={c.d_model} "
           f"heads={c.n_heads} layers={c.n_layers} max_seq_len={c.max_seq_len}")
