@@ -132,3 +132,29 @@ def test_quick_run_writes_the_figure(quick_run) -> None:
     _, out = quick_run
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and 20_000 < len(data) < 300_000
+
+
+@pytest.mark.parametrize("broken", ["chunked prefill", "nbytes"])
+def test_the_command_fails_when_its_own_checks_fail(tmp_path, monkeypatch, capsys, broken):
+    """The run prints two agreements: allocated bytes == formula, and chunked prefill == one
+    shot (within 1e-4 of the largest logit). Either one broken must exit 1, not 0. The
+    measurements are stubbed to be fast; only the verdict is under test."""
+    def fake_measure(model, variant, context, dtype, decode_steps):
+        c = model.config
+        formula = kv_cache_bytes(c.n_layers, 1, c.n_kv_heads, c.d_head, context, dtype)
+        wrong = broken == "nbytes" and context == 512
+        return memory.Row(variant, c.n_kv_heads, dtype, context, formula,
+                          formula + 4 * wrong, formula, formula)
+
+    def fake_peak(model, T, chunk):
+        logits = np.linspace(-5.0, 5.0, 256)[None]
+        return 1000, logits + (0.01 if broken == "chunked prefill" and chunk else 0.0)
+
+    monkeypatch.setattr(memory, "measure", fake_measure)
+    monkeypatch.setattr(memory, "prefill_peak", fake_peak)
+    assert memory.main(["--out", str(tmp_path / "m.png")]) == 1
+    out, err = capsys.readouterr()
+    assert ("tolerance 1e-04: FAIL" in out) == (broken == "chunked prefill")
+    assert (" NO " in out) == (broken == "nbytes")
+    assert ("differs from one-shot" if broken == "chunked prefill" else "differ from the formula") \
+        in err

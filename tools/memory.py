@@ -53,6 +53,9 @@ CONTEXTS = (128, 512, 2048)
 VARIANTS = (("MHA", 4), ("GQA", 2), ("MQA", 1))  # name, n_kv_heads, for 4 query heads
 CACHE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 BATCH = 1
+# One-shot and chunked prefill sum the same float32 terms in another order: they agree to a few
+# ulps of the largest logit, so the check is relative to it.
+TOLERANCE = 1e-4
 # Default outputs, under the repository's out/ (ignored by git): `make figures` redraws the
 # committed figures/cache_memory.png by naming it with --out.
 OUT, QUICK_OUT = "cache_memory.png", "quick/cache_memory.png"
@@ -276,13 +279,20 @@ def main(argv: list[str] | None = None) -> int:
                   human(chunked), f"{chunked / (scores * 256 // T):.1f}"]]))
     print("(peak / matrix > 1: one score-sized array, masked and normalised in place, plus the"
           " cache, the bool mask and its negation, and the layer's activations)")
-    print(f"same last logits: max |difference| = {np.abs(a - b).max():.2e}")
+    relative = np.abs(a - b).max() / np.abs(a).max()
+    same = relative <= TOLERANCE
+    print(f"same last logits: max |difference| = {np.abs(a - b).max():.2e} = {relative:.1e} x "
+          f"max|logit| (tolerance {TOLERANCE:.0e}: {'pass' if same else 'FAIL'})")
 
     path = plot_memory(rows, args.out)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     print(f"\nprocess ru_maxrss (whole run, for scale): {human(rss)}")
     print(f"wrote {path}")
-    return 0
+    equal = all(r.formula == r.nbytes for r in rows)
+    if not (same and equal):
+        print("memory.py: " + ("" if equal else "allocated bytes differ from the formula; ")
+              + ("" if same else "chunked prefill differs from one-shot"), file=sys.stderr)
+    return 0 if same and equal else 1
 
 
 if __name__ == "__main__":
