@@ -4,6 +4,9 @@
     python tools/heatmap.py --prompt "kv cache"  another prompt (a-z and space, up to 24 characters)
     python tools/heatmap.py --random             the assignment's config with random weights
 
+The PNG goes to out/heatmap_trained.png (or out/heatmap_random.png) in the repository unless --out
+names one; `make figures` redraws the committed ones in figures/.
+
 The trained model's sequence is the prompt, "=", and its own greedy answer, so the picture shows
 the answer reading the prompt backwards: for reversal some head puts most of its weight, for every
 answer position, on the mirrored prompt character (mirror_weights finds it). Row i is query
