@@ -9,7 +9,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: verify test lint generate train bench clean
+.PHONY: verify test lint generate train train-ablation evaluate heatmap memory pictures bench \
+	figures clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +30,40 @@ lint: $(VENV)/.installed
 generate: $(VENV)/.installed
 	$(PY) generate.py
 
+# The tools a learner runs second. Each writes only under out/ (ignored by git) by default.
+evaluate: $(VENV)/.installed
+	$(PY) tools/evaluate.py
+
+heatmap: $(VENV)/.installed
+	$(PY) tools/heatmap.py
+
+memory: $(VENV)/.installed
+	$(PY) tools/memory.py
+
+pictures: $(VENV)/.installed
+	$(PY) tools/pictures.py
+
+bench: $(VENV)/.installed
+	$(PY) tools/bench.py
+
 # Trains the string-reversal model with torch (about 6 minutes on 1 thread) and writes
-# checkpoints/reverse.npz, the checkpoint the repo ships. CI never trains.
+# checkpoints/reverse.npz, the checkpoint the repo ships, and its log, on purpose: without --out,
+# tools/train.py writes out/reverse.npz. CI never trains.
 train: $(VENV)/.installed
-	$(PY) train.py
+	$(PY) tools/train.py --out checkpoints/reverse.npz
+
+# The unmasked run whose log figures/mask_ablation.png is drawn from (its weights stay in out/).
+train-ablation: $(VENV)/.installed
+	$(PY) tools/train.py --no-causal-mask --log checkpoints/reverse_no_mask.log.json
+
+# Redraws the committed figures on purpose, each named with --out (about a minute). Left out:
+# the bench_*.png figures, which take minutes to measure (python tools/bench.py, see
+# docs/benchmarks.md).
+figures: $(VENV)/.installed
+	$(PY) tools/heatmap.py --out figures/heatmap_trained.png
+	$(PY) tools/heatmap.py --random --out figures/heatmap_random.png
+	$(PY) tools/memory.py --out figures/cache_memory.png
+	$(PY) tools/train.py --plot --figure figures/mask_ablation.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache

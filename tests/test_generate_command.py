@@ -216,11 +216,56 @@ def test_hf_logit_difference_finds_one_wrong_logit(tiny_hf_dir):
     model = GPT.from_gpt2(hf.state_dict(), dtype=np.float32, hf_config=hf.config)
     prompts = [np.array([5, 9, 2, 40]), np.array([7, 1])]
     out = generate.generate_cached(model, prompts, 4)
-    assert generate_cli.hf_logit_difference(hf, prompts, out) < 1e-4
+    diff, largest = generate_cli.hf_logit_difference(hf, prompts, out)
+    assert diff < 1e-4 and largest > 1.0  # init 0.2: logits of order 1-10
     logits = out.logits.copy()
     logits[1, -1, 17] += 0.5
-    moved = generate_cli.hf_logit_difference(hf, prompts, out._replace(logits=logits))
+    moved, _ = generate_cli.hf_logit_difference(hf, prompts, out._replace(logits=logits))
     assert abs(moved - 0.5) < 1e-4
+    logits[0, 0, 3] = 1e3  # the largest |logit| is Hugging Face's, not ours
+    assert generate_cli.hf_logit_difference(hf, prompts, out._replace(logits=logits))[1] == largest
+
+
+def test_hf_fails_when_the_converted_model_disagrees_with_hugging_face(tiny_hf_dir, capsys,
+                                                                       monkeypatch):
+    """The conversion made wrong on purpose (every embedding scaled by 1.01): the command prints
+    the relative difference against its stated tolerance and exits 1, not 0."""
+    real = GPT.from_gpt2
+
+    def slightly_wrong(*args, **kwargs):
+        model = real(*args, **kwargs)
+        named = model.named_weights()
+        return GPT(model.config, dtype=model.dtype, weights=named | {"wte": named["wte"] * 1.01})
+
+    monkeypatch.setattr(GPT, "from_gpt2", slightly_wrong)
+    code = generate_cli.main(["--hf", str(tiny_hf_dir), "--prompt", "the cat", "--new-tokens", "3"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    line = re.search(r"vs Hugging Face on the same tokens: (\S+) = (\S+) x max\|HF logit\| .*"
+                     r"tolerance 1e-04: FAIL", out)
+    assert line and float(line[2]) > 1e-4, out
+    assert "differ from Hugging Face's" in err
+    monkeypatch.undo()
+    code = generate_cli.main(["--hf", str(tiny_hf_dir), "--prompt", "the cat", "--new-tokens", "3"])
+    assert code == 0 and "tolerance 1e-04: pass" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["--random", "--new-tokens", "3"], ["--prompt", "ab"]],
+                         ids=["random", "trained"])
+def test_the_command_fails_when_cached_logits_drift_but_tokens_agree(capsys, monkeypatch, args):
+    """Same tokens, but every cached logit moved by 1% of the largest: the logit check alone must
+    fail the run (a 1e-2 relative error is a bug, float32 rounding is ~1e-6)."""
+    real = generate.generate_cached
+
+    def drifted(model, prompts, n, *args, **kwargs):
+        out = real(model, prompts, n, *args, **kwargs)
+        return out._replace(logits=out.logits + 0.01 * np.abs(out.logits).max())
+
+    monkeypatch.setattr(generate, "generate_cached", drifted)
+    code, out = run(args, capsys)
+    assert code == 1 and "tokens identical (naive vs cached): True" in out
+    assert re.search(r"largest \|logit difference\|: +\S+ = 1\.0e-02 x max\|logit\| "
+                     r"\(tolerance 1e-04: FAIL\)", out), out
 
 
 @pytest.mark.parametrize(("argv", "match"), [
@@ -249,8 +294,8 @@ def test_hf_refusals_are_one_line(tiny_hf_dir, capsys, argv, match):
     (["--random", "--prompt-lens", "3,0"], "positive ints"),
     (["--random", "--temperature", "-1"], "temperature"),
     (["--random", "--temperature", "nan"], "temperature"),
-    (["--random", "--top-k", "0"], "top_k"),
-    (["--random", "--top-p", "1.5", "--temperature", "1"], "top_p"),
+    (["--random", "--top-k", "0"], "--top-k"),
+    (["--random", "--top-p", "1.5", "--temperature", "1"], "--top-p"),
     (["--random", "--eos-id", "256"], "eos_id"),
     (["--random", "--prefill-chunk", "0"], "--prefill-chunk: must be"),
     (["--prompt", "Hello"], "'H' at index 0 is not in the alphabet"),
@@ -264,6 +309,86 @@ def test_bad_arguments_are_one_line_usage_errors(capsys, argv, match):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert "Traceback" not in err and match in err.strip().splitlines()[-1]
+
+
+# --- every flag in every mode: used or refused; an invalid value is refused in every mode -----
+
+MODES = {"trained": [], "random": ["--random"], "hf": ["--hf", "some-dir"]}
+NAMES = {"trained": "the trained model", "random": "--random", "hf": "--hf"}
+# flag, a valid value (None for a switch), the modes that use it: written out here from the
+# --help text, independently of the command's own table
+FLAGS = [
+    ("--prompt", "ab", {"trained", "hf"}),
+    ("--checkpoint", "c.npz", {"trained"}),
+    ("--new-tokens", "3", {"random", "hf"}),
+    ("--prompt-len", "3", {"random"}),
+    ("--batch", "3", {"random"}),
+    ("--prompt-lens", "2,3", {"random"}),
+    ("--layers", "1", {"random"}),
+    ("--seed", "3", {"random"}),
+    ("--dtype", "float64", {"random"}),
+    ("--temperature", "0.5", {"random"}),
+    ("--eos-id", "3", {"random"}),
+    ("--prefill-chunk", "2", {"trained", "random", "hf"}),
+]
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize(("flag", "value", "users"), FLAGS, ids=[f[0] for f in FLAGS])
+def test_every_flag_is_used_by_its_modes_and_refused_by_the_others(capsys, monkeypatch, mode,
+                                                                   flag, value, users):
+    """A flag either reaches the mode's run (checked on the parsed arguments the run receives;
+    the run itself is stubbed) or is a one-line usage error naming it: never silently ignored."""
+    seen = {}
+    for name in ("trained", "random_weights", "hugging_face"):
+        monkeypatch.setattr(generate_cli, name, lambda args, ap: seen.update(vars(args)) or 0)
+    argv = [*MODES[mode], flag, value]
+    if mode == "hf" and flag != "--prompt":
+        argv += ["--prompt", "ab"]  # --hf needs a prompt
+    if mode in users:
+        assert generate_cli.main(argv) == 0
+        dest = flag[2:].replace("-", "_")
+        parsed = {"--prompt": ["ab"], "--prompt-lens": [2, 3], "--dtype": "float64",
+                  "--checkpoint": "c.npz", "--temperature": 0.5}.get(flag, None)
+        assert seen[dest] == (parsed if parsed is not None else int(value))
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            generate_cli.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback" not in err and not seen
+        last = err.strip().splitlines()[-1]
+        assert f"error: {flag} does not apply to {NAMES[mode]} (only to " in last
+        assert all(NAMES[m] in last.split("(only to ")[1] for m in users)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize(("flag", "value"), [
+    ("--temperature", "nan"), ("--temperature", "inf"), ("--temperature", "1e400"),
+    ("--temperature", "-0.5"), ("--top-k", "-5"), ("--top-k", "0"), ("--top-k", "2.5"),
+    ("--top-p", "nan"), ("--top-p", "0"), ("--top-p", "1.5"), ("--eos-id", "-1"),
+    ("--new-tokens", "0"), ("--prompt-len", "-3"), ("--batch", "nan"), ("--layers", "1e400"),
+    ("--seed", "-1"), ("--prefill-chunk", "-2"), ("--prompt-lens", "2,-1"), ("--dtype", "int8"),
+])
+def test_an_invalid_value_is_refused_in_every_mode(capsys, monkeypatch, mode, flag, value):
+    """The hostile case: `--temperature nan --top-k -5` in trained mode exited 0, greedy."""
+    for name in ("trained", "random_weights", "hugging_face"):
+        monkeypatch.setattr(generate_cli, name, lambda args, ap: pytest.fail("ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli.main([*MODES[mode], "--prompt", "ab", f"{flag}={value}"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and f"error: argument {flag}: " in last
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--random", "--top-k", "3"], "--top-k shapes a random draw: it needs --temperature > 0"),
+    (["--random", "--top-p", "0.5", "--temperature", "0"], "--top-p shapes a random draw"),
+    (["--random", "--prompt-lens", "2,3", "--batch", "2"], "--batch and --prompt-lens both"),
+    (["--random", "--prompt-lens", "2,3", "--prompt-len", "2"], "--prompt-len and --prompt-lens"),
+])
+def test_combinations_that_would_drop_a_flag_are_refused(capsys, argv, match):
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli.main(argv)
+    assert exit_info.value.code == 2 and match in capsys.readouterr().err
 
 
 # --- defaults, ranges and flags that must reach the decoder ---------------------------------------
@@ -354,7 +479,8 @@ def test_prefill_chunk_reaches_the_cached_prefill(capsys, monkeypatch, tiny_hf_d
         return real(model, ids, cache, chunk_size, attention_mask)
 
     monkeypatch.setattr(generate, "prefill", recorded)
-    argv = [str(tiny_hf_dir) if a == "DIR" else a for a in mode] + ["--new-tokens", "2"]
+    argv = [str(tiny_hf_dir) if a == "DIR" else a for a in mode]
+    argv += [] if "--prompt" in mode and "--hf" not in mode else ["--new-tokens", "2"]
     code, _ = run([*argv, "--prefill-chunk", "3"], capsys)
     assert code == 0 and calls == [3]
     calls.clear()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.image import imread
 
 from block import GPT, GPTConfig
-from tools import heatmap
+from tools import cli_types, heatmap
 
 T = 7
 
@@ -141,3 +143,58 @@ def test_the_trained_model_has_a_mirroring_head_on_100_prompts() -> None:
         previous += heatmap.previous_token_weights(maps) / 100
     assert previous[0].max() > 0.5 and mirror[1].max() > 0.5
     assert (int(np.argmax(previous[0])), int(np.argmax(mirror[1]))) == heatmap.KNOWN_HEADS
+
+
+@pytest.mark.parametrize("random", [True, False], ids=["random", "trained"])
+def test_the_default_output_is_under_out_whatever_the_directory(tmp_path, monkeypatch, capsys,
+                                                                random) -> None:
+    """Run from a directory without figures/: it used to do all the work, then fail writing
+    figures/heatmap_*.png there (and, from the repository root, write over the committed figure).
+    The default is out/ in the repository, made before any work (out/ is redirected here)."""
+    assert cli_types.OUT_DIR == cli_types.REPO / "out"
+    here, out_dir = tmp_path / "elsewhere", tmp_path / "repo_out"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    monkeypatch.setattr(cli_types, "OUT_DIR", out_dir)
+    argv = ["--random", "--prompt-len", "4", "--layers", "1"] if random else ["--prompt", "ab"]
+    assert heatmap.main(argv) == 0
+    name = f"heatmap_{'random' if random else 'trained'}.png"
+    assert [p.name for p in out_dir.iterdir()] == [name] and list(here.iterdir()) == []
+    assert f"wrote {out_dir / name} " in capsys.readouterr().out
+
+
+def test_an_unwritable_default_output_is_refused_before_any_work(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli_types, "OUT_DIR", Path("/proc/no_such_dir"))
+    monkeypatch.setattr(heatmap, "attention_maps", lambda *a: pytest.fail("worked first"))
+    with pytest.raises(SystemExit) as exit_info:
+        heatmap.main(["--random"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "cannot write the default output" in err
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--random", "--prompt", "ab"], "--prompt does not apply to --random"),
+    (["--random", "--checkpoint", "x.npz"], "--checkpoint does not apply to --random"),
+    (["--seed", "3"], "--seed applies only to --random"),
+    (["--layers", "1"], "--layers applies only to --random"),
+    (["--prompt-len", "5"], "--prompt-len applies only to --random"),
+    (["--init-std", "0.5"], "--init-std applies only to --random"),
+    (["--rope"], "--rope applies only to --random"),
+])
+def test_a_flag_the_mode_does_not_use_is_refused(monkeypatch, capsys, argv, match) -> None:
+    """These were silently ignored: --seed 3 on the trained model drew the same picture as 0."""
+    monkeypatch.setattr(heatmap, "attention_maps", lambda *a: pytest.fail("worked first"))
+    with pytest.raises(SystemExit) as exit_info:
+        heatmap.main(argv)
+    assert exit_info.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_a_checkpoint_too_small_for_the_prompt_is_refused_before_decoding(tmp_path, capsys
+                                                                          ) -> None:
+    """A checkpoint with 16 positions cannot hold "abcdefghij=" and its 11-token answer."""
+    path = GPT(GPTConfig(max_seq_len=16)).save(tmp_path / "short.npz")
+    with pytest.raises(SystemExit) as exit_info:
+        heatmap.main(["--checkpoint", str(path), "--prompt", "abcdefghij", "--out",
+                      str(tmp_path / "h.png")])
+    assert exit_info.value.code == 2 and "max_seq_len=16" in capsys.readouterr().err
+    assert not (tmp_path / "h.png").exists()

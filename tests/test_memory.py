@@ -12,7 +12,7 @@ import pytest
 
 from block import GPT, GPTConfig
 from cache import kv_cache_bytes
-from tools import memory
+from tools import cli_types, memory
 
 
 def test_gpt2_small_by_hand() -> None:
@@ -83,15 +83,34 @@ def test_one_shot_prefill_holds_the_full_score_matrix_and_chunks_do_not() -> Non
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
-    """--quick from an empty directory with no --out: a smoke run writes out/quick/ only."""
-    tmp = tmp_path_factory.mktemp("memory")
+    """--quick with no --out, run from another directory: a smoke run writes the repository's
+    out/quick/ only (out/ is redirected to a scratch directory here), nothing where it runs."""
+    here, out_dir = tmp_path_factory.mktemp("elsewhere"), tmp_path_factory.mktemp("out")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), pytest.MonkeyPatch.context() as mp:
-        mp.chdir(tmp)
+        mp.chdir(here)
+        mp.setattr(cli_types, "OUT_DIR", out_dir)
         assert memory.main(["--quick"]) == 0
-    written = [p for p in tmp.rglob("*") if p.is_file()]
-    assert written == [tmp / "out/quick/cache_memory.png"]
+    assert list(here.iterdir()) == []
+    written = [p for p in out_dir.rglob("*") if p.is_file()]
+    assert written == [out_dir / "quick/cache_memory.png"]
     return printed.getvalue(), written[0]
+
+
+def test_the_full_run_defaults_to_out_not_the_committed_figure(tmp_path, monkeypatch) -> None:
+    """It used to write figures/cache_memory.png, the committed figure, when run from the
+    repository root. The run is stopped once its output path is chosen: only the path is tested."""
+    monkeypatch.setattr(cli_types, "OUT_DIR", tmp_path)
+    chosen, real = [], memory.default_output
+
+    def record_and_stop(ap, name):
+        chosen.append(real(ap, name))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(memory, "default_output", record_and_stop)
+    with pytest.raises(SystemExit):
+        memory.main([])
+    assert chosen == [tmp_path / "cache_memory.png"]
 
 
 def test_quick_run_prints_the_tables(quick_run) -> None:
@@ -113,3 +132,29 @@ def test_quick_run_writes_the_figure(quick_run) -> None:
     _, out = quick_run
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and 20_000 < len(data) < 300_000
+
+
+@pytest.mark.parametrize("broken", ["chunked prefill", "nbytes"])
+def test_the_command_fails_when_its_own_checks_fail(tmp_path, monkeypatch, capsys, broken):
+    """The run prints two agreements: allocated bytes == formula, and chunked prefill == one
+    shot (within 1e-4 of the largest logit). Either one broken must exit 1, not 0. The
+    measurements are stubbed to be fast; only the verdict is under test."""
+    def fake_measure(model, variant, context, dtype, decode_steps):
+        c = model.config
+        formula = kv_cache_bytes(c.n_layers, 1, c.n_kv_heads, c.d_head, context, dtype)
+        wrong = broken == "nbytes" and context == 512
+        return memory.Row(variant, c.n_kv_heads, dtype, context, formula,
+                          formula + 4 * wrong, formula, formula)
+
+    def fake_peak(model, T, chunk):
+        logits = np.linspace(-5.0, 5.0, 256)[None]
+        return 1000, logits + (0.01 if broken == "chunked prefill" and chunk else 0.0)
+
+    monkeypatch.setattr(memory, "measure", fake_measure)
+    monkeypatch.setattr(memory, "prefill_peak", fake_peak)
+    assert memory.main(["--out", str(tmp_path / "m.png")]) == 1
+    out, err = capsys.readouterr()
+    assert ("tolerance 1e-04: FAIL" in out) == (broken == "chunked prefill")
+    assert (" NO " in out) == (broken == "nbytes")
+    assert ("differs from one-shot" if broken == "chunked prefill" else "differ from the formula") \
+        in err

@@ -19,7 +19,7 @@ from block import GPT, GPTConfig, random_weights, weight_shapes
 from generate import generate_cached, generate_naive
 from parts import task
 from parts.references import random_model
-from tools import evaluate, train
+from tools import cli_types, evaluate, train
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "checkpoints" / "reverse.npz"
@@ -217,12 +217,95 @@ def test_plot_draws_the_figure_and_table_from_two_logs(tmp_path: Path, capsys) -
 
 
 def test_quick_defaults_under_out_quick(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From another directory, the defaults land in the repository's out/quick/ (out/ is
+    redirected to a scratch directory here), nothing where the command runs."""
     before = fingerprint(SHIPPED)
-    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setattr(cli_types, "OUT_DIR", tmp_path / "out")
     assert train.main(["--quick", "--no-causal-mask"]) == 0
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert written == ["out/quick/reverse_no_mask.log.json", "out/quick/reverse_no_mask.npz"]
     assert fingerprint(SHIPPED) == before
+
+
+def test_a_full_run_defaults_to_out_never_the_shipped_checkpoint(tmp_path: Path, monkeypatch,
+                                                                  capsys) -> None:
+    """Without --quick and --out, run from the repository root, it used to write over
+    checkpoints/reverse.npz and its log; now out/reverse.npz (out/ redirected here). Two steps."""
+    before = fingerprint(SHIPPED)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(cli_types, "OUT_DIR", tmp_path)
+    assert train.main(["--steps", "2", "--batch", "2", "--warmup", "1", "--eval-every", "2",
+                       "--final-n", "2"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reverse.log.json", "reverse.npz"]
+    assert f"wrote {tmp_path / 'reverse.npz'} " in capsys.readouterr().out
+    assert fingerprint(SHIPPED) == before
+
+
+def garbage_logs(tmp_path: Path) -> list[str]:
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "empty.json").write_text("{}")
+    return [str(tmp_path / "bad.json"), str(tmp_path / "empty.json")]
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--log", "no_such_dir/x.json"], "does not exist"),
+    (["--out", "model.pt"], "must end in .npz"),
+    (["--figure", "f.png"], "--figure applies only with --plot"),
+    (["--logs", "a.json", "b.json"], "--logs applies only with --plot"),
+    (["--quick", "--steps", "5"], "--steps is set by --quick"),
+    (["--quick", "--final-n", "5"], "--final-n is set by --quick"),
+    (["--plot", "--seed", "1"], "--seed trains; --plot only draws"),
+    (["--plot", "--out", "x.npz"], "--out trains; --plot only draws"),
+    (["--plot", "--no-causal-mask"], "--no-causal-mask trains"),
+    (["--plot", "--figure", "f.txt"], "must end in .png"),
+    (["--plot", "--logs", "BAD", "BAD"], "cannot read the loss log"),
+    (["--plot", "--logs", "EMPTY", "EMPTY"], "is not a loss log written by train.py"),
+    (["--plot", "--logs", "missing.json", "missing.json"], "cannot read the loss log"),
+])
+def test_every_path_and_flag_is_checked_before_step_one(tmp_path, monkeypatch, capsys, argv,
+                                                        match) -> None:
+    """Inputs a run only reached at its end (the export, the plot) are checked first: a usage
+    error, exit 2, before any training or drawing, and nothing written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli_types, "OUT_DIR", tmp_path / "out")
+    bad, empty = garbage_logs(tmp_path)
+    argv = [bad if a == "BAD" else empty if a == "EMPTY" else a for a in argv]
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained before refusing"))
+    monkeypatch.setattr(train, "plot_ablation", lambda *a: pytest.fail("drew before refusing"))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert match in err.strip().splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["bad.json",
+                                                                          "empty.json"]
+
+
+def test_an_unwritable_default_output_is_refused_before_training(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli_types, "OUT_DIR", Path("/proc/no_such_dir"))
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--quick"])
+    assert exit_info.value.code == 2
+    assert "cannot write the default output" in capsys.readouterr().err
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_at_once(tmp_path, monkeypatch, capsys) -> None:
+    """A diverged run used to train to the end, then fail exporting non-finite weights. Here the
+    loss is NaN from step 1: the run stops there, exit 1, and no checkpoint is written."""
+    calls = []
+
+    def nan_loss(*args):
+        calls.append(1)
+        return torch.tensor(float("nan"), requires_grad=True)
+
+    monkeypatch.setattr(train, "answer_loss", nan_loss)
+    out = tmp_path / "m.npz"
+    assert train.main(["--quick", "--out", str(out)]) == 1
+    assert calls == [1] and not out.exists()
+    assert "the loss is nan at step 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", ["--out", "--log"])

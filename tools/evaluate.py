@@ -23,9 +23,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from block import GPT
-from generate import generate_cached, generate_naive
+from generate import generate_cached, generate_naive, prepare_request
 from parts import task
 from parts.checks import SEED, cli_int
+from tools.cli_types import load_checkpoint
 
 EOS_ID = ord(task.END)
 CHECKPOINT = str(Path(__file__).resolve().parents[1] / "checkpoints" / "reverse.npz")
@@ -87,15 +88,18 @@ def main(argv: list[str] | None = None) -> int:
                                              "the NumPy cached and naive decoders.")
     ap.add_argument("--checkpoint", type=Path, default=Path(CHECKPOINT),
                     help=f"a .npz written by train.py (default {CHECKPOINT})")
-    ap.add_argument("--n", type=cli_int(1), default=1000, help="held-out prompts (default 1000)")
+    ap.add_argument("--n", type=cli_int(1, 1_000_000), default=1000,
+                    help="held-out prompts (default 1000)")
     ap.add_argument("--seed", type=SEED, default=0, help="seed of the test stream (default 0)")
-    ap.add_argument("--batch", type=cli_int(1), default=100,
+    ap.add_argument("--batch", type=cli_int(1, 10_000), default=100,
                     help="prompts decoded together (default 100)")
     args = ap.parse_args(argv)
-    try:
-        model = GPT.load(args.checkpoint)
-    except (OSError, ValueError, TypeError) as err:
-        ap.error(str(err))
+    model = load_checkpoint(ap, args.checkpoint)
+    try:  # the longest prompt and its answer must fit the checkpoint, before any decoding
+        longest = task.encode(task.make_prompt("z" * task.MAX_CHARS))
+        prepare_request(model, [longest], len(longest), eos_id=EOS_ID)
+    except ValueError as err:
+        ap.error(f"argument --checkpoint: {args.checkpoint} cannot answer the task: {err}")
 
     prompts = task.random_prompts(task.prompt_rng(args.seed, "test"), args.n)
     answers, same, seconds = [""] * args.n, True, {"cached": 0.0, "naive": 0.0}

@@ -30,10 +30,15 @@ from generate import Generation, left_pad, prepare_request
 from parts import task
 from parts.checks import SEED, cli_int
 from parts.sampling import Sampler
+from tools.cli_types import cli_float, load_checkpoint, refuse_unused
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "reverse.npz"
 DEMO_PROMPTS = ("attention", "kv cache", "causal mask", "the exam rule")
 SHOW_ROWS = 6  # longer batches are abbreviated when printed
+# Two float32 computations of the same logits differ by a few ulps of the LARGEST logit (they sum
+# the same terms in another order), so agreement is measured relative to it; a wrong weight,
+# position or cache slot is off by far more (1e-2 and up).
+TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
 
 
 class SideBySide(NamedTuple):
@@ -51,6 +56,15 @@ class SideBySide(NamedTuple):
     @property
     def logit_diff(self) -> float:
         return float(np.max(np.abs(self.naive.logits - self.cached.logits)))
+
+    @property
+    def relative_diff(self) -> float:
+        """logit_diff / max |naive logit|: what the tolerance is stated in."""
+        return self.logit_diff / max(float(np.max(np.abs(self.naive.logits))), 1e-30)
+
+    @property
+    def logits_close(self) -> bool:
+        return self.relative_diff <= TOLERANCE[self.naive.logits.dtype]
 
     @property
     def grew_by_one(self) -> bool:
@@ -100,16 +114,19 @@ def print_steps(run: SideBySide, show: Callable[[np.ndarray], str]) -> None:
 
 
 def print_agreement(run: SideBySide) -> bool:
-    """naive == cached, the cache's growth, and the speed of each; True if both checks hold."""
+    """naive == cached (tokens, and logits within TOLERANCE of the largest), the cache's growth,
+    and the speed of each; True if all three checks hold."""
     B, N = run.cached.tokens.shape
+    tolerance = TOLERANCE[run.naive.logits.dtype]
     print(f"\ntokens identical (naive vs cached): {run.same_tokens}")
-    print(f"largest |logit difference|:         {run.logit_diff:.3e}")
+    print(f"largest |logit difference|:         {run.logit_diff:.3e} = {run.relative_diff:.1e} "
+          f"x max|logit| (tolerance {tolerance:.0e}: {'pass' if run.logits_close else 'FAIL'})")
     print(f"cache grew by exactly 1 per step:   {run.grew_by_one}")
     for name, seconds in (("naive ", run.naive_s), ("cached", run.cached_s)):
         print(f"time {name}: {1e3 * seconds:8.2f} ms = {B * N / seconds:8.0f} tokens/s "
               f"({B} rows x {N} steps)")
     print(f"cached is {run.naive_s / run.cached_s:.1f}x faster")
-    return run.same_tokens and run.grew_by_one
+    return run.same_tokens and run.logits_close and run.grew_by_one
 
 
 def trained(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
@@ -119,11 +136,13 @@ def trained(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
         texts = [task.check_chars(text) for text in texts]
     except ValueError as err:
         ap.error(str(err))
-    try:
-        model = GPT.load(args.checkpoint)
-    except (OSError, ValueError) as err:
-        ap.error(f"{err} (make train writes {CHECKPOINT.relative_to(CHECKPOINT.parents[1])})")
+    model = load_checkpoint(ap, args.checkpoint, " (make train writes "
+                            f"{CHECKPOINT.relative_to(CHECKPOINT.parents[1])})")
     prompts = [task.encode(task.make_prompt(text)) for text in texts]
+    try:  # the prompts and their answers must fit this checkpoint, before anything is printed
+        prepare_request(model, prompts, max(map(len, texts)) + 1, eos_id=ord(task.END))
+    except ValueError as err:
+        ap.error(f"argument --checkpoint: {args.checkpoint} cannot answer these prompts: {err}")
     c = model.config
     print(f"model: {args.checkpoint} (trained to reverse strings): d_model={c.d_model} "
           f"heads={c.n_heads} layers={c.n_layers} max_seq_len={c.max_seq_len}")
@@ -213,23 +232,33 @@ def hugging_face(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
         print(f"\n{text!r} -> {tokenizer.decode(tokens.tolist())!r}")
     print(f"\n{B * N} tokens in {seconds:.2f} s = {B * N / seconds:.0f} tokens/s (cached, "
           "NumPy)")
-    print(f"largest |logit difference| vs Hugging Face on the same tokens: "
-          f"{hf_logit_difference(hf, prompts, out):.2e} (float32)")
-    return 0
+    diff, largest = hf_logit_difference(hf, prompts, out)
+    tolerance = TOLERANCE[np.dtype(np.float32)]
+    agree = diff <= tolerance * largest
+    print(f"largest |logit difference| vs Hugging Face on the same tokens: {diff:.2e} = "
+          f"{diff / max(largest, 1e-30):.1e} x max|HF logit| {largest:.3g} (float32, tolerance "
+          f"{tolerance:.0e}: {'pass' if agree else 'FAIL'})")
+    if not agree:
+        print(f"generate.py --hf: the NumPy model's logits differ from Hugging Face's by more "
+              f"than {tolerance:.0e} of the largest: the conversion or the model is wrong",
+              file=sys.stderr)
+    return 0 if agree else 1
 
 
-def hf_logit_difference(hf: object, prompts: list[np.ndarray], out: Generation) -> float:
+def hf_logit_difference(hf: object, prompts: list[np.ndarray], out: Generation
+                        ) -> tuple[float, float]:
     """Run Hugging Face once over each finished sequence and compare the logits that chose every
-    new token with ours."""
+    new token with ours: (max |ours - theirs|, max |theirs|), over every row and step."""
     import torch
 
-    diff = 0.0
+    diff = largest = 0.0
     for prompt, tokens, logits in zip(prompts, out.tokens, out.logits, strict=True):
         seq = torch.from_numpy(np.concatenate([prompt, tokens])[None])  # (1, P + N)
         with torch.no_grad():
             theirs = hf(seq).logits[0, len(prompt) - 1:-1].numpy()  # (N, V): step n's logits
         diff = max(diff, float(np.max(np.abs(theirs - logits))))
-    return diff
+        largest = max(largest, float(np.max(np.abs(theirs))))
+    return diff, largest
 
 
 def _prompt_lens(text: str) -> list[int]:
@@ -242,45 +271,88 @@ def _prompt_lens(text: str) -> list[int]:
     return lens
 
 
+# Which flags each mode uses; a flag given to a mode that does not use it is refused (it would be
+# silently ignored). --prefill-chunk applies to every mode. Defaults are filled in after the check.
+MODE_FLAGS = {
+    "the trained model": ("--prompt", "--checkpoint"),
+    "--random": ("--new-tokens", "--prompt-len", "--batch", "--prompt-lens", "--layers", "--seed",
+                 "--dtype", "--temperature", "--top-k", "--top-p", "--eos-id"),
+    "--hf": ("--prompt", "--new-tokens"),
+}
+RANDOM_DEFAULTS = {"new_tokens": 16, "prompt_len": 8, "batch": 2, "layers": 2, "seed": 0,
+                   "dtype": "float32"}
+
+
+def check_flags(ap: argparse.ArgumentParser, args: argparse.Namespace, mode: str) -> None:
+    """Refuse every flag `mode` does not use, and combinations that would silently drop one."""
+    for flag in sorted({f for flags in MODE_FLAGS.values() for f in flags}):
+        users = [m for m, flags in MODE_FLAGS.items() if flag in flags]
+        if mode not in users:
+            refuse_unused(ap, args, [flag], f"does not apply to {mode} (only to "
+                                            f"{' or '.join(users)})")
+    if mode == "--random":
+        if args.prompt_lens is not None:
+            refuse_unused(ap, args, ["--batch", "--prompt-len"],
+                          "and --prompt-lens both set the prompts: give one")
+        if not args.temperature:
+            refuse_unused(ap, args, ["--top-k", "--top-p"],
+                          "shapes a random draw: it needs --temperature > 0 (else greedy)")
+        for name, value in RANDOM_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+    elif mode == "--hf":
+        args.new_tokens = args.new_tokens or RANDOM_DEFAULTS["new_tokens"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description="Naive vs cached decoding: the trained string-reversal model by default, "
-                    "random weights with --random, a Hugging Face GPT-2 with --hf.")
+                    "random weights with --random, a Hugging Face GPT-2 with --hf. A flag the "
+                    "chosen model does not use is refused.")
     ap.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                     help="a prompt (repeat for a batch); the trained model reverses it")
-    ap.add_argument("--checkpoint", default=str(CHECKPOINT), help="the trained model's .npz")
+    ap.add_argument("--checkpoint", default=None,
+                    help=f"the trained model's .npz (default {CHECKPOINT})")
     ap.add_argument("--random", action="store_true",
                     help="the assignment's config with random weights, on random token ids")
     ap.add_argument("--hf", metavar="NAME_OR_DIR", default=None,
                     help="a Hugging Face GPT-2 (hub name on this machine, or a directory)")
-    ap.add_argument("--new-tokens", type=cli_int(1, 4096), default=16,
+    ap.add_argument("--new-tokens", type=cli_int(1, 4096), default=None,
                     help="tokens to generate with --random or --hf (default 16)")
-    ap.add_argument("--prompt-len", type=cli_int(1, 4096), default=8,
+    ap.add_argument("--prompt-len", type=cli_int(1, 4096), default=None,
                     help="--random: prompt length (default 8)")
-    ap.add_argument("--batch", type=cli_int(1, 1_000_000), default=2,
+    ap.add_argument("--batch", type=cli_int(1, 1_000_000), default=None,
                     help="--random: batch size (default 2)")
     ap.add_argument("--prompt-lens", type=_prompt_lens, default=None, metavar="3,7,1",
                     help="--random: a ragged batch, one prompt per length, left-padded "
-                         "(overrides --batch and --prompt-len)")
-    ap.add_argument("--layers", type=cli_int(1, 1_000_000), default=2,
+                         "(instead of --batch and --prompt-len)")
+    ap.add_argument("--layers", type=cli_int(1, 1_000_000), default=None,
                     help="--random: transformer blocks (default 2)")
-    ap.add_argument("--seed", type=SEED, default=0, help="weights, prompt and sampling seed")
-    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    ap.add_argument("--temperature", type=float, default=None, help="0 or unset = greedy")
-    ap.add_argument("--top-k", type=int, default=None, help="keep the k highest logits")
-    ap.add_argument("--top-p", type=float, default=None, help="nucleus: keep mass p")
-    ap.add_argument("--eos-id", type=int, default=None, help="--random: a row stops at this token")
+    ap.add_argument("--seed", type=SEED, default=None,
+                    help="--random: weights, prompt and sampling seed (default 0)")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                    help="--random: the model's dtype (default float32)")
+    ap.add_argument("--temperature", type=cli_float(0), default=None,
+                    help="--random: 0 or unset = greedy")
+    ap.add_argument("--top-k", type=cli_int(1), default=None,
+                    help="--random, with --temperature: keep the k highest logits")
+    ap.add_argument("--top-p", type=cli_float(0, 1, low_open=True), default=None,
+                    help="--random, with --temperature: nucleus, keep mass p")
+    ap.add_argument("--eos-id", type=cli_int(0), default=None,
+                    help="--random: a row stops at this token")
     ap.add_argument("--prefill-chunk", type=cli_int(1), default=None,
                     help="prefill in chunks of this many tokens")
     args = ap.parse_args(argv)
     if args.random and args.hf:
         ap.error("--random and --hf are two different models: pick one")
+    mode = "--hf" if args.hf else "--random" if args.random else "the trained model"
+    check_flags(ap, args, mode)
     if args.hf:
         return hugging_face(args, ap)
     if args.random:
         return random_weights(args, ap)
+    args.checkpoint = args.checkpoint or str(CHECKPOINT)
     return trained(args, ap)
-
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@
     python tools/heatmap.py --prompt "kv cache"  another prompt (a-z and space, up to 24 characters)
     python tools/heatmap.py --random             the assignment's config with random weights
 
+The PNG goes to out/heatmap_trained.png (or out/heatmap_random.png) in the repository unless --out
+names one; `make figures` redraws the committed ones in figures/.
+
 The trained model's sequence is the prompt, "=", and its own greedy answer, so the picture shows
 the answer reading the prompt backwards: for reversal some head puts most of its weight, for every
 answer position, on the mirrored prompt character (mirror_weights finds it). Row i is query
@@ -30,9 +33,10 @@ from matplotlib.patches import Patch
 
 from attention import causal_mask
 from block import GPT, GPTConfig
-from generate import generate_cached
+from generate import generate_cached, prepare_request
 from parts import task
 from parts.checks import SEED, cli_int, cli_output_file
+from tools.cli_types import cli_float, default_output, load_checkpoint, refuse_unused
 from tools.generate_cli import CHECKPOINT
 
 SHADES = " .:-=+*#%@"  # probability in tenths: ' ' is [0, 0.1), '@' is [0.9, 1]
@@ -165,27 +169,38 @@ def trained_maps(model: GPT, chars: str) -> tuple[np.ndarray, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Attention heatmaps: the trained string-reversal "
                                              "model by default, random weights with --random.")
-    ap.add_argument("--prompt", default="attention", metavar="TEXT",
+    ap.add_argument("--prompt", default=None, metavar="TEXT",
                     help="characters to reverse (a-z and space, up to 24; default attention)")
-    ap.add_argument("--checkpoint", default=str(CHECKPOINT), help="the trained model's .npz")
+    ap.add_argument("--checkpoint", default=None,
+                    help=f"the trained model's .npz (default {CHECKPOINT})")
     ap.add_argument("--random", action="store_true",
                     help="the assignment's config with random weights on random token ids")
-    ap.add_argument("--prompt-len", type=cli_int(1, 128), default=12,
+    ap.add_argument("--prompt-len", type=cli_int(1, 128), default=None,
                     help="--random: prompt tokens T (default 12)")
-    ap.add_argument("--layers", type=cli_int(1, 12), default=2,
+    ap.add_argument("--layers", type=cli_int(1, 12), default=None,
                     help="--random: transformer blocks (default 2)")
-    ap.add_argument("--seed", type=SEED, default=0, help="--random: weights and prompt seed")
-    ap.add_argument("--init-std", type=float, default=0.1,
+    ap.add_argument("--seed", type=SEED, default=None,
+                    help="--random: weights and prompt seed (default 0)")
+    ap.add_argument("--init-std", type=cli_float(0, 10), default=None,
                     help="--random: std of the weights; larger = peakier rows (default 0.1)")
     ap.add_argument("--rope", action="store_true", help="--random: rotary positions")
     ap.add_argument("--out", type=cli_output_file(".png"), default=None,
-                    help="PNG path (default figures/heatmap_trained.png, or "
-                         "figures/heatmap_random.png with --random)")
+                    help="PNG path (default out/heatmap_trained.png in the repository, or "
+                         "out/heatmap_random.png with --random)")
     ap.add_argument("--ascii-layer", type=cli_int(0), default=None,
                     help="layer printed as ASCII (default: the mirroring head's, or 0)")
     ap.add_argument("--ascii-head", type=cli_int(0), default=None,
                     help="head printed as ASCII (default: the mirroring head, or 0)")
     args = ap.parse_args(argv)
+    if args.random:  # a flag the run would ignore is refused, not dropped
+        refuse_unused(ap, args, ["--prompt", "--checkpoint"], "does not apply to --random")
+    else:
+        refuse_unused(ap, args, ["--prompt-len", "--layers", "--seed", "--init-std", "--rope"],
+                      "applies only to --random")
+    for name, value in (("prompt", "attention"), ("checkpoint", str(CHECKPOINT)),
+                        ("prompt_len", 12), ("layers", 2), ("seed", 0), ("init_std", 0.1)):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
     try:  # every argument is checked before any work
         if args.random:
@@ -195,14 +210,17 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{config.max_seq_len}")
         else:
             chars = task.check_chars(args.prompt)
-            model = GPT.load(args.checkpoint)
+            model = load_checkpoint(ap, args.checkpoint)
             config = model.config
+            # the prompt and its answer must fit this checkpoint's vocabulary and max_seq_len
+            prepare_request(model, [task.encode(task.make_prompt(chars))], len(chars) + 1)
         layer, head = args.ascii_layer or 0, args.ascii_head or 0
         if not (layer < config.n_layers and head < config.n_heads):
             raise ValueError(f"--ascii-layer/--ascii-head must be < ({config.n_layers}, "
                              f"{config.n_heads}), got ({layer}, {head})")
-    except (OSError, ValueError) as err:
+    except ValueError as err:
         ap.error(str(err))
+    out = args.out or default_output(ap, f"heatmap_{'random' if args.random else 'trained'}.png")
 
     if args.random:
         model = GPT(config, seed=args.seed)
@@ -229,7 +247,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"previous-token head: layer 0, head {first[1]}; mirroring head: layer {best[0]}, "
               f"head {best[1]}")
         title = f"Causal attention of the trained reversal model on {''.join(labels)!r}"
-    out = args.out or Path(f"figures/heatmap_{'random' if args.random else 'trained'}.png")
     path = plot_heatmaps(maps, out, title, labels)
     print(f"\nlayer {layer}, head {head} (row i = query position i):")
     print(ascii_heatmap(maps[layer, head], labels))

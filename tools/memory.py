@@ -1,6 +1,6 @@
 """How much memory the KV cache takes: the formula, the allocated bytes, and a measured peak.
 
-    python tools/memory.py [--quick] [--out figures/cache_memory.png]
+    python tools/memory.py [--quick] [--out PNG]   (default out/cache_memory.png, in the repo)
 
 The cache keeps K and V for every layer, batch row, key/value head, position and dimension:
 
@@ -47,12 +47,18 @@ from block import GPT, GPTConfig
 from cache import KVCache, ModelCache, kv_cache_bytes
 from generate import decode, greedy, prefill
 from parts.checks import cli_output_file
+from tools.cli_types import default_output
 
 CONTEXTS = (128, 512, 2048)
 VARIANTS = (("MHA", 4), ("GQA", 2), ("MQA", 1))  # name, n_kv_heads, for 4 query heads
 CACHE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 BATCH = 1
-QUICK_OUT = "out/quick/cache_memory.png"  # where --quick writes by default (ignored by git)
+# One-shot and chunked prefill sum the same float32 terms in another order: they agree to a few
+# ulps of the largest logit, so the check is relative to it.
+TOLERANCE = 1e-4
+# Default outputs, under the repository's out/ (ignored by git): `make figures` redraws the
+# committed figures/cache_memory.png by naming it with --out.
+OUT, QUICK_OUT = "cache_memory.png", "quick/cache_memory.png"
 
 # name, layers, query heads, key/value heads, d_head (published configs)
 REAL_MODELS = (("GPT-2 small", 12, 12, 12, 64),
@@ -235,15 +241,12 @@ def plot_memory(rows: list[Row], path: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="KV-cache memory: formula, nbytes, measured peak.")
     ap.add_argument("--quick", action="store_true",
-                    help=f"fewer decode steps (a smoke run); writes {QUICK_OUT} unless --out says "
-                         "otherwise")
+                    help=f"fewer decode steps (a smoke run); writes out/{QUICK_OUT} unless --out "
+                         "says otherwise")
     ap.add_argument("--out", type=cli_output_file(".png"), default=None,
-                    help="PNG path (default figures/cache_memory.png)")
+                    help=f"PNG path (default out/{OUT} in the repository)")
     args = ap.parse_args(argv)
-    # A smoke run never overwrites the committed figure.
-    if args.out is None:
-        args.out = Path(QUICK_OUT if args.quick else "figures/cache_memory.png")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out = args.out or default_output(ap, QUICK_OUT if args.quick else OUT)
     decode_steps = 4 if args.quick else 64
 
     models = {n_kv: assignment_model(n_kv) for _, n_kv in VARIANTS}
@@ -276,13 +279,20 @@ def main(argv: list[str] | None = None) -> int:
                   human(chunked), f"{chunked / (scores * 256 // T):.1f}"]]))
     print("(peak / matrix > 1: one score-sized array, masked and normalised in place, plus the"
           " cache, the bool mask and its negation, and the layer's activations)")
-    print(f"same last logits: max |difference| = {np.abs(a - b).max():.2e}")
+    relative = np.abs(a - b).max() / np.abs(a).max()
+    same = relative <= TOLERANCE
+    print(f"same last logits: max |difference| = {np.abs(a - b).max():.2e} = {relative:.1e} x "
+          f"max|logit| (tolerance {TOLERANCE:.0e}: {'pass' if same else 'FAIL'})")
 
     path = plot_memory(rows, args.out)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     print(f"\nprocess ru_maxrss (whole run, for scale): {human(rss)}")
     print(f"wrote {path}")
-    return 0
+    equal = all(r.formula == r.nbytes for r in rows)
+    if not (same and equal):
+        print("memory.py: " + ("" if equal else "allocated bytes differ from the formula; ")
+              + ("" if same else "chunked prefill differs from one-shot"), file=sys.stderr)
+    return 0 if same and equal else 1
 
 
 if __name__ == "__main__":

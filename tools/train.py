@@ -1,9 +1,13 @@
 """Train the string-reversal model with torch autograd, then hand its weights to the NumPy GPT.
 
-    python tools/train.py                   the shipped model: checkpoints/reverse.npz, its log
+    python tools/train.py                   the shipped model's recipe: out/reverse.npz, its log
     python tools/train.py --no-causal-mask  the ablation: same config, steps and seed, no mask
-    python tools/train.py --plot            figures/mask_ablation.png and a table, from the logs
+    python tools/train.py --plot            out/mask_ablation.png and a table, from the two logs
     python tools/train.py --quick           a smoke run of a few steps, written under out/quick/
+
+Defaults are written under the repository's out/ (ignored by git), whatever the current
+directory; `make train` and `make figures` name the shipped files with --out and --figure.
+Every flag and path is checked before step 1, so a run never trains for minutes and then fails.
 
 The torch model (TorchGPT) is the NumPy model's twin: its parameters have exactly the names and
 shapes of block.weight_shapes, used as x @ W (in, out), so exporting is {name: p.numpy()} and the
@@ -39,17 +43,18 @@ from block import GPT, GPTConfig, random_weights, weight_shapes
 from parts import task
 from parts.checks import SEED, cli_int, cli_output_file
 from tools import evaluate
+from tools.cli_types import REPO, cli_float, default_output, refuse_unused
 
 PAD_ID = 0  # right padding in a training batch; never a target
 IGNORE = -100  # target of a position the loss skips (F.cross_entropy's ignore_index)
 
-OUT = "checkpoints/reverse.npz"  # the shipped checkpoint
-NO_MASK_OUT = "out/reverse_no_mask.npz"  # not shipped: only a torch model can run it as trained
-NO_MASK_LOG = "checkpoints/reverse_no_mask.log.json"
-QUICK_DIR = "out/quick"  # where --quick writes by default (ignored by git)
+# The shipped files (relative to the repository); written only when named with --out/--figure.
+SHIPPED_OUT = "checkpoints/reverse.npz"
 LOG = "checkpoints/reverse.log.json"
+NO_MASK_LOG = "checkpoints/reverse_no_mask.log.json"  # the ablation's weights are not shipped
 FIGURE = "figures/mask_ablation.png"
-COMMITTED = (OUT, LOG, NO_MASK_LOG, FIGURE)
+COMMITTED = (SHIPPED_OUT, LOG, NO_MASK_LOG, FIGURE)
+QUICK_DIR = "quick"  # --quick's defaults go under out/quick/
 
 # THREADS_NOTE: one torch thread by default. On a 2-core machine with other work running, torch's
 # default of 2 OpenMP threads spin-waits for a thread that is not scheduled: a training step took
@@ -350,6 +355,9 @@ def train(config: GPTConfig, s: Settings, log_path: Path | None = None,
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step - 1, s)
         loss = answer_loss(model, *make_batch(task.random_chars(rng, s.batch, weights)), s.causal)
+        if not torch.isfinite(loss):  # stop now: the export would refuse the weights anyway
+            raise FloatingPointError(f"the loss is {loss.item()} at step {step} (a learning rate "
+                                     f"of {s.lr} is too high?); nothing written")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), s.clip)
@@ -454,114 +462,124 @@ def ablation_table(masked: dict, unmasked: dict) -> str:
 
 
 def read_log(path: Path) -> dict:
+    """A loss log written by train(), or ValueError naming the path: --plot reads all of these."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SystemExit(f"train.py: cannot read the loss log {path}: {err}") from None
+        log = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read the loss log {str(path)!r}: {err}") from None
+    keys = ("losses", "evals", "final_loss")
+    if not (isinstance(log, dict) and all(k in log for k in keys)
+            and all(isinstance(e, dict) and {"step", "loss"} <= e.keys() for e in log["losses"])
+            and all(isinstance(e, dict) and {"step", "generation_exact_match",
+                                             "teacher_forced_exact_match"} <= e.keys()
+                    for e in log["evals"])):
+        raise ValueError(f"{str(path)!r} is not a loss log written by train.py (it needs "
+                         f"{', '.join(keys)})")
+    return log
 
 
 # --- the command ---------------------------------------------------------------------------------
 
 def is_committed(path: Path) -> bool:
-    """Whether path is one of the shipped files (relative to here or to this file's folder)."""
-    here = Path(__file__).resolve().parents[1]  # the repository
-    targets = {Path(p).resolve() for p in COMMITTED} | {(here / p).resolve() for p in COMMITTED}
-    return path.resolve() in targets
+    """Whether path is one of the shipped files."""
+    return path.resolve() in {(REPO / p).resolve() for p in COMMITTED}
 
 
-def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
-    """The checkpoint and its log for this run. The log goes next to the checkpoint, except the
-    ablation's default: its weights stay under out/, its log is shipped next to the real one."""
+def output_paths(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path, Path]:
+    """The checkpoint and its log for this run: --out, else out/ (out/quick/ with --quick); the
+    log goes next to the checkpoint as .log.json unless --log names it."""
     name = "reverse" if args.causal else "reverse_no_mask"
-    if args.out is not None:
-        out = args.out
-    elif args.quick:
-        out = Path(QUICK_DIR) / f"{name}.npz"
-    else:
-        out = Path(OUT if args.causal else NO_MASK_OUT)
-    if args.log is not None:
-        log = args.log
-    elif args.out is None and not args.quick and not args.causal:
-        log = Path(NO_MASK_LOG)
-    else:
-        log = out.with_name(out.stem + ".log.json")
-    return out, log
+    out = args.out or default_output(ap, f"{QUICK_DIR}/{name}.npz" if args.quick else
+                                     f"{name}.npz")
+    return out, args.log or out.with_name(out.stem + ".log.json")
+
+
+TRAINING_FLAGS = ("--out", "--log", "--steps", "--batch", "--lr", "--warmup", "--weight-decay",
+                  "--length-power", "--seed", "--threads", "--eval-every", "--final-n")
+QUICK_SETS = ("--steps", "--batch", "--warmup", "--eval-every", "--final-n")  # --quick's own
 
 
 def main(argv: list[str] | None = None) -> int:
     d = Settings()
     ap = argparse.ArgumentParser(description="Train the string-reversal model (torch), export it "
-                                             "to the NumPy GPT.")
+                                             "to the NumPy GPT. A flag the run would not use is "
+                                             "refused.")
     ap.add_argument("--out", type=cli_output_file(".npz"), default=None,
-                    help=f"checkpoint to write (default {OUT}; {NO_MASK_OUT} with "
-                         f"--no-causal-mask; under {QUICK_DIR}/ with --quick)")
+                    help="checkpoint to write (default out/reverse.npz in the repository, "
+                         "out/reverse_no_mask.npz with --no-causal-mask, under out/quick/ with "
+                         f"--quick; make train writes {SHIPPED_OUT})")
     ap.add_argument("--log", type=cli_output_file(".json"), default=None,
-                    help="loss log to write (default: next to the checkpoint, as .log.json; "
-                         f"{NO_MASK_LOG} for the ablation)")
-    ap.add_argument("--steps", type=cli_int(1), default=d.steps, help=f"default {d.steps}")
-    ap.add_argument("--batch", type=cli_int(1), default=d.batch, help=f"default {d.batch}")
-    ap.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    ap.add_argument("--warmup", type=cli_int(1), default=d.warmup, help=f"default {d.warmup}")
-    ap.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                    help="loss log to write (default: next to the checkpoint, as .log.json)")
+    ap.add_argument("--steps", type=cli_int(1, 10_000_000), default=None,
+                    help=f"default {d.steps}")
+    ap.add_argument("--batch", type=cli_int(1, 4096), default=None, help=f"default {d.batch}")
+    ap.add_argument("--lr", type=cli_float(0, 1, low_open=True), default=None,
+                    help=f"peak learning rate (default {d.lr})")
+    ap.add_argument("--warmup", type=cli_int(1, 10_000_000), default=None,
+                    help=f"default {d.warmup}")
+    ap.add_argument("--weight-decay", type=cli_float(0, 10), default=None,
                     help=f"default {d.weight_decay}")
-    ap.add_argument("--length-power", type=float, default=d.length_power,
+    ap.add_argument("--length-power", type=cli_float(-10, 10), default=None,
                     help=f"draw prompt length L with probability ~ L**power (default "
                          f"{d.length_power}: uniform)")
-    ap.add_argument("--seed", type=SEED, default=d.seed, help=f"default {d.seed}")
-    ap.add_argument("--threads", type=cli_int(1, 512), default=1,
+    ap.add_argument("--seed", type=SEED, default=None, help=f"default {d.seed}")
+    ap.add_argument("--threads", type=cli_int(1, 512), default=None,
                     help="torch threads (default 1: see THREADS_NOTE in train.py)")
-    ap.add_argument("--eval-every", type=cli_int(1), default=d.eval_every,
+    ap.add_argument("--eval-every", type=cli_int(1, 10_000_000), default=None,
                     help=f"steps between held-out measurements (default {d.eval_every})")
     ap.add_argument("--no-causal-mask", dest="causal", action="store_false",
                     help="the ablation: attention without the causal mask")
     ap.add_argument("--quick", action="store_true",
-                    help=f"a smoke run of 20 steps on batch 8, written under {QUICK_DIR}/ unless "
+                    help="a smoke run of 20 steps on batch 8, written under out/quick/ unless "
                          "--out says otherwise (never over the shipped files)")
     ap.add_argument("--plot", action="store_true",
-                    help=f"no training: draw {FIGURE} and print the ablation table from the "
-                         "two loss logs")
+                    help="no training: draw the figure (default out/mask_ablation.png) and print "
+                         "the ablation table from the two loss logs")
     ap.add_argument("--figure", type=cli_output_file(".png"), default=None,
-                    help=f"with --plot: the figure to write (default {FIGURE}; under "
-                         f"{QUICK_DIR}/ with --quick)")
-    ap.add_argument("--logs", type=Path, nargs=2, default=[Path(LOG), Path(NO_MASK_LOG)],
-                    metavar=("MASKED", "UNMASKED"),
+                    help="with --plot: the figure to write (default out/mask_ablation.png, "
+                         f"out/quick/mask_ablation.png with --quick; make figures writes {FIGURE})")
+    ap.add_argument("--logs", type=Path, nargs=2, default=None, metavar=("MASKED", "UNMASKED"),
                     help=f"with --plot: the two loss logs (default {LOG} {NO_MASK_LOG})")
-    ap.add_argument("--final-n", type=cli_int(1), default=1000,
+    ap.add_argument("--final-n", type=cli_int(1, 100_000), default=None,
                     help="held-out prompts for the final exact match (default 1000)")
     args = ap.parse_args(argv)
-    if not (args.lr > 0 and math.isfinite(args.lr)) or not args.weight_decay >= 0:
-        ap.error("--lr must be a positive number and --weight-decay >= 0")
 
     if args.plot:
-        figure = args.figure or Path(QUICK_DIR if args.quick else ".") / FIGURE
-        if args.quick and is_committed(figure):
-            ap.error(f"--quick never writes over a shipped file ({figure})")
-        figure.parent.mkdir(parents=True, exist_ok=True)
-        masked, unmasked = (read_log(path) for path in args.logs)
-        print(ablation_table(masked, unmasked))
-        print(f"wrote {plot_ablation(masked, unmasked, figure)}")
-        return 0
-
-    out, log = output_paths(args)
+        refuse_unused(ap, args, TRAINING_FLAGS, "trains; --plot only draws from the logs")
+        if not args.causal:
+            ap.error("--no-causal-mask trains; --plot only draws from the logs")
+        return plot(ap, args)
+    refuse_unused(ap, args, ["--figure", "--logs"], "applies only with --plot")
+    if args.quick:
+        refuse_unused(ap, args, QUICK_SETS, "is set by --quick (20 steps of 8 prompts): drop one")
+    out, log = output_paths(ap, args)
     if args.quick and (is_committed(out) or is_committed(log)):
         ap.error(f"--quick never writes over a shipped file ({out}, {log})")
-    for path in (out, log):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    s = Settings(steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
-                 weight_decay=args.weight_decay, length_power=args.length_power, seed=args.seed,
-                 causal=args.causal, eval_every=args.eval_every)
+
+    def given(name: str, default: object) -> object:
+        value = getattr(args, name)
+        return default if value is None else value
+
+    s = Settings(**{name: given(name, getattr(d, name)) for name in
+                    ("steps", "batch", "lr", "warmup", "weight_decay", "length_power", "seed",
+                     "eval_every")}, causal=args.causal)
+    final_n = given("final_n", 1000)
     if args.quick:
         s.steps, s.batch, s.warmup, s.eval_every, s.monitor_per_length = 20, 8, 5, 10, 1
-        args.final_n = 48
-    torch.set_num_threads(args.threads)  # THREADS_NOTE
+        final_n = 48
+    torch.set_num_threads(given("threads", 1))  # THREADS_NOTE
     config = GPTConfig()
     print(f"training {'with' if s.causal else 'WITHOUT'} the causal mask: {s.steps} steps of "
           f"{s.batch} prompts (length power {s.length_power}), lr {s.lr}, warm-up {s.warmup}, "
           f"seed {s.seed}, torch threads {torch.get_num_threads()}")
-    model, result = train(config, s, log, verbose=True)
+    try:
+        model, result = train(config, s, log, verbose=True)
+    except FloatingPointError as err:
+        print(f"\ntrain.py: {err}", file=sys.stderr)
+        return 1
     print(f"trained in {clock(result['train_seconds'])} ({result['train_seconds']} s, "
           f"{result['eval_seconds']} s of it measuring); final loss {result['final_loss']:.2e}")
-    result["final"] = final_evaluation(model, s.causal, args.final_n, s.seed)
+    result["final"] = final_evaluation(model, s.causal, final_n, s.seed)
     write_log(result, log)
     f = result["final"]
     print(f"exact match on {f['n']} held-out prompts: torch generation "
@@ -570,6 +588,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{f['teacher_forced_exact_match']:.1%}")
     to_numpy_model(model).save(out)
     print(f"wrote {out} ({out.stat().st_size:,} bytes) and {log}")
+    return 0
+
+
+def plot(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """--plot: the ablation table and figure from two loss logs (the shipped ones by default)."""
+    paths = args.logs or [REPO / LOG, REPO / NO_MASK_LOG]
+    try:
+        masked, unmasked = (read_log(path) for path in paths)
+    except ValueError as err:
+        ap.error(str(err))
+    figure = args.figure or default_output(ap, f"{QUICK_DIR}/mask_ablation.png" if args.quick
+                                           else "mask_ablation.png")
+    if args.quick and is_committed(figure):
+        ap.error(f"--quick never writes over a shipped file ({figure})")
+    print(ablation_table(masked, unmasked))
+    print(f"wrote {plot_ablation(masked, unmasked, figure)}")
     return 0
 
 
