@@ -194,18 +194,22 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> np.ndarray:
     """Normalise the last axis to mean 0, variance 1 (biased variance, as torch does), then scale
-    by gamma and shift by beta when given. Same shape in and out. Checks its own arguments."""
+    by gamma and shift by beta when given. Same shape in and out; float16 is computed in
+    float32 (as torch does on a CPU) and returned as float16. Checks its own arguments."""
     x = float_array("layer_norm: x", x, min_ndim=1)
     eps = finite_number("layer_norm eps", eps, above=0)
     for name, p in (("gamma", gamma), ("beta", beta)):
         if p is not None and np.shape(p) != x.shape[-1:]:
             raise ValueError(f"layer_norm: {name} must have shape {x.shape[-1:]}, got "
                              f"{np.shape(p)}")
+    dtype = x.dtype
+    x = x.astype(np.result_type(x, np.float32), copy=False)  # float16 squares overflow past 256
     mean = x.mean(axis=-1, keepdims=True)
     var = x.var(axis=-1, keepdims=True)
     y = (x - mean) / np.sqrt(var + eps)
     y = y if gamma is None else y * gamma
-    return y if beta is None else y + beta
+    y = y if beta is None else y + beta
+    return y.astype(np.float16) if dtype == np.float16 else y
 
 
 def causal_self_attention_block(

@@ -354,6 +354,9 @@ class GPT:
         if past + T > c.max_seq_len:
             raise ValueError(f"GPT: {past} cached + {T} new = {past + T} positions exceed "
                              f"max_seq_len={c.max_seq_len}")
+        # The largest arrays of a forward: the logits, one layer's scores and MLP hidden layer.
+        fits_in_memory(f"GPT: a forward of {B} x {T} tokens", self.dtype.itemsize * B * T * (
+            c.vocab_size + 2 * c.n_heads * (past + T) + c.d_ff))
         return ids, new_real
 
     def check_cache(self, cache: ModelCache) -> None:

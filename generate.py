@@ -30,6 +30,7 @@ import numpy as np
 from block import GPT
 from cache import ModelCache
 from parts.checks import (
+    fits_in_memory,
     int_array,
     is_int,
     optional_positive_int,
@@ -104,6 +105,9 @@ def prepare_request(
         raise ValueError(f"prompt of {P} + max_new_tokens={max_new_tokens} = {P + max_new_tokens} "
                          f"tokens exceed max_seq_len={model.config.max_seq_len} (generation is "
                          "refused, not cropped)")
+    # The loop keeps the logits of every step, (B, max_new_tokens, V): sized up front.
+    fits_in_memory(f"logits of {B} rows x {max_new_tokens} steps x {V} tokens",
+                   B * max_new_tokens * V * model.dtype.itemsize)
     if attention_mask is None:
         return ids, np.ones((B, P), dtype=bool)
     mask = zero_one_mask("attention_mask", attention_mask, (B, P))

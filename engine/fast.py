@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from attention import NEG_INF, layer_norm, softmax
-from parts.rope import apply_rope
+from parts.rope import rotate_pairs
 
 if TYPE_CHECKING:  # type hints only: block.py imports this module
     from block import GPT, BlockParams
@@ -79,8 +79,8 @@ def block(
     k = k.reshape(B, k.shape[1], a.n_kv_heads, -1).transpose(0, 2, 1, 3)  # -> (B, H_kv, T, d)
     v = v.reshape(B, v.shape[1], a.n_kv_heads, -1).transpose(0, 2, 1, 3)  # -> (B, H_kv, T, d)
     if rotate is not None:
-        k = apply_rope(k, *rotate)
-        q = apply_rope(q, *(r[:, :, -T_q:] for r in rotate))  # the query rows' own angles
+        k = rotate_pairs(k, *rotate)
+        q = rotate_pairs(q, *(r[:, :, -T_q:] for r in rotate))  # the query rows' own angles
     if kv is not None:
         k, v = kv._write(kv.narrowed("k", k), kv.narrowed("v", v))  # (B, H_kv, t_k, d)
         k, v = k.astype(q.dtype, copy=False), v.astype(q.dtype, copy=False)

@@ -70,6 +70,9 @@ def float_dtype(name: str, dtype: object, allowed: tuple[str, ...]) -> np.dtype:
 
 def int_array(name: str, value: object, ndim: int) -> np.ndarray:
     """value as an integer ndarray of `ndim` dimensions (a list is accepted and converted)."""
+    if isinstance(value, np.ndarray) and type(value) is not np.ndarray:
+        raise TypeError(f"{name} must be a plain numpy array, got {type(value).__name__} (a "
+                        "masked array's mask would be dropped)")
     array = np.asarray(value) if isinstance(value, (np.ndarray, list, tuple)) else None
     if array is None:
         raise TypeError(f"{name} must be an integer array, got {type(value).__name__}")
@@ -117,8 +120,9 @@ def zero_one_mask(name: str, value: object, shape: tuple[int, ...]) -> np.ndarra
 
     Only 0/1 (or bool) is accepted: 0.5, 2, -1 or NaN have no meaning here, and reading them as
     "anything non-zero is real" would silently treat a typo as a token."""
-    if not isinstance(value, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array of 0/1, got {type(value).__name__}")
+    if type(value) is not np.ndarray:
+        raise TypeError(f"{name} must be a numpy array of 0/1 (not a subclass), got "
+                        f"{type(value).__name__}")
     if value.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {value.shape}")
     if value.dtype != np.bool_:

@@ -18,14 +18,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from parts.checks import finite_number, optional_positive_int
+from parts.checks import finite_number, optional_positive_int, positive_int
 
 
 def check_logits(logits: np.ndarray) -> np.ndarray:
     """logits as a (B, V) float array, refusing NaN and +inf (which would silently pick token 0);
     -inf is a banned token and allowed, as long as some token in every row is not banned."""
+    if isinstance(logits, np.ndarray) and type(logits) is not np.ndarray:
+        raise TypeError(f"logits must be a plain numpy array, got {type(logits).__name__} (a "
+                        "masked array's mask would be dropped)")
     logits = np.asarray(logits)
-    if logits.ndim != 2 or logits.shape[1] < 1 or not np.issubdtype(logits.dtype, np.number):
+    if logits.ndim != 2 or logits.shape[1] < 1 or logits.dtype.kind not in "fiu":
         raise ValueError(f"logits must be a (B, V) array of numbers, got {logits.dtype} of shape "
                          f"{logits.shape}")
     if np.isnan(logits).any() or np.isposinf(logits).any():
@@ -36,13 +39,19 @@ def check_logits(logits: np.ndarray) -> np.ndarray:
 
 
 def greedy(logits: np.ndarray) -> np.ndarray:
-    """(B, V) -> (B,): the most likely next token of each row (the first one on a tie)."""
-    return logits.argmax(axis=-1)
+    """(B, V) -> (B,): the most likely next token of each row (the first one on a tie). Checks
+    its own argument (check_logits)."""
+    return check_logits(logits).argmax(axis=-1)
 
 
 def keep_top_k(logits: np.ndarray, k: int) -> np.ndarray:
     """(B, V) -> bool (B, V), True for the logits >= each row's k-th highest. Ties with the k-th
-    are kept, as Hugging Face's top-k does, so a row may keep more than k tokens (never fewer)."""
+    are kept, as Hugging Face's top-k does, so a row may keep more than k tokens (never fewer).
+    Checks its own arguments."""
+    return _keep_top_k(check_logits(logits), positive_int("top_k", k))
+
+
+def _keep_top_k(logits: np.ndarray, k: int) -> np.ndarray:
     V = logits.shape[-1]
     if k >= V:
         return np.ones(logits.shape, dtype=bool)
@@ -53,7 +62,18 @@ def keep_top_k(logits: np.ndarray, k: int) -> np.ndarray:
 def keep_top_p(probs: np.ndarray, p: float) -> np.ndarray:
     """(B, V) probabilities -> bool (B, V), True for the nucleus: the most likely tokens, taken in
     order, until their total probability reaches p. A token is in if the mass of the tokens ranked
-    above it is still below p, so the most likely token is always in."""
+    above it is still below p, so the most likely token is always in. Checks its own
+    arguments."""
+    probs = np.asarray(probs)
+    if probs.ndim != 2 or probs.dtype.kind != "f" or not np.isfinite(probs).all():
+        raise ValueError(f"keep_top_p: probs must be a finite (B, V) float array, got "
+                         f"{probs.dtype} of shape {probs.shape}")
+    if not 0 < finite_number("top_p", p) <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
+    return _keep_top_p(probs, p)
+
+
+def _keep_top_p(probs: np.ndarray, p: float) -> np.ndarray:
     order = np.argsort(-probs, axis=-1, kind="stable")  # (B, V): most likely first
     ranked = np.take_along_axis(probs, order, axis=-1)  # (B, V) probabilities, descending
     mass_above = np.cumsum(ranked, axis=-1) - ranked  # (B, V) mass of the tokens ranked higher
@@ -66,18 +86,21 @@ def sampling_probs(
     logits: np.ndarray, temperature: float, top_k: int | None = None, top_p: float | None = None
 ) -> np.ndarray:
     """(B, V) logits -> (B, V) float64 probabilities the draw uses: softmax(logits / T) with the
-    tokens outside top-k and the nucleus set to zero, renormalised to sum to one."""
-    logits = np.asarray(logits, dtype=np.float64)  # float64: the draw is exact
+    tokens outside top-k and the nucleus set to zero, renormalised to sum to one. Checks its own
+    arguments: temperature must be > 0 here (0 is greedy, which draws nothing)."""
+    finite_number("temperature", temperature, above=0)
+    check_filters(top_k, top_p)
+    logits = check_logits(logits).astype(np.float64)  # float64: the draw is exact
     # Shift by the row max BEFORE dividing: every value is then <= 0, so even temperature 1e-310
     # gives -inf (probability 0) for the rest and 0 (probability 1) for the max, never inf - inf.
     with np.errstate(over="ignore"):  # -x / 1e-310 overflows to -inf: probability 0, as meant
         scaled = (logits - logits.max(axis=-1, keepdims=True)) / temperature
     if top_k is not None:
-        scaled = np.where(keep_top_k(scaled, top_k), scaled, -np.inf)  # the max is always kept
+        scaled = np.where(_keep_top_k(scaled, top_k), scaled, -np.inf)  # the max is always kept
     probs = np.exp(scaled)  # exp(-inf) = 0 exactly
     probs /= probs.sum(axis=-1, keepdims=True)
     if top_p is not None:
-        probs = np.where(keep_top_p(probs, top_p), probs, 0.0)
+        probs = np.where(_keep_top_p(probs, top_p), probs, 0.0)
         probs /= probs.sum(axis=-1, keepdims=True)
     return probs
 
@@ -120,8 +143,7 @@ class Sampler:
         return self.temperature is None or self.temperature == 0
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
-        logits = check_logits(logits)
-        if self.is_greedy:
+        if self.is_greedy:  # greedy and sampling_probs each check the logits, once
             return greedy(logits)
         return draw(sampling_probs(logits, self.temperature, self.top_k, self.top_p), self.rng)
 
@@ -133,12 +155,18 @@ def check_sampling(
     """Raise ValueError/TypeError naming the argument if a sampling setting is invalid."""
     if temperature is not None:
         finite_number("temperature (None or 0 = greedy)", temperature, at_least=0)
-    optional_positive_int("top_k", top_k)
-    if top_p is not None and not 0 < finite_number("top_p", top_p) <= 1:
-        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    check_filters(top_k, top_p)
     if rng is not None and not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a np.random.Generator (np.random.default_rng(seed)), "
                         f"got {type(rng).__name__}")
     if temperature and rng is None:
         raise ValueError(f"temperature={temperature!r} samples, so rng must be given: "
                          "rng=np.random.default_rng(seed)")
+
+
+def check_filters(top_k: int | None, top_p: float | None) -> None:
+    """Raise ValueError naming the argument unless top_k is None or a positive int and top_p is
+    None or a number in (0, 1]."""
+    optional_positive_int("top_k", top_k)
+    if top_p is not None and not 0 < finite_number("top_p", top_p) <= 1:
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
