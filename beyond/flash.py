@@ -67,19 +67,21 @@ def rescale_factor(m_old: np.ndarray, m_new: np.ndarray) -> np.ndarray:
 def online_softmax_step(m: np.ndarray, denom: np.ndarray, acc: np.ndarray,
                         scores: np.ndarray, v: np.ndarray
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fold one block of keys into the running (m, l, acc) of each query row; l is called
-    denom here (the running denominator).
+    """Fold one block of b keys into the running (m, l, acc) of n query rows; l is called denom
+    here (the running denominator).
 
-    m, denom (..., n, 1), acc (..., n, d_v), scores (..., n, b) (scaled and masked; overwritten),
-    v (..., b, d_v) -> the new m, denom, acc. acc is updated in place.
+    scores (..., b, n) hold one COLUMN per query (scaled and masked; overwritten): NumPy reduces
+    across rows (an elementwise max or sum of whole rows) several times faster than along each
+    short row. m, denom (..., 1, n), acc (..., n, d_v), v (..., b, d_v) -> the new m, denom, acc;
+    acc is updated in place.
     """
-    m_new = np.maximum(m, scores.max(axis=-1, keepdims=True))  # (..., n, 1)
-    rescale = rescale_factor(m, m_new)  # (..., n, 1): brings the old terms to the new max
+    m_new = np.maximum(m, scores.max(axis=-2, keepdims=True))  # (..., 1, n)
+    rescale = rescale_factor(m, m_new)  # (..., 1, n): brings the old terms to the new max
     scores -= m_new
-    p = np.exp(scores, out=scores)  # (..., n, b): exp(s_j - m_new) <= 1, in the scores' place
-    denom = denom * rescale + p.sum(axis=-1, keepdims=True)
-    acc *= rescale
-    acc += p @ v  # (..., n, b) @ (..., b, d_v) -> (..., n, d_v)
+    p = np.exp(scores, out=scores)  # (..., b, n): exp(s_j - m_new) <= 1, in the scores' place
+    denom = denom * rescale + p.sum(axis=-2, keepdims=True)
+    acc *= rescale.swapaxes(-1, -2)  # (..., 1, n) -> (..., n, 1): one factor per query row
+    acc += p.swapaxes(-1, -2) @ v  # (..., n, b) @ (..., b, d_v) -> (..., n, d_v)
     return m_new, denom, acc
 
 
@@ -117,15 +119,16 @@ def attend_tile(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | 
     """One tile of (scaled) queries q (..., n, d) against the key blocks it needs: returns
     acc / l, its output rows (..., n, d_v). mask (..., n, t_k) or None."""
     n, d_v = q.shape[-2], v.shape[-1]
-    m = np.full((*lead, n, 1), -np.inf, q.dtype)  # running max: nothing seen yet
-    denom = np.zeros((*lead, n, 1), q.dtype)  # l: running sum of exp(s_j - m)
+    m = np.full((*lead, 1, n), -np.inf, q.dtype)  # running max: nothing seen yet
+    denom = np.zeros((*lead, 1, n), q.dtype)  # l: running sum of exp(s_j - m)
     acc = np.zeros((*lead, n, d_v), q.dtype)  # running sum of exp(s_j - m) * v_j
+    q_t = q.swapaxes(-1, -2)  # (..., n, d) -> (..., d, n): a view, BLAS reads it transposed
     for keys, partly_hidden in key_blocks(mask, k.shape[-2], block_size):
-        scores = q @ k[..., keys, :].swapaxes(-1, -2)  # (..., n, d) @ (..., d, b) -> (..., n, b)
+        scores = k[..., keys, :] @ q_t  # (..., b, d) @ (..., d, n) -> (..., b, n)
         if partly_hidden:  # the mask, BEFORE the softmax, with the readable path's NEG_INF
-            scores = np.where(mask[..., keys], scores, NEG_INF)
+            scores = np.where(mask[..., keys].swapaxes(-1, -2), scores, NEG_INF)  # (..., b, n)
         m, denom, acc = online_softmax_step(m, denom, acc, scores, v[..., keys, :])
-    return acc / denom
+    return acc / denom.swapaxes(-1, -2)  # (..., 1, n) -> (..., n, 1): each row by its own l
 
 
 def key_blocks(mask: np.ndarray | None, t_k: int, block_size: int) -> list[tuple[slice, bool]]:
@@ -160,12 +163,12 @@ def trace_row(scores: np.ndarray, v: np.ndarray, block_size: int) -> list[dict[s
     """Run online_softmax_step over one row's scores (t_k,) and values (t_k, d_v), recording
     per block: its first key, its size, its max, m and l before and after, the rescale factor,
     and (last entry) the output acc / l."""
-    m, denom = np.full((1, 1), -np.inf), np.zeros((1, 1))
+    m, denom = np.full((1, 1), -np.inf), np.zeros((1, 1))  # (1, n) for n = 1 query
     acc = np.zeros((1, v.shape[-1]))
     steps = []
     for start in range(0, scores.shape[0], block_size):
         block = scores[start:start + block_size]
-        m_new, l_new, acc = online_softmax_step(m, denom, acc, block[None].copy(),
+        m_new, l_new, acc = online_softmax_step(m, denom, acc, block[:, None].copy(),
                                                 v[start:start + block_size])
         steps.append({"first": start, "size": block.shape[0], "block_max": block.max(),
                       "m": m.item(), "m_new": m_new.item(),
