@@ -99,6 +99,13 @@ def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarra
     """
     check_attention_inputs(q, k, v, mask)
     block_size = positive_int("flash_attention block_size", block_size)
+    return attention_in_tiles(q, k, v, mask, block_size)
+
+
+def attention_in_tiles(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None,
+                       block_size: int) -> np.ndarray:
+    """flash_attention without the checks, for a caller that has checked the call already (the
+    engine's model entry does): the tiles over the queries, each walking its key blocks."""
     dtype = v.dtype
     q, k, v = (a.astype(np.result_type(a, np.float32), copy=False) for a in (q, k, v))
     t_q, t_k = q.shape[-2], k.shape[-2]
