@@ -21,8 +21,9 @@ with tight tolerances prove the algebra is exact; float32 notes show what a user
     9 chunked prefill  chunks of 5, 1, 3 through the cache == one full forward
    10 batch invariance a left-padded row decodes exactly as its prompt alone
    11 HF padded batch  left-padded batch == hf.generate with attention_mask
-   12 engine == readable  the fast path (engine/fast.py) == the code above, over MHA, GQA, MQA,
+   12 fast == readable the engine (engine/fast.py) == the code above, over MHA, GQA, MQA,
                       RoPE, padding, chunked prefill, float64 and float32
+   13 flash == readable online-softmax attention (beyond/flash.py) == the five steps, exactly
 
 Every model here runs the readable path (fast=False), the code a learner reads; check 12 proves
 the engine, which the commands use, computes the same numbers.
@@ -53,6 +54,7 @@ import attention
 import block
 import cache
 import generate
+from beyond.flash import flash_attention
 from parts import references as ref
 from parts import rope
 
@@ -719,6 +721,47 @@ def check_engine() -> Evidence:
     note = f"float32: max |diff| / max |logit| = {rel32:.1e}, tokens identical" if not (
         tokens_differ) else f"{tokens_differ} tokens differ"
     return Evidence(measures, note, "\n".join(shown))
+
+
+# --- check 13: online-softmax (flash) attention == the readable attention -----------------------
+
+FLASH_BLOCKS = (1, 3, 7, 64)  # 64: one block holds all the keys of every case
+
+
+@check(13, "flash == readable", "online softmax by key blocks, exact")
+def check_flash() -> Evidence:
+    """beyond/flash.py's flash_attention (keys in blocks, a running max, sum and output per row,
+    never the weights) against attention.scaled_dot_product_attention, float64: square, 3 after 7
+    and 1 after 40 (bottom-right), left padding with the causal rule, a row with every key hidden,
+    GQA through a broadcast K/V axis, no mask; each in blocks of 1, 3, 7 and 64 keys."""
+    rng = np.random.default_rng(13)
+    rand = rng.standard_normal
+    padding = np.arange(9) >= np.array([[0], [4]])  # (2, 9): row 1's first 4 keys are padding
+    blind = ref.rule_mask(6, 6)
+    blind[2] = False  # query 2 may see nothing: uniform over all 6 keys, in both paths
+    cases = {  # name -> q, k, v, mask
+        "6x6": (rand((2, 3, 6, 8)), rand((2, 3, 6, 8)), rand((2, 3, 6, 8)), ref.rule_mask(6, 6)),
+        "3x7": (rand((2, 3, 3, 8)), rand((2, 3, 7, 8)), rand((2, 3, 7, 8)), ref.rule_mask(3, 7)),
+        "1x40": (rand((2, 3, 1, 8)), rand((2, 3, 40, 8)), rand((2, 3, 40, 5)),
+                 ref.rule_mask(1, 40)),
+        "padded": (rand((2, 3, 9, 8)), rand((2, 3, 9, 8)), rand((2, 3, 9, 8)),
+                   padding[:, None, None, :] & ref.rule_mask(9, 9)),  # (2, 1, 9, 9)
+        "blind row": (rand((2, 3, 6, 8)), rand((2, 3, 6, 8)), rand((2, 3, 6, 8)), blind),
+        "GQA": (rand((2, 2, 3, 8, 8)), rand((2, 2, 1, 8, 8)), rand((2, 2, 1, 8, 8)),
+                ref.rule_mask(8, 8)),  # (B, H_kv, G, t, d): K/V broadcast over G
+        "no mask": (rand((2, 3, 5, 8)), rand((2, 3, 11, 8)), rand((2, 3, 11, 8)), None),
+    }
+    errors = {}
+    for name, (q, k, v, mask) in cases.items():
+        expected, _ = attention.scaled_dot_product_attention(q, k, v, mask)
+        errors[name] = max(max_abs(flash_attention(q, k, v, mask, block_size=b), expected)
+                           for b in FLASH_BLOCKS)
+    worst = max(errors, key=errors.get)
+    measures = [Measure("float64 |flash - readable|, 7 cases x 4 block sizes", errors[worst],
+                        1e-12)]
+    shown = "\n".join(f"    {name:<10} max |flash - readable| {e:.1e}"
+                      for name, e in errors.items())
+    return Evidence(measures, f"7 cases x block sizes {FLASH_BLOCKS}; worst: {worst}", shown)
 
 
 # --- running and printing ------------------------------------------------------------------------
