@@ -1,0 +1,1 @@
+"""Ideas beyond the assignment, one small module each, each with its own page under docs/."""
