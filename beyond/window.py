@@ -153,9 +153,11 @@ class RollingKVCache:
         self.length, self.incoming = int(length), None
 
     def reset(self) -> None:
-        """Forget every position (the floor too). The buffers stay allocated."""
-        self.floor = 0
-        self.truncate(0)
+        """Forget every position, the overwritten ones too. The buffers stay allocated."""
+        self.keys[...], self.values[...] = 0, 0
+        self.held[...], self.written_at[...] = EMPTY, EMPTY
+        self.count[...] = 0
+        self.length, self.floor, self.incoming = 0, 0, None
 
 
 class WindowCache(ModelCache):
