@@ -375,3 +375,13 @@ def test_a_loaded_model_runs_with_a_window_by_replacing_its_config():
     ids = random_ids(0, 1, 10, vocab=128)
     assert np.abs(narrow(ids) - model(ids)).max() > 1e-3
     np.testing.assert_array_equal(narrow(ids[:, :2]), model(ids[:, :2]))  # no key left out yet
+
+
+def test_a_mask_that_contradicts_the_counts_is_refused_before_any_work():
+    model = windowed("rope", 4, 1)
+    cache = model.new_cache(2)
+    model(random_ids(0, 2, 6), cache, attention_mask=padded(2, 6, [[0, 1], []]))
+    before = state(cache)
+    with pytest.raises(ValueError, match="row 0 holds 4 real tokens, the mask says 6"):
+        model(random_ids(1, 2, 1), cache, attention_mask=np.ones((2, 7), dtype=np.int64))
+    assert state(cache) == before
