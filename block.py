@@ -14,6 +14,10 @@ Hugging Face. GPT(..., fast=True), the default, runs the same model through the 
 A token's position is the number of real (non-padding) tokens before it in its row; with a cache
 the model reads which earlier positions were real from the cache (cache.py), so positions and the
 padding mask have one home however many calls a sequence takes.
+
+GPTConfig(sliding_window=W, attention_sinks=S) narrows what a query sees to its last W keys and
+the first S of its row: the band is one more rule on the mask, and the cache becomes a rolling
+buffer of S + W slots (beyond/window.py, docs/window.md).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from attention import AttentionParams, causal_mask, layer_norm, multi_head_attention
-from cache import KVCache, ModelCache, kv_cache_bytes
+from beyond.window import RollingKVCache, WindowCache
+from cache import KVCache, LayerCache, ModelCache, kv_cache_bytes
 from engine import fast as engine
 from parts import weights as weight_files
 from parts.checks import (
@@ -57,6 +62,8 @@ class GPTConfig:
     d_ff: int | None = None  # MLP hidden width; None = 4 * d_model as in GPT-2
     ln_eps: float = 1e-5  # LayerNorm epsilon, GPT-2's value
     init_std: float = 0.02  # std of the random weights (GPT-2's initializer_range)
+    sliding_window: int | None = None  # W: a query sees its last W keys (itself included)
+    attention_sinks: int = 0  # S: ... and the first S real tokens of its row (needs a window)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_seq_len", "d_model", "n_heads", "n_layers"):
@@ -78,6 +85,22 @@ class GPTConfig:
         self.init_std = finite_number("GPTConfig.init_std", self.init_std, at_least=0)
         if self.rope and self.d_head % 2:
             raise ValueError(f"GPTConfig: RoPE needs an even d_head, got {self.d_head}")
+        if self.sliding_window is not None:
+            self.sliding_window = positive_int("GPTConfig.sliding_window (None = full attention)",
+                                               self.sliding_window)
+        if not is_int(self.attention_sinks) or self.attention_sinks < 0:
+            raise ValueError(f"GPTConfig.attention_sinks must be an int >= 0, got "
+                             f"{self.attention_sinks!r}")
+        if self.attention_sinks and self.sliding_window is None:
+            raise ValueError(f"GPTConfig.attention_sinks={self.attention_sinks} needs a "
+                             "sliding_window: with full attention every token is visible anyway")
+        self.attention_sinks = int(self.attention_sinks)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The most positions a sequence may have: max_seq_len, or None (no limit) with RoPE and
+        a window, which need no position table and hold a fixed number of keys."""
+        return None if self.rope and self.sliding_window is not None else self.max_seq_len
 
     @property
     def d_head(self) -> int:
@@ -148,7 +171,7 @@ def mlp(x: np.ndarray, p: BlockParams) -> np.ndarray:
 
 
 def transformer_block(
-    x: np.ndarray, p: BlockParams, mask: np.ndarray, cache: KVCache | None,
+    x: np.ndarray, p: BlockParams, mask: np.ndarray, cache: LayerCache | None,
     rotate: tuple[np.ndarray, np.ndarray] | None, eps: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """x (B, T, D) -> (B, T, D) and this layer's attention weights (B, H, T, t_k).
@@ -192,21 +215,45 @@ def named_from_block(i: int, p: BlockParams) -> dict[str, np.ndarray]:
 
 # --- positions and the mask ----------------------------------------------------------------------
 
-def positions_and_mask(real: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
+def positions_and_mask(real: np.ndarray, T: int, window: int | None = None, sinks: int = 0
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the last T tokens and the mask they attend with; built once per forward.
 
     real (B, t_k) bool: which of the t_k positions (cached + new) hold real tokens. A token's
     position is the number of real tokens before it in its row, so a row's first real token is
     position 0 however much padding comes first (Hugging Face's generate does the same). The mask
-    is causal (bottom-right aligned: the new tokens are the last T) and hides padding keys.
-    Returns positions (B, T) and mask (1 or B, 1, T, t_k).
+    is causal (bottom-right aligned: the new tokens are the last T) and hides padding keys; with
+    a window it also keeps each query to its band (see `band`). Returns positions (B, T) and
+    mask (1 or B, 1, T, t_k).
     """
     t_k = real.shape[1]
     positions = np.maximum(np.cumsum(real, axis=1)[:, t_k - T:] - 1, 0)  # pads clamp to 0
     mask = causal_mask(T, t_k)[None, None]  # (T, t_k) -> (1, 1, T, t_k): all batches and heads
+    if window is not None:  # the sliding window, from the same counts: padding never counts
+        counted = np.cumsum(real, axis=1) - 1  # (B, t_k): each column's position (pads: the last)
+        mask = mask & band(counted[:, t_k - T:], counted, window, sinks)
     if real.all():  # no padding anywhere: the causal mask alone is the whole story
         return positions, mask
     return positions, mask & real[:, None, None, :]  # (B, t_k) -> (B, 1, 1, t_k) for every query
+
+
+def band(query_pos: np.ndarray, key_pos: np.ndarray, window: int, sinks: int = 0) -> np.ndarray:
+    """The sliding window: a query at position p may see keys at p - window < j (window keys
+    counting itself), and keys j < sinks whatever p. query_pos (B, T), key_pos (B, t_k) ->
+    (B, 1, T, t_k), to be combined with the causal rule (it says nothing about j > p)."""
+    q = query_pos[:, None, :, None]  # (B, T) -> (B, 1, T, 1)
+    k = key_pos[:, None, None, :]  # (B, t_k) -> (B, 1, 1, t_k)
+    return (k > q - window) | (k < sinks)
+
+
+def mask_from_positions(query_pos: np.ndarray, key_pos: np.ndarray, window: int,
+                        sinks: int = 0) -> np.ndarray:
+    """The whole mask when keys come in any order (a rolling buffer's slots): causal by position
+    (0 <= j <= p, -1 = padding or an empty slot) and inside the band. query_pos (B, T), -1 for
+    a pad before any real token; key_pos (B, t_k) -> (B, 1, T, t_k)."""
+    q = query_pos[:, None, :, None]  # (B, T) -> (B, 1, T, 1)
+    k = key_pos[:, None, None, :]  # (B, t_k) -> (B, 1, 1, t_k)
+    return (k >= 0) & (k <= q) & band(query_pos, key_pos, window, sinks)
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -292,14 +339,21 @@ class GPT:
 
     def new_cache(self, batch_size: int, dtype: np.dtype | type | str | None = None) -> ModelCache:
         """An empty cache for batch_size rows: one KVCache per layer, each (B, H_kv, max_seq_len,
-        d_head) for K and for V, stored as dtype (default: the model's)."""
+        d_head) for K and for V, stored as dtype (default: the model's). With a sliding window,
+        a WindowCache: one rolling buffer of attention_sinks + sliding_window slots per layer."""
         c = self.config
         dtype = self.dtype if dtype is None else dtype
+        places = (c.max_seq_len if c.sliding_window is None
+                  else c.attention_sinks + c.sliding_window)
         # All layers together must fit, not only one (a huge batch is refused before any layer).
         fits_in_memory(f"a cache for {batch_size!r} rows",
-                       kv_cache_bytes(c.n_layers, batch_size, c.n_kv_heads, c.d_head,
-                                      c.max_seq_len, dtype))
+                       kv_cache_bytes(c.n_layers, batch_size, c.n_kv_heads, c.d_head, places,
+                                      dtype))
         zeros = engine.zeros_in_small_pages if self.fast else np.zeros
+        if c.sliding_window is not None:
+            return WindowCache([RollingKVCache(batch_size, c.n_kv_heads, c.sliding_window,
+                                               c.d_head, dtype, zeros, c.attention_sinks)
+                                for _ in range(c.n_layers)])
         return ModelCache([KVCache(batch_size, c.n_kv_heads, c.max_seq_len, c.d_head, dtype,
                                    zeros) for _ in range(c.n_layers)])
 
@@ -324,6 +378,10 @@ class GPT:
         for name, flag in (("last_only", last_only), ("return_attention", return_attention)):
             if not isinstance(flag, bool):
                 raise TypeError(f"GPT: {name} must be True or False, got {flag!r}")
+        if return_attention and isinstance(cache, WindowCache):
+            raise ValueError("GPT: return_attention is refused with a WindowCache: its keys come "
+                             "back in slot order; call without a cache for weights in position "
+                             "order")
         ids, new_real = self.check_call(ids, cache, attention_mask)
         return self.run_checked(ids, new_real, cache, last_only, return_attention)
 
@@ -351,9 +409,11 @@ class GPT:
             if past and owner is not self:
                 raise ValueError("GPT: this cache holds keys and values this model did not "
                                  "compute; reset() it (or use model.new_cache) first")
-        if past + T > c.max_seq_len:
+        if c.max_positions is not None and past + T > c.max_positions:
             raise ValueError(f"GPT: {past} cached + {T} new = {past + T} positions exceed "
-                             f"max_seq_len={c.max_seq_len}")
+                             f"max_seq_len={c.max_seq_len}" + (
+                                 " (a window runs past it only with rope=True: learned "
+                                 "positions end with their table)" if c.sliding_window else ""))
         # The largest arrays of a forward: the logits, one layer's scores and MLP hidden layer.
         fits_in_memory(f"GPT: a forward of {B} x {T} tokens", self.dtype.itemsize * B * T * (
             c.vocab_size + 2 * c.n_heads * (past + T) + c.d_ff))
@@ -374,6 +434,13 @@ class GPT:
                 raise ValueError(f"GPT: cache layer {i} is (H_kv, d_head) = "
                                  f"{(kv.n_kv_heads, kv.d_head)}, this model needs "
                                  f"{(c.n_kv_heads, c.d_head)}")
+        # A rolling buffer forgets what falls out of its window: only the same window may use it.
+        # (A full cache serves any window: the band mask hides what the window excludes.)
+        held = ((cache.window, cache.sinks) if isinstance(cache, WindowCache) else None)
+        if held is not None and held != (c.sliding_window, c.attention_sinks):
+            raise ValueError(f"GPT: cache is a rolling buffer for (sliding_window, "
+                             f"attention_sinks) = {held}, this model has "
+                             f"{(c.sliding_window, c.attention_sinks)}")
 
     def run_checked(
         self, ids: np.ndarray, new_real: np.ndarray, cache: ModelCache | None, last_only: bool,
@@ -383,15 +450,28 @@ class GPT:
         cache's, with a cache), then the readable forward or the engine. A failure half-way (out
         of memory, Ctrl-C) rolls the cache back, so no layer is left a step ahead of another."""
         past = 0 if cache is None else len(cache)
-        real = new_real if cache is None else cache.record(new_real, self)
-        positions, mask = positions_and_mask(real, ids.shape[1])  # (B, T), (1|B, 1, T, t_k)
+        positions, mask = self.positions_and_mask(new_real, cache)  # (B, T), (1|B, 1, T, t_k)
         forward = engine.forward if self.fast else GPT.forward
         try:
             return forward(self, ids, positions, mask, cache, last_only, return_attention)
         except BaseException:
             if cache is not None:
-                cache.truncate(past)
+                cache.roll_back(past)
             raise
+
+    def positions_and_mask(self, new_real: np.ndarray, cache: ModelCache | None
+                           ) -> tuple[np.ndarray, np.ndarray]:
+        """Record the new tokens in the cache and return their positions (B, T) and the mask
+        (1|B, 1, T, t_k) over the keys the cache's layers will return."""
+        c = self.config
+        if isinstance(cache, WindowCache):  # keys in slot order: the mask from their positions
+            query_pos, key_pos = cache.record_positions(new_real, self)  # (B, T), (B, t_k)
+            mask = mask_from_positions(query_pos, key_pos, c.sliding_window, c.attention_sinks)
+            return np.maximum(query_pos, 0), mask  # pads before any real token: position 0
+        real = new_real if cache is None else cache.record(new_real, self)  # in time order
+        window = {} if c.sliding_window is None else {"window": c.sliding_window,
+                                                      "sinks": c.attention_sinks}
+        return positions_and_mask(real, new_real.shape[1], **window)
 
     def embed(self, ids: np.ndarray, positions: np.ndarray
               ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:

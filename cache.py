@@ -14,6 +14,9 @@ Two objects, smallest first:
                  the number of real tokens before it in its row, so the cache is the one place
                  positions come from: a caller hands a padding mask over once, at prefill, and
                  every later call reads it from here.
+
+What the model asks of one layer's cache is the LayerCache protocol below; KVCache is one
+implementation, beyond/window.py's rolling buffer another.
 """
 
 from __future__ import annotations
@@ -21,12 +24,48 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from parts.checks import fits_in_memory, float_dtype, is_int, positive_int, zero_one_mask
 
 CACHE_DTYPES = ("float16", "float32", "float64")  # int or bool buffers would round or wrap K/V
+
+
+@runtime_checkable
+class LayerCache(Protocol):
+    """What the model and the engine ask of one layer's cache, whatever it stores or how.
+
+    Shapes: k, v (B, H_kv, t, d_head) new; keys, values (B, H_kv, t_k, d_head) to attend over.
+    The mask that goes with those keys is the model's business: it is built from the positions
+    the model cache records (ModelCache.real for a cache whose keys come back in time order).
+    """
+
+    batch_size: int  # B, the rows it holds
+    n_kv_heads: int  # H_kv, key/value heads per row
+    d_head: int  # features per head
+    max_len: int  # key places it holds: positions for a KVCache, slots for a rolling buffer
+    dtype: np.dtype  # what K and V are stored as
+    nbytes: int  # bytes its buffers hold
+
+    def __len__(self) -> int:
+        """Positions written so far, padding included."""
+
+    def append(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Check, write the new k, v, and return the keys and values this step attends over."""
+
+    def _write(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """append without the checks (k, v already narrowed): the engine's."""
+
+    def narrowed(self, name: str, x: np.ndarray) -> np.ndarray:
+        """x cast to the cache's dtype, refusing a value the cast would turn into inf."""
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` positions written, or refuse (ValueError)."""
+
+    def reset(self) -> None:
+        """Forget every position; the buffers stay allocated."""
 
 
 class KVCache:
@@ -163,16 +202,26 @@ class ModelCache:
     simply len(self).
     """
 
-    def __init__(self, layers: list[KVCache]) -> None:
-        """layers: one empty cache per layer (KVCache, or any object with its methods), all of
-        the same batch size and max_len. model.new_cache(B) builds the usual one."""
+    def __init__(self, layers: list[LayerCache]) -> None:
+        """layers: one empty cache per layer (a KVCache, or any LayerCache whose keys come back
+        in time order), all of the same batch size and max_len. model.new_cache(B) builds the
+        usual one."""
+        B, max_len = self.check_layers(layers)
+        self.layers = layers
+        self.real = np.zeros((B, max_len), dtype=bool)  # (B, max_len): True = a real token
+        self.filled_by: weakref.ref | None = None  # the model whose keys and values it holds
+
+    @staticmethod
+    def check_layers(layers: list[LayerCache]) -> tuple[int, int]:
+        """(batch size, max_len) of `layers`, or TypeError/ValueError unless they are distinct,
+        empty LayerCaches that agree on both."""
         if not isinstance(layers, list) or not layers:
             raise TypeError(f"ModelCache: layers must be a non-empty list of KVCache, got "
                             f"{layers!r:.60}")
         for i, layer in enumerate(layers):
-            if not isinstance(layer, KVCache):
-                raise TypeError(f"ModelCache: layer {i} must be a KVCache, got "
-                                f"{type(layer).__name__}")
+            if not isinstance(layer, LayerCache):
+                raise TypeError(f"ModelCache: layer {i} must be a LayerCache (such as KVCache), "
+                                f"got {type(layer).__name__}")
             if any(layer is other for other in layers[:i]):
                 raise ValueError(f"ModelCache: layer {i} is the same KVCache object as an earlier "
                                  "layer; every layer needs buffers of its own")
@@ -181,9 +230,7 @@ class ModelCache:
             if (layer.batch_size, layer.max_len) != (B, max_len) or len(layer) != 0:
                 raise ValueError(f"ModelCache: layer {i} must be empty with batch {B} and max_len "
                                  f"{max_len}, got {layer!r}")
-        self.layers = layers
-        self.real = np.zeros((B, max_len), dtype=bool)  # (B, max_len): True = a real token
-        self.filled_by: weakref.ref | None = None  # the model whose keys and values it holds
+        return B, max_len
 
     @property
     def batch_size(self) -> int:
@@ -263,6 +310,10 @@ class ModelCache:
     def reset(self) -> None:
         """Forget everything, padding flags included: the next call starts at position 0."""
         self.truncate(0)
+
+    def roll_back(self, length: int) -> None:
+        """Undo a call that failed half-way: back to `length` positions (see truncate)."""
+        self.truncate(length)
 
 
 def kv_cache_bytes(

@@ -83,7 +83,7 @@ def prepare_request(
 
     prompt_ids is a (B, P) int array (optionally with its left-padding attention_mask) or a list
     of 1-D prompts of any lengths, which is left-padded with pad_id. P + max_new_tokens must fit
-    in the model's max_seq_len.
+    in the model's max_seq_len (no limit with RoPE and a sliding window: see GPTConfig).
     """
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a GPT, got {type(model).__name__}")
@@ -101,7 +101,7 @@ def prepare_request(
         prompt_ids, attention_mask = left_pad(prompt_ids, pad_id)
     ids = token_ids("prompt_ids", prompt_ids, 2, V)
     B, P = ids.shape
-    if P + max_new_tokens > model.config.max_seq_len:
+    if model.config.max_positions is not None and P + max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"prompt of {P} + max_new_tokens={max_new_tokens} = {P + max_new_tokens} "
                          f"tokens exceed max_seq_len={model.config.max_seq_len} (generation is "
                          "refused, not cropped)")
@@ -162,7 +162,7 @@ def prefill(model: GPT, prompt_ids: np.ndarray, cache: ModelCache,
             logits = model.run_checked(ids[:, start:end], new_real[:, start:end], cache,
                                        last_only=True, return_attention=False)
     except BaseException:
-        cache.truncate(past)
+        cache.roll_back(past)
         raise
     return logits[:, -1]  # (B, 1, V) -> (B, V)
 

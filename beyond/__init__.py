@@ -1,1 +1,2 @@
-"""Ideas beyond the assignment, one small module each, each proved equal to the readable path."""
+"""Ideas beyond the assignment, one small module each with its own page under docs/, each proved
+equal to the readable path (or, for the int8 cache, within a stated bound of it)."""

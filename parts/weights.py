@@ -42,10 +42,11 @@ CONFIG_KEY = "config"
 CONFIG_MAX_BYTES = 1 << 16
 
 # Fields of GPTConfig added after checkpoints were written, with the value that reproduces what
-# those checkpoints computed (never simply the new default). Empty: every field so far existed
-# when checkpoints/reverse.npz was written. A new field goes here with that older behaviour's value;
-# any other missing field is refused, since a default could silently change the model.
-ADDED_LATER: dict[str, object] = {}
+# those checkpoints computed (never simply the new default): checkpoints/reverse.npz was written
+# before the sliding window existed, with full attention. A new field goes here with that older
+# behaviour's value; any other missing field is refused, since a default could silently change
+# the model.
+ADDED_LATER: dict[str, object] = {"sliding_window": None, "attention_sinks": 0}
 
 
 def checked(weights: Mapping[str, np.ndarray], shapes: dict[str, tuple[int, ...]],

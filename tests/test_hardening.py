@@ -117,7 +117,7 @@ def test_one_kv_cache_given_for_two_layers_is_refused():
     kv = KVCache(1, 4, 8, 8)
     with pytest.raises(ValueError, match="layer 1 is the same KVCache object"):
         ModelCache([kv, kv])
-    with pytest.raises(TypeError, match="layer 0 must be a KVCache"):
+    with pytest.raises(TypeError, match="layer 0 must be a LayerCache"):
         ModelCache([object()])
 
 

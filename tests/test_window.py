@@ -1,0 +1,387 @@
+"""The sliding window and attention sinks: the rolling buffer equals the band-masked naive path.
+
+The references are independent of the code under test: the band is checked against a loop over
+(query, key) pairs written from its definition; the cached path against the naive one (the whole
+sequence at once, no cache); what a query sees against perturbed tokens of a one-layer model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import SMALL, VARIANTS, random_ids
+
+import block
+from beyond.window import EMPTY, RollingKVCache, WindowCache, slot_of
+from block import GPT, GPTConfig, mask_from_positions, positions_and_mask
+from cache import KVCache, LayerCache, ModelCache
+from generate import generate_cached, generate_naive, prefill
+from parts.references import random_model
+
+TOL = 1e-12
+
+
+def windowed(variant: str = "mha", window: int = 4, sinks: int = 0, fast: bool = False,
+             **changes: object) -> GPT:
+    config = GPTConfig(**(SMALL | VARIANTS[variant] | changes), sliding_window=window,
+                       attention_sinks=sinks)
+    return random_model(config, seed=1, fast=fast)
+
+
+def chunked(model: GPT, ids: np.ndarray, mask: np.ndarray, chunks: list[int]) -> np.ndarray:
+    """Logits (B, T, V) of the whole sequence, fed to a fresh cache in chunks of these sizes."""
+    cache, out, start = model.new_cache(ids.shape[0]), [], 0
+    for size in chunks:
+        end = start + size
+        out.append(model(ids[:, start:end], cache, attention_mask=mask[:, :end]))
+        start = end
+    assert start == ids.shape[1]
+    return np.concatenate(out, axis=1)
+
+
+def padded(B: int, T: int, pads: list[list[int]]) -> np.ndarray:
+    """A (B, T) mask of ones with zeros at the listed columns of each row."""
+    mask = np.ones((B, T), dtype=np.int64)
+    for row, columns in enumerate(pads):
+        mask[row, columns] = 0
+    return mask
+
+
+# --- the band, by hand ---------------------------------------------------------------------------
+
+def band_by_hand(real: np.ndarray, window: int, sinks: int) -> np.ndarray:
+    """mask[b, i, j] straight from the definition, one pair at a time: key j is a real token, not
+    after query i, and its position is among the last `window` of i's (itself counted) or below
+    `sinks`. A position is the number of real tokens before it in the row."""
+    B, T = real.shape
+    mask = np.zeros((B, T, T), dtype=bool)
+    for b in range(B):
+        pos = [int(real[b, :i].sum()) for i in range(T)]  # real tokens BEFORE column i
+        for i in range(T):
+            p = pos[i] if real[b, i] else pos[i] - 1  # a pad sees what the last real token saw
+            for j in range(i + 1):
+                if real[b, j] and (p - window < pos[j] or pos[j] < sinks):
+                    mask[b, i, j] = True
+    return mask
+
+
+@pytest.mark.parametrize(("window", "sinks"), [(1, 0), (3, 0), (3, 2), (5, 1), (40, 0)])
+def test_the_band_is_the_definition(window, sinks):
+    real = np.ones((3, 12), dtype=bool)
+    real[1, :4] = False  # left padding
+    real[2, [3, 4, 8]] = False  # padding in the middle: it must not count towards the window
+    _, mask = positions_and_mask(real, 12, window=window, sinks=sinks)
+    np.testing.assert_array_equal(mask[:, 0], band_by_hand(real, window, sinks))
+
+
+def test_a_decode_step_sees_exactly_window_keys_counting_itself():
+    _, mask = positions_and_mask(np.ones((1, 10), dtype=bool), 1, window=4)
+    np.testing.assert_array_equal(mask[0, 0, 0], [0] * 6 + [1] * 4)  # positions 6, 7, 8, 9
+
+
+def test_the_mask_from_slot_positions_is_the_same_mask_in_slot_order():
+    """Keys in any order (a rolling buffer's slots) give the same mask as the columns in time
+    order, permuted: the rule reads positions, never where a key sits."""
+    real = np.ones((2, 9), dtype=bool)
+    real[1, :3] = False
+    query_pos = np.cumsum(real, axis=1) - 1  # (B, T)
+    key_pos = np.where(real, query_pos, EMPTY)
+    order = np.random.default_rng(0).permutation(9)
+    got = mask_from_positions(query_pos, key_pos[:, order], 3, 1)
+    _, expected = positions_and_mask(real, 9, window=3, sinks=1)
+    np.testing.assert_array_equal(got, np.broadcast_to(expected, got.shape)[..., order])
+
+
+def test_slots_by_hand():
+    """W=4, S=1 after 10 tokens: position 0 keeps slot 0; 1..9 cycle through slots 1..4, so the
+    window slots hold 9, 6, 7, 8 (worked by hand: slot 1 + (j - 1) mod 4)."""
+    model = windowed("rope", window=4, sinks=1)
+    cache = model.new_cache(1)
+    model(random_ids(0, 1, 10), cache)
+    for layer in cache.layers:
+        np.testing.assert_array_equal(layer.held[0], [0, 9, 6, 7, 8])
+    np.testing.assert_array_equal(slot_of(np.arange(10), 4, 1), [0, 1, 2, 3, 4, 1, 2, 3, 4, 1])
+
+
+# --- cached == naive -----------------------------------------------------------------------------
+
+CASES = [  # variant, window, sinks, chunks (30 tokens), padded columns per row
+    ("mha", 4, 0, [3] * 10, [[], []]),
+    ("mha", 4, 2, [7, 1, 9, 2, 11], [[0, 1, 2], []]),  # chunks longer than W cross the wrap
+    ("gqa", 4, 0, [5, 1, 1, 1, 6, 16], [[0, 1], [7, 8, 9, 10, 11]]),  # pads longer than W
+    ("rope", 4, 2, [1] * 30, [[], []]),
+    ("rope_gqa", 5, 1, [2, 9, 1, 13, 5], [[0, 1, 2, 3], [12]]),
+    ("mqa", 1, 0, [4, 4, 22], [[], [0]]),  # W = 1: each token sees only itself
+    ("rope", 4, 3, [30], [[0], []]),  # one prefill longer than the whole buffer
+]
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["readable", "engine"])
+@pytest.mark.parametrize(("variant", "window", "sinks", "chunks", "pads"), CASES)
+def test_cached_equals_naive_across_the_wrap(variant, window, sinks, chunks, pads, fast):
+    model = windowed(variant, window, sinks, fast=fast)
+    ids, mask = random_ids(4, 2, 30), padded(2, 30, pads)
+    naive = model(ids, attention_mask=mask)
+    cached = chunked(model, ids, mask, chunks)
+    real = mask.astype(bool)  # a pad's own output is never read; real positions must agree
+    np.testing.assert_allclose(cached[real], naive[real], rtol=0, atol=TOL)
+
+
+def test_the_window_changes_the_answer():
+    """The comparison above could pass if the window did nothing: it does something."""
+    ids = random_ids(4, 2, 30)
+    full = random_model(GPTConfig(**SMALL), seed=1)
+    assert np.abs(windowed("mha", 4)(ids) - full(ids)).max() > 1e-2
+    np.testing.assert_allclose(windowed("mha", 30)(ids), full(ids), rtol=0, atol=TOL)
+
+
+def test_a_full_cache_serves_a_windowed_model_through_the_band():
+    model = windowed("rope", 4, 1)
+    ids, mask = random_ids(5, 2, 20), padded(2, 20, [[0, 1], []])
+    cache = ModelCache([KVCache(2, model.config.n_kv_heads, 32, model.config.d_head, np.float64)
+                        for _ in range(model.config.n_layers)])
+    out = np.concatenate([model(ids[:, :9], cache, attention_mask=mask[:, :9]),
+                          model(ids[:, 9:], cache)], axis=1)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(out[real], model(ids, attention_mask=mask)[real], rtol=0, atol=TOL)
+
+
+def test_generation_with_a_window_matches_naive_with_padding_and_chunks():
+    model = windowed("rope_gqa", 4, 2, fast=True)
+    prompts = [np.arange(1, 12), np.arange(5, 8)]
+    cached = generate_cached(model, prompts, 15, prefill_chunk=5)
+    naive = generate_naive(model, prompts, 15)
+    np.testing.assert_array_equal(cached.tokens, naive.tokens)
+    np.testing.assert_allclose(cached.logits, naive.logits, rtol=0, atol=TOL)
+
+
+def test_padding_never_takes_a_slot():
+    """A row with pads in the middle gives the same logits as the row without them, and its
+    slots hold only real tokens' positions."""
+    model = windowed("rope", 4, 1)
+    ids = random_ids(6, 1, 12)
+    mask = padded(1, 12, [[4, 5, 6, 7, 8]])  # 5 pads, more than the window
+    cache = model.new_cache(1)
+    with_pads = model(ids, cache, attention_mask=mask)
+    real = mask[0].astype(bool)
+    alone = model(ids[:, real])
+    np.testing.assert_allclose(with_pads[:, real], alone, rtol=0, atol=TOL)
+    assert sorted(cache.layers[0].held[0]) == [0, 3, 4, 5, 6]  # 7 real: sink 0, last four
+
+
+# --- past max_seq_len, in constant memory --------------------------------------------------------
+
+def test_rope_with_a_window_runs_past_max_seq_len_in_constant_memory():
+    model = windowed("rope", 4, 2, fast=True)  # max_seq_len 32
+    prompt = random_ids(7, 2, 5)
+    cache = model.new_cache(2)
+    nbytes, logits = cache.nbytes, [prefill(model, prompt, cache)]
+    seq = list(prompt.T)
+    for _ in range(75):  # to position 80, 2.5 x max_seq_len
+        seq.append(logits[-1].argmax(axis=-1))
+        logits.append(model(seq[-1][:, None], cache, last_only=True)[:, -1])
+        assert cache.nbytes == nbytes
+    full = model(np.stack(seq, axis=1))  # the naive path, all 80 positions at once
+    np.testing.assert_allclose(np.stack(logits, axis=1), full[:, 4:], rtol=0, atol=TOL)
+    assert len(cache) == 80
+    generate_cached(model, prompt, 60)  # the request itself is allowed past the table
+
+
+@pytest.mark.parametrize("changes", [{"rope": False}, {"sliding_window": None,
+                                                       "attention_sinks": 0}],
+                         ids=["learned positions", "full attention"])
+def test_past_max_seq_len_is_still_refused_without_rope_and_a_window(changes):
+    config = dataclasses.replace(windowed("rope", 4, 2).config, **changes)
+    model = GPT(config, seed=0, dtype=np.float64)
+    with pytest.raises(ValueError, match="max_seq_len=32"):
+        generate_cached(model, random_ids(0, 1, 5), 28)
+    cache = model.new_cache(1)
+    model(random_ids(0, 1, 30), cache)
+    with pytest.raises(ValueError, match="max_(seq_)?len=32"):  # the model's or the cache's
+        model(random_ids(0, 1, 3), cache)
+    assert len(cache) == 30
+
+
+# --- what a query sees ---------------------------------------------------------------------------
+
+def last_logits_change(model: GPT, ids: np.ndarray, at: int, cached: bool) -> float:
+    """How far the last position's logits move when token `at` is replaced."""
+    other = ids.copy()
+    other[0, at] = (ids[0, at] + 1) % model.config.vocab_size
+
+    def last(x: np.ndarray) -> np.ndarray:
+        if not cached:
+            return model(x)[0, -1]
+        cache = model.new_cache(1)
+        model(x[:, :7], cache)
+        return model(x[:, 7:], cache)[0, -1]
+
+    return float(np.abs(last(other) - last(ids)).max())
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["naive", "cached"])
+def test_the_key_just_outside_the_window_moves_nothing_the_one_inside_does(cached):
+    model = windowed("rope", 4, 0, n_layers=1)  # one layer: no second hop through a neighbour
+    ids = random_ids(8, 1, 16)  # the last query is position 15: it sees 12, 13, 14, 15
+    assert last_logits_change(model, ids, 11, cached) == 0.0
+    assert last_logits_change(model, ids, 12, cached) > 1e-6
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["naive", "cached"])
+def test_a_sink_far_back_moves_the_logits_the_token_after_the_sinks_does_not(cached):
+    model = windowed("mha", 4, 2, n_layers=1)
+    ids = random_ids(9, 1, 16)
+    assert last_logits_change(model, ids, 1, cached) > 1e-6  # the last sink, 14 positions back
+    assert last_logits_change(model, ids, 2, cached) == 0.0  # after the sinks, outside the window
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_nbytes_is_fixed_by_the_window_not_max_seq_len(sinks):
+    for max_seq_len in (32, 4096):
+        model = GPT(GPTConfig(**(SMALL | {"max_seq_len": max_seq_len, "n_kv_heads": 2}),
+                              sliding_window=6, attention_sinks=sinks, rope=True), seed=0)
+        # 2 (K, V) x 2 layers x batch 3 x 2 K/V heads x (S + W) slots x 8 d_head x 4 bytes
+        assert model.new_cache(3).nbytes == 2 * 2 * 3 * 2 * (sinks + 6) * 8 * 4
+
+
+# --- truncate, reset, rollback -------------------------------------------------------------------
+
+def state(cache: WindowCache) -> list:
+    return [(kv.keys.tobytes(), kv.values.tobytes(), kv.held.tobytes(), kv.count.tobytes(),
+             len(kv)) for kv in cache.layers]
+
+
+def test_truncate_works_until_the_buffer_wraps_then_is_refused_below_what_it_holds():
+    model = windowed("rope", 4, 1)
+    ids = random_ids(10, 1, 12)
+    cache = model.new_cache(1)
+    model(ids[:, :3], cache)
+    model(ids[:, 3:5], cache)  # 5 positions in 5 slots: nothing overwritten yet
+    cache.truncate(3)
+    np.testing.assert_allclose(model(ids[:, 3:], cache), model(ids)[:, 3:], rtol=0, atol=TOL)
+    before = state(cache)  # 12 positions: the window has overwritten slots at the last call
+    with pytest.raises(ValueError, match=r"WindowCache.truncate: .*\[12, 12\].*overwritten"):
+        cache.truncate(11)
+    assert state(cache) == before
+    cache.truncate(12)  # its own length: nothing to undo
+    assert state(cache) == before
+
+
+def test_reset_starts_again_at_position_zero():
+    model = windowed("rope_gqa", 3, 1, fast=True)
+    ids = random_ids(11, 2, 9)
+    cache = model.new_cache(2)
+    model(random_ids(12, 2, 20), cache)
+    cache.reset()
+    assert len(cache) == 0 and (cache.layers[0].held == EMPTY).all()
+    np.testing.assert_allclose(model(ids, cache), model(ids), rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_step_that_fails_half_way_is_undone_or_the_cache_refuses_until_reset(monkeypatch,
+                                                                                wrapped):
+    model = windowed("mha", 4, 0)
+    cache = model.new_cache(1)
+    model(random_ids(13, 1, 2), cache)
+    before = state(cache)
+    calls = {"n": 0}
+    real_mlp = block.mlp
+
+    def fails_in_the_second_layer(x, p):
+        calls["n"] += 1
+        if calls["n"] == 2:  # layer 0 has written its keys, layer 1 too: then it fails
+            raise MemoryError("simulated")
+        return real_mlp(x, p)
+
+    monkeypatch.setattr(block, "mlp", fails_in_the_second_layer)
+    with pytest.raises(MemoryError):
+        model(random_ids(14, 1, 5 if wrapped else 2), cache)  # 7 > 4 slots wraps; 4 does not
+    monkeypatch.undo()
+    if not wrapped:
+        assert state(cache) == before and not cache.spoiled
+        return
+    assert cache.spoiled
+    with pytest.raises(ValueError, match="reset"):
+        model(random_ids(15, 1, 1), cache)
+    cache.reset()
+    np.testing.assert_allclose(model(random_ids(15, 1, 3), cache),
+                               model(random_ids(15, 1, 3)), rtol=0, atol=TOL)
+
+
+# --- the interface and bad input -----------------------------------------------------------------
+
+def test_both_layer_caches_implement_the_one_interface():
+    assert isinstance(KVCache(1, 2, 8, 4), LayerCache)
+    assert isinstance(RollingKVCache(1, 2, 4, 4, sinks=1), LayerCache)
+    with pytest.raises(TypeError, match="LayerCache"):
+        ModelCache([object()])
+
+
+def test_a_rolling_layer_refuses_an_append_nobody_announced():
+    kv = RollingKVCache(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="WindowCache"):
+        kv.append(np.zeros((1, 2, 1, 4)), np.zeros((1, 2, 1, 4)))
+    assert len(kv) == 0
+
+
+@pytest.mark.parametrize(("changes", "error", "match"), [
+    ({"sliding_window": 0}, ValueError, "sliding_window.*got 0"),
+    ({"sliding_window": -3}, ValueError, "sliding_window.*got -3"),
+    ({"sliding_window": True}, ValueError, "sliding_window.*got True"),
+    ({"sliding_window": 2.5}, ValueError, "sliding_window.*got 2.5"),
+    ({"sliding_window": 4, "attention_sinks": -1}, ValueError, "attention_sinks.*got -1"),
+    ({"sliding_window": 4, "attention_sinks": 1.0}, ValueError, "attention_sinks.*got 1.0"),
+    ({"sliding_window": 4, "attention_sinks": True}, ValueError, "attention_sinks.*got True"),
+    ({"attention_sinks": 2}, ValueError, "attention_sinks=2 needs a sliding_window"),
+])
+def test_bad_window_settings_are_refused_naming_the_argument(changes, error, match):
+    with pytest.raises(error, match=match):
+        GPTConfig(**SMALL, **changes)
+
+
+def test_a_rolling_cache_for_another_window_is_refused_before_any_work():
+    cache = windowed("mha", 4, 1).new_cache(1)
+    for other in (windowed("mha", 5, 1), windowed("mha", 4, 0),
+                  random_model(GPTConfig(**SMALL), seed=1)):
+        with pytest.raises(ValueError, match=r"rolling buffer for \(sliding_window, "
+                                             r"attention_sinks\) = \(4, 1\)"):
+            other(random_ids(0, 1, 3), cache)
+        assert len(cache) == 0
+
+
+def test_return_attention_is_refused_with_the_rolling_buffer_and_in_position_order_without():
+    model = windowed("mha", 3, 1)
+    with pytest.raises(ValueError, match="return_attention.*slot order"):
+        model(random_ids(0, 1, 4), model.new_cache(1), return_attention=True)
+    _, weights = model(random_ids(0, 1, 8), return_attention=True)
+    outside = ~band_by_hand(np.ones((1, 8), dtype=bool), 3, 1)[:, None]  # (1, 1, 8, 8)
+    assert (weights[0][np.broadcast_to(outside, weights[0].shape)] == 0).all()
+    np.testing.assert_allclose(weights[0].sum(axis=-1), 1.0, rtol=0, atol=TOL)
+
+
+def test_a_loaded_model_runs_with_a_window_by_replacing_its_config():
+    """The reversal checkpoint predates the window: it loads as full attention (ADDED_LATER),
+    and the same weights run with a window through dataclasses.replace."""
+    from tools.evaluate import CHECKPOINT
+
+    model = GPT.load(CHECKPOINT, np.float64, fast=False)
+    assert model.config.sliding_window is None and model.config.attention_sinks == 0
+    narrow = GPT(dataclasses.replace(model.config, sliding_window=2), dtype=np.float64,
+                 weights=model.named_weights(), fast=False)
+    ids = random_ids(0, 1, 10, vocab=128)
+    assert np.abs(narrow(ids) - model(ids)).max() > 1e-3
+    np.testing.assert_array_equal(narrow(ids[:, :2]), model(ids[:, :2]))  # no key left out yet
+
+
+def test_a_mask_that_contradicts_the_counts_is_refused_before_any_work():
+    model = windowed("rope", 4, 1)
+    cache = model.new_cache(2)
+    model(random_ids(0, 2, 6), cache, attention_mask=padded(2, 6, [[0, 1], []]))
+    before = state(cache)
+    with pytest.raises(ValueError, match="row 0 holds 4 real tokens, the mask says 6"):
+        model(random_ids(1, 2, 1), cache, attention_mask=np.ones((2, 7), dtype=np.int64))
+    assert state(cache) == before
