@@ -24,6 +24,7 @@ with tight tolerances prove the algebra is exact; float32 notes show what a user
    12 fast == readable the engine (engine/fast.py) == the code above, over MHA, GQA, MQA,
                       RoPE, padding, chunked prefill, float64 and float32
    13 flash == readable online-softmax attention (beyond/flash.py) == the five steps, exactly
+   14 window == naive  a rolling buffer (beyond/window.py) == the band-masked full forward
 
 Every model here runs the readable path (fast=False), the code a learner reads; check 12 proves
 the engine, which the commands use, computes the same numbers.
@@ -54,6 +55,7 @@ import attention
 import block
 import cache
 import generate
+from beyond import window
 from beyond.flash import flash_attention
 from parts import references as ref
 from parts import rope
@@ -764,6 +766,34 @@ def check_flash() -> Evidence:
     return Evidence(measures, f"7 cases x block sizes {FLASH_BLOCKS}; worst: {worst}", shown)
 
 
+# --- check 14: a sliding window with a rolling buffer == the band-masked naive path -------------
+
+@check(14, "window == naive", "rolling buffer == band mask, past W")
+def check_window() -> Evidence:
+    """GPTConfig(sliding_window=4, attention_sinks=2, rope=True): the cached path keeps a rolling
+    buffer of 2 + 4 slots per layer; decoding 40 tokens (past max_seq_len 32) in chunks of 7,
+    which cross the wrap and are longer than the window, gives the logits of one naive forward
+    with the band mask (each query sees its last 4 keys and the first 2), float64; the cache's
+    bytes never change."""
+    config = block.GPTConfig(vocab_size=64, max_seq_len=32, d_model=32, n_heads=4, n_kv_heads=2,
+                             n_layers=2, rope=True, sliding_window=4, attention_sinks=2,
+                             init_std=0.2)
+    model = ref.random_model(config, seed=14)
+    ids = random_ids((BATCH, 40), seed=14, vocab=64)
+    kvs = model.new_cache(BATCH)
+    nbytes = {kvs.nbytes}
+    chunks = []
+    for start in range(0, 40, 7):
+        chunks.append(model(ids[:, start:start + 7], kvs))
+        nbytes.add(kvs.nbytes)
+    err = max_abs(np.concatenate(chunks, axis=1), model(ids))
+    measures = [Measure("float64 |cached in chunks of 7 - naive band|", err, 1e-12),
+                Measure("distinct cache sizes while decoding 40 tokens", len(nbytes) - 1, 0)]
+    note = (f"40 tokens past max_seq_len 32, W=4 + 2 sinks, cache {nbytes.pop()} bytes "
+            "throughout")
+    return Evidence(measures, note)
+
+
 # --- running and printing ------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -921,6 +951,12 @@ def rope_restart(positions: np.ndarray, d_head: int, base: float = 10000.0,
     return _REAL_ROPE_ANGLES(positions - positions[:, :1], d_head, base, dtype)
 
 
+def window_slot_off_by_one(positions: np.ndarray, window: int, sinks: int) -> np.ndarray:
+    """BUG: the rolling buffer's slot counted from position 0, not from the first non-sink: the
+    wrap writes over a sink and keeps one key too few of the window."""
+    return np.where(positions < sinks, positions, positions % (sinks + window))
+
+
 Swap = tuple[object, str, object]
 
 
@@ -989,6 +1025,8 @@ FAILURE_MODES = [
                                    sdpa_scaled_by_d_model), 5),
     FailureMode("RoPE decode position restarts at 0",
                 lambda: everywhere(rope.rope_angles, rope_restart), 9),
+    FailureMode("rolling buffer wraps one slot off",
+                lambda: everywhere(window.slot_of, window_slot_off_by_one), 14),
 ]
 
 
