@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from attention import AttentionParams, causal_mask, layer_norm, multi_head_attention
+from beyond import int8, latent
 from cache import KVCache, ModelCache, kv_cache_bytes
 from engine import fast as engine
 from parts import weights as weight_files
@@ -57,6 +58,7 @@ class GPTConfig:
     d_ff: int | None = None  # MLP hidden width; None = 4 * d_model as in GPT-2
     ln_eps: float = 1e-5  # LayerNorm epsilon, GPT-2's value
     init_std: float = 0.02  # std of the random weights (GPT-2's initializer_range)
+    kv_latent: int | None = None  # MLA: cache one latent of this width per token (beyond/latent.py)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_seq_len", "d_model", "n_heads", "n_layers"):
@@ -78,6 +80,8 @@ class GPTConfig:
         self.init_std = finite_number("GPTConfig.init_std", self.init_std, at_least=0)
         if self.rope and self.d_head % 2:
             raise ValueError(f"GPTConfig: RoPE needs an even d_head, got {self.d_head}")
+        if self.kv_latent is not None:
+            latent.check_config(self)
 
     @property
     def d_head(self) -> int:
@@ -106,9 +110,11 @@ def outer_shapes(c: GPTConfig) -> dict[str, tuple[int, ...]]:
 def block_shapes(c: GPTConfig) -> dict[str, tuple[int, ...]]:
     """One block's weights, named as inside block i ("h.{i}." goes in front)."""
     D, F, q, kv = c.d_model, c.d_ff, c.n_heads * c.d_head, c.n_kv_heads * c.d_head
-    return {"ln_1.gamma": (D,), "ln_1.beta": (D,),
-            "attn.w_q": (D, q), "attn.b_q": (q,), "attn.w_k": (D, kv), "attn.b_k": (kv,),
-            "attn.w_v": (D, kv), "attn.b_v": (kv,), "attn.w_o": (q, D), "attn.b_o": (D,),
+    attn = {"attn.w_q": (D, q), "attn.b_q": (q,), "attn.w_k": (D, kv), "attn.b_k": (kv,),
+            "attn.w_v": (D, kv), "attn.b_v": (kv,), "attn.w_o": (q, D), "attn.b_o": (D,)}
+    if c.kv_latent:  # MLA: W_dkv, W_uk, W_uv instead of W_k, W_v (and no K/V biases)
+        attn = latent.latent_shapes(c)
+    return {"ln_1.gamma": (D,), "ln_1.beta": (D,), **attn,
             "ln_2.gamma": (D,), "ln_2.beta": (D,),
             "mlp.w_fc": (D, F), "mlp.b_fc": (F,), "mlp.w_proj": (F, D), "mlp.b_proj": (D,)}
 
@@ -156,7 +162,9 @@ def transformer_block(
     Pre-LN residual: each sublayer reads a normalised copy and adds its answer to the stream, so
     the residual path from input to output stays an identity plus corrections.
     """
-    attn, weights = multi_head_attention(layer_norm(x, *p.ln_1, eps), p.attn, mask, cache, rotate)
+    attend = latent.latent_attention if isinstance(p.attn, latent.LatentParams) else (
+        multi_head_attention)
+    attn, weights = attend(layer_norm(x, *p.ln_1, eps), p.attn, mask, cache, rotate)
     x = x + attn  # tokens talk to earlier tokens
     x = x + mlp(layer_norm(x, *p.ln_2, eps), p)  # each token thinks on its own
     return x, weights
@@ -170,8 +178,11 @@ def blocks_from_named(named: dict[str, np.ndarray], c: GPTConfig) -> tuple[Block
     for i in range(c.n_layers):
         w = {name.removeprefix(f"h.{i}."): a for name, a in named.items()
              if name.startswith(f"h.{i}.")}
-        attn = AttentionParams(*(w[f"attn.{n}"] for n in ATTENTION_NAMES), c.n_heads,
-                               c.n_kv_heads)
+        if c.kv_latent:
+            attn = latent.LatentParams(*(w[f"attn.{n}"] for n in latent.LATENT_NAMES), c.n_heads)
+        else:
+            attn = AttentionParams(*(w[f"attn.{n}"] for n in ATTENTION_NAMES), c.n_heads,
+                                   c.n_kv_heads)
         blocks.append(BlockParams((w["ln_1.gamma"], w["ln_1.beta"]), attn,
                                   (w["ln_2.gamma"], w["ln_2.beta"]), *(
                                       w[f"mlp.{n}"] for n in MLP_NAMES)))
@@ -184,9 +195,10 @@ MLP_NAMES = ("w_fc", "b_fc", "w_proj", "b_proj")
 
 def named_from_block(i: int, p: BlockParams) -> dict[str, np.ndarray]:
     """Block i's weights under their weight_shapes names: the inverse of blocks_from_named."""
+    names = latent.LATENT_NAMES if isinstance(p.attn, latent.LatentParams) else ATTENTION_NAMES
     return ({f"h.{i}.ln_1.gamma": p.ln_1[0], f"h.{i}.ln_1.beta": p.ln_1[1],
              f"h.{i}.ln_2.gamma": p.ln_2[0], f"h.{i}.ln_2.beta": p.ln_2[1]}
-            | {f"h.{i}.attn.{n}": getattr(p.attn, n) for n in ATTENTION_NAMES}
+            | {f"h.{i}.attn.{n}": getattr(p.attn, n) for n in names}
             | {f"h.{i}.mlp.{n}": getattr(p, n) for n in MLP_NAMES})
 
 
@@ -239,7 +251,7 @@ class GPT:
                 raise ValueError(f"GPT: seed must be an int >= 0, got {seed!r}")
             weights = random_weights(shapes, config.init_std, seed)
         named = weight_files.checked(weights, shapes, self.dtype)
-        if fast:  # the engine stores W_Q, W_K, W_V side by side; the blocks see views of them
+        if fast and not config.kv_latent:  # the engine stores W_Q, W_K, W_V side by side
             named = engine.fuse_qkv(named, config.n_layers)
         self.wte = named["wte"]  # (V, D)
         self.wpe = named.get("wpe")  # (max_seq_len, D), or None with RoPE
@@ -292,14 +304,23 @@ class GPT:
 
     def new_cache(self, batch_size: int, dtype: np.dtype | type | str | None = None) -> ModelCache:
         """An empty cache for batch_size rows: one KVCache per layer, each (B, H_kv, max_seq_len,
-        d_head) for K and for V, stored as dtype (default: the model's)."""
+        d_head) for K and for V, stored as dtype (default: the model's). dtype="int8": int8 K and
+        V with float scales (beyond/int8.py); an MLA model (kv_latent) gets one latent per token
+        (beyond/latent.py)."""
         c = self.config
         dtype = self.dtype if dtype is None else dtype
+        zeros = engine.zeros_in_small_pages if self.fast else np.zeros
+        if int8.is_int8(dtype) and not c.kv_latent:
+            return int8.new_int8_cache(self, batch_size, zeros)
+        if c.kv_latent:
+            if int8.is_int8(dtype):
+                raise ValueError("new_cache: dtype='int8' quantizes K and V; an MLA model "
+                                 "(kv_latent) caches latents, which have no int8 cache here")
+            return latent.new_latent_cache(self, batch_size, dtype, zeros)
         # All layers together must fit, not only one (a huge batch is refused before any layer).
         fits_in_memory(f"a cache for {batch_size!r} rows",
                        kv_cache_bytes(c.n_layers, batch_size, c.n_kv_heads, c.d_head,
                                       c.max_seq_len, dtype))
-        zeros = engine.zeros_in_small_pages if self.fast else np.zeros
         return ModelCache([KVCache(batch_size, c.n_kv_heads, c.max_seq_len, c.d_head, dtype,
                                    zeros) for _ in range(c.n_layers)])
 
@@ -366,11 +387,13 @@ class GPT:
         if len(cache.layers) != c.n_layers:
             raise ValueError(f"GPT: cache has {len(cache.layers)} layers, the model "
                              f"{c.n_layers}")
+        want = (1, c.kv_latent) if c.kv_latent else (c.n_kv_heads, c.d_head)
         for i, kv in enumerate(cache.layers):
-            if (kv.n_kv_heads, kv.d_head) != (c.n_kv_heads, c.d_head):
-                raise ValueError(f"GPT: cache layer {i} is (H_kv, d_head) = "
+            if (kv.n_kv_heads, kv.d_head) != want or (
+                    isinstance(kv, latent.LatentCache) != bool(c.kv_latent)):
+                raise ValueError(f"GPT: cache layer {i} is {type(kv).__name__} (H_kv, d_head) = "
                                  f"{(kv.n_kv_heads, kv.d_head)}, this model needs "
-                                 f"{(c.n_kv_heads, c.d_head)}")
+                                 f"{'a LatentCache ' if c.kv_latent else ''}{want}")
 
     def run_checked(
         self, ids: np.ndarray, new_real: np.ndarray, cache: ModelCache | None, last_only: bool,
@@ -382,7 +405,8 @@ class GPT:
         past = 0 if cache is None else len(cache)
         real = new_real if cache is None else cache.record(new_real, self)
         positions, mask = positions_and_mask(real, ids.shape[1])  # (B, T), (1|B, 1, T, t_k)
-        forward = engine.forward if self.fast else GPT.forward
+        # The engine has no latent path: an MLA model runs the readable forward either way.
+        forward = engine.forward if self.fast and not self.config.kv_latent else GPT.forward
         try:
             return forward(self, ids, positions, mask, cache, last_only, return_attention)
         except BaseException:

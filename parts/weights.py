@@ -45,7 +45,7 @@ CONFIG_MAX_BYTES = 1 << 16
 # those checkpoints computed (never simply the new default). Empty: every field so far existed
 # when checkpoints/reverse.npz was written. A new field goes here with that older behaviour's value;
 # any other missing field is refused, since a default could silently change the model.
-ADDED_LATER: dict[str, object] = {}
+ADDED_LATER: dict[str, object] = {"kv_latent": None}  # None: no latent, K and V cached
 
 
 def checked(weights: Mapping[str, np.ndarray], shapes: dict[str, tuple[int, ...]],

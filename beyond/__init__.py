@@ -1,0 +1,1 @@
+"""Ideas beyond the assignment: one small module each, checked against the readable path."""
