@@ -391,9 +391,10 @@ class GPT:
         for i, kv in enumerate(cache.layers):
             if (kv.n_kv_heads, kv.d_head) != want or (
                     isinstance(kv, latent.LatentCache) != bool(c.kv_latent)):
-                raise ValueError(f"GPT: cache layer {i} is {type(kv).__name__} (H_kv, d_head) = "
-                                 f"{(kv.n_kv_heads, kv.d_head)}, this model needs "
-                                 f"{'a LatentCache ' if c.kv_latent else ''}{want}")
+                raise ValueError(f"GPT: cache layer {i} is (H_kv, d_head) = "
+                                 f"{(kv.n_kv_heads, kv.d_head)} ({type(kv).__name__}), this "
+                                 f"model needs {want}"
+                                 f"{' (a LatentCache)' if c.kv_latent else ''}")
 
     def run_checked(
         self, ids: np.ndarray, new_real: np.ndarray, cache: ModelCache | None, last_only: bool,
