@@ -248,8 +248,10 @@ def absorbed_attention(q: np.ndarray, c: np.ndarray, p: LatentParams, mask: np.n
 
 # --- memory: one table, formula against ModelCache.nbytes ----------------------------------------
 
-LLAMA = {"name": "Llama-2-7B shapes", "layers": 32, "heads": 32, "d_head": 128, "dtype": "float16"}
-REPO = {"name": "this repo", "layers": 2, "heads": 4, "d_head": 32, "dtype": "float32"}
+LLAMA = {"name": "Llama-2-7B shapes", "short": "Llama-2-7B", "layers": 32, "heads": 32,
+         "d_head": 128, "dtype": "float16"}
+REPO = {"name": "this repo", "short": "repo", "layers": 2, "heads": 4, "d_head": 32,
+        "dtype": "float32"}
 CONTEXTS = (4096, 32768)
 
 
@@ -307,7 +309,7 @@ def memory_rows() -> list[list[str]]:
     """The table's rows. For this repo's config the caches are allocated at 4k and 32k
     positions and their nbytes compared with the formula's total; for Llama-2-7B shapes (16 GiB
     at 32k) every layer is allocated at 64 positions and the per-token bytes compared."""
-    body = []
+    body, mha = [], 1
     for cfg in (LLAMA, REPO):
         for name, text, per, total in variants(cfg):
             probe = 64 if cfg is LLAMA else CONTEXTS[0]
@@ -317,16 +319,18 @@ def memory_rows() -> list[list[str]]:
             if got is not None and cfg is REPO:
                 big = measured_bytes(cfg, name, CONTEXTS[1])
                 equal = "yes" if equal == "yes" and big == total(CONTEXTS[1]) else "NO"
-            body.append([cfg["name"], name, text, "-" if per is None else f"{per:,}",
+            mha = total(CONTEXTS[1]) if name == "MHA" else mha
+            body.append([cfg["short"], name, text, "-" if per is None else f"{per:,}",
                          "-" if measured is None else f"{measured:,}", equal,
-                         *(human(total(T)) for T in CONTEXTS)])
+                         *(human(total(T)) for T in CONTEXTS),
+                         f"{total(CONTEXTS[1]) / mha:.3f}"])
     return body
 
 
 def memory_table() -> str:
     """The memory table as text (what `python beyond/latent.py --memory` prints)."""
-    headers = ["config", "cache", "formula (bytes per token per layer)", "formula", "nbytes",
-               "equal", "total 4k", "total 32k"]
+    headers = ["config", "cache", "per token per layer", "bytes", "nbytes", "equal",
+               "total 4k", "total 32k", "32k / MHA"]
     rows = memory_rows()
     widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
     lines = []
@@ -352,10 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.memory:
         ap.error("give --memory")
     print("KV cache per token per layer and in total, batch 1 (H heads, d = d_head, H_kv K/V "
-          "heads,\nd_c latent width). nbytes = ModelCache.nbytes of real caches / (layers x "
-          "positions).")
+          "heads,\nd_c latent width). bytes: the formula; nbytes: ModelCache.nbytes of real "
+          "caches / (layers x positions).")
     print(f"{LLAMA['name']}: {LLAMA['layers']} layers, {LLAMA['heads']} heads, d_head "
-          f"{LLAMA['d_head']}, {LLAMA['dtype']} (int8: int8 + float32 scales); "
+          f"{LLAMA['d_head']}, {LLAMA['dtype']} (int8: int8 + float32 scales);\n"
           f"{REPO['name']}: {REPO['layers']} layers, {REPO['heads']} heads, d_head "
           f"{REPO['d_head']}, {REPO['dtype']}.\n")
     print(memory_table())

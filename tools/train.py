@@ -95,10 +95,13 @@ class Attention(nn.Module):
 
     def __init__(self, c: GPTConfig) -> None:
         super().__init__()
-        D, self.n_heads = c.d_model, c.n_heads
-        for name in ("q", "k", "v", "o"):
+        D, self.n_heads, self.latent = c.d_model, c.n_heads, c.kv_latent
+        for name in ("q", "o") if self.latent else ("q", "k", "v", "o"):
             setattr(self, f"w_{name}", nn.Parameter(torch.zeros(D, D)))
             setattr(self, f"b_{name}", nn.Parameter(torch.zeros(D)))
+        if self.latent:  # MLA (beyond/latent.py): c = x W_dkv, K = c W_uk, V = c W_uv, no biases
+            self.w_dkv = nn.Parameter(torch.zeros(D, self.latent))
+            self.w_uk, self.w_uv = (nn.Parameter(torch.zeros(self.latent, D)) for _ in "kv")
 
     def forward(self, x: torch.Tensor, real: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """x (N, D), the N real tokens of a (B, T) batch marked by real (B, T) bool; allowed
@@ -106,12 +109,17 @@ class Attention(nn.Module):
         B, T = real.shape
         H, D = self.n_heads, x.shape[-1]
 
-        def heads(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        def heads(y: torch.Tensor) -> torch.Tensor:
             rows = x.new_zeros(B, T, D)
-            rows[real] = x @ w + b  # (N, D) -> (B, T, D): tokens back in their rows, pads 0
+            rows[real] = y  # (N, D) -> (B, T, D): tokens back in their rows, pads 0
             return rows.view(B, T, H, D // H).transpose(1, 2)  # (B, T, D) -> (B, H, T, d_head)
 
-        q, k, v = heads(self.w_q, self.b_q), heads(self.w_k, self.b_k), heads(self.w_v, self.b_v)
+        q = heads(x @ self.w_q + self.b_q)
+        if self.latent:
+            c = x @ self.w_dkv  # (N, D) -> (N, d_c)
+            k, v = heads(c @ self.w_uk), heads(c @ self.w_uv)
+        else:
+            k, v = heads(x @ self.w_k + self.b_k), heads(x @ self.w_v + self.b_v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, H, T, d_head)
         out = out.transpose(1, 2).reshape(B, T, D)  # (B, H, T, d_head) -> (B, T, D)
         return out[real] @ self.w_o + self.b_o  # (B, T, D) -> (N, D)
@@ -475,13 +483,15 @@ def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     name = "reverse" if args.causal else "reverse_no_mask"
     if args.out is not None:
         out = args.out
+    elif args.kv_latent:  # an MLA model is never written over the shipped checkpoint
+        out = Path(QUICK_DIR if args.quick else "out") / f"{name}_mla{args.kv_latent}.npz"
     elif args.quick:
         out = Path(QUICK_DIR) / f"{name}.npz"
     else:
         out = Path(OUT if args.causal else NO_MASK_OUT)
     if args.log is not None:
         log = args.log
-    elif args.out is None and not args.quick and not args.causal:
+    elif args.out is None and not args.quick and not args.causal and not args.kv_latent:
         log = Path(NO_MASK_LOG)
     else:
         log = out.with_name(out.stem + ".log.json")
@@ -512,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads (default 1: see THREADS_NOTE in train.py)")
     ap.add_argument("--eval-every", type=cli_int(1), default=d.eval_every,
                     help=f"steps between held-out measurements (default {d.eval_every})")
+    ap.add_argument("--kv-latent", type=cli_int(1), default=None, metavar="D_C",
+                    help="multi-head latent attention caching a D_C-wide latent per token "
+                         "(beyond/latent.py); written to out/reverse_mla{D_C}.npz by default")
     ap.add_argument("--no-causal-mask", dest="causal", action="store_false",
                     help="the ablation: attention without the causal mask")
     ap.add_argument("--quick", action="store_true",
@@ -554,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         s.steps, s.batch, s.warmup, s.eval_every, s.monitor_per_length = 20, 8, 5, 10, 1
         args.final_n = 48
     torch.set_num_threads(args.threads)  # THREADS_NOTE
-    config = GPTConfig()
+    config = GPTConfig(kv_latent=args.kv_latent)
     print(f"training {'with' if s.causal else 'WITHOUT'} the causal mask: {s.steps} steps of "
           f"{s.batch} prompts (length power {s.length_power}), lr {s.lr}, warm-up {s.warmup}, "
           f"seed {s.seed}, torch threads {torch.get_num_threads()}")
