@@ -250,5 +250,6 @@ def test_the_memory_table_matches_the_formulas():
     measured = [r for r in rows.values() if r[5] != "formula only"]
     assert len(measured) == 10 and all(r[5] == "yes" and r[3] == r[4] for r in measured)
     assert rows[(llama, "MHA")][7] == "16.00 GiB"  # 32k tokens: the README's figure
-    assert rows[(llama, "MLA d_c=512")][8] == f"{1 / 16:.3f}" == rows[(repo, "MQA (1 K/V head)")][8]
+    assert rows[(llama, "MLA d_c=512")][8] == f"{1 / 16:.3f}"  # 1,024 of 16,384 bytes
+    assert rows[(repo, "MLA d_c=32")][8] == f"{1 / 8:.3f}"  # 128 of 1,024 bytes
     assert isinstance(LatentCache(1, 4, 8), KVCache)
