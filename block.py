@@ -446,12 +446,13 @@ class GPT:
 def random_weights(shapes: dict[str, tuple[int, ...]], std: float, seed: int
                    ) -> dict[str, np.ndarray]:
     """GPT-2's initialisation: matrices ~ N(0, std^2), LayerNorm scales 1, every bias and shift
-    0. Drawn in float64 in the order of `shapes`, so a seed gives the same model in any dtype."""
+    0 (an MLA model's up-projections: latent.init_std). Drawn in float64 in the order of
+    `shapes`, so a seed gives the same model in any dtype."""
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in shapes.items():
         if len(shape) == 2:
-            out[name] = rng.standard_normal(shape) * std
+            out[name] = rng.standard_normal(shape) * latent.init_std(name, shape, std)
         else:
             out[name] = np.ones(shape) if name.endswith(".gamma") else np.zeros(shape)
     return out

@@ -85,6 +85,17 @@ def latent_shapes(c: GPTConfig) -> dict[str, tuple[int, ...]]:
             "attn.w_uk": (d_c, q), "attn.w_uv": (d_c, q), "attn.w_o": (q, D), "attn.b_o": (D,)}
 
 
+def init_std(name: str, shape: tuple[int, ...], std: float) -> float:
+    """The random-init std of a weight matrix: `std` (GPT-2's 0.02), except W_uk and W_uv, which
+    start at 1 / sqrt(d_c) (unless std is 0). Why: K = x W_dkv W_uk is a product of two matrices,
+    and with 0.02 for both, keys and values start about 9x smaller than an MHA model's x W_k and
+    each factor's gradient is scaled by the other, small one; training stalled (loss 2.6 against
+    MHA's 0.6 after 400 steps). With W_uk ~ 1 / sqrt(d_c) the product starts at MHA's scale."""
+    if std and name.endswith((".attn.w_uk", ".attn.w_uv")):
+        return 1 / math.sqrt(shape[0])  # shape (d_c, H d): preserves the latent's scale
+    return std
+
+
 @dataclass(frozen=True)
 class LatentParams:
     """One latent attention layer, used as x @ W (+ b): w_q (D, H d), b_q (H d,), w_dkv (D, d_c),

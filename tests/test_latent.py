@@ -117,6 +117,17 @@ def test_weight_table_of_an_mla_model():
     assert count_weights(mha) - count_weights(c) == 2 * (2 * 128 * 128 + 2 * 128 - 3 * 128 * 32)
 
 
+def test_keys_of_a_new_mla_model_start_at_the_scale_of_mha_keys():
+    # W_uk ~ 1 / sqrt(d_c): the product W_dkv W_uk is distributed like an MHA model's W_k
+    # (std 0.02), where 0.02 for both factors would give 0.02 * 0.02 * sqrt(32) = 0.0028
+    mla_attn = GPT(GPTConfig(kv_latent=32), seed=0).blocks[0].attn
+    mha_attn = GPT(GPTConfig(), seed=0).blocks[0].attn
+    for product in (mla_attn.w_dkv @ mla_attn.w_uk, mla_attn.w_dkv @ mla_attn.w_uv):
+        assert product.std() == pytest.approx(mha_attn.w_k.std(), rel=0.1)
+    assert mla_attn.w_dkv.std() == pytest.approx(0.02, rel=0.1)
+    assert not GPT(GPTConfig(kv_latent=8, init_std=0.0), seed=0).blocks[0].attn.w_uk.any()
+
+
 def test_save_and_load_an_mla_model(tmp_path):
     model = mla(8)
     loaded = GPT.load(model.save(tmp_path / "mla.npz"), np.float64, fast=False)
