@@ -4,6 +4,9 @@ refuses; the torch twin that trains it; the memory table against the formulas.""
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -244,6 +247,17 @@ def test_the_torch_twin_computes_the_numpy_mla_model():
     with torch.no_grad():
         theirs = twin(torch.from_numpy(ids)).numpy()
     np.testing.assert_allclose(model(ids), theirs, rtol=0, atol=1e-10)
+
+
+def test_train_writes_an_mla_model_under_out_and_never_over_the_shipped_files(tmp_path):
+    for causal, name in ((True, "reverse_mla32"), (False, "reverse_no_mask_mla32")):
+        args = argparse.Namespace(causal=causal, out=None, log=None, quick=False, kv_latent=32)
+        out, log = train.output_paths(args)
+        assert (out, log) == (Path(f"out/{name}.npz"), Path(f"out/{name}.log.json"))
+        assert not train.is_committed(out) and not train.is_committed(log)
+    path = tmp_path / "mla.npz"
+    assert train.main(["--quick", "--kv-latent", "8", "--out", str(path)]) == 0
+    assert GPT.load(path).config.kv_latent == 8
 
 
 # --- memory --------------------------------------------------------------------------------------
