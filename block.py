@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from attention import AttentionParams, causal_mask, layer_norm, multi_head_attention
+from beyond import int8, latent
 from beyond.window import RollingKVCache, WindowCache
 from cache import KVCache, LayerCache, ModelCache, kv_cache_bytes
 from engine import fast as engine
@@ -64,6 +65,7 @@ class GPTConfig:
     init_std: float = 0.02  # std of the random weights (GPT-2's initializer_range)
     sliding_window: int | None = None  # W: a query sees its last W keys (itself included)
     attention_sinks: int = 0  # S: ... and the first S real tokens of its row (needs a window)
+    kv_latent: int | None = None  # MLA: cache one latent of this width per token (beyond/latent.py)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_seq_len", "d_model", "n_heads", "n_layers"):
@@ -95,6 +97,11 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.attention_sinks={self.attention_sinks} needs a "
                              "sliding_window: with full attention every token is visible anyway")
         self.attention_sinks = int(self.attention_sinks)
+        if self.kv_latent is not None:
+            latent.check_config(self)
+            if self.sliding_window is not None:
+                raise ValueError("GPTConfig: kv_latent with a sliding_window is not implemented "
+                                 "(a latent cache keeps every position)")
 
     @property
     def max_positions(self) -> int | None:
@@ -129,9 +136,11 @@ def outer_shapes(c: GPTConfig) -> dict[str, tuple[int, ...]]:
 def block_shapes(c: GPTConfig) -> dict[str, tuple[int, ...]]:
     """One block's weights, named as inside block i ("h.{i}." goes in front)."""
     D, F, q, kv = c.d_model, c.d_ff, c.n_heads * c.d_head, c.n_kv_heads * c.d_head
-    return {"ln_1.gamma": (D,), "ln_1.beta": (D,),
-            "attn.w_q": (D, q), "attn.b_q": (q,), "attn.w_k": (D, kv), "attn.b_k": (kv,),
-            "attn.w_v": (D, kv), "attn.b_v": (kv,), "attn.w_o": (q, D), "attn.b_o": (D,),
+    attn = {"attn.w_q": (D, q), "attn.b_q": (q,), "attn.w_k": (D, kv), "attn.b_k": (kv,),
+            "attn.w_v": (D, kv), "attn.b_v": (kv,), "attn.w_o": (q, D), "attn.b_o": (D,)}
+    if c.kv_latent:  # MLA: W_dkv, W_uk, W_uv instead of W_k, W_v (and no K/V biases)
+        attn = latent.latent_shapes(c)
+    return {"ln_1.gamma": (D,), "ln_1.beta": (D,), **attn,
             "ln_2.gamma": (D,), "ln_2.beta": (D,),
             "mlp.w_fc": (D, F), "mlp.b_fc": (F,), "mlp.w_proj": (F, D), "mlp.b_proj": (D,)}
 
@@ -179,7 +188,9 @@ def transformer_block(
     Pre-LN residual: each sublayer reads a normalised copy and adds its answer to the stream, so
     the residual path from input to output stays an identity plus corrections.
     """
-    attn, weights = multi_head_attention(layer_norm(x, *p.ln_1, eps), p.attn, mask, cache, rotate)
+    attend = latent.latent_attention if isinstance(p.attn, latent.LatentParams) else (
+        multi_head_attention)
+    attn, weights = attend(layer_norm(x, *p.ln_1, eps), p.attn, mask, cache, rotate)
     x = x + attn  # tokens talk to earlier tokens
     x = x + mlp(layer_norm(x, *p.ln_2, eps), p)  # each token thinks on its own
     return x, weights
@@ -193,8 +204,11 @@ def blocks_from_named(named: dict[str, np.ndarray], c: GPTConfig) -> tuple[Block
     for i in range(c.n_layers):
         w = {name.removeprefix(f"h.{i}."): a for name, a in named.items()
              if name.startswith(f"h.{i}.")}
-        attn = AttentionParams(*(w[f"attn.{n}"] for n in ATTENTION_NAMES), c.n_heads,
-                               c.n_kv_heads)
+        if c.kv_latent:
+            attn = latent.LatentParams(*(w[f"attn.{n}"] for n in latent.LATENT_NAMES), c.n_heads)
+        else:
+            attn = AttentionParams(*(w[f"attn.{n}"] for n in ATTENTION_NAMES), c.n_heads,
+                                   c.n_kv_heads)
         blocks.append(BlockParams((w["ln_1.gamma"], w["ln_1.beta"]), attn,
                                   (w["ln_2.gamma"], w["ln_2.beta"]), *(
                                       w[f"mlp.{n}"] for n in MLP_NAMES)))
@@ -207,9 +221,10 @@ MLP_NAMES = ("w_fc", "b_fc", "w_proj", "b_proj")
 
 def named_from_block(i: int, p: BlockParams) -> dict[str, np.ndarray]:
     """Block i's weights under their weight_shapes names: the inverse of blocks_from_named."""
+    names = latent.LATENT_NAMES if isinstance(p.attn, latent.LatentParams) else ATTENTION_NAMES
     return ({f"h.{i}.ln_1.gamma": p.ln_1[0], f"h.{i}.ln_1.beta": p.ln_1[1],
              f"h.{i}.ln_2.gamma": p.ln_2[0], f"h.{i}.ln_2.beta": p.ln_2[1]}
-            | {f"h.{i}.attn.{n}": getattr(p.attn, n) for n in ATTENTION_NAMES}
+            | {f"h.{i}.attn.{n}": getattr(p.attn, n) for n in names}
             | {f"h.{i}.mlp.{n}": getattr(p, n) for n in MLP_NAMES})
 
 
@@ -286,7 +301,7 @@ class GPT:
                 raise ValueError(f"GPT: seed must be an int >= 0, got {seed!r}")
             weights = random_weights(shapes, config.init_std, seed)
         named = weight_files.checked(weights, shapes, self.dtype)
-        if fast:  # the engine stores W_Q, W_K, W_V side by side; the blocks see views of them
+        if fast and not config.kv_latent:  # the engine stores W_Q, W_K, W_V side by side
             named = engine.fuse_qkv(named, config.n_layers)
         self.wte = named["wte"]  # (V, D)
         self.wpe = named.get("wpe")  # (max_seq_len, D), or None with RoPE
@@ -339,17 +354,26 @@ class GPT:
 
     def new_cache(self, batch_size: int, dtype: np.dtype | type | str | None = None) -> ModelCache:
         """An empty cache for batch_size rows: one KVCache per layer, each (B, H_kv, max_seq_len,
-        d_head) for K and for V, stored as dtype (default: the model's). With a sliding window,
-        a WindowCache: one rolling buffer of attention_sinks + sliding_window slots per layer."""
+        d_head) for K and for V, stored as dtype (default: the model's). dtype="int8": int8 K and
+        V with float scales (beyond/int8.py); an MLA model (kv_latent) gets one latent per token
+        (beyond/latent.py); with a sliding window, a WindowCache: one rolling buffer of
+        attention_sinks + sliding_window slots per layer (beyond/window.py)."""
         c = self.config
         dtype = self.dtype if dtype is None else dtype
+        zeros = engine.zeros_in_small_pages if self.fast else np.zeros
+        if int8.is_int8(dtype) and not c.kv_latent:
+            return int8.new_int8_cache(self, batch_size, zeros)
+        if c.kv_latent:
+            if int8.is_int8(dtype):
+                raise ValueError("new_cache: dtype='int8' quantizes K and V; an MLA model "
+                                 "(kv_latent) caches latents, which have no int8 cache here")
+            return latent.new_latent_cache(self, batch_size, dtype, zeros)
         places = (c.max_seq_len if c.sliding_window is None
                   else c.attention_sinks + c.sliding_window)
         # All layers together must fit, not only one (a huge batch is refused before any layer).
         fits_in_memory(f"a cache for {batch_size!r} rows",
                        kv_cache_bytes(c.n_layers, batch_size, c.n_kv_heads, c.d_head, places,
                                       dtype))
-        zeros = engine.zeros_in_small_pages if self.fast else np.zeros
         if c.sliding_window is not None:
             return WindowCache([RollingKVCache(batch_size, c.n_kv_heads, c.sliding_window,
                                                c.d_head, dtype, zeros, c.attention_sinks)
@@ -429,11 +453,14 @@ class GPT:
         if len(cache.layers) != c.n_layers:
             raise ValueError(f"GPT: cache has {len(cache.layers)} layers, the model "
                              f"{c.n_layers}")
+        want = (1, c.kv_latent) if c.kv_latent else (c.n_kv_heads, c.d_head)
         for i, kv in enumerate(cache.layers):
-            if (kv.n_kv_heads, kv.d_head) != (c.n_kv_heads, c.d_head):
+            if (kv.n_kv_heads, kv.d_head) != want or (
+                    isinstance(kv, latent.LatentCache) != bool(c.kv_latent)):
                 raise ValueError(f"GPT: cache layer {i} is (H_kv, d_head) = "
-                                 f"{(kv.n_kv_heads, kv.d_head)}, this model needs "
-                                 f"{(c.n_kv_heads, c.d_head)}")
+                                 f"{(kv.n_kv_heads, kv.d_head)} ({type(kv).__name__}), this "
+                                 f"model needs {want}"
+                                 f"{' (a LatentCache)' if c.kv_latent else ''}")
         # A rolling buffer forgets what falls out of its window: only the same window may use it.
         # (A full cache serves any window: the band mask hides what the window excludes.)
         held = ((cache.window, cache.sinks) if isinstance(cache, WindowCache) else None)
@@ -451,7 +478,8 @@ class GPT:
         of memory, Ctrl-C) rolls the cache back, so no layer is left a step ahead of another."""
         past = 0 if cache is None else len(cache)
         positions, mask = self.positions_and_mask(new_real, cache)  # (B, T), (1|B, 1, T, t_k)
-        forward = engine.forward if self.fast else GPT.forward
+        # The engine has no latent path: an MLA model runs the readable forward either way.
+        forward = engine.forward if self.fast and not self.config.kv_latent else GPT.forward
         try:
             return forward(self, ids, positions, mask, cache, last_only, return_attention)
         except BaseException:
@@ -504,12 +532,13 @@ class GPT:
 def random_weights(shapes: dict[str, tuple[int, ...]], std: float, seed: int
                    ) -> dict[str, np.ndarray]:
     """GPT-2's initialisation: matrices ~ N(0, std^2), LayerNorm scales 1, every bias and shift
-    0. Drawn in float64 in the order of `shapes`, so a seed gives the same model in any dtype."""
+    0 (an MLA model's up-projections: latent.init_std). Drawn in float64 in the order of
+    `shapes`, so a seed gives the same model in any dtype."""
     rng = np.random.default_rng(seed)
     out = {}
     for name, shape in shapes.items():
         if len(shape) == 2:
-            out[name] = rng.standard_normal(shape) * std
+            out[name] = rng.standard_normal(shape) * latent.init_std(name, shape, std)
         else:
             out[name] = np.ones(shape) if name.endswith(".gamma") else np.zeros(shape)
     return out

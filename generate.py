@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from beyond.int8 import check_cache_dtype
 from block import GPT
 from cache import ModelCache
 from parts.checks import (
@@ -235,15 +236,17 @@ def generate_cached(
     prefill_chunk: int | None = None, *,
     attention_mask: np.ndarray | None = None, pad_id: int = 0, eos_id: int | None = None,
     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-    rng: np.random.Generator | None = None,
+    rng: np.random.Generator | None = None, cache_dtype: np.dtype | type | str | None = None,
 ) -> Generation:
     """Decoding with a KV cache: prefill once (in chunks of prefill_chunk tokens if given), then
     one token per step. Same arguments as generate_naive and the same tokens and logits, plus
-    the cache length at every step."""
+    the cache length at every step. cache_dtype: how the cache stores K and V (None = the
+    model's dtype; "int8" = beyond/int8.py, close to the float logits, not equal)."""
+    check_cache_dtype("cache_dtype", cache_dtype)
     sampler = Sampler(temperature, top_k, top_p, rng)
     ids, mask = prepare_request(model, prompt_ids, max_new_tokens, attention_mask, pad_id, eos_id)
     optional_positive_int("prefill_chunk", prefill_chunk)
-    cache = model.new_cache(ids.shape[0])  # every check has passed: only now is state created
+    cache = model.new_cache(ids.shape[0], cache_dtype)  # all checked: only now is state made
     return decode_loop(model, ids, mask, max_new_tokens, sampler, eos_id, cache, prefill_chunk)
 
 

@@ -43,10 +43,10 @@ CONFIG_MAX_BYTES = 1 << 16
 
 # Fields of GPTConfig added after checkpoints were written, with the value that reproduces what
 # those checkpoints computed (never simply the new default): checkpoints/reverse.npz was written
-# before the sliding window existed, with full attention. A new field goes here with that older
-# behaviour's value; any other missing field is refused, since a default could silently change
-# the model.
-ADDED_LATER: dict[str, object] = {"sliding_window": None, "attention_sinks": 0}
+# before the sliding window and the latent cache existed, with full attention and plain K/V. A new
+# field goes here with that older behaviour's value; any other missing field is refused, since a
+# default could silently change the model.
+ADDED_LATER: dict[str, object] = {"sliding_window": None, "attention_sinks": 0, "kv_latent": None}
 
 
 def checked(weights: Mapping[str, np.ndarray], shapes: dict[str, tuple[int, ...]],

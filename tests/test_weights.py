@@ -232,8 +232,8 @@ def test_a_config_key_missing_is_refused_not_defaulted(tmp_path):
 
 def test_a_field_added_later_gets_its_listed_value(tmp_path, monkeypatch):
     """ADDED_LATER is the one way a missing field is filled: with the value listed there."""
-    # only the window's fields came after checkpoints were first written, as full attention
-    assert weights.ADDED_LATER == {"sliding_window": None, "attention_sinks": 0}
+    # the window's and the latent cache's fields came after checkpoints were first written
+    assert weights.ADDED_LATER == {"sliding_window": None, "attention_sinks": 0, "kv_latent": None}
     model = GPT(GPTConfig(**SMALL, **VARIANTS["rope"], rope_base=50.0), seed=3)
     path = model.save(tmp_path / "rope.npz")
     with zipfile.ZipFile(path) as z:

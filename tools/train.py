@@ -100,10 +100,13 @@ class Attention(nn.Module):
 
     def __init__(self, c: GPTConfig) -> None:
         super().__init__()
-        D, self.n_heads = c.d_model, c.n_heads
-        for name in ("q", "k", "v", "o"):
+        D, self.n_heads, self.latent = c.d_model, c.n_heads, c.kv_latent
+        for name in ("q", "o") if self.latent else ("q", "k", "v", "o"):
             setattr(self, f"w_{name}", nn.Parameter(torch.zeros(D, D)))
             setattr(self, f"b_{name}", nn.Parameter(torch.zeros(D)))
+        if self.latent:  # MLA (beyond/latent.py): c = x W_dkv, K = c W_uk, V = c W_uv, no biases
+            self.w_dkv = nn.Parameter(torch.zeros(D, self.latent))
+            self.w_uk, self.w_uv = (nn.Parameter(torch.zeros(self.latent, D)) for _ in "kv")
 
     def forward(self, x: torch.Tensor, real: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """x (N, D), the N real tokens of a (B, T) batch marked by real (B, T) bool; allowed
@@ -111,12 +114,17 @@ class Attention(nn.Module):
         B, T = real.shape
         H, D = self.n_heads, x.shape[-1]
 
-        def heads(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        def heads(y: torch.Tensor) -> torch.Tensor:
             rows = x.new_zeros(B, T, D)
-            rows[real] = x @ w + b  # (N, D) -> (B, T, D): tokens back in their rows, pads 0
+            rows[real] = y  # (N, D) -> (B, T, D): tokens back in their rows, pads 0
             return rows.view(B, T, H, D // H).transpose(1, 2)  # (B, T, D) -> (B, H, T, d_head)
 
-        q, k, v = heads(self.w_q, self.b_q), heads(self.w_k, self.b_k), heads(self.w_v, self.b_v)
+        q = heads(x @ self.w_q + self.b_q)
+        if self.latent:
+            c = x @ self.w_dkv  # (N, D) -> (N, d_c)
+            k, v = heads(c @ self.w_uk), heads(c @ self.w_uv)
+        else:
+            k, v = heads(x @ self.w_k + self.b_k), heads(x @ self.w_v + self.b_v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # (B, H, T, d_head)
         out = out.transpose(1, 2).reshape(B, T, D)  # (B, H, T, d_head) -> (B, T, D)
         return out[real] @ self.w_o + self.b_o  # (B, T, D) -> (N, D)
@@ -489,13 +497,16 @@ def output_paths(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     """The checkpoint and its log for this run: --out, else out/ (out/quick/ with --quick); the
     log goes next to the checkpoint as .log.json unless --log names it."""
     name = "reverse" if args.causal else "reverse_no_mask"
+    if args.kv_latent:  # an MLA model: its own name, never the shipped checkpoint's
+        name = f"{name}_mla{args.kv_latent}"
     out = args.out or default_output(ap, f"{QUICK_DIR}/{name}.npz" if args.quick else
                                      f"{name}.npz")
     return out, args.log or out.with_name(out.stem + ".log.json")
 
 
 TRAINING_FLAGS = ("--out", "--log", "--steps", "--batch", "--lr", "--warmup", "--weight-decay",
-                  "--length-power", "--seed", "--threads", "--eval-every", "--final-n")
+                  "--length-power", "--seed", "--threads", "--eval-every", "--final-n",
+                  "--kv-latent")
 QUICK_SETS = ("--steps", "--batch", "--warmup", "--eval-every", "--final-n")  # --quick's own
 
 
@@ -527,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads (default 1: see THREADS_NOTE in train.py)")
     ap.add_argument("--eval-every", type=cli_int(1, 10_000_000), default=None,
                     help=f"steps between held-out measurements (default {d.eval_every})")
+    ap.add_argument("--kv-latent", type=cli_int(1), default=None, metavar="D_C",
+                    help="multi-head latent attention caching a D_C-wide latent per token "
+                         "(beyond/latent.py); written to out/reverse_mla{D_C}.npz by default")
     ap.add_argument("--no-causal-mask", dest="causal", action="store_false",
                     help="the ablation: attention without the causal mask")
     ap.add_argument("--quick", action="store_true",
@@ -568,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         s.steps, s.batch, s.warmup, s.eval_every, s.monitor_per_length = 20, 8, 5, 10, 1
         final_n = 48
     torch.set_num_threads(given("threads", 1))  # THREADS_NOTE
-    config = GPTConfig()
+    config = GPTConfig(kv_latent=args.kv_latent)
     print(f"training {'with' if s.causal else 'WITHOUT'} the causal mask: {s.steps} steps of "
           f"{s.batch} prompts (length power {s.length_power}), lr {s.lr}, warm-up {s.warmup}, "
           f"seed {s.seed}, torch threads {torch.get_num_threads()}")

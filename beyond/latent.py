@@ -1,0 +1,383 @@
+"""Multi-head latent attention (MLA): cache one narrow latent per token instead of K and V.
+
+    c = x W_dkv                   (B, T, d_c)      the ONLY thing cached, shared by every head
+    K = c W_uk,  V = c W_uv       (B, T, H * d)    keys and values, rebuilt from the latent
+    q = x W_q + b_q               (B, T, H * d)
+
+The explicit form rebuilds K and V from every cached latent at every step. The absorbed form never
+builds them: for head h, with W_uk_h (d_c, d) its slice of W_uk,
+
+    score = q_h . (c W_uk_h) / sqrt(d) = (q_h W_uk_h^T) . c / sqrt(d)     W_uk moves into the query
+    out   = sum_j p_j (c_j W_uv_h) W_O_h = (sum_j p_j c_j) (W_uv_h W_O_h)  W_uv moves into W_O
+
+so attention runs on the latents directly: every head's query, turned into a d_c-wide vector,
+meets the same latents, which serve as the one shared key AND the one shared value (multi-query
+attention of width d_c). A cached layer therefore holds d_c numbers per token instead of
+2 * H * d. DeepSeek-V2 (DeepSeek-AI, 2024, arXiv:2405.04434) caches d_c = 512 plus a 64-wide
+decoupled RoPE key per token and reports a 93.3% smaller KV cache than its earlier DeepSeek 67B.
+
+Biases: b_q and b_o stay, W_dkv, W_uk, W_uv have none. A key bias adds q . b_k to every score of a
+query's row, which softmax ignores; a value bias comes out as b_v W_O whatever the weights (they
+sum to 1), which is a change of b_o. tests/test_latent.py proves both by turning an MHA model
+with random biases into this one.
+
+RoPE is refused (see ROPE_REFUSAL), and so are grouped K/V heads. GPT(fast=True) runs an MLA model
+through the readable forward (GPT.forward): the engine has no latent path.
+
+    python beyond/latent.py --memory    bytes per token per layer, formula against ModelCache.nbytes
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python beyond/latent.py` from anywhere: find the repo
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from attention import (
+    grouped_attention,
+    merge_heads,
+    scaled_dot_product_attention,
+    split_heads,
+)
+from cache import CACHE_DTYPES, KVCache, ModelCache
+from parts.checks import fits_in_memory, float_array, float_dtype, is_int, positive_int
+
+if TYPE_CHECKING:  # type hints only: block.py imports this module
+    from block import GPT, GPTConfig
+
+LATENT_NAMES = ("w_q", "b_q", "w_dkv", "w_uk", "w_uv", "w_o", "b_o")
+ROPE_REFUSAL = (
+    "GPTConfig: kv_latent with rope=True is not implemented. RoPE turns q by R_m and k by R_n, "
+    "so a score is q W_q R_m . R_n^T (c W_uk)... = x W_q R_(m-n) W_uk^T c^T: the rotation R_(m-n) "
+    "sits between W_q and W_uk and depends on the pair of positions, so it cannot be folded into "
+    "one fixed matrix, and W_uk could no longer be absorbed into the query. DeepSeek-V2 keeps a "
+    "separate small RoPE key per token for that; this repo does not build it.")
+
+
+def check_config(c: GPTConfig) -> None:
+    """Raise ValueError unless c.kv_latent (not None) can be built: a positive int, every head
+    its own query over the shared latent (no grouped K/V heads), and no RoPE."""
+    if not is_int(c.kv_latent) or c.kv_latent < 1:
+        raise ValueError(f"GPTConfig.kv_latent must be a positive int (the latent width d_c) or "
+                         f"None, got {c.kv_latent!r}")
+    if c.n_kv_heads != c.n_heads:
+        raise ValueError(f"GPTConfig: kv_latent with n_kv_heads={c.n_kv_heads} < n_heads="
+                         f"{c.n_heads} is refused: every head already reads the one shared latent, "
+                         "so there are no K/V heads left to group")
+    if c.rope:
+        raise ValueError(ROPE_REFUSAL)
+
+
+def latent_shapes(c: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """One latent attention layer's weights, named as inside block i ("h.{i}.attn.w_dkv" ...)."""
+    D, d_c, q = c.d_model, c.kv_latent, c.n_heads * c.d_head
+    return {"attn.w_q": (D, q), "attn.b_q": (q,), "attn.w_dkv": (D, d_c),
+            "attn.w_uk": (d_c, q), "attn.w_uv": (d_c, q), "attn.w_o": (q, D), "attn.b_o": (D,)}
+
+
+def init_std(name: str, shape: tuple[int, ...], std: float) -> float:
+    """The random-init std of a weight matrix: `std` (GPT-2's 0.02), except W_uk and W_uv, which
+    start at 1 / sqrt(d_c) (unless std is 0). Why: K = x W_dkv W_uk is a product of two matrices,
+    and with 0.02 for both, keys and values start about 9x smaller than an MHA model's x W_k and
+    each factor's gradient is scaled by the other, small one; training stalled (loss 2.6 against
+    MHA's 0.6 after 400 steps). With W_uk ~ 1 / sqrt(d_c) the product starts at MHA's scale."""
+    if std and name.endswith((".attn.w_uk", ".attn.w_uv")):
+        return 1 / math.sqrt(shape[0])  # shape (d_c, H d): preserves the latent's scale
+    return std
+
+
+@dataclass(frozen=True)
+class LatentParams:
+    """One latent attention layer, used as x @ W (+ b): w_q (D, H d), b_q (H d,), w_dkv (D, d_c),
+    w_uk and w_uv (d_c, H d), w_o (H d, D), b_o (D,). Frozen: weights change in place only."""
+
+    w_q: np.ndarray
+    b_q: np.ndarray
+    w_dkv: np.ndarray
+    w_uk: np.ndarray
+    w_uv: np.ndarray
+    w_o: np.ndarray
+    b_o: np.ndarray
+    n_heads: int
+
+    def __post_init__(self) -> None:
+        """Checks the shapes agree with each other and with the head count."""
+        H = positive_int("LatentParams n_heads", self.n_heads)
+        D, q = np.shape(self.w_q)[0], np.shape(self.w_q)[-1]
+        d_c = np.shape(self.w_dkv)[-1]
+        expected = {"w_q": (D, q), "b_q": (q,), "w_dkv": (D, d_c), "w_uk": (d_c, q),
+                    "w_uv": (d_c, q), "w_o": (q, D), "b_o": (D,)}
+        for name, shape in expected.items():
+            a = float_array(f"LatentParams {name}", getattr(self, name))
+            if a.shape != shape or q % H:
+                raise ValueError(f"LatentParams: {name} must be {shape} for {H} heads, got "
+                                 f"{a.shape}")
+
+    @property
+    def d_latent(self) -> int:
+        return self.w_dkv.shape[1]
+
+
+# --- the cache -----------------------------------------------------------------------------------
+
+class LatentCache(KVCache):
+    """One layer's latents, (B, max_len, d_c), allocated once at full length.
+
+    In the absorbed form the latent is the one key and the one value every head reads, so this is
+    a KVCache of one K/V head of width d_c whose keys and values are the same buffer: `keys` and
+    `values` are both views (B, 1, max_len, d_c) of `latents`, and append(c, c) takes the latent
+    as both (anything else is refused). nbytes counts the buffer once."""
+
+    def __init__(
+        self, batch_size: int, max_len: int, d_latent: int,
+        dtype: np.dtype | type | str = np.float32, zeros: Callable[..., np.ndarray] = np.zeros,
+    ) -> None:
+        """Allocates the latent buffer, zeroed. Checks its arguments."""
+        shape = tuple(positive_int(f"LatentCache {name}", value) for name, value in (
+            ("batch_size", batch_size), ("max_len", max_len), ("d_latent", d_latent)))
+        dtype = float_dtype("LatentCache dtype", dtype, CACHE_DTYPES)
+        fits_in_memory(f"LatentCache {shape}", math.prod(shape) * dtype.itemsize)
+        self.latents = zeros(shape, dtype=dtype)  # (B, max_len, d_c)
+        self.length = 0
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self.latents[:, None]  # (B, max_len, d_c) -> (B, 1, max_len, d_c): a view
+
+    @property
+    def values(self) -> np.ndarray:
+        return self.latents[:, None]  # the same buffer: the latent is also the value
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the one latent buffer: d_c * itemsize per token, per row."""
+        return self.latents.nbytes
+
+    def __repr__(self) -> str:
+        return (f"LatentCache(length={self.length}, max_len={self.max_len}, "
+                f"batch={self.batch_size}, d_latent={self.d_head}, dtype={self.dtype})")
+
+    def check_append(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """KVCache's checks, and k and v must be the same latent."""
+        k, v = super().check_append(k, v)
+        if v is not k and not np.array_equal(k, v):
+            raise ValueError("LatentCache.append: k and v must be the same latent c "
+                             "(B, 1, t, d_c): one latent per token is the key and the value")
+        return k, v
+
+    def _write(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Write the t new latents once and return views of every latent held, as (keys,
+        values), both (B, 1, length + t, d_c)."""
+        start, end = self.length, self.length + k.shape[2]
+        self.latents[:, start:end] = k[:, 0]  # (B, 1, t, d_c) -> (B, t, d_c)
+        self.length = end
+        held = self.latents[:, None, :end]  # (B, 1, length + t, d_c): a view
+        return held, held
+
+
+def latent_cache_bytes(n_layers: int, batch: int, seq_len: int, d_latent: int,
+                       dtype: np.dtype | type | str = np.float32) -> int:
+    """layers * batch * positions * d_c * bytes: one latent per token and layer, no factor 2."""
+    itemsize = float_dtype("dtype", dtype, CACHE_DTYPES).itemsize
+    return n_layers * batch * seq_len * d_latent * itemsize
+
+
+def new_latent_cache(model: GPT, batch_size: int, dtype: np.dtype | type | str,
+                     zeros: Callable[..., np.ndarray] = np.zeros) -> ModelCache:
+    """model.new_cache(batch_size) for an MLA model: one LatentCache per layer."""
+    c = model.config
+    fits_in_memory(f"a latent cache for {batch_size!r} rows",
+                   latent_cache_bytes(c.n_layers, positive_int("batch_size", batch_size),
+                                      c.max_seq_len, c.kv_latent, dtype))
+    return ModelCache([LatentCache(batch_size, c.max_seq_len, c.kv_latent, dtype, zeros)
+                       for _ in range(c.n_layers)])
+
+
+# --- attention on latents ------------------------------------------------------------------------
+
+def latent_attention(
+    x: np.ndarray, p: LatentParams, mask: np.ndarray | None,
+    cache: KVCache | None = None, rotate: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The model's MLA layer, multi_head_attention's signature: x (B, T, D) -> (B, T, D) and the
+    weights (B, H, T, t_k). Without a cache, the explicit form over the T tokens' own latents;
+    with one, the new latents are appended and the absorbed form runs on every latent held.
+    rotate must be None (GPTConfig refuses RoPE with a latent). Checks x against p."""
+    x = float_array("latent_attention: x", x, ndim=3)
+    if x.shape[-1] != p.w_q.shape[0] or rotate is not None:
+        raise ValueError(f"latent_attention: x must be (B, T, {p.w_q.shape[0]}) and rotate None, "
+                         f"got {x.shape} and {'angles' if rotate is not None else None}")
+    q = split_heads(x @ p.w_q + p.b_q, p.n_heads)  # (B, T, D) -> (B, H, T, d)
+    c = x @ p.w_dkv  # (B, T, D) -> (B, T, d_c): all this token leaves behind
+    if cache is None:
+        return explicit_attention(q, c, p, mask)
+    c = c[:, None]  # (B, T, d_c) -> (B, 1, T, d_c): one shared K/V head
+    c, _ = cache.append(c, c)  # (B, 1, cached + T, d_c): the latent is key and value
+    return absorbed_attention(q, c[:, 0].astype(q.dtype, copy=False), p, mask)
+
+
+def explicit_attention(q: np.ndarray, c: np.ndarray, p: LatentParams, mask: np.ndarray | None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """K and V rebuilt from the latents, then ordinary multi-head attention: q (B, H, T, d),
+    c (B, t_k, d_c) -> (B, T, D) and weights (B, H, T, t_k). The specification."""
+    k = split_heads(c @ p.w_uk, p.n_heads)  # (B, t_k, d_c) -> (B, t_k, H d) -> (B, H, t_k, d)
+    v = split_heads(c @ p.w_uv, p.n_heads)  # (B, t_k, d_c) -> (B, H, t_k, d)
+    out, weights = scaled_dot_product_attention(q, k, v, mask)  # (B, H, T, d)
+    return merge_heads(out) @ p.w_o + p.b_o, weights  # (B, H, T, d) -> (B, T, D)
+
+
+def absorbed_attention(q: np.ndarray, c: np.ndarray, p: LatentParams, mask: np.ndarray | None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """explicit_attention's numbers without building K or V: W_uk absorbed into the query, W_uv
+    into W_O. q (B, H, T, d), c (B, t_k, d_c) -> (B, T, D) and weights (B, H, T, t_k)."""
+    B, H, T, d = q.shape
+    d_c = c.shape[-1]
+    w_uk = p.w_uk.reshape(d_c, H, d).transpose(1, 0, 2)  # (d_c, H d) -> (H, d_c, d)
+    w_uv = p.w_uv.reshape(d_c, H, d).transpose(1, 0, 2)  # (d_c, H d) -> (H, d_c, d)
+    w_o = p.w_o.reshape(H, d, -1)  # (H d, D) -> (H, d, D): head h's rows of W_O
+    # A serving engine computes these two once per set of weights; here they follow any in-place
+    # change of the weights for free. (H, d, d_c) and (H, d_c, D).
+    q_c = q @ w_uk.transpose(0, 2, 1)  # (B, H, T, d) @ (H, d, d_c) -> (B, H, T, d_c)
+    w_uvo = w_uv @ w_o  # (H, d_c, d) @ (H, d, D) -> (H, d_c, D)
+    # Attention divides scores by sqrt(width) = sqrt(d_c); the model's scores use sqrt(d).
+    q_c = q_c * math.sqrt(d_c / d)
+    shared = c[:, None]  # (B, t_k, d_c) -> (B, 1, t_k, d_c): one K/V head for all H
+    out_c, weights = grouped_attention(q_c, shared, shared, mask)  # (B, H, T, d_c)
+    out = np.einsum("bhtc,hcD->btD", out_c, w_uvo)  # sum over heads of out_c[h] @ w_uvo[h]
+    return out + p.b_o, weights  # (B, T, D)
+
+
+# --- memory: one table, formula against ModelCache.nbytes ----------------------------------------
+
+LLAMA = {"name": "Llama-2-7B shapes", "short": "Llama-2-7B", "layers": 32, "heads": 32,
+         "d_head": 128, "dtype": "float16"}
+REPO = {"name": "this repo", "short": "repo", "layers": 2, "heads": 4, "d_head": 32,
+        "dtype": "float32"}
+CONTEXTS = (4096, 32768)
+
+
+def variants(cfg: dict) -> list[tuple[str, str, Callable[[], int] | None, Callable[[int], int]]]:
+    """(cache, formula text, bytes per token per layer by formula, total bytes at T tokens by
+    formula) for one config. The window rows have their formula only (another module builds
+    them); every other row is measured in memory_rows."""
+    H, d, b = cfg["heads"], cfg["d_head"], np.dtype(cfg["dtype"]).itemsize
+    L = cfg["layers"]
+    d_c = 512 if H * d >= 4096 else 32  # DeepSeek-V2's d_c; the trained MLA model's here
+    W, S = (4096, 4) if H * d >= 4096 else (64, 4)
+    g = 8 if H * d >= 4096 else 2
+    rows = [("MHA", f"2*H*d*{b} = 2*{H}*{d}*{b}", 2 * H * d * b),
+            (f"GQA ({g} K/V heads)", f"2*H_kv*d*{b} = 2*{g}*{d}*{b}", 2 * g * d * b),
+            ("MQA (1 K/V head)", f"2*1*d*{b} = 2*{d}*{b}", 2 * d * b),
+            ("int8 (MHA)", f"2*H*(d+4) = 2*{H}*({d}+4)", 2 * H * (d + 4)),
+            (f"MLA d_c={d_c}", f"d_c*{b} = {d_c}*{b}", d_c * b)]
+    out = [(name, text, per, lambda T, per=per: L * T * per) for name, text, per in rows]
+    if H * d >= 4096:
+        out.append((f"MLA d_c={d_c} + RoPE key 64", f"(d_c+64)*{b} = 576*{b}",
+                    (d_c + 64) * b, lambda T: L * T * (d_c + 64) * b))
+    out.append((f"window W={W} (MHA)", f"2*min(T,W)*H*d*{b} flat", None,
+                lambda T: L * 2 * min(T, W) * H * d * b))
+    out.append((f"sinks S={S} + window W={W}", f"2*min(T,S+W)*H*d*{b} flat", None,
+                lambda T: L * 2 * min(T, S + W) * H * d * b))
+    return out
+
+
+def measured_bytes(cfg: dict, name: str, positions: int) -> int | None:
+    """ModelCache.nbytes of a real cache of every layer at `positions` positions, batch 1, for
+    the variant `name` (its buffers allocated, never written), or None for a window row."""
+    from beyond.int8 import Int8KVCache
+
+    H, d, dtype, L = cfg["heads"], cfg["d_head"], cfg["dtype"], cfg["layers"]
+
+    def layer() -> KVCache | None:
+        if name.startswith("MHA"):
+            return KVCache(1, H, positions, d, dtype)
+        if name.startswith(("GQA", "MQA")):
+            g = 1 if name.startswith("MQA") else int(name.split("(")[1].split()[0])
+            return KVCache(1, g, positions, d, dtype)
+        if name.startswith("int8"):
+            return Int8KVCache(1, H, positions, d, "float32")
+        if name.startswith("MLA") and "RoPE" not in name:
+            return LatentCache(1, positions, int(name.split("=")[1]), dtype)
+        return None
+
+    first = layer()
+    if first is None:
+        return None
+    return ModelCache([first] + [layer() for _ in range(L - 1)]).nbytes
+
+
+def memory_rows() -> list[list[str]]:
+    """The table's rows. For this repo's config the caches are allocated at 4k and 32k
+    positions and their nbytes compared with the formula's total; for Llama-2-7B shapes (16 GiB
+    at 32k) every layer is allocated at 64 positions and the per-token bytes compared."""
+    body, mha = [], 1
+    for cfg in (LLAMA, REPO):
+        for name, text, per, total in variants(cfg):
+            probe = 64 if cfg is LLAMA else CONTEXTS[0]
+            got = measured_bytes(cfg, name, probe)
+            measured = None if got is None else got // (cfg["layers"] * probe)
+            equal = "formula only" if got is None else "yes" if got == total(probe) else "NO"
+            if got is not None and cfg is REPO:
+                big = measured_bytes(cfg, name, CONTEXTS[1])
+                equal = "yes" if equal == "yes" and big == total(CONTEXTS[1]) else "NO"
+            mha = total(CONTEXTS[1]) if name == "MHA" else mha
+            body.append([cfg["short"], name, text, "-" if per is None else f"{per:,}",
+                         "-" if measured is None else f"{measured:,}", equal,
+                         *(human(total(T)) for T in CONTEXTS),
+                         f"{total(CONTEXTS[1]) / mha:.3f}"])
+    return body
+
+
+def memory_table() -> str:
+    """The memory table as text (what `python beyond/latent.py --memory` prints)."""
+    headers = ["config", "cache", "per token per layer", "bytes", "nbytes", "equal",
+               "total 4k", "total 32k", "32k / MHA"]
+    rows = memory_rows()
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    lines = []
+    for r in [headers, *rows]:
+        lines.append("  ".join(f"{x:<{w}}" if i < 3 else f"{x:>{w}}"
+                               for i, (x, w) in enumerate(zip(r, widths, strict=True))))
+    return "\n".join(lines)
+
+
+def human(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Multi-head latent attention: cache memory.")
+    ap.add_argument("--memory", action="store_true",
+                    help="bytes per token per layer and totals at 4k and 32k, formula against "
+                         "ModelCache.nbytes")
+    args = ap.parse_args(argv)
+    if not args.memory:
+        ap.error("give --memory")
+    print("KV cache per token per layer and in total, batch 1 (H heads, d = d_head, H_kv K/V "
+          "heads,\nd_c latent width). bytes: the formula; nbytes: ModelCache.nbytes of real "
+          "caches / (layers x positions).")
+    print(f"{LLAMA['name']}: {LLAMA['layers']} layers, {LLAMA['heads']} heads, d_head "
+          f"{LLAMA['d_head']}, {LLAMA['dtype']} (int8: int8 + float32 scales);\n"
+          f"{REPO['name']}: {REPO['layers']} layers, {REPO['heads']} heads, d_head "
+          f"{REPO['d_head']}, {REPO['dtype']}.\n")
+    print(memory_table())
+    print("\nWindow rows: the formula only (a rolling buffer of W positions, or S sinks + W). "
+          "MLA + RoPE key:\nDeepSeek-V2's layout, refused here (GPTConfig explains why).")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
