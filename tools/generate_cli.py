@@ -4,6 +4,7 @@
     python generate.py --prompt "some text"        your own string (the flag may repeat)
     python generate.py --random   the assignment's config with random weights, on token ids
     python generate.py --hf DIR --prompt "text"    a Hugging Face GPT-2 you have, run in NumPy
+    python generate.py --draft checkpoints/reverse_draft.npz   also speculative decoding
 
 The decoding itself is generate.py's; this module only prepares requests, prints and times them.
 It calls the decoders through the generate module, so that a test can swap one of them.
@@ -123,6 +124,12 @@ def trained(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
         model = GPT.load(args.checkpoint)
     except (OSError, ValueError) as err:
         ap.error(f"{err} (make train writes {CHECKPOINT.relative_to(CHECKPOINT.parents[1])})")
+    draft = None
+    if args.draft is not None:  # speculative decoding's draft: loaded before any decoding
+        try:
+            draft = GPT.load(args.draft)
+        except (OSError, ValueError) as err:
+            ap.error(f"--draft: {err} (python tools/train.py --draft writes one)")
     prompts = [task.encode(task.make_prompt(text)) for text in texts]
     c = model.config
     print(f"model: {args.checkpoint} (trained to reverse strings): d_model={c.d_model} "
@@ -137,7 +144,12 @@ def trained(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
         answer = task.decode(tokens).split(task.END)[0] + task.END
         print(f"{task.make_prompt(text):<{task.MAX_CHARS + 2}}{answer:<{task.MAX_CHARS + 2}}"
               f"{'yes' if answer == task.expected_answer(task.make_prompt(text)) else 'NO'}")
-    return 0 if print_agreement(run) else 1
+    same = print_agreement(run)
+    if draft is not None:
+        from beyond.speculative import versus_cached
+
+        same = versus_cached(model, draft, prompts, eos_id=ord(task.END)) and same
+    return 0 if same else 1
 
 
 def random_weights(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
@@ -272,7 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eos-id", type=int, default=None, help="--random: a row stops at this token")
     ap.add_argument("--prefill-chunk", type=cli_int(1), default=None,
                     help="prefill in chunks of this many tokens")
+    ap.add_argument("--draft", default=None, metavar="PATH",
+                    help="trained model only: also decode each prompt with speculative decoding, "
+                         "this draft proposing (e.g. checkpoints/reverse_draft.npz)")
     args = ap.parse_args(argv)
+    if args.draft is not None and (args.random or args.hf):
+        ap.error("--draft speculates for the trained model only, not with --random or --hf")
     if args.random and args.hf:
         ap.error("--random and --hf are two different models: pick one")
     if args.hf:

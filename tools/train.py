@@ -4,6 +4,7 @@
     python tools/train.py --no-causal-mask  the ablation: same config, steps and seed, no mask
     python tools/train.py --plot            figures/mask_ablation.png and a table, from the logs
     python tools/train.py --quick           a smoke run of a few steps, written under out/quick/
+    python tools/train.py --draft           a much smaller model, the draft of speculative decoding
 
 The torch model (TorchGPT) is the NumPy model's twin: its parameters have exactly the names and
 shapes of block.weight_shapes, used as x @ W (in, out), so exporting is {name: p.numpy()} and the
@@ -49,7 +50,11 @@ NO_MASK_LOG = "checkpoints/reverse_no_mask.log.json"
 QUICK_DIR = "out/quick"  # where --quick writes by default (ignored by git)
 LOG = "checkpoints/reverse.log.json"
 FIGURE = "figures/mask_ablation.png"
-COMMITTED = (OUT, LOG, NO_MASK_LOG, FIGURE)
+DRAFT_OUT = "checkpoints/reverse_draft.npz"  # --draft: beyond/speculative.py's draft model
+# The draft: 2 layers are kept (reversal needs a previous-token head, then a mirroring head) but
+# every width is halved, so each token costs about a quarter of the target's multiply-adds.
+DRAFT_CONFIG = {"d_model": 64, "n_heads": 4, "d_ff": 256}
+COMMITTED = (OUT, LOG, NO_MASK_LOG, FIGURE, DRAFT_OUT, "checkpoints/reverse_draft.log.json")
 
 # THREADS_NOTE: one torch thread by default. On a 2-core machine with other work running, torch's
 # default of 2 OpenMP threads spin-waits for a thread that is not scheduled: a training step took
@@ -473,15 +478,16 @@ def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
     """The checkpoint and its log for this run. The log goes next to the checkpoint, except the
     ablation's default: its weights stay under out/, its log is shipped next to the real one."""
     name = "reverse" if args.causal else "reverse_no_mask"
+    name += "_draft" if args.draft else ""
     if args.out is not None:
         out = args.out
     elif args.quick:
         out = Path(QUICK_DIR) / f"{name}.npz"
     else:
-        out = Path(OUT if args.causal else NO_MASK_OUT)
+        out = Path(DRAFT_OUT if args.draft else OUT if args.causal else NO_MASK_OUT)
     if args.log is not None:
         log = args.log
-    elif args.out is None and not args.quick and not args.causal:
+    elif args.out is None and not args.quick and not args.causal and not args.draft:
         log = Path(NO_MASK_LOG)
     else:
         log = out.with_name(out.stem + ".log.json")
@@ -514,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"steps between held-out measurements (default {d.eval_every})")
     ap.add_argument("--no-causal-mask", dest="causal", action="store_false",
                     help="the ablation: attention without the causal mask")
+    ap.add_argument("--draft", action="store_true",
+                    help=f"train the small draft model {DRAFT_CONFIG} for speculative decoding "
+                         f"(default output {DRAFT_OUT})")
     ap.add_argument("--quick", action="store_true",
                     help=f"a smoke run of 20 steps on batch 8, written under {QUICK_DIR}/ unless "
                          "--out says otherwise (never over the shipped files)")
@@ -554,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         s.steps, s.batch, s.warmup, s.eval_every, s.monitor_per_length = 20, 8, 5, 10, 1
         args.final_n = 48
     torch.set_num_threads(args.threads)  # THREADS_NOTE
-    config = GPTConfig()
+    config = GPTConfig(**DRAFT_CONFIG) if args.draft else GPTConfig()
     print(f"training {'with' if s.causal else 'WITHOUT'} the causal mask: {s.steps} steps of "
           f"{s.batch} prompts (length power {s.length_power}), lr {s.lr}, warm-up {s.warmup}, "
           f"seed {s.seed}, torch threads {torch.get_num_threads()}")

@@ -1,0 +1,1 @@
+"""Ideas beyond the assignment, one small module each (each has its page in docs/)."""
