@@ -425,17 +425,20 @@ def speed_table(target: GPT, draft: GPT, prompts: list[np.ndarray], gammas: Sequ
     print(f"decode step: target {cost['target']:.3f} ms, draft {cost['draft']:.3f} ms: c = {c:.2f}"
           f"; the verify call over g + 1 tokens costs v = verify / step target steps")
     print(f"{tokens} tokens, every decode identical to generate_cached: {same}")
-    print(f"{'gamma':>5}  {'a':>5}  {'tokens/call':>11}  {'v':>4}  {'cached':>14}  "
-          f"{'speculative':>14}  {'measured':>8}  {'formula':>7}  {'formula, v':>10}")
+    print("tokens per target call: the formula's (1 - a^(gamma+1)) / (1 - a) per round, and the "
+          "measured one (the prefill call included)")
+    print(f"{'gamma':>5}  {'a':>5}  {'formula':>7}  {'measured':>8}  {'v':>4}  {'cached':>14}  "
+          f"{'speculative':>14}  {'speed-up':>8}  {'formula':>7}  {'formula, v':>10}")
     cached_rate = tokens / ms["cached"] * 1e3
     for g in gammas:
         a, per_call = stats[g]
         v = cost[f"verify {g}"] / cost["target"]
         rate = tokens / ms[f"gamma {g}"] * 1e3
-        with_v = expected_speedup(a, g, c) * (g * c + 1) / (g * c + v)
-        print(f"{g:>5}  {a:5.3f}  {per_call:11.2f}  {v:4.2f}  {cached_rate:7.0f} tokens/s  "
-              f"{rate:7.0f} tokens/s  {rate / cached_rate:7.2f}x  {expected_speedup(a, g, c):6.2f}x"
-              f"  {with_v:9.2f}x")
+        per_round = expected_speedup(a, g, 0.0)  # c = 0: the tokens a round emits on average
+        with_v = per_round / (g * c + v)
+        print(f"{g:>5}  {a:5.3f}  {per_round:7.2f}  {per_call:8.2f}  {v:4.2f}  "
+              f"{cached_rate:7.0f} tokens/s  {rate:7.0f} tokens/s  {rate / cached_rate:7.2f}x  "
+              f"{expected_speedup(a, g, c):6.2f}x  {with_v:9.2f}x")
     return same
 
 
@@ -452,13 +455,13 @@ def bench(args: argparse.Namespace) -> int:
     prompts = [task.encode(p) for p in texts]
     gammas = range(1, 7)
     print(f"greedy, batch 1, {args.n} held-out reversal prompts (test stream, seed 0), one BLAS "
-          f"thread; medians of {args.rounds} interleaved repeats")
+          f"thread; medians of {args.rounds or 5} interleaved repeats")
     print("formula: (1 - a^(gamma+1)) / ((1 - a)(gamma c + 1)); 'formula, v' puts the measured "
           "verify cost v in place of its 1\n")
     with threadpool_limits(limits=1, user_api="blas"):
         print(f"1. the shipped pair: {TARGET.name} (d_model {target.config.d_model}) and "
               f"{Path(args.draft).name} (d_model {draft.config.d_model})")
-        same = speed_table(target, draft, prompts, gammas, args.rounds)
+        same = speed_table(target, draft, prompts, gammas, args.rounds or 5)
         big = heavier(target, args.extra_layers, args.d_ff)
         same_fn = all(np.array_equal(
             generate_cached(big, p[None], len(p), eos_id=EOS_ID).tokens,
@@ -467,8 +470,32 @@ def bench(args: argparse.Namespace) -> int:
               f"{args.extra_layers} blocks added that write nothing and d_ff {args.d_ff} (zero "
               f"weights): {big.config.n_layers} layers; its tokens equal the trained target's: "
               f"{same_fn}")
-        same &= speed_table(big, draft, prompts, gammas, args.rounds) and same_fn
+        same &= speed_table(big, draft, prompts, gammas, args.rounds or 5) and same_fn
     return 0 if same else 1
+
+
+def print_product_times(d_ff: int, rounds: int) -> None:
+    """Why the verify call costs more than a step: x (t, D) @ W for t = 1 (a decode step) and
+    t = 2, 5 (a verify call), float32, W of the heavier target's MLP."""
+    from threadpoolctl import threadpool_limits
+
+    from tools.bench import interleave, no_gc, summary
+
+    rng = np.random.default_rng(0)
+    w_fc = rng.standard_normal((128, d_ff)).astype(np.float32)  # (D, d_ff)
+    w_proj = rng.standard_normal((d_ff, 128)).astype(np.float32)  # (d_ff, D)
+    variants = {}
+    for t in (1, 2, 5):
+        x, h = (rng.standard_normal((t, n)).astype(np.float32) for n in (128, d_ff))
+        variants[f"{t}"] = lambda x=x, h=h: (x @ w_fc, h @ w_proj)
+    with threadpool_limits(limits=1, user_api="blas"), no_gc():
+        times = interleave(variants, rounds, {name: 50 for name in variants})
+    us = {t: 1e3 * summary(times[t])["median_ms"] for t in variants}
+    print(f"\nthe MLP's two products of the heavier target, (t, 128) @ (128, {d_ff}) and (t, "
+          f"{d_ff}) @ ({d_ff}, 128), float32, one BLAS thread: "
+          + ", ".join(f"t = {t}: {v:.1f} us" for t, v in us.items())
+          + f" ({us['2'] / us['1']:.1f}x for a second row: a matrix-vector product streams W once; "
+          "a matrix-matrix product also packs it into blocks)")
 
 
 def profile(args: argparse.Namespace) -> int:
@@ -489,7 +516,8 @@ def profile(args: argparse.Namespace) -> int:
               "heavier target": heavier(target, args.extra_layers, args.d_ff)}
     prompt = task.encode("abcdefghijkl=")[None]  # (1, 13)
     with threadpool_limits(limits=1, user_api="blas"), no_gc():
-        parts = {name: step_breakdown(m, prompt, True, args.rounds) for name, m in models.items()}
+        parts = {name: step_breakdown(m, prompt, True, args.rounds or 30)
+                 for name, m in models.items()}
     print("one decode step after 13 tokens, batch 1, one BLAS thread: each part timed alone with "
           "the step's own calls; the rest = measured total - parts")
     print(f"{'part':<18}" + "".join(f"{name:>24}" for name in models))
@@ -499,6 +527,7 @@ def profile(args: argparse.Namespace) -> int:
             for p in parts.values()))
     print(f"{'total':<18}" + "".join(f"{p['total_ms']:>13.3f} ms {100.0:5.1f}%"
                                      for p in parts.values()))
+    print_product_times(args.d_ff, args.rounds or 30)
     text = "abcdefghijklmnopqrstuvwx="
     profiler = cProfile.Profile()
     with threadpool_limits(limits=1, user_api="blas"):
@@ -535,8 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=1.0, help="--round: default 1.0")
     ap.add_argument("--seed", type=SEED, default=0, help="--round: the sampling seed")
     ap.add_argument("--n", type=cli_int(1), default=40, help="--bench: prompts (default 40)")
-    ap.add_argument("--rounds", type=cli_int(1), default=5,
-                    help="--bench, --profile: interleaved repeats (default 5)")
+    ap.add_argument("--rounds", type=cli_int(1), default=None,
+                    help="interleaved repeats (default: 5 with --bench, 30 with --profile)")
     ap.add_argument("--extra-layers", type=cli_int(0, 64), default=10,
                     help="--bench, --profile: blocks added to the heavier target (default 10)")
     ap.add_argument("--d-ff", type=cli_int(1, 1 << 16), default=2048,
