@@ -303,3 +303,56 @@ def test_the_speed_up_formula_by_hand():
     # a = 0.5, gamma 2: 1 + 0.5 + 0.25 = 1.75 tokens per round, cost 2 * 0.1 + 1 = 1.2
     assert spec.expected_speedup(0.5, 2, 0.1) == pytest.approx(1.75 / 1.2)
     assert spec.expected_speedup(1.0, 4, 0.25) == pytest.approx(5 / 2)
+
+
+# --- the commands around it ----------------------------------------------------------------------
+
+def test_the_heavier_target_computes_the_same_function(shipped):
+    """bench's section 2 rests on this: zero-weight blocks and zero-padded MLPs change nothing."""
+    target = shipped[0]
+    big = spec.heavier(target, 3, 1024)
+    assert big.config.n_layers == target.config.n_layers + 3 and big.config.d_ff == 1024
+    ids = held_out(1)[0][None]  # (1, P)
+    np.testing.assert_allclose(big(ids), target(ids), rtol=0, atol=TOL64)
+
+
+def test_generate_command_with_draft_checks_speculative_against_cached(capsys):
+    from tools import generate_cli
+
+    assert generate_cli.main(["--draft", str(spec.DRAFT), "--prompt", "kv cache"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens identical to cached greedy: True" in out
+    assert "acceptance rate a = " in out and "speculative / cached tokens/s: " in out
+
+
+def test_generate_command_exits_1_when_speculative_differs(capsys, monkeypatch):
+    from tools import generate_cli
+
+    def off_by_one(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out._replace(tokens=(out.tokens + 1) % 256)
+
+    real = spec.generate_speculative
+    monkeypatch.setattr(spec, "generate_speculative", off_by_one)
+    assert generate_cli.main(["--draft", str(spec.DRAFT), "--prompt", "kv cache"]) == 1
+    assert "tokens identical to cached greedy: False" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--random", "--draft", "x.npz"],
+                                  ["--draft", "no/such/draft.npz"]])
+def test_generate_command_refuses_a_draft_it_cannot_use(capsys, argv):
+    from tools import generate_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli.main(argv)
+    assert exit_info.value.code == 2
+    assert "--draft" in capsys.readouterr().err
+
+
+def test_train_draft_trains_the_small_config(tmp_path):
+    from tools import train
+
+    out = tmp_path / "draft.npz"
+    assert train.main(["--draft", "--quick", "--out", str(out)]) == 0
+    assert GPT.load(out).config == GPTConfig(**train.DRAFT_CONFIG)
+    assert (tmp_path / "draft.log.json").is_file()
