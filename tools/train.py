@@ -540,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not (args.lr > 0 and math.isfinite(args.lr)) or not args.weight_decay >= 0:
         ap.error("--lr must be a positive number and --weight-decay >= 0")
+    if args.draft and (not args.causal or args.plot):
+        ap.error("--draft trains the causal draft model: not with --no-causal-mask or --plot")
 
     if args.plot:
         figure = args.figure or Path(QUICK_DIR if args.quick else ".") / FIGURE
