@@ -356,3 +356,15 @@ def test_train_draft_trains_the_small_config(tmp_path):
     assert train.main(["--draft", "--quick", "--out", str(out)]) == 0
     assert GPT.load(out).config == GPTConfig(**train.DRAFT_CONFIG)
     assert (tmp_path / "draft.log.json").is_file()
+
+
+@pytest.mark.parametrize("flag", ["--no-causal-mask", "--plot"])
+def test_train_draft_refuses_what_would_overwrite_or_ignore_it(capsys, flag):
+    from tools import train
+
+    before = spec.DRAFT.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--draft", flag])
+    assert exit_info.value.code == 2
+    assert "--draft" in capsys.readouterr().err
+    assert spec.DRAFT.read_bytes() == before
