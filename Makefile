@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: verify test lint generate train train-ablation evaluate heatmap memory pictures bench \
+.PHONY: verify test lint generate train train-draft train-ablation evaluate heatmap memory pictures bench \
 	figures clean
 
 $(VENV)/.installed: requirements.txt
@@ -51,6 +51,10 @@ bench: $(VENV)/.installed
 # tools/train.py writes out/reverse.npz. CI never trains.
 train: $(VENV)/.installed
 	$(PY) tools/train.py --out checkpoints/reverse.npz
+
+# The draft model of speculative decoding (beyond/speculative.py), about 3 minutes on 1 thread.
+train-draft: $(VENV)/.installed
+	$(PY) tools/train.py --draft --out checkpoints/reverse_draft.npz
 
 # The unmasked run whose log figures/mask_ablation.png is drawn from (its weights stay in out/).
 train-ablation: $(VENV)/.installed

@@ -251,7 +251,8 @@ def test_the_torch_twin_computes_the_numpy_mla_model():
 
 def test_train_writes_an_mla_model_under_out_and_never_over_the_shipped_files(tmp_path):
     for causal, name in ((True, "reverse_mla32"), (False, "reverse_no_mask_mla32")):
-        args = argparse.Namespace(causal=causal, out=None, log=None, quick=False, kv_latent=32)
+        args = argparse.Namespace(causal=causal, out=None, log=None, quick=False, kv_latent=32,
+                                  draft=False)
         out, log = train.output_paths(argparse.ArgumentParser(), args)
         assert (out, log) == (ROOT / f"out/{name}.npz", ROOT / f"out/{name}.log.json")
         assert not train.is_committed(out) and not train.is_committed(log)

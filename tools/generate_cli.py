@@ -4,6 +4,7 @@
     python generate.py --prompt "some text"        your own string (the flag may repeat)
     python generate.py --random   the assignment's config with random weights, on token ids
     python generate.py --hf DIR --prompt "text"    a Hugging Face GPT-2 you have, run in NumPy
+    python generate.py --draft checkpoints/reverse_draft.npz   also speculative decoding
 
 The decoding itself is generate.py's; this module only prepares requests, prints and times them.
 It calls the decoders through the generate module, so that a test can swap one of them.
@@ -148,6 +149,8 @@ def trained(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
         ap.error(str(err))
     model = load_checkpoint(ap, args.checkpoint, " (make train writes "
                             f"{CHECKPOINT.relative_to(CHECKPOINT.parents[1])})")
+    draft = None if args.draft is None else load_checkpoint(
+        ap, args.draft, " (make train-draft writes checkpoints/reverse_draft.npz)")
     prompts = [task.encode(task.make_prompt(text)) for text in texts]
     try:  # the prompts and their answers must fit this checkpoint, before anything is printed
         prepare_request(model, prompts, max(map(len, texts)) + 1, eos_id=ord(task.END))
@@ -166,7 +169,12 @@ def trained(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
         answer = task.decode(tokens).split(task.END)[0] + task.END
         print(f"{task.make_prompt(text):<{task.MAX_CHARS + 2}}{answer:<{task.MAX_CHARS + 2}}"
               f"{'yes' if answer == task.expected_answer(task.make_prompt(text)) else 'NO'}")
-    return 0 if print_agreement(run, args.cache_dtype) else 1
+    same = print_agreement(run, args.cache_dtype)
+    if draft is not None:
+        from beyond.speculative import versus_cached
+
+        same = versus_cached(model, draft, prompts, eos_id=ord(task.END)) and same
+    return 0 if same else 1
 
 
 def random_weights(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
@@ -285,7 +293,7 @@ def _prompt_lens(text: str) -> list[int]:
 # Which flags each mode uses; a flag given to a mode that does not use it is refused (it would be
 # silently ignored). --prefill-chunk applies to every mode. Defaults are filled in after the check.
 MODE_FLAGS = {
-    "the trained model": ("--prompt", "--checkpoint"),
+    "the trained model": ("--prompt", "--checkpoint", "--draft"),
     "--random": ("--new-tokens", "--prompt-len", "--batch", "--prompt-lens", "--layers", "--seed",
                  "--dtype", "--temperature", "--top-k", "--top-p", "--eos-id"),
     "--hf": ("--prompt", "--new-tokens"),
@@ -356,7 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dtype", choices=["int8"], default=None,
                     help="store the cache as int8 with float scales (beyond/int8.py; default: "
                          "the model's dtype); compared within a stated logit bound, not exactly")
+    ap.add_argument("--draft", default=None, metavar="PATH",
+                    help="trained model only: also decode each prompt with speculative decoding, "
+                         "this draft proposing (e.g. checkpoints/reverse_draft.npz)")
     args = ap.parse_args(argv)
+    if args.draft is not None and (args.random or args.hf):
+        ap.error("--draft speculates for the trained model only, not with --random or --hf")
     if args.random and args.hf:
         ap.error("--random and --hf are two different models: pick one")
     mode = "--hf" if args.hf else "--random" if args.random else "the trained model"

@@ -4,6 +4,7 @@
     python tools/train.py --no-causal-mask  the ablation: same config, steps and seed, no mask
     python tools/train.py --plot            out/mask_ablation.png and a table, from the two logs
     python tools/train.py --quick           a smoke run of a few steps, written under out/quick/
+    python tools/train.py --draft           a much smaller model, the draft of speculative decoding
 
 Defaults are written under the repository's out/ (ignored by git), whatever the current
 directory; `make train` and `make figures` name the shipped files with --out and --figure.
@@ -53,7 +54,12 @@ SHIPPED_OUT = "checkpoints/reverse.npz"
 LOG = "checkpoints/reverse.log.json"
 NO_MASK_LOG = "checkpoints/reverse_no_mask.log.json"  # the ablation's weights are not shipped
 FIGURE = "figures/mask_ablation.png"
-COMMITTED = (SHIPPED_OUT, LOG, NO_MASK_LOG, FIGURE)
+DRAFT_OUT = "checkpoints/reverse_draft.npz"  # make train-draft: beyond/speculative.py's draft
+# The draft: 2 layers are kept (reversal needs a previous-token head, then a mirroring head) but
+# every width is halved, so each token costs about a quarter of the target's multiply-adds.
+DRAFT_CONFIG = {"d_model": 64, "n_heads": 4, "d_ff": 256}
+COMMITTED = (SHIPPED_OUT, LOG, NO_MASK_LOG, FIGURE, DRAFT_OUT,
+             "checkpoints/reverse_draft.log.json")
 QUICK_DIR = "quick"  # --quick's defaults go under out/quick/
 
 # THREADS_NOTE: one torch thread by default. On a 2-core machine with other work running, torch's
@@ -497,6 +503,7 @@ def output_paths(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     """The checkpoint and its log for this run: --out, else out/ (out/quick/ with --quick); the
     log goes next to the checkpoint as .log.json unless --log names it."""
     name = "reverse" if args.causal else "reverse_no_mask"
+    name += "_draft" if args.draft else ""
     if args.kv_latent:  # an MLA model: its own name, never the shipped checkpoint's
         name = f"{name}_mla{args.kv_latent}"
     out = args.out or default_output(ap, f"{QUICK_DIR}/{name}.npz" if args.quick else
@@ -543,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(beyond/latent.py); written to out/reverse_mla{D_C}.npz by default")
     ap.add_argument("--no-causal-mask", dest="causal", action="store_false",
                     help="the ablation: attention without the causal mask")
+    ap.add_argument("--draft", action="store_true",
+                    help=f"train the small draft model {DRAFT_CONFIG} for speculative decoding "
+                         f"(written to out/reverse_draft.npz; make train-draft writes {DRAFT_OUT})")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run of 20 steps on batch 8, written under out/quick/ unless "
                          "--out says otherwise (never over the shipped files)")
@@ -557,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--final-n", type=cli_int(1, 100_000), default=None,
                     help="held-out prompts for the final exact match (default 1000)")
     args = ap.parse_args(argv)
+    if args.draft and (not args.causal or args.plot or args.kv_latent):
+        ap.error("--draft trains the causal draft model: not with --no-causal-mask, --plot or "
+                 "--kv-latent")
 
     if args.plot:
         refuse_unused(ap, args, TRAINING_FLAGS, "trains; --plot only draws from the logs")
@@ -582,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
         s.steps, s.batch, s.warmup, s.eval_every, s.monitor_per_length = 20, 8, 5, 10, 1
         final_n = 48
     torch.set_num_threads(given("threads", 1))  # THREADS_NOTE
-    config = GPTConfig(kv_latent=args.kv_latent)
+    config = GPTConfig(**DRAFT_CONFIG) if args.draft else GPTConfig(kv_latent=args.kv_latent)
     print(f"training {'with' if s.causal else 'WITHOUT'} the causal mask: {s.steps} steps of "
           f"{s.batch} prompts (length power {s.length_power}), lr {s.lr}, warm-up {s.warmup}, "
           f"seed {s.seed}, torch threads {torch.get_num_threads()}")
