@@ -25,6 +25,9 @@ with tight tolerances prove the algebra is exact; float32 notes show what a user
                       RoPE, padding, chunked prefill, float64 and float32
    13 flash == readable online-softmax attention (beyond/flash.py) == the five steps, exactly
    14 window == naive  a rolling buffer (beyond/window.py) == the band-masked full forward
+   15 speculative      draft + verify (beyond/speculative.py) == cached greedy decoding
+   16 int8 cache       int8 K/V (beyond/int8.py) within a proved attention bound, stated logits
+   17 latent (MLA)     absorbed latent decode (beyond/latent.py) == the explicit naive path
 
 Every model here runs the readable path (fast=False), the code a learner reads; check 12 proves
 the engine, which the commands use, computes the same numbers.
@@ -55,8 +58,9 @@ import attention
 import block
 import cache
 import generate
-from beyond import window
+from beyond import int8, window
 from beyond.flash import flash_attention
+from beyond.speculative import generate_speculative
 from parts import references as ref
 from parts import rope
 
@@ -792,6 +796,93 @@ def check_window() -> Evidence:
     note = (f"40 tokens past max_seq_len 32, W=4 + 2 sinks, cache {nbytes.pop()} bytes "
             "throughout")
     return Evidence(measures, note)
+
+
+# --- check 15: speculative decoding == cached decoding --------------------------------------------
+
+@check(15, "speculative", "draft + one verify call == target")
+def check_speculative() -> Evidence:
+    """Greedy speculative decoding (beyond/speculative.py): a draft proposes gamma tokens, the
+    target verifies them in one chunked call, both caches roll back to the accepted ones.
+    Whatever the draft, the tokens must be generate_cached's and the logits equal in float64:
+    a random draft (proposals rejected), the target with its weights perturbed (some accepted,
+    then a rejection: the rollback path) and the target as its own draft (all accepted: the
+    draft's cache lags one token), gamma 1 to 5, the assignment's config."""
+    target = ref.random_model(ASSIGNMENT_CONFIG)
+    noise = np.random.default_rng(8)
+    perturbed = {name: w + 0.01 * noise.standard_normal(w.shape)
+                 for name, w in target.named_weights().items()}
+    drafts = {"random draft": block.GPT(block.GPTConfig(d_model=32, n_heads=2, n_layers=1,
+                                                        init_std=0.2), seed=7, dtype=np.float64,
+                                        fast=False),
+              "target + noise": block.GPT(ASSIGNMENT_CONFIG, dtype=np.float64, weights=perturbed,
+                                          fast=False),
+              "draft = target": target}
+    prompt = random_ids((1, 7), seed=13)  # (1, P): speculative decoding runs one prompt
+    want = generate.generate_cached(target, prompt, 24)
+    mismatch, err, rates = 0, 0.0, {}
+    shown = ["      draft            gamma  target calls  acceptance  max |logit diff|"]
+    for name, draft in drafts.items():
+        for gamma in range(1, 6):
+            got = generate_speculative(target, draft, prompt, 24, gamma=gamma)
+            mismatch += int(got.tokens.shape != want.tokens.shape
+                            or np.any(got.tokens != want.tokens))
+            diff = max_abs(got.logits, want.logits)
+            err = max(err, diff)
+            rates[name] = got.acceptance_rate
+            shown.append(f"      {name:<15}  {gamma:>5}  {1 + len(got.rounds):>12}  "
+                         f"{got.acceptance_rate:>10.2f}  {diff:.1e}")
+    measures = [Measure("float64 |speculative - cached| logits", err, 1e-10),
+                Measure("gammas whose tokens differ from cached", mismatch, 0)]
+    note = "acceptance at gamma 5: " + ", ".join(f"{name.split()[0]} {rate:.2f}"
+                                                 for name, rate in rates.items())
+    return Evidence(measures, note, "\n".join(shown))
+
+
+# --- check 16: the int8 cache, within its proved and stated bounds --------------------------------
+
+@check(16, "int8 cache", "int8 K/V within the proved bound")
+def check_int8() -> Evidence:
+    """beyond/int8.py stores K and V as int8 with a float scale per token and head. One attention
+    call over the dequantized K, V must stay within int8.attention_error_bound of the float one
+    (a proof, so the excess must be 0); the model's logits with an int8 cache must stay within
+    the stated tolerance (5% of the largest logit) of the float model's on the same tokens."""
+    rng = np.random.default_rng(16)
+    q, k, v = (rng.standard_normal((2, 4, t, 32)) for t in (3, 20, 20))
+    k_hat, v_hat = int8.Int8KVCache(2, 4, 32, 32, "float64").append(k, v)
+    mask = attention.causal_mask(3, 20)
+    gap = np.abs(attention.scaled_dot_product_attention(q, k_hat, v_hat, mask)[0]
+                 - attention.scaled_dot_product_attention(q, k, v, mask)[0])
+    excess = max(float(np.max(gap - int8.attention_error_bound(q, k, v))), 0.0)
+    model = ref.random_model(ASSIGNMENT_CONFIG)
+    run = generate.generate_cached(model, RAGGED_PROMPTS, 8, cache_dtype="int8")
+    rel = max_rel(run.logits, int8.teacher_forced_logits(model, RAGGED_PROMPTS, run.tokens))
+    measures = [Measure("attention: excess over the proved bound", excess, 0),
+                Measure("logits: max |int8 - float| / max |logit|", rel, int8.LOGIT_TOLERANCE)]
+    kv = model.new_cache(1, dtype="int8")
+    ratio = kv.nbytes / model.new_cache(1, dtype="float32").nbytes
+    return Evidence(measures, f"logits within {rel:.1%} of the largest; bytes {ratio:.3f}x "
+                              "float32's, scales counted")
+
+
+# --- check 17: the latent (MLA) cache: absorbed decode == explicit --------------------------------
+
+@check(17, "latent (MLA)", "absorbed cached decode == explicit")
+def check_latent() -> Evidence:
+    """GPTConfig(kv_latent=32): each layer caches one 32-wide latent per token. Without a cache
+    the model computes K and V from the latents explicitly; with one it absorbs W_uk into the
+    query and W_uv into W_O and attends over the latents. Cached greedy decoding of a padded
+    batch must give the naive logits and tokens, float64."""
+    config = block.GPTConfig(**{**vars(ASSIGNMENT_CONFIG), "n_kv_heads": None, "kv_latent": 32})
+    model = ref.random_model(config)
+    naive = generate.generate_naive(model, RAGGED_PROMPTS, 6)
+    cached = generate.generate_cached(model, RAGGED_PROMPTS, 6, prefill_chunk=3)
+    full = ref.random_model(ASSIGNMENT_CONFIG).new_cache(1).nbytes
+    measures = [Measure("float64 |cached (absorbed) - naive (explicit)|",
+                        max_abs(cached.logits, naive.logits), 1e-12),
+                Measure("tokens differing", int(np.sum(cached.tokens != naive.tokens)), 0)]
+    return Evidence(measures, f"d_c = 32: the cache is {model.new_cache(1).nbytes / full:.3f}x "
+                              "the MHA cache's bytes")
 
 
 # --- running and printing ------------------------------------------------------------------------

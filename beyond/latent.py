@@ -268,8 +268,8 @@ CONTEXTS = (4096, 32768)
 
 def variants(cfg: dict) -> list[tuple[str, str, Callable[[], int] | None, Callable[[int], int]]]:
     """(cache, formula text, bytes per token per layer by formula, total bytes at T tokens by
-    formula) for one config. The window rows have their formula only (another module builds
-    them); every other row is measured in memory_rows."""
+    formula) for one config; memory_rows measures every row. A window's rolling buffer holds
+    S + W slots from the start, whatever T: its total is flat."""
     H, d, b = cfg["heads"], cfg["d_head"], np.dtype(cfg["dtype"]).itemsize
     L = cfg["layers"]
     d_c = 512 if H * d >= 4096 else 32  # DeepSeek-V2's d_c; the trained MLA model's here
@@ -284,17 +284,19 @@ def variants(cfg: dict) -> list[tuple[str, str, Callable[[], int] | None, Callab
     if H * d >= 4096:
         out.append((f"MLA d_c={d_c} + RoPE key 64", f"(d_c+64)*{b} = 576*{b}",
                     (d_c + 64) * b, lambda T: L * T * (d_c + 64) * b))
-    out.append((f"window W={W} (MHA)", f"2*min(T,W)*H*d*{b} flat", None,
-                lambda T: L * 2 * min(T, W) * H * d * b))
-    out.append((f"sinks S={S} + window W={W}", f"2*min(T,S+W)*H*d*{b} flat", None,
-                lambda T: L * 2 * min(T, S + W) * H * d * b))
+    out.append((f"window W={W} (MHA)", f"2*W*H*d*{b} per layer, flat", None,
+                lambda T: L * 2 * W * H * d * b))
+    out.append((f"sinks S={S} + window W={W}", f"2*(S+W)*H*d*{b} per layer, flat", None,
+                lambda T: L * 2 * (S + W) * H * d * b))
     return out
 
 
 def measured_bytes(cfg: dict, name: str, positions: int) -> int | None:
     """ModelCache.nbytes of a real cache of every layer at `positions` positions, batch 1, for
-    the variant `name` (its buffers allocated, never written), or None for a window row."""
+    the variant `name` (its buffers allocated, never written). A window's cache holds its slots
+    whatever `positions` is."""
     from beyond.int8 import Int8KVCache
+    from beyond.window import RollingKVCache, WindowCache
 
     H, d, dtype, L = cfg["heads"], cfg["d_head"], cfg["dtype"], cfg["layers"]
 
@@ -310,6 +312,11 @@ def measured_bytes(cfg: dict, name: str, positions: int) -> int | None:
             return LatentCache(1, positions, int(name.split("=")[1]), dtype)
         return None
 
+    if "window" in name:  # "window W=64 (MHA)" or "sinks S=4 + window W=64"
+        W = int(name.split("W=")[1].split()[0])
+        S = int(name.split("S=")[1].split()[0]) if name.startswith("sinks") else 0
+        return WindowCache([RollingKVCache(1, H, W, d, dtype, np.zeros, S)
+                            for _ in range(L)]).nbytes
     first = layer()
     if first is None:
         return None
@@ -325,7 +332,7 @@ def memory_rows() -> list[list[str]]:
         for name, text, per, total in variants(cfg):
             probe = 64 if cfg is LLAMA else CONTEXTS[0]
             got = measured_bytes(cfg, name, probe)
-            measured = None if got is None else got // (cfg["layers"] * probe)
+            measured = None if got is None or per is None else got // (cfg["layers"] * probe)
             equal = "formula only" if got is None else "yes" if got == total(probe) else "NO"
             if got is not None and cfg is REPO:
                 big = measured_bytes(cfg, name, CONTEXTS[1])
@@ -374,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{REPO['name']}: {REPO['layers']} layers, {REPO['heads']} heads, d_head "
           f"{REPO['d_head']}, {REPO['dtype']}.\n")
     print(memory_table())
-    print("\nWindow rows: the formula only (a rolling buffer of W positions, or S sinks + W). "
-          "MLA + RoPE key:\nDeepSeek-V2's layout, refused here (GPTConfig explains why).")
+    print("\nWindow rows: a rolling buffer of W slots (or S sinks + W), allocated whole, so their "
+          "bytes are\nflat in T; 'equal' compares the allocated buffers with the formula. MLA + "
+          "RoPE key:\nDeepSeek-V2's layout, formula only: refused here (GPTConfig explains why).")
     return 0
 
 

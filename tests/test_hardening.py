@@ -315,3 +315,18 @@ def test_attention_does_not_write_into_its_inputs():
     layer_norm(k)
     for a, b in zip((q, k, v), copies, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_the_scores_lead_axes_come_from_q_k_and_v_together():
+    """The mask is checked against the scores' shape, whose leading axes broadcast q's, k's and
+    v's: a (2, 4, 4) mask fits a batched q with shared k and v, and a batched k with a shared q;
+    leading axes that do not broadcast are refused by name, not by NumPy."""
+    rng = np.random.default_rng(8)
+    mask = np.broadcast_to(causal_mask(4), (2, 4, 4))
+    for q, k in (((2, 4, 8), (4, 8)), ((4, 8), (2, 4, 8))):
+        out, weights = scaled_dot_product_attention(rng.standard_normal(q), rng.standard_normal(k),
+                                                    rng.standard_normal((4, 8)), mask)
+        assert weights.shape == (2, 4, 4) and np.all(np.triu(weights, k=1) == 0)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        scaled_dot_product_attention(rng.standard_normal((2, 4, 8)), rng.standard_normal((3, 4, 8)),
+                                     rng.standard_normal((4, 8)))

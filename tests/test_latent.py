@@ -274,7 +274,11 @@ def test_the_memory_table_matches_the_formulas():
     assert per[(repo, "int8 (MHA)")] == f"{2 * 4 * (32 + 4):,}"
     assert per[(repo, "MLA d_c=32")] == f"{32 * 4:,}"
     measured = [r for r in rows.values() if r[5] != "formula only"]
-    assert len(measured) == 10 and all(r[5] == "yes" and r[3] == r[4] for r in measured)
+    per_token = [r for r in measured if r[3] != "-"]
+    assert len(measured) == 14 and all(r[5] == "yes" for r in measured)
+    assert len(per_token) == 10 and all(r[3] == r[4] for r in per_token)
+    # the windows' buffers: S + W slots per layer, whatever the context
+    assert rows[(repo, "sinks S=4 + window W=64")][6:8] == ["136.00 KiB", "136.00 KiB"]
     assert rows[(llama, "MHA")][7] == "16.00 GiB"  # 32k tokens: the README's figure
     assert rows[(llama, "MLA d_c=512")][8] == f"{1 / 16:.3f}"  # 1,024 of 16,384 bytes
     assert rows[(repo, "MLA d_c=32")][8] == f"{1 / 8:.3f}"  # 128 of 1,024 bytes

@@ -277,8 +277,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{one_shot / scores:.1f}"],
                  ["chunks of 256", f"(1, 4, 256, {T}) = {human(scores * 256 // T)}",
                   human(chunked), f"{chunked / (scores * 256 // T):.1f}"]]))
-    print("(peak / matrix > 1: one score-sized array, masked and normalised in place, plus the"
-          " cache, the bool mask and its negation, and the layer's activations)")
+    print("(the score matrix a prefill of that many queries would form; from 1,024 queries on the"
+          " engine runs\nonline-softmax attention (beyond/flash.py), which never forms it, so the"
+          " one-shot peak is\nbelow it; chunks of 256 form one (256, T) array, masked and"
+          " normalised in place)")
     relative = np.abs(a - b).max() / np.abs(a).max()
     same = relative <= TOLERANCE
     print(f"same last logits: max |difference| = {np.abs(a - b).max():.2e} = {relative:.1e} x "
