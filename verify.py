@@ -1,4 +1,4 @@
-"""Verification harness: every check the course asks for, each against an outside reference.
+"""Verification harness: every check the assignment asks for, each against an outside reference.
 
     python verify.py                  one line per check: what it proves, error, tolerance, verdict
     python verify.py --verbose        also the matrices, shape tables and tensors behind each check
@@ -695,7 +695,7 @@ ENGINE_CONFIGS = {"MHA": {}, "GQA": {"n_kv_heads": 2}, "MQA": {"n_kv_heads": 1},
 ENGINE_PROMPTS = [150, 40, 97]  # left-padded to 150: more than one 128-query block
 
 
-@check(12, "fast == readable", "engine == the readable path, all modes")
+@check(12, "fast == readable", "engine == readable path, all modes")
 def check_engine() -> Evidence:
     """The same weights run twice, readable (GPT.forward) and fast (engine.fast.forward): a
     left-padded batch's logits and every layer's attention weights, and cached greedy decoding
@@ -734,7 +734,7 @@ def check_engine() -> Evidence:
 FLASH_BLOCKS = (1, 3, 7, 64)  # 64: one block holds all the keys of every case
 
 
-@check(13, "flash == readable", "online softmax by key blocks, exact")
+@check(13, "flash == readable", "online softmax == the five steps")
 def check_flash() -> Evidence:
     """beyond/flash.py's flash_attention (keys in blocks, a running max, sum and output per row,
     never the weights) against attention.scaled_dot_product_attention, float64: square, 3 after 7
@@ -932,7 +932,7 @@ def _clip(text: str) -> str:
 
 # --- the failure-mode gallery --------------------------------------------------------------------
 # Each broken function below is one classic bug: the assignment's table of common failure modes and
-# the course's list of traps. They live only here; the gallery swaps one in for a single run of the
+# the usual list of traps. They live only here; the gallery swaps one in for a single run of the
 # checks and puts the real one back in a finally block.
 
 _REAL_POSITIONS_AND_MASK = block.positions_and_mask
