@@ -1,7 +1,9 @@
 """bench.py: the --quick run writes every field it promises, its correctness guards pass,
 and its numbers are finite; the batched section and the profile breakdown are there and the
-breakdown's parts add up to the measured total; the concatenating cache it compares against really
-is a KV cache; the query blocks its prefill relies on change no result.
+breakdown's parts add up to the measured total; the tricks section times every switch of
+engine.fast.TRICKS, each switch really changes the engine's code path and none changes a result;
+the concatenating cache it compares against really is a KV cache; the query blocks its prefill
+relies on change no result.
 No timing assertions: the machine may be busy."""
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ def test_quick_run_passes_its_correctness_guards(quick):
 def test_json_has_every_promised_field(quick):
     _, r, _, _ = quick
     assert {"header", "settings", "latency_vs_position", "total_time", "vs_hf", "cache_append",
-            "cache_decode", "memory", "batched_decode", "profile", "targets", "correctness",
-            "figures"} <= set(r)
+            "cache_decode", "memory", "batched_decode", "profile", "tricks", "targets",
+            "correctness", "figures"} <= set(r)
     # The header names the machine: CPU, threads, BLAS library and kernel, versions, load.
     assert {"cpu", "cpu_count", "blas_library", "blas_kernel", "blas_threads", "torch_threads",
             "numpy", "torch", "openblas_coretype", "load_average_at_start",
@@ -285,3 +287,171 @@ def test_the_floor_streams_the_matrices_the_engine_multiplies_by():
     changed = fast(ids)
     assert np.abs(changed - before).max() > 1e-6
     np.testing.assert_allclose(changed, readable(ids), rtol=0, atol=1e-12)
+
+
+# --- 9. what each trick buys ---------------------------------------------------------------------
+
+def test_the_tricks_section_times_every_switch(quick):
+    _, r, _, text = quick
+    t = r["tricks"]
+    assert t["tricks"] == list(engine.TRICKS) and t["prompt_len"] == bench.QUICK.tricks_len
+    expected = {"mha": ["readable", "engine", *(f"without {x}" for x in engine.TRICKS)],
+                "gqa": ["readable", "engine", "without shared_kv_heads"]}
+    for key, variants in expected.items():
+        x = t[key]
+        assert x["variants"] == variants
+        assert all(d <= bench.TRICKS_RTOL for d in x["max_rel_logit_diff"].values())
+        for step in ("prefill", "decode"):
+            assert list(x[step]) == variants
+            engine_ms = x[step]["engine"]["median_ms"]
+            for name in variants:  # each ratio is that variant's median over the engine's
+                assert x[f"{step}_over_engine"][name] == pytest.approx(
+                    x[step][name]["median_ms"] / engine_ms, rel=1e-12)
+        assert x["decode"]["engine"]["n"] == bench.QUICK.tricks_rounds * bench.DECODE_BLOCK
+    assert t["gqa"]["n_kv_heads"] == 4 and t["n_heads"] == 12
+    assert "9. what each trick buys" in text
+    lines = text[text.index("9. what each trick buys"):].splitlines()
+    for name in expected["mha"][2:]:
+        assert sum(line.lstrip().startswith(name + " ") for line in lines) == (
+            2 if name == "without shared_kv_heads" else 1)
+
+
+TINY_SHAPE = dict(vocab_size=64, n_positions=192, n_embd=48, n_head=6, n_layer=2)
+
+
+def test_tricks_alone_writes_under_out_tricks_only(tmp_path):
+    """--tricks runs section 9 alone, with the machine header (BLAS library, kernel, threads),
+    and writes out/tricks/bench.json only. GPT-2-small shapes swapped for tiny ones: fast."""
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.chdir(tmp_path)
+        mp.setattr(bench, "FULL", bench.QUICK)
+        mp.setattr(bench, "GPT2_SMALL_SHAPE", TINY_SHAPE)
+        assert bench.main(["--tricks", "--threads", "1"]) == 0
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["out/tricks/bench.json"]
+    r = json.loads((tmp_path / written[0]).read_text())
+    assert set(r) == {"header", "settings", "tricks", "figures"}
+    assert r["tricks"]["gqa"]["n_kv_heads"] == 2 and r["tricks"]["n_heads"] == 6
+    text = printed.getvalue()
+    assert "BLAS: " in text and "kernel=" in text and "threads=1" in text
+    assert "grouped-query attention, 2 K/V heads shared by the 6 query heads" in text
+
+
+def test_a_broken_switch_stops_the_tricks_section(monkeypatch):
+    """The section checks every variant against the readable path before timing: a switch whose
+    path computes a LayerNorm 1% off is refused, by name."""
+    real = engine.norm
+
+    def broken(x, gamma, beta, eps):
+        y = real(x, gamma, beta, eps)
+        return y if engine.TRICKS["in_place"] else 1.01 * y
+
+    monkeypatch.setattr(engine, "norm", broken)
+    config = GPTConfig(vocab_size=64, max_seq_len=16, d_model=32, n_heads=2, n_layers=1,
+                       init_std=0.2)
+    variants = bench.trick_variants(config, 0, ["fused_qkv", "in_place"])
+    with pytest.raises(RuntimeError, match="'without in_place'"):
+        bench.trick_timings(variants, np.arange(8)[None], rounds=1)
+    assert engine.TRICKS["in_place"]  # switched back on after the failure
+
+
+class MatmulSpy(np.ndarray):
+    """An array that records the ndim of the left operand of every matmul it takes part in."""
+
+    ndims: list[int] = []
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        if ufunc is np.matmul:
+            MatmulSpy.ndims.append(inputs[0].ndim)
+        return getattr(ufunc, method)(*(np.asarray(a) for a in inputs), **kwargs)
+
+
+def spy(monkeypatch, owner, name: str, record) -> None:
+    """owner.name replaced by a function that calls record(*args) and then the real one."""
+    real = getattr(owner, name)
+
+    def spied(*args):
+        record(*args)
+        return real(*args)
+
+    monkeypatch.setattr(owner, name, spied)
+
+
+def spy_on_products(monkeypatch, seen: list) -> None:
+    real = engine.linear
+    MatmulSpy.ndims = seen
+    monkeypatch.setattr(engine, "linear",
+                        lambda x, w, b=None: np.asarray(real(x.view(MatmulSpy), w, b)))
+
+
+def spy_on_pages(monkeypatch, seen: list) -> None:
+    multiarray = np._core.multiarray
+    spy(monkeypatch, multiarray, "_set_madvise_hugepage", seen.append)
+
+
+# Per switch: how to watch the engine, and what it must see with the switch on and off, worked
+# out by hand for the run in run_engine (prefill of 300 tokens, one decode step, the full
+# forward; 2 layers, d_model 128, 4 query heads, 2 K/V heads of 32, d_ff 512, vocab 100, 2 rows).
+PROBES = {
+    # the left operand of every weight product: (B * T, D) flattened, or (B, T, D) as it comes
+    "flat_products": (spy_on_products, lambda seen: set(seen), {2}, {3}),
+    # the width of every weight product: [W_Q | W_K | W_V] is 128 + 64 + 64 = 256 wide
+    "fused_qkv": (lambda mp, seen: spy(mp, engine, "linear", lambda x, w, b=None: seen.append(
+        w.shape[1])), lambda seen: 256 in seen, True, False),
+    # the readable layer_norm and softmax, called only with the switch off: 3 runs of 2 layers
+    # with 2 LayerNorms each and a final one; one softmax per query block (as below)
+    "in_place": (lambda mp, seen: (spy(mp, engine, "layer_norm", lambda *a: seen.append(1)),
+                                   spy(mp, engine, "softmax", lambda *a: seen.append(1))),
+                 len, 0, 3 * (2 * 2 + 1) + ((3 + 1) + 2 + 2 * 3)),
+    # query blocks: 300 queries = 128 + 128 + 44 in each layer of the full forward and in the
+    # prefill's first layer (its last runs the last query alone); a decode step's one query is
+    # one block
+    "query_blocks": (lambda mp, seen: spy(mp, engine, "attend", lambda *a: seen.append(1)),
+                     len, (3 + 1) + 2 + 2 * 3, 2 + 2 + 2),
+    # query rows into the MLP (W_fc is 512 wide) of each layer: prefill, decode, full forward
+    "last_position_only": (lambda mp, seen: spy(mp, engine, "linear", lambda x, w, b=None: (
+        seen.append(x.shape[1]) if w.shape[1] == 512 else None)), list,
+        [300, 1, 1, 1, 300, 300], [300, 300, 1, 1, 300, 300]),
+    # NumPy's huge-page request is switched off (and back) for each cache buffer: 2 per layer
+    "small_pages": (spy_on_pages, lambda seen: seen.count(False), 2 * 2, 0),
+    # K as attention gets it: (B, H_kv, 1, t, d), broadcast over each group, or (B, H, t, d)
+    "shared_kv_heads": (lambda mp, seen: spy(mp, engine, "attention", lambda q, k, v, m: (
+        seen.append(k.shape[1:3]))), set, {(2, 1)}, {(4, 300), (4, 301)}),
+}
+
+
+def run_engine(model_of, off: tuple[str, ...] = ()) -> np.ndarray:
+    """Prefill 300 tokens of 2 rows (last logits), one decode step, and the full forward of the
+    300 tokens, with `off` switched off while the model and its cache are built and run:
+    logits (2, 2 + 300, V) stacked."""
+    ids = np.random.default_rng(5).integers(0, 100, (2, 300))
+    with bench.switched_off(off):
+        model = model_of()
+        cache = model.new_cache(2)
+        last = prefill(model, ids, cache)
+        step = decode(model, ids[:, 0], cache)
+        return np.concatenate([last[:, None], step[:, None], model(ids)], axis=1)
+
+
+SWITCH_CONFIG = GPTConfig(vocab_size=100, max_seq_len=320, n_heads=4, n_kv_heads=2, init_std=0.2)
+
+
+@pytest.fixture(scope="module")
+def readable_logits():
+    return run_engine(lambda: GPT(SWITCH_CONFIG, seed=2, dtype=np.float64, fast=False))
+
+
+@pytest.mark.parametrize("trick", list(engine.TRICKS))
+def test_each_switch_changes_the_path_not_the_numbers(trick, readable_logits, monkeypatch):
+    assert set(PROBES) == set(engine.TRICKS)  # a new switch needs a probe here
+    watch, observe, when_on, when_off = PROBES[trick]
+    engine_model = lambda: GPT(SWITCH_CONFIG, seed=2, dtype=np.float64)  # noqa: E731
+    seen: list = []
+    for off, expected in (((), when_on), ((trick,), when_off)):
+        seen.clear()
+        with monkeypatch.context() as mp:
+            watch(mp, seen)
+            logits = run_engine(engine_model, off)
+        assert observe(seen) == expected, (trick, off)
+        np.testing.assert_allclose(logits, readable_logits, rtol=1e-12, atol=1e-12)

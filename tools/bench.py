@@ -18,6 +18,8 @@ Eight measurements:
        floor's bound (B tokens per pass over the weights)
     8. where the time goes: one decode step and one prefill split into matrix products,
        attention, elementwise ops, cache writes and Python overhead
+    9. what each trick buys: the readable path, the engine, and the engine with each switch of
+       engine.fast.TRICKS off in turn, on a 512-token prefill and one decode step after it
 
 Writes bench.json (--json) and PNG plots (--figures, default figures/):
     bench_decode_latency.png   per-step latency vs position, naive vs cached (log y)
@@ -26,7 +28,8 @@ Writes bench.json (--json) and PNG plots (--figures, default figures/):
     bench_batch.png            decode tokens/s vs batch size: ours, Hugging Face, the floor's bound
     bench_profile.png          section 8 as stacked bars
 `--quick` runs the same measurements at small sizes (a smoke test, under a minute) and writes
-under out/quick/; `--profile` runs section 8 alone (figure under out/profile/);
+under out/quick/; `--profile` runs section 8 alone (figure under out/profile/), `--tricks`
+section 9 alone (bench.json under out/tricks/);
 `--threads 1` limits BLAS and torch to one thread (on a busy machine two OpenBLAS threads on two
 cores wait for each other and medians grow 10-100x). The header names the other processes that
 held a core at start and end, this process's nice value and its session's autogroup, and how
@@ -64,7 +67,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from block import GPT
+from block import GPT, GPTConfig
 from cache import KVCache, ModelCache, kv_cache_bytes
 from engine import fast as engine
 from generate import decode, generate_cached, generate_naive, greedy, prefill
@@ -80,6 +83,7 @@ NAMES = {"assignment": "assignment widths, 2048 positions, vocab 256",
 PROMPT_LEN = 16  # the prompt before every decode measurement of sections 1-6
 QUICK_DIR = "out/quick"  # where --quick writes by default (ignored by git)
 PROFILE_DIR = "out/profile"  # where --profile alone writes its figure by default
+TRICKS_DIR = "out/tricks"  # where --tricks alone writes by default
 
 
 @dataclass
@@ -105,6 +109,8 @@ class Settings:
     batch_new_tokens: int
     batch_rounds: int
     profile_rounds: int  # section 8: repeats of the whole step and of each part
+    tricks_len: int  # section 9: prompt length of the prefill, then one decode step after it
+    tricks_rounds: int  # prefills per variant (decode steps: DECODE_BLOCK times as many)
 
 
 FULL = Settings(positions=(16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2047), sweep_rounds=5,
@@ -113,13 +119,14 @@ FULL = Settings(positions=(16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2047), sw
                 append_lengths=(128, 256, 512, 1024, 2048), append_repeats=300,
                 concat_decode_tokens=2048 - PROMPT_LEN, concat_rounds=3, memory_seq_len=2048,
                 batch_sizes=(1, 8, 32), batch_prompt_len=64, batch_new_tokens=64,
-                batch_rounds=2, profile_rounds=21)
+                batch_rounds=2, profile_rounds=21, tricks_len=512, tricks_rounds=5)
 QUICK = Settings(positions=(16, 256, 2047), sweep_rounds=2, cached_inner=5,
                  total_tokens=(64, 128), total_rounds=(1, 1), decode_steps=(16, 8),
                  decode_rounds=(2, 2), prefill_len=128, prefill_rounds=2,
                  append_lengths=(128, 2048), append_repeats=50, concat_decode_tokens=256,
                  concat_rounds=1, memory_seq_len=2048, batch_sizes=(1, 4), batch_prompt_len=16,
-                 batch_new_tokens=8, batch_rounds=1, profile_rounds=3)
+                 batch_new_tokens=8, batch_rounds=1, profile_rounds=3, tricks_len=160,
+                 tricks_rounds=1)
 
 
 # --- timing helpers ------------------------------------------------------------------------------
@@ -838,6 +845,98 @@ def profile(s: Settings, seed: int) -> dict:
             "decode": dec, "prefill": pre}
 
 
+# --- 9. what each trick buys ---------------------------------------------------------------------
+
+TRICKS_RTOL = 1e-4  # every variant's float32 logits within this of the readable path's (relative)
+
+
+@contextmanager
+def switched_off(tricks: tuple[str, ...]):
+    """engine.TRICKS with `tricks` off inside the block, every switch as it was after it."""
+    saved = dict(engine.TRICKS)
+    engine.TRICKS.update(dict.fromkeys(tricks, False))
+    try:
+        yield
+    finally:
+        engine.TRICKS.update(saved)
+
+
+def trick_variants(config: GPTConfig, seed: int, tricks: list[str]
+                   ) -> dict[str, tuple[GPT, tuple[str, ...]]]:
+    """name -> (model, the switches it runs with off): the readable path, the engine, and the
+    engine without each of `tricks`. All share one set of random weights. fused_qkv is decided
+    when a model is built (GPT(fast=True) stores W_Q | W_K | W_V side by side), so the engine
+    without it runs on weights stored apart, as the readable model stores them."""
+    readable = GPT(config, seed, fast=False)
+    fast = GPT(config, weights=readable.named_weights())
+    apart = GPT(config, weights=readable.named_weights(), fast=False)
+    apart.fast = True  # W_Q, W_K, W_V stored apart, run by the engine
+    variants = {"readable": (readable, ()), "engine": (fast, ())}
+    for t in tricks:
+        variants[f"without {t}"] = (apart if t == "fused_qkv" else fast, (t,))
+    return variants
+
+
+def trick_timings(variants: dict[str, tuple[GPT, tuple[str, ...]]], prompt: np.ndarray,
+                  rounds: int) -> dict:
+    """For each variant: a prefill of prompt (1, P) into a fresh cache, and one decode step at
+    position P (the cache rewound to P each time), all in ONE interleaved loop, each variant's
+    switches off only while it runs; caches are made with them off too (small_pages acts
+    there). First every variant's prefill and decode logits are checked against the readable
+    path's: a broken switch stops the benchmark before anything is timed."""
+    P, token = prompt.shape[1], prompt[:, 0]  # any token will do for the timed step
+    timed, diffs, reference = {}, {}, None
+    for name, (model, off) in variants.items():
+        with switched_off(off):
+            cache = model.new_cache(1)
+            logits = np.concatenate([prefill(model, prompt, cache), decode(model, token, cache)])
+        reference = logits if reference is None else reference  # (2, V): the readable's
+        diffs[name] = float(np.abs(logits - reference).max() / np.abs(reference).max())
+        if not diffs[name] <= TRICKS_RTOL:
+            raise RuntimeError(f"tricks: {name!r} gives logits {diffs[name]:.2e} (relative) from "
+                               f"the readable path's, more than {TRICKS_RTOL}: a broken switch")
+
+        def prefill_once(model=model, off=off):
+            with switched_off(off):
+                prefill(model, prompt, model.new_cache(1))
+
+        def decode_step(model=model, off=off, cache=cache):
+            with switched_off(off):
+                cache.truncate(P)
+                decode(model, token, cache)
+
+        timed[f"prefill {name}"], timed[f"decode {name}"] = prefill_once, decode_step
+    inner = {name: DECODE_BLOCK for name in timed if name.startswith("decode")}
+    times = interleave(timed, rounds, inner)
+    out: dict = {"variants": list(variants), "max_rel_logit_diff": diffs}
+    for step in ("prefill", "decode"):
+        out[step] = {name: summary(times[f"{step} {name}"]) for name in variants}
+        out[f"{step}_over_engine"] = {name: ratio(out[step], name, "engine") for name in variants}
+    return out
+
+
+def what_tricks_buy(s: Settings, seed: int) -> dict:
+    """Section 9 at GPT-2-small shapes: every switch of engine.TRICKS off in turn (multi-head
+    attention, as GPT-2 has), then shared_kv_heads again with grouped-query attention (4 K/V
+    heads for 12 query heads), where it has groups to share."""
+    sh = GPT2_SMALL_SHAPE
+    config = dict(vocab_size=sh["vocab_size"], max_seq_len=sh["n_positions"],
+                  d_model=sh["n_embd"], n_heads=sh["n_head"], n_layers=sh["n_layer"])
+    prompt = random_ids(np.random.default_rng(seed), sh["vocab_size"], s.tricks_len)
+    mha = trick_variants(GPTConfig(**config), seed, list(engine.TRICKS))
+    with no_gc():
+        out = {"description": NAMES["gpt2_small"], "prompt_len": s.tricks_len,
+               "rounds": s.tricks_rounds, "decode_block": DECODE_BLOCK,
+               "n_heads": sh["n_head"], "tricks": list(engine.TRICKS),
+               "mha": trick_timings(mha, prompt, s.tricks_rounds)}
+    del mha  # three models of 341 MB: gone before the next three are built
+    H_kv = sh["n_head"] // 3  # 4 K/V heads at GPT-2-small's 12 heads
+    gqa = trick_variants(GPTConfig(**config, n_kv_heads=H_kv), seed, ["shared_kv_heads"])
+    with no_gc():
+        out["gqa"] = trick_timings(gqa, prompt, s.tricks_rounds) | {"n_kv_heads": H_kv}
+    return out
+
+
 # --- targets -------------------------------------------------------------------------------------
 
 def targets(r: dict) -> list[dict]:
@@ -971,6 +1070,7 @@ def print_report(r: dict) -> None:
 
     print_batched(r["batched_decode"])
     print_profile(r["profile"], "8. ")
+    print_tricks(r["tricks"], "9. ")
 
     print("\nTargets")
     for t in r["targets"]:
@@ -1019,6 +1119,31 @@ def print_profile(prof: dict, number: str = "") -> None:
               f"{x['matmul_gflop_per_s']:.1f} GFLOP/s, weights read at "
               f"{x['matmul_weight_gb_per_s']:.1f} GB/s; "
               f"{x['matmul_gflop'] * 1e9 / x['weight_bytes']:.2f} FLOP per weight byte")
+
+
+def print_tricks(t: dict, number: str = "") -> None:
+    P = t["prompt_len"]
+    print(f"\n{number}what each trick buys, {t['description']}: prefill of {P} tokens into a "
+          f"cache, then one decode step (B=1) at position {P}")
+    print("  off/engine = time with that one trick off / time of the engine with all of them "
+          "(above 1: the trick saves time); readable/engine on the readable row")
+    H, H_kv = t["n_heads"], t["gqa"]["n_kv_heads"]
+    for key, title in (("mha", f"{H} heads, each with its own K and V (GPT-2)"),
+                       ("gqa", f"grouped-query attention, {H_kv} K/V heads shared by the {H} "
+                               "query heads")):
+        x = t[key]
+        print(f"  {title}")
+        print(f"  {'variant':<28} {'prefill ' + str(P):>27} {'off/engine':>10} "
+              f"{'decode step':>27} {'off/engine':>10}")
+        for name in x["variants"]:
+            label = {"readable": "readable (fast=False)", "engine": "engine (all tricks)"}.get(
+                name, name)
+            print(f"  {label:<28} {fmt(x['prefill'][name]):>27} "
+                  f"{x['prefill_over_engine'][name]:>10.2f} {fmt(x['decode'][name]):>27} "
+                  f"{x['decode_over_engine'][name]:>10.2f}")
+    worst = max(max(t[k]["max_rel_logit_diff"].values()) for k in ("mha", "gqa"))
+    print(f"  every variant's logits within {worst:.1e} (relative) of the readable path's "
+          f"(checked before timing, limit {TRICKS_RTOL:g})")
 
 
 def plot_all(r: dict, out_dir: Path) -> list[str]:
@@ -1166,13 +1291,25 @@ def run(s: Settings, seed: int, threads: int | None = None) -> dict:
         return measure_all(s, seed)
 
 
-def measure_all(s: Settings, seed: int) -> dict:
+def start_header() -> dict:
+    """machine_header, torch given as many threads as BLAS, and who else is busy."""
     import torch
 
     header = machine_header()
     torch.set_num_threads(header["blas_threads"] or 1)  # both libraries get the same cores
     header["torch_threads"] = torch.get_num_threads()
     header["busy_processes_at_start"] = busy_processes()
+    return header
+
+
+def finish_header(header: dict) -> None:
+    header["load_average_at_end"] = list(os.getloadavg())
+    header["busy_processes_at_end"] = busy_processes()
+    header["cpu_shares_during_run"] = cpu_shares(header["cpu_ticks_at_start"], cpu_ticks())
+
+
+def measure_all(s: Settings, seed: int) -> dict:
+    header = start_header()
     rng = np.random.default_rng(seed)
     _, small_model = build_pair(ASSIGNMENT_SHAPE, seed)  # the assignment's widths
     r = {"header": header, "settings": asdict(s), "section_seconds": {}}
@@ -1187,6 +1324,7 @@ def measure_all(s: Settings, seed: int) -> dict:
         "memory": lambda: decode_memory(small_model, s, rng),
         "batched_decode": lambda: batched_decode(s, seed),
         "profile": lambda: profile(s, seed),
+        "tricks": lambda: what_tricks_buy(s, seed),
     }
     for name, measure in sections.items():
         t0 = time.perf_counter()
@@ -1196,9 +1334,7 @@ def measure_all(s: Settings, seed: int) -> dict:
             with no_gc():
                 r[name] = measure()
         r["section_seconds"][name] = time.perf_counter() - t0
-    header["load_average_at_end"] = list(os.getloadavg())
-    header["busy_processes_at_end"] = busy_processes()
-    header["cpu_shares_during_run"] = cpu_shares(header["cpu_ticks_at_start"], cpu_ticks())
+    finish_header(header)
     r["targets"] = targets(r)
     r["correctness"] = guards(r)
     return r
@@ -1220,15 +1356,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="section 8 alone: one decode step and one prefill split into parts "
                          f"(figure under {PROFILE_DIR}/ unless --figures says otherwise)")
+    ap.add_argument("--tricks", action="store_true",
+                    help="section 9 alone: the engine with each trick off in turn, beside the "
+                         f"readable path (bench.json under {TRICKS_DIR}/ unless --json says "
+                         "otherwise)")
     args = ap.parse_args(argv)
-    # A smoke run or a lone profile never overwrites the committed full-run figures.
+    # A smoke run or a lone section never overwrites the committed full-run figures.
     default_dir = (Path(QUICK_DIR) if args.quick else Path(PROFILE_DIR) if args.profile
-                   else Path("."))
+                   else Path(TRICKS_DIR) if args.tricks else Path("."))
     args.json = args.json or default_dir / "bench.json"
     args.figures = args.figures or (Path("figures") if default_dir == Path(".") else default_dir)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    if args.profile:
-        return profile_only(QUICK if args.quick else FULL, args)
+    if args.profile or args.tricks:
+        return sections_only(QUICK if args.quick else FULL, args)
 
     t0 = time.perf_counter()
     r = run(QUICK if args.quick else FULL, args.seed, args.threads)
@@ -1241,26 +1381,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if r["correctness"]["all_passed"] else 1
 
 
-def profile_only(s: Settings, args: argparse.Namespace) -> int:
-    """--profile: the machine header and section 8, printed, plotted and written as JSON."""
+def sections_only(s: Settings, args: argparse.Namespace) -> int:
+    """--profile and/or --tricks: the machine header and those sections, printed and written as
+    JSON; the profile also plotted."""
     import threadpoolctl
-    import torch
 
     with threadpoolctl.threadpool_limits(limits=args.threads, user_api="blas"):
-        header = machine_header()
-        torch.set_num_threads(header["blas_threads"] or 1)
-        header["torch_threads"] = torch.get_num_threads()
-        header["busy_processes_at_start"] = busy_processes()
-        r = {"header": header, "settings": asdict(s), "profile": profile(s, args.seed)}
-        header["load_average_at_end"] = list(os.getloadavg())
-        header["busy_processes_at_end"] = busy_processes()
-        header["cpu_shares_during_run"] = cpu_shares(header["cpu_ticks_at_start"], cpu_ticks())
+        header = start_header()
+        r = {"header": header, "settings": asdict(s)}
+        if args.profile:
+            r["profile"] = profile(s, args.seed)
+        if args.tricks:
+            r["tricks"] = what_tricks_buy(s, args.seed)
+        finish_header(header)
     print_header(header)
-    print_profile(r["profile"])
+    if args.profile:
+        print_profile(r["profile"])
+    if args.tricks:
+        print_tricks(r["tricks"])
     r["figures"] = [plot_profile(r["profile"], machine_label(header),
-                                 args.figures / "bench_profile.png")]
+                                 args.figures / "bench_profile.png")] if args.profile else []
     args.json.write_text(json.dumps(r, indent=1, default=_jsonable))
-    print(f"\nwrote {args.json} and {r['figures'][0]}")
+    print(f"\nwrote {', '.join([str(args.json), *r['figures']])}")
     return 0
 
 
