@@ -418,6 +418,10 @@ PROBES = {
     # K as attention gets it: (B, H_kv, 1, t, d), broadcast over each group, or (B, H, t, d)
     "shared_kv_heads": (lambda mp, seen: spy(mp, engine, "attention", lambda q, k, v, m: (
         seen.append(k.shape[1:3]))), set, {(2, 1)}, {(4, 300), (4, 301)}),
+    # online-softmax attention from 256 queries on (lowered from FLASH_FROM for this run): the
+    # prefill's first layer and both layers of the full forward; never a decode step
+    "flash": (lambda mp, seen: (mp.setattr(engine, "FLASH_FROM", 256), spy(
+        mp, engine, "attention_in_tiles", lambda *a: seen.append(1))), len, 1 + 2, 0),
 }
 
 
