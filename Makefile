@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: verify test lint generate train train-draft train-ablation evaluate heatmap memory pictures bench \
+.PHONY: verify test lint generate train train-draft train-ablation evaluate heatmap memory pictures bench bench-figures \
 	figures clean
 
 $(VENV)/.installed: requirements.txt
@@ -45,6 +45,10 @@ pictures: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) tools/bench.py
+
+# The full benchmark (about 4 minutes), writing the committed figures/bench_*.png on purpose.
+bench-figures: $(VENV)/.installed
+	$(PY) tools/bench.py --figures figures --json out/bench/bench.json
 
 # Trains the string-reversal model with torch (about 6 minutes on 1 thread) and writes
 # checkpoints/reverse.npz, the checkpoint the repo ships, and its log, on purpose: without --out,

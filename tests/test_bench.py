@@ -35,6 +35,7 @@ def quick(tmp_path_factory):
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
         mp.chdir(tmp)
+        mp.setattr(bench, "OUT_ROOT", tmp / "out")
         code = bench.main(["--quick", "--threads", "1"])
     return code, json.loads((tmp / "out/quick/bench.json").read_text()), tmp, printed.getvalue()
 
@@ -236,6 +237,7 @@ def test_profile_alone_writes_under_out_profile_only(tmp_path):
     """--profile never touches the committed figures/ (nor does --quick, tested above)."""
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
         mp.chdir(tmp_path)
+        mp.setattr(bench, "OUT_ROOT", tmp_path / "out")
         mp.setattr(bench, "FULL", bench.QUICK)  # the full profile's sizes take a minute
         assert bench.main(["--profile", "--threads", "1"]) == 0
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
@@ -325,6 +327,7 @@ def test_tricks_alone_writes_under_out_tricks_only(tmp_path):
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
         mp.chdir(tmp_path)
+        mp.setattr(bench, "OUT_ROOT", tmp_path / "out")
         mp.setattr(bench, "FULL", bench.QUICK)
         mp.setattr(bench, "GPT2_SMALL_SHAPE", TINY_SHAPE)
         assert bench.main(["--tricks", "--threads", "1"]) == 0

@@ -21,7 +21,8 @@ Eight measurements:
     9. what each trick buys: the readable path, the engine, and the engine with each switch of
        engine.fast.TRICKS off in turn, on a 512-token prefill and one decode step after it
 
-Writes bench.json (--json) and PNG plots (--figures, default figures/):
+Writes out/bench/bench.json (--json) and PNG plots (--figures, default out/bench/; make
+bench-figures writes the committed figures/):
     bench_decode_latency.png   per-step latency vs position, naive vs cached (log y)
     bench_cache_append.png     cost of one append vs cache length, preallocated vs concatenating
     bench_vs_hf.png            decode per token and prefill: ours, Hugging Face, the floor
@@ -72,6 +73,7 @@ from cache import KVCache, ModelCache, kv_cache_bytes
 from engine import fast as engine
 from generate import decode, generate_cached, generate_naive, greedy, prefill
 from parts.checks import SEED, cli_int, cli_output_dir, cli_output_file
+from tools.cli_types import OUT_DIR
 
 # The two model shapes measured. Both are GPT-2 models with random weights built from a local
 # config (nothing is downloaded); ours is loaded from the very same state_dict.
@@ -81,9 +83,11 @@ SHAPES = {"assignment": ASSIGNMENT_SHAPE, "gpt2_small": GPT2_SMALL_SHAPE}
 NAMES = {"assignment": "assignment widths, 2048 positions, vocab 256",
          "gpt2_small": "GPT-2-small shapes, vocab 512"}
 PROMPT_LEN = 16  # the prompt before every decode measurement of sections 1-6
-QUICK_DIR = "out/quick"  # where --quick writes by default (ignored by git)
-PROFILE_DIR = "out/profile"  # where --profile alone writes its figure by default
-TRICKS_DIR = "out/tricks"  # where --tricks alone writes by default
+# Default outputs, all under the repository's out/ (ignored by git), from whatever directory the
+# command runs: the full run in out/bench/, --quick in out/quick/, a lone section in its own
+# folder. Only `make bench-figures` writes the committed figures/, by naming them.
+OUT_ROOT = OUT_DIR
+QUICK_DIR, PROFILE_DIR, TRICKS_DIR, FULL_DIR = "out/quick", "out/profile", "out/tricks", "out/bench"
 
 
 @dataclass
@@ -1346,9 +1350,10 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"small sizes, under a minute (a smoke test); writes under {QUICK_DIR}/ "
                          "unless --json/--figures say otherwise")
     ap.add_argument("--json", type=cli_output_file(".json"), default=None,
-                    help="where to write results (default bench.json)")
+                    help=f"where to write results (default {FULL_DIR}/bench.json)")
     ap.add_argument("--figures", type=cli_output_dir, default=None,
-                    help="directory for the PNG plots (default figures)")
+                    help=f"directory for the PNG plots (default {FULL_DIR}/; make bench-figures "
+                         "writes figures/)")
     ap.add_argument("--seed", type=SEED, default=0, help="weights and prompts seed (0)")
     ap.add_argument("--threads", type=cli_int(1, 512), default=None,
                     help="BLAS and torch threads (default: the BLAS library's own count); on a "
@@ -1362,10 +1367,11 @@ def main(argv: list[str] | None = None) -> int:
                          "otherwise)")
     args = ap.parse_args(argv)
     # A smoke run or a lone section never overwrites the committed full-run figures.
-    default_dir = (Path(QUICK_DIR) if args.quick else Path(PROFILE_DIR) if args.profile
-                   else Path(TRICKS_DIR) if args.tricks else Path("."))
+    folder = (QUICK_DIR if args.quick else PROFILE_DIR if args.profile else TRICKS_DIR
+              if args.tricks else FULL_DIR)
+    default_dir = OUT_ROOT.parent / folder  # the repository's out/...
     args.json = args.json or default_dir / "bench.json"
-    args.figures = args.figures or (Path("figures") if default_dir == Path(".") else default_dir)
+    args.figures = args.figures or default_dir
     args.json.parent.mkdir(parents=True, exist_ok=True)
     if args.profile or args.tricks:
         return sections_only(QUICK if args.quick else FULL, args)
