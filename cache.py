@@ -263,13 +263,7 @@ class ModelCache:
 
         attention_mask, when given, covers every position: (B, len(self) + T), 1 real, 0 pad. Its
         first len(self) columns must agree with what the cache already holds."""
-        lengths = {len(layer) for layer in self.layers}
-        if len(lengths) != 1:
-            raise ValueError(f"ModelCache: layer caches disagree on length: {sorted(lengths)}")
-        past = lengths.pop()
-        if B != self.batch_size:
-            raise ValueError(f"ModelCache: a batch of {B} rows cannot use a cache of batch "
-                             f"{self.batch_size}")
+        past = self.check_batch(B)
         if past + T > self.max_len:
             raise ValueError(f"ModelCache: {T} new tokens after {past} cached exceed the cache's "
                              f"max_len={self.max_len}")
@@ -283,6 +277,18 @@ class ModelCache:
                              f"{held[row].astype(int).tolist()}, the mask says "
                              f"{real[row, :past].astype(int).tolist()}")
         return real[:, past:]
+
+    def check_batch(self, B: int) -> int:
+        """The positions every layer holds, or ValueError if the layers disagree on it or the
+        cache was made for another batch size than B."""
+        name = type(self).__name__
+        lengths = {len(layer) for layer in self.layers}
+        if len(lengths) != 1:
+            raise ValueError(f"{name}: layer caches disagree on length: {sorted(lengths)}")
+        if B != self.batch_size:
+            raise ValueError(f"{name}: a batch of {B} rows cannot use a cache of batch "
+                             f"{self.batch_size}")
+        return lengths.pop()
 
     def record(self, new_real: np.ndarray, model: object = None) -> np.ndarray:
         """Note which of the T positions about to be appended are real, (B, T) bool, and which

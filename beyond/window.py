@@ -204,13 +204,7 @@ class WindowCache(ModelCache):
         if self.spoiled:
             raise ValueError("WindowCache: a call failed after the window had overwritten keys, "
                              "so it could not be undone; reset() the cache")
-        lengths = {len(layer) for layer in self.layers}
-        if len(lengths) != 1:
-            raise ValueError(f"WindowCache: layer caches disagree on length: {sorted(lengths)}")
-        past = lengths.pop()
-        if B != self.batch_size:
-            raise ValueError(f"WindowCache: a batch of {B} rows cannot use a cache of batch "
-                             f"{self.batch_size}")
+        past = self.check_batch(B)
         if attention_mask is None:
             return np.ones((B, T), dtype=bool)
         real = zero_one_mask("attention_mask", attention_mask, (B, past + T))
