@@ -67,12 +67,7 @@ def checked(weights: Mapping[str, np.ndarray], shapes: dict[str, tuple[int, ...]
                          f"{' ...' if len(unexpected) > 4 else ''}")
     for name, shape in shapes.items():
         w = weights[name]
-        if isinstance(w, np.ma.MaskedArray):
-            raise TypeError(f"weight {name} is a masked array: fill it first (w.filled(...)), "
-                            "a copy would silently drop its mask")
-        if not isinstance(w, np.ndarray) or not np.issubdtype(w.dtype, np.floating):
-            raise TypeError(f"weight {name} must be a floating-point array, got "
-                            f"{getattr(w, 'dtype', type(w).__name__)}")
+        float_weights(f"weight {name}", w)
         if w.shape != shape:
             raise ValueError(f"weight {name} must have shape {shape}, got {w.shape}")
     with np.errstate(over="ignore"):  # a value too large for dtype becomes inf, refused below
@@ -94,6 +89,17 @@ def config_from(config: dict, config_class: type) -> object:
         raise ValueError(f"the config must give every field of {config_class.__name__}: "
                          f"missing {missing}, unknown {unknown}")
     return config_class(**given)
+
+
+def float_weights(what: str, w: object) -> None:
+    """Raise TypeError unless w is a floating-point ndarray and not a masked array (a copy would
+    silently drop its mask; an np.matrix is taken as the plain array of its values)."""
+    if isinstance(w, np.ma.MaskedArray):
+        raise TypeError(f"{what} is a masked array: fill it first (w.filled(...)), a copy would "
+                        "silently drop its mask")
+    if not isinstance(w, np.ndarray) or not np.issubdtype(w.dtype, np.floating):
+        raise TypeError(f"{what} must be a floating-point array, got "
+                        f"{getattr(w, 'dtype', type(w).__name__)}")
 
 
 # --- .npz checkpoints ----------------------------------------------------------------------------
@@ -393,12 +399,7 @@ def _gpt2_array(name: str, value: object) -> np.ndarray:
             value = value.cpu().numpy()
         except (TypeError, RuntimeError, NotImplementedError) as err:
             raise TypeError(f"from_gpt2: {name} cannot be read as a NumPy array: {err}") from None
-    if isinstance(value, np.ma.MaskedArray):
-        raise TypeError(f"from_gpt2: {name} is a masked array: fill it first, a copy would "
-                        "silently drop its mask")
-    if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.floating):
-        raise TypeError(f"from_gpt2: {name} must hold floating-point weights, got "
-                        f"{getattr(value, 'dtype', type(value).__name__)}")
+    float_weights(f"from_gpt2: {name}", value)
     return np.asarray(value)  # an np.matrix becomes the plain array of the same values
 
 

@@ -228,7 +228,7 @@ def test_from_gpt2_refuses_the_dtypes_the_constructor_refuses(hf32, dtype):
 def test_from_gpt2_refuses_weights_that_are_not_real_floats(hf32, weight_dtype):
     sd = numpy_sd(hf32)
     sd["transformer.h.0.mlp.c_fc.bias"] = sd["transformer.h.0.mlp.c_fc.bias"].astype(weight_dtype)
-    with pytest.raises(TypeError, match="h.0.mlp.c_fc.bias must hold floating-point weights"):
+    with pytest.raises(TypeError, match="h.0.mlp.c_fc.bias must be a floating-point array"):
         GPT.from_gpt2(sd, n_heads=N_HEADS)
 
 

@@ -436,12 +436,12 @@ def test_a_config_of_another_model_type_is_refused(hf):
 
 
 @pytest.mark.parametrize(("value", "error", "match"), [
-    (None, TypeError, "h.0.ln_1.weight must hold floating-point weights, got NoneType"),
-    ("weights", TypeError, "h.0.ln_1.weight must hold floating-point weights, got str"),
-    ([1.0] * D, TypeError, "h.0.ln_1.weight must hold floating-point weights, got list"),
+    (None, TypeError, "h.0.ln_1.weight must be a floating-point array, got NoneType"),
+    ("weights", TypeError, "h.0.ln_1.weight must be a floating-point array, got str"),
+    ([1.0] * D, TypeError, "h.0.ln_1.weight must be a floating-point array, got list"),
     (np.ma.masked_array(np.ones(D), mask=np.arange(D) == 3), TypeError, "is a masked array"),
     (torch.ones(D, dtype=torch.int64), TypeError, "got torch.int64"),
-    (np.float64(1.0), TypeError, "must hold floating-point weights, got float64"),
+    (np.float64(1.0), TypeError, "must be a floating-point array, got float64"),
     (torch.tensor(1.0), ValueError, r"h.0.ln_1.weight: got \(\), expected \(16,\)"),
     (matrix(np.ones(D)), ValueError, r"h.0.ln_1.weight: got \(1, 16\), expected \(16,\)"),
 ])
