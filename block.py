@@ -522,7 +522,8 @@ class GPT:
         for layer, p in enumerate(self.blocks):
             kv = None if cache is None else cache.layers[layer]
             x, weights = transformer_block(x, p, mask, kv, rotate, self.config.ln_eps)
-            attention.append(weights)
+            if return_attention:  # else each layer's (B, H, T, t_k) weights go at once
+                attention.append(weights)
         if last_only:
             x = x[:, -1:]  # (B, T, D) -> (B, 1, D): generation reads the last position only
         logits = layer_norm(x, *self.ln_f, self.config.ln_eps) @ self.wte.T  # (B, T, V)

@@ -102,7 +102,8 @@ def prepare_request(
         prompt_ids, attention_mask = left_pad(prompt_ids, pad_id)
     ids = token_ids("prompt_ids", prompt_ids, 2, V)
     B, P = ids.shape
-    if model.config.max_positions is not None and P + max_new_tokens > model.config.max_seq_len:
+    limit = model.config.max_positions  # max_seq_len, or None with RoPE and a window
+    if limit is not None and P + max_new_tokens > limit:
         raise ValueError(f"prompt of {P} + max_new_tokens={max_new_tokens} = {P + max_new_tokens} "
                          f"tokens exceed max_seq_len={model.config.max_seq_len} (generation is "
                          "refused, not cropped)")
