@@ -762,12 +762,13 @@ def check_flash() -> Evidence:
         expected, _ = attention.scaled_dot_product_attention(q, k, v, mask)
         errors[name] = max(max_abs(flash_attention(q, k, v, mask, block_size=b), expected)
                            for b in FLASH_BLOCKS)
-    worst = max(errors, key=errors.get)
-    measures = [Measure("float64 |flash - readable|, 7 cases x 4 block sizes", errors[worst],
-                        1e-12)]
+    # Only the largest error is the measure; which case it comes from is rounding noise (it moves
+    # with the BLAS kernel), so it is not named.
+    measures = [Measure("float64 |flash - readable|, 7 cases x 4 block sizes",
+                        max(errors.values()), 1e-12)]
     shown = "\n".join(f"    {name:<10} max |flash - readable| {e:.1e}"
                       for name, e in errors.items())
-    return Evidence(measures, f"7 cases x block sizes {FLASH_BLOCKS}; worst: {worst}", shown)
+    return Evidence(measures, f"7 cases x block sizes {FLASH_BLOCKS}", shown)
 
 
 # --- check 14: a sliding window with a rolling buffer == the band-masked naive path -------------

@@ -64,6 +64,44 @@ def assert_close_float32(got: np.ndarray, expected: np.ndarray) -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
+# --- printed figures ------------------------------------------------------------------------------
+# What a test may compare exactly. A figure a command prints is either a count (an int: tokens that
+# differ, shapes, bytes), compared exactly; or a rounded real number, whose last digit can fall
+# either way when the true value sits on a rounding boundary (0.544996 on one BLAS kernel and
+# 0.545020 on another print as 0.54 and 0.55), so it may move by one unit of its last digit; or a
+# rounding-level error (in e-notation, below 1e-4): the difference between two computations of
+# the same thing, whose digits are the machine's (kernel, CPU, threads), not the code's. Those
+# below FLOAT64_ROUNDING are float64 round-off and all agree with each other, 0 included; the
+# others (float32 round-off) agree within a factor of 10. Exactness itself is never loosened
+# here: the checks that print these figures assert their own tolerances (1e-10, 1e-12).
+FLOAT64_ROUNDING = 1e-10
+
+
+def figures_agree(shown: str, printed: str) -> bool:
+    """Whether a figure printed now (`printed`) is the figure a page shows (`shown`), by the rule
+    above. Both are number strings as printed: "3", "0.54", "2.53e-05", "1.9e-14"."""
+    if shown == printed:
+        return True
+    if not any(c in shown + printed for c in ".eE"):
+        return False  # counts are exact
+    a, b = abs(float(shown)), abs(float(printed))
+    e_notation = "e" in shown.lower() and "e" in printed.lower()
+    if e_notation and max(a, b) < FLOAT64_ROUNDING:
+        return True
+    if e_notation and max(a, b) < 1e-4:
+        return min(a, b) > 0 and max(a, b) <= 10 * min(a, b)
+    return abs(float(shown) - float(printed)) <= max(last_digit(shown), last_digit(printed)) * (
+        1 + 1e-9)
+
+
+def last_digit(figure: str) -> float:
+    """The value of one unit in the last printed digit: "0.54" -> 0.01, "2.53e-05" -> 1e-07,
+    "14" -> 1."""
+    mantissa, _, exponent = figure.lower().partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    return 10.0 ** (int(exponent or 0) - decimals)
+
+
 def assert_close(got: np.ndarray, expected: np.ndarray, dtype: str = "float64") -> None:
     if dtype == "float64":
         np.testing.assert_allclose(got, expected, rtol=0, atol=TOL64)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import figures_agree
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -51,8 +52,10 @@ def output_of(command: str) -> str:
 
 
 def same_line(shown: str, printed: str, rtol: float) -> bool:
-    """The text between numbers must be equal; numbers equal (or within rtol), except a time
-    (a number followed by ms, s, tokens/s or 'x faster'), which a rerun never repeats."""
+    """The text between numbers must be equal; numbers agree by conftest.figures_agree (counts
+    exact, rounded figures to their last digit, rounding-level errors as such) or within rtol,
+    except a time (a number followed by ms, s, tokens/s or 'x faster'), which a rerun never
+    repeats."""
     a, b = NUMBER.split(shown.rstrip()), NUMBER.split(printed.rstrip())
     if len(a) != len(b):
         return False
@@ -62,20 +65,10 @@ def same_line(shown: str, printed: str, rtol: float) -> bool:
                 return False
         elif TIME_UNIT.match(a[i + 1]):
             continue
-        elif x != y and not (rtol and abs(float(x) - float(y)) <= rtol * abs(float(y))) and (
-                not rounding_level(x, y)):
+        elif not figures_agree(x, y) and not (
+                rtol and abs(float(x) - float(y)) <= rtol * abs(float(y))):
             return False
     return True
-
-
-def rounding_level(x: str, y: str) -> bool:
-    """Two errors at rounding level (under 1e-4, in e-notation) within a factor of 10 of each
-    other: their last digits depend on the BLAS kernel and thread count, not on the code. A
-    jump of a decade or more, or any number above 1e-4, is a real change and still fails."""
-    a, b = abs(float(x)), abs(float(y))
-    if "e" not in x or max(a, b) >= 1e-4:
-        return False
-    return a == b or (min(a, b) > 0 and max(a, b) <= 10 * min(a, b))
 
 
 def missing_lines(shown: str, printed: str, rtol: float = 0.0) -> list[str]:
@@ -121,12 +114,18 @@ def test_quoted_lines_are_in_the_recorded_output(page, source, block):
 
 def test_a_drifted_number_is_caught():
     # The comparison itself must be able to fail: a changed digit, a dropped line, a reordering.
-    printed = "a 1.240e-02 b\nc 3 d\ntime 20.96 ms\nerr 2.0e-14"
+    printed = "a 1.240e-02 b\nc 3 d\ntime 20.96 ms\nerr 2.0e-14\nf32 3.0e-06\nmax 0.55"
     assert missing_lines("a 1.240e-02 b\ntime 1.00 ms", printed) == []
-    assert missing_lines("a 1.241e-02 b", printed) == ["a 1.241e-02 b"]
-    assert missing_lines("err 1.4e-14", printed) == []  # rounding level, within a decade
-    assert missing_lines("err 1.4e-15", printed) == ["err 1.4e-15"]  # a decade off
-    assert missing_lines("err 1.0e-06", printed) == ["err 1.0e-06"]
+    assert missing_lines("a 1.241e-02 b", printed) == []  # one unit of the last digit
+    assert missing_lines("a 1.242e-02 b", printed) == ["a 1.242e-02 b"]  # two units
+    assert missing_lines("c 4 d", printed) == ["c 4 d"]  # a count is exact
+    assert missing_lines("err 1.4e-16", printed) == []  # float64 rounding, any size below 1e-10
+    assert missing_lines("err 0.0e+00", printed) == []
+    assert missing_lines("err 1.0e-06", printed) == ["err 1.0e-06"]  # not float64 rounding
+    assert missing_lines("f32 9.0e-06", printed) == []  # float32 rounding within a decade
+    assert missing_lines("f32 4.0e-05", printed) == ["f32 4.0e-05"]
+    assert missing_lines("max 0.54", printed) == []  # a rounding boundary: 0.544996 / 0.545020
+    assert missing_lines("max 0.53", printed) == ["max 0.53"]
     assert missing_lines("c 3 d\na 1.240e-02 b", printed) == ["a 1.240e-02 b"]
     assert missing_lines("c 3.1 d", "c 3.0 d", rtol=0.05) == []
 
