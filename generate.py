@@ -27,9 +27,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from beyond.int8 import check_cache_dtype
 from block import GPT
-from cache import ModelCache
+from cache import Cache
 from parts.checks import (
     fits_in_memory,
     int_array,
@@ -131,14 +130,15 @@ def choose_next(
 
 # --- the two phases of cached decoding -----------------------------------------------------------
 
-def _need_cache(cache: object) -> ModelCache:
-    if not isinstance(cache, ModelCache):
-        raise TypeError(f"cache must be a ModelCache from model.new_cache(batch_size), got "
+def _need_cache(cache: object) -> Cache:
+    if not callable(getattr(cache, "plan", None)):
+        raise TypeError(f"cache must keep the cache protocol (a ModelCache from "
+                        f"model.new_cache(batch_size), or another kind), got "
                         f"{type(cache).__name__}")
     return cache
 
 
-def prefill(model: GPT, prompt_ids: np.ndarray, cache: ModelCache,
+def prefill(model: GPT, prompt_ids: np.ndarray, cache: Cache,
             chunk_size: int | None = None,
             attention_mask: np.ndarray | None = None) -> np.ndarray:
     """Run the prompt (B, P) through the model once, filling the cache; return the last
@@ -148,28 +148,31 @@ def prefill(model: GPT, prompt_ids: np.ndarray, cache: ModelCache,
     attention_mask (B, len(cache) + P), 1 real / 0 pad, marks left padding; the cache keeps it,
     so decode needs no mask. The whole request is checked before the first chunk is written, the
     last prompt token of every row must be real, and a prefill that fails half-way anyway leaves
-    the cache as it was.
+    the cache as it was (or, for a cache that cannot rewind that far, refuses to rewind).
     """
     cache = _need_cache(cache)
     step = optional_positive_int("chunk_size", chunk_size)
-    ids, new_real = model.check_call(prompt_ids, cache, attention_mask)  # all P tokens as one call
-    if not new_real[:, -1].all():
+    ids, whole = model.check_call(prompt_ids, cache, attention_mask)  # all P tokens, one plan
+    if not whole.real[:, -1].all():
         raise ValueError("prefill: the last prompt token of every row must be real (pad on the "
                          "left, not the right)")
-    past, P = len(cache), ids.shape[1]
-    step = step or P
+    B, P = ids.shape
+    past, step = len(cache), step or P
+    if step >= P:  # one chunk: the step planned above is the one that runs
+        return model.run(ids, whole, cache, last_only=True)[:, -1]  # (B, 1, V) -> (B, V)
     try:
         for start in range(0, P, step):  # checked above as one call: each chunk just runs
             end = min(start + step, P)
-            logits = model.run_checked(ids[:, start:end], new_real[:, start:end], cache,
-                                       last_only=True, return_attention=False)
+            mask = None if attention_mask is None else attention_mask[:, :past + end]
+            logits = model.run(ids[:, start:end], cache.plan(model, B, end - start, mask), cache,
+                               last_only=True)
     except BaseException:
-        cache.roll_back(past)
+        cache.truncate(past)  # run rolled back the chunk that failed; this, the ones before it
         raise
     return logits[:, -1]  # (B, 1, V) -> (B, V)
 
 
-def decode(model: GPT, token_ids: np.ndarray, cache: ModelCache) -> np.ndarray:
+def decode(model: GPT, token_ids: np.ndarray, cache: Cache) -> np.ndarray:
     """One decode step: the newest token of each row (B,) against everything cached -> the next
     logits (B, V). The cache grows by exactly one position; its position and padding come from
     the cache, so nothing else is passed."""
@@ -182,7 +185,7 @@ def decode(model: GPT, token_ids: np.ndarray, cache: ModelCache) -> np.ndarray:
 
 def decode_loop(
     model: GPT, ids: np.ndarray, prompt_mask: np.ndarray, max_new_tokens: int, sampler: Sampler,
-    eos_id: int | None = None, cache: ModelCache | None = None, prefill_chunk: int | None = None,
+    eos_id: int | None = None, cache: Cache | None = None, prefill_chunk: int | None = None,
 ) -> Generation:
     """Step n picks new token n from the logits of the sequence so far. Without a cache every
     step reruns the model on the whole sequence (naive: O((P + n)^2) attention at step n); with
@@ -237,17 +240,31 @@ def generate_cached(
     prefill_chunk: int | None = None, *,
     attention_mask: np.ndarray | None = None, pad_id: int = 0, eos_id: int | None = None,
     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-    rng: np.random.Generator | None = None, cache_dtype: np.dtype | type | str | None = None,
+    rng: np.random.Generator | None = None, cache: Cache | None = None,
+    cache_dtype: np.dtype | type | str | None = None,
 ) -> Generation:
     """Decoding with a KV cache: prefill once (in chunks of prefill_chunk tokens if given), then
     one token per step. Same arguments as generate_naive and the same tokens and logits, plus
-    the cache length at every step. cache_dtype: how the cache stores K and V (None = the
-    model's dtype; "int8" = beyond/int8.py, close to the float logits, not equal)."""
-    check_cache_dtype("cache_dtype", cache_dtype)
+    the cache length at every step. cache: an empty cache of any kind for the B rows (a rolling
+    buffer, int8, ...: beyond/), or None for model.new_cache(B, cache_dtype), whose float dtype
+    defaults to the model's."""
     sampler = Sampler(temperature, top_k, top_p, rng)
     ids, mask = prepare_request(model, prompt_ids, max_new_tokens, attention_mask, pad_id, eos_id)
     optional_positive_int("prefill_chunk", prefill_chunk)
-    cache = model.new_cache(ids.shape[0], cache_dtype)  # all checked: only now is state made
+    if cache is not None:
+        if cache_dtype is not None:
+            raise ValueError("cache_dtype is for the cache generate_cached builds; a cache you "
+                             "pass keeps its own dtype")
+        if len(_need_cache(cache)):
+            raise ValueError(f"cache must be empty (it holds {len(cache)} positions): a request "
+                             "starts at position 0; reset() it first")
+    else:  # all checked: only now is state made
+        cache = model.new_cache(ids.shape[0], cache_dtype)
+    room, need = getattr(cache, "capacity", None), ids.shape[1] + max_new_tokens
+    if room is not None and need > room:
+        raise ValueError(f"prompt of {ids.shape[1]} + max_new_tokens={max_new_tokens} = {need} "
+                         f"positions exceed the cache's {room} (a windowed model with RoPE runs "
+                         "past max_seq_len in a rolling buffer: beyond.window.window_cache)")
     return decode_loop(model, ids, mask, max_new_tokens, sampler, eos_id, cache, prefill_chunk)
 
 

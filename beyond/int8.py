@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cache import CACHE_DTYPES, KVCache, ModelCache
+from cache import KVCache, ModelCache
 from parts.checks import fits_in_memory, float_array, float_dtype, positive_int
 
-if TYPE_CHECKING:  # type hints only: block.py imports this module when asked for an int8 cache
+if TYPE_CHECKING:  # type hints only
     from block import GPT
 
 INT8 = np.dtype(np.int8)
@@ -83,7 +83,7 @@ def dequantize(q: np.ndarray, scale: np.ndarray, dtype: np.dtype | type | str = 
 
 class Int8KVCache(KVCache):
     """One layer's keys and values as int8, (B, H_kv, max_len, d_head) each, and their scales,
-    (B, H_kv, max_len, 1) float32 each. append(k, v) takes floats and returns every position held
+    (B, H_kv, max_len, 1) float32 each. update(k, v) takes floats and returns every position held
     so far dequantized, in `dtype` (the model's). The checks, room and rollback are KVCache's."""
 
     def __init__(
@@ -91,7 +91,7 @@ class Int8KVCache(KVCache):
         dtype: np.dtype | type | str = np.float32, zeros: Callable[..., np.ndarray] = np.zeros,
     ) -> None:
         """Allocates the int8 buffers and the scales, zeroed, at full length. dtype is what
-        append returns (float32 or float64). Checks its arguments."""
+        update returns (float32 or float64). Checks its arguments."""
         shape = tuple(positive_int(f"Int8KVCache {name}", value) for name, value in (
             ("batch_size", batch_size), ("n_kv_heads", n_kv_heads), ("max_len", max_len),
             ("d_head", d_head)))
@@ -115,18 +115,25 @@ class Int8KVCache(KVCache):
                 f"reads as {self.read_dtype})")
 
     def narrowed(self, name: str, x: np.ndarray) -> np.ndarray:
-        """x as floats to quantize, refusing NaN or inf (no finite scale stores them)."""
+        """x as floats to quantize, refusing NaN or inf (no finite scale stores them) and values
+        whose scale, max |x| / 127, would overflow the float32 scale (about 4.3e40)."""
         if x.dtype.kind == "f" and not np.isfinite(x).all():
             raise ValueError(f"Int8KVCache.append: {name} holds NaN or inf; an int8 cache "
                              "stores finite values only")
+        largest = float(np.abs(x).max()) if x.size else 0.0
+        if largest / QMAX > float(np.finfo(SCALE_DTYPE).max):
+            raise ValueError(f"Int8KVCache.append: {name} holds values up to {largest:.3g}, whose "
+                             f"scale ({largest:.3g} / {QMAX}) overflows the float32 scale")
         return x if x.dtype.kind == "f" else x.astype(self.read_dtype)
 
-    def _write(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def update(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Quantize the t new positions into [length : length + t] and return every position
         held, dequantized: keys, values (B, H_kv, length + t, d_head) in the read dtype."""
+        k, v = self.narrowed("k", k), self.narrowed("v", v)
         start, end = self.length, self.length + k.shape[2]
-        self.keys[:, :, start:end], self.key_scales[:, :, start:end] = quantize(k)
-        self.values[:, :, start:end], self.value_scales[:, :, start:end] = quantize(v)
+        (k_q, k_s), (v_q, v_s) = quantize(k), quantize(v)  # both first: v may view the buffers
+        self.keys[:, :, start:end], self.key_scales[:, :, start:end] = k_q, k_s
+        self.values[:, :, start:end], self.value_scales[:, :, start:end] = v_q, v_s
         self.length = end
         return (dequantize(self.keys[:, :, :end], self.key_scales[:, :, :end], self.read_dtype),
                 dequantize(self.values[:, :, :end], self.value_scales[:, :, :end],
@@ -147,39 +154,17 @@ def int8_cache_bytes(n_layers: int, batch: int, n_kv_heads: int, seq_len: int,
                                                           + SCALE_DTYPE.itemsize)
 
 
-def is_int8(dtype: object) -> bool:
-    """Whether a cache dtype asks for the int8 cache ("int8" or np.int8)."""
-    try:
-        return dtype is not None and np.dtype(dtype) == INT8  # type: ignore[arg-type]
-    except TypeError:
-        return False
-
-
-def check_cache_dtype(name: str, dtype: object) -> object:
-    """dtype if it names a cache this repo builds (None = the model's, float16/32/64, int8),
-    else TypeError naming the argument `name`."""
-    if dtype is None or is_int8(dtype):
-        return dtype
-    allowed = (*CACHE_DTYPES, "int8")
-    try:
-        resolved = np.dtype(dtype)  # type: ignore[arg-type]
-    except TypeError:
-        resolved = None
-    if resolved is None or resolved.name not in allowed:
-        raise TypeError(f"{name} must be None or one of {', '.join(allowed)}, got {dtype!r}")
-    return dtype
-
-
-def new_int8_cache(model: GPT, batch_size: int, zeros: Callable[..., np.ndarray] = np.zeros
-                   ) -> ModelCache:
-    """model.new_cache(batch_size, dtype="int8"): one Int8KVCache per layer, reading back in the
-    model's dtype. All layers must fit in memory together, checked before the first."""
+def int8_cache(model: GPT, batch_size: int) -> ModelCache:
+    """An empty int8 cache for batch_size rows: one Int8KVCache per layer, max_seq_len positions,
+    reading back in the model's dtype. All layers must fit in memory together, checked before
+    the first. Use it as any cache: model(ids, cache), generate_cached(..., cache=cache)."""
     c = model.config
+    H_kv, d_head = model.kv_shape
     fits_in_memory(f"an int8 cache for {batch_size!r} rows",
                    int8_cache_bytes(c.n_layers, positive_int("batch_size", batch_size),
-                                    c.n_kv_heads, c.max_seq_len, c.d_head))
-    return ModelCache([Int8KVCache(batch_size, c.n_kv_heads, c.max_seq_len, c.d_head,
-                                   model.dtype, zeros) for _ in range(c.n_layers)])
+                                    H_kv, c.max_seq_len, d_head))
+    return ModelCache([Int8KVCache(batch_size, H_kv, c.max_seq_len, d_head, model.dtype,
+                                   model.zeros) for _ in range(c.n_layers)])
 
 
 # --- the proved bound for one attention call -----------------------------------------------------

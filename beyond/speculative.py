@@ -112,12 +112,14 @@ def check_pair(target: object, draft: object, gamma: object) -> None:
                          "tokens of the target's vocabulary")
 
 
-def check_draft_room(draft: GPT, P: int, max_new_tokens: int) -> None:
-    """The draft sees every token but the last: P + max_new_tokens - 1 positions."""
-    need = P + max_new_tokens - 1
-    if need > draft.config.max_seq_len:
-        raise ValueError(f"draft has max_seq_len={draft.config.max_seq_len}, but a prompt of {P} "
-                         f"+ max_new_tokens={max_new_tokens} needs {need} draft positions")
+def check_room(name: str, cache: ModelCache, need: int, P: int, max_new_tokens: int) -> None:
+    """Refuse a request whose `need` positions do not fit the model's cache. Both caches are
+    full KVCaches (max_seq_len positions), with a sliding window too: a rolling buffer could not
+    take back the keys of rejected drafts once it has overwritten the ones they replaced."""
+    if cache.capacity is not None and need > cache.capacity:
+        raise ValueError(f"{name}'s cache holds {cache.capacity} positions (max_seq_len; a "
+                         f"sliding_window model decodes speculatively only within it), but a "
+                         f"prompt of {P} + max_new_tokens={max_new_tokens} needs {need}")
 
 
 # --- one round -----------------------------------------------------------------------------------
@@ -216,8 +218,9 @@ def generate_speculative(
         raise ValueError(f"prompt_ids: generate_speculative decodes one prompt at a time (the "
                          f"rounds of different rows accept different numbers of tokens), got a "
                          f"batch of {B}")
-    check_draft_room(draft, P, max_new_tokens)
     target_cache, draft_cache = target.new_cache(1), draft.new_cache(1)
+    check_room("target", target_cache, P + max_new_tokens, P, max_new_tokens)
+    check_room("draft", draft_cache, P + max_new_tokens - 1, P, max_new_tokens)  # not the last
 
     seq = np.empty(P + max_new_tokens, dtype=np.int64)  # the prompt, then every token emitted
     seq[:P] = ids[0]

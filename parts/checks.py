@@ -2,17 +2,62 @@
 
 Each check raises a ValueError or TypeError that names the argument, says what it got and what it
 expected, and is called before any work is done, so a refused call changes nothing.
+
+A public function checks its door once. `@door` runs a function's checks (`check_<its name>`, in
+its own module) when it is called directly, and skips them inside `checked_call()`: the model's
+call and the generate functions check the whole call at their own door, so the building blocks
+they run (split_heads, softmax, ...) do not check the same arrays again on the way down.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextvars
+import functools
+import inspect
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+
+F = TypeVar("F", bound=Callable)
+_INSIDE_CHECKED_CALL = contextvars.ContextVar("inside_checked_call", default=False)
+
+
+def door(fn: F) -> F:
+    """Give fn its door: `check_<fn's name>` from fn's module runs first, with fn's arguments
+    (all of them, defaults filled in, by position), unless fn is called inside checked_call().
+    The check raises on bad input, and may return the leading arguments converted (a list as an
+    array); None keeps them as they were."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def entry(*args, **kwargs):  # noqa: ANN202 (fn's own signature, through functools.wraps)
+        if _INSIDE_CHECKED_CALL.get():
+            return fn(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        args = bound.args
+        converted = fn.__globals__[f"check_{fn.__name__}"](*args)
+        if converted is not None:
+            args = (*converted, *args[len(converted):])
+        return fn(*args)
+
+    return entry  # type: ignore[return-value]
+
+
+@contextmanager
+def checked_call() -> Iterator[None]:
+    """Everything run inside was checked at the entry that opened it: @door checks are skipped."""
+    token = _INSIDE_CHECKED_CALL.set(True)
+    try:
+        yield
+    finally:
+        _INSIDE_CHECKED_CALL.reset(token)
 
 
 def is_int(value: object) -> bool:
@@ -204,8 +249,14 @@ def available_memory() -> int | None:
     return None
 
 
+SMALL_ALLOCATION = 1 << 26  # 64 MiB: any machine that runs this has it; no need to ask
+
+
 def fits_in_memory(what: str, n_bytes: int) -> None:
-    """Refuse, before allocating, a request that needs more memory than the machine has free."""
+    """Refuse, before allocating, a request that needs more memory than the machine has free.
+    Below SMALL_ALLOCATION nothing is read: a decode step never pays for asking."""
+    if n_bytes < SMALL_ALLOCATION:
+        return
     free = available_memory()
     if free is not None and n_bytes > free:
         raise ValueError(f"{what} needs {n_bytes / 2**30:.1f} GiB, more than the "

@@ -1,7 +1,7 @@
 """bench.py: the --quick run writes every field it promises, its correctness guards pass,
 and its numbers are finite; the batched section and the profile breakdown are there and the
 breakdown's parts add up to the measured total; the tricks section times every switch of
-engine.fast.TRICKS, each switch really changes the engine's code path and none changes a result;
+fastpath.fast.TRICKS, each switch really changes the engine's code path and none changes a result;
 the concatenating cache it compares against really is a KV cache; the query blocks its prefill
 relies on change no result.
 No timing assertions: the machine may be busy."""
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from attention import causal_mask
 from block import GPT, GPTConfig
 from cache import KVCache
-from engine import fast as engine
+from fast import model as fastpath
 from generate import decode, greedy, prefill
 from tools import bench
 
@@ -259,10 +259,10 @@ def test_query_blocks_change_no_result(dtype, monkeypatch):
     masks = [causal_mask(t_q, t_k)[None, None],
              causal_mask(t_q, t_k)[None, None] & real[:, None, None, :]]
     for mask in masks:
-        assert len(engine.query_blocks(mask, t_q, t_k)) > 1  # the blocked path is tested
-        blocked = engine.grouped_attention(q, k, v, mask)
-        monkeypatch.setitem(engine.TRICKS, "query_blocks", False)
-        whole = engine.grouped_attention(q, k, v, mask)
+        assert len(fastpath.query_blocks(mask, t_q, t_k)) > 1  # the blocked path is tested
+        blocked = fastpath.grouped_attention(q, k, v, mask)
+        monkeypatch.setitem(fastpath.TRICKS, "query_blocks", False)
+        whole = fastpath.grouped_attention(q, k, v, mask)
         monkeypatch.undo()
         tol = 1e-5 if dtype == np.float32 else 1e-12
         for a, b in zip(blocked, whole, strict=True):
@@ -277,7 +277,7 @@ def test_the_floor_streams_the_matrices_the_engine_multiplies_by():
     weight changed in place through w_k changes the engine's product too, and the readable
     model of the same weights multiplies by the three (so its floor lists three)."""
     fast = GPT(GPTConfig(n_layers=2, init_std=0.2), seed=1, dtype=np.float64)
-    readable = GPT(GPTConfig(n_layers=2, init_std=0.2), seed=1, dtype=np.float64, fast=False)
+    readable = GPT(GPTConfig(n_layers=2, init_std=0.2), seed=1, dtype=np.float64)
     ids = np.random.default_rng(1).integers(0, 256, (2, 9))
     assert len(bench.weight_matrices(fast)) == 2 * 4 + 1
     assert len(bench.weight_matrices(readable)) == 2 * 6 + 1
@@ -296,8 +296,8 @@ def test_the_floor_streams_the_matrices_the_engine_multiplies_by():
 def test_the_tricks_section_times_every_switch(quick):
     _, r, _, text = quick
     t = r["tricks"]
-    assert t["tricks"] == list(engine.TRICKS) and t["prompt_len"] == bench.QUICK.tricks_len
-    expected = {"mha": ["readable", "engine", *(f"without {x}" for x in engine.TRICKS)],
+    assert t["tricks"] == list(fastpath.TRICKS) and t["prompt_len"] == bench.QUICK.tricks_len
+    expected = {"mha": ["readable", "engine", *(f"without {x}" for x in fastpath.TRICKS)],
                 "gqa": ["readable", "engine", "without shared_kv_heads"]}
     for key, variants in expected.items():
         x = t[key]
@@ -344,19 +344,19 @@ def test_tricks_alone_writes_under_out_tricks_only(tmp_path):
 def test_a_broken_switch_stops_the_tricks_section(monkeypatch):
     """The section checks every variant against the readable path before timing: a switch whose
     path computes a LayerNorm 1% off is refused, by name."""
-    real = engine.norm
+    real = fastpath.norm
 
     def broken(x, gamma, beta, eps):
         y = real(x, gamma, beta, eps)
-        return y if engine.TRICKS["in_place"] else 1.01 * y
+        return y if fastpath.TRICKS["in_place"] else 1.01 * y
 
-    monkeypatch.setattr(engine, "norm", broken)
+    monkeypatch.setattr(fastpath, "norm", broken)
     config = GPTConfig(vocab_size=64, max_seq_len=16, d_model=32, n_heads=2, n_layers=1,
                        init_std=0.2)
     variants = bench.trick_variants(config, 0, ["fused_qkv", "in_place"])
     with pytest.raises(RuntimeError, match="'without in_place'"):
         bench.trick_timings(variants, np.arange(8)[None], rounds=1)
-    assert engine.TRICKS["in_place"]  # switched back on after the failure
+    assert fastpath.TRICKS["in_place"]  # switched back on after the failure
 
 
 class MatmulSpy(np.ndarray):
@@ -382,9 +382,9 @@ def spy(monkeypatch, owner, name: str, record) -> None:
 
 
 def spy_on_products(monkeypatch, seen: list) -> None:
-    real = engine.linear
+    real = fastpath.linear
     MatmulSpy.ndims = seen
-    monkeypatch.setattr(engine, "linear",
+    monkeypatch.setattr(fastpath, "linear",
                         lambda x, w, b=None: np.asarray(real(x.view(MatmulSpy), w, b)))
 
 
@@ -400,31 +400,31 @@ PROBES = {
     # the left operand of every weight product: (B * T, D) flattened, or (B, T, D) as it comes
     "flat_products": (spy_on_products, lambda seen: set(seen), {2}, {3}),
     # the width of every weight product: [W_Q | W_K | W_V] is 128 + 64 + 64 = 256 wide
-    "fused_qkv": (lambda mp, seen: spy(mp, engine, "linear", lambda x, w, b=None: seen.append(
+    "fused_qkv": (lambda mp, seen: spy(mp, fastpath, "linear", lambda x, w, b=None: seen.append(
         w.shape[1])), lambda seen: 256 in seen, True, False),
     # the readable layer_norm and softmax, called only with the switch off: 3 runs of 2 layers
     # with 2 LayerNorms each and a final one; one softmax per query block (as below)
-    "in_place": (lambda mp, seen: (spy(mp, engine, "layer_norm", lambda *a: seen.append(1)),
-                                   spy(mp, engine, "softmax", lambda *a: seen.append(1))),
+    "in_place": (lambda mp, seen: (spy(mp, fastpath, "layer_norm", lambda *a: seen.append(1)),
+                                   spy(mp, fastpath, "softmax", lambda *a: seen.append(1))),
                  len, 0, 3 * (2 * 2 + 1) + ((3 + 1) + 2 + 2 * 3)),
     # query blocks: 300 queries = 128 + 128 + 44 in each layer of the full forward and in the
     # prefill's first layer (its last runs the last query alone); a decode step's one query is
     # one block
-    "query_blocks": (lambda mp, seen: spy(mp, engine, "attend", lambda *a: seen.append(1)),
+    "query_blocks": (lambda mp, seen: spy(mp, fastpath, "attend", lambda *a: seen.append(1)),
                      len, (3 + 1) + 2 + 2 * 3, 2 + 2 + 2),
     # query rows into the MLP (W_fc is 512 wide) of each layer: prefill, decode, full forward
-    "last_position_only": (lambda mp, seen: spy(mp, engine, "linear", lambda x, w, b=None: (
+    "last_position_only": (lambda mp, seen: spy(mp, fastpath, "linear", lambda x, w, b=None: (
         seen.append(x.shape[1]) if w.shape[1] == 512 else None)), list,
         [300, 1, 1, 1, 300, 300], [300, 300, 1, 1, 300, 300]),
     # NumPy's huge-page request is switched off (and back) for each cache buffer: 2 per layer
     "small_pages": (spy_on_pages, lambda seen: seen.count(False), 2 * 2, 0),
     # K as attention gets it: (B, H_kv, 1, t, d), broadcast over each group, or (B, H, t, d)
-    "shared_kv_heads": (lambda mp, seen: spy(mp, engine, "attention", lambda q, k, v, m: (
+    "shared_kv_heads": (lambda mp, seen: spy(mp, fastpath, "attention", lambda q, k, v, m: (
         seen.append(k.shape[1:3]))), set, {(2, 1)}, {(4, 300), (4, 301)}),
     # online-softmax attention from 256 queries on (lowered from FLASH_FROM for this run): the
     # prefill's first layer and both layers of the full forward; never a decode step
-    "flash": (lambda mp, seen: (mp.setattr(engine, "FLASH_FROM", 256), spy(
-        mp, engine, "attention_in_tiles", lambda *a: seen.append(1))), len, 1 + 2, 0),
+    "flash": (lambda mp, seen: (mp.setattr(fastpath, "FLASH_FROM", 256), spy(
+        mp, fastpath, "attention_in_tiles", lambda *a: seen.append(1))), len, 1 + 2, 0),
 }
 
 
@@ -446,12 +446,12 @@ SWITCH_CONFIG = GPTConfig(vocab_size=100, max_seq_len=320, n_heads=4, n_kv_heads
 
 @pytest.fixture(scope="module")
 def readable_logits():
-    return run_engine(lambda: GPT(SWITCH_CONFIG, seed=2, dtype=np.float64, fast=False))
+    return run_engine(lambda: GPT(SWITCH_CONFIG, seed=2, dtype=np.float64))
 
 
-@pytest.mark.parametrize("trick", list(engine.TRICKS))
+@pytest.mark.parametrize("trick", list(fastpath.TRICKS))
 def test_each_switch_changes_the_path_not_the_numbers(trick, readable_logits, monkeypatch):
-    assert set(PROBES) == set(engine.TRICKS)  # a new switch needs a probe here
+    assert set(PROBES) == set(fastpath.TRICKS)  # a new switch needs a probe here
     watch, observe, when_on, when_off = PROBES[trick]
     engine_model = lambda: GPT(SWITCH_CONFIG, seed=2, dtype=np.float64)  # noqa: E731
     seen: list = []

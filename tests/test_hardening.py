@@ -40,7 +40,7 @@ def test_a_value_too_large_for_a_float16_cache_is_refused_not_stored_as_inf():
     model = small_model(dtype="float32")
     named = model.named_weights()
     named["h.0.attn.b_v"] = named["h.0.attn.b_v"] + 7e4
-    loud = GPT(model.config, weights=named, fast=False)
+    loud = GPT(model.config, weights=named)
     ids = random_ids(0, 1, 5)
     assert np.isfinite(loud(ids)).all()
     cache = loud.new_cache(1, dtype="float16")
@@ -101,7 +101,7 @@ def test_a_refused_truncate_cuts_no_layer():
 def test_a_cache_filled_by_one_model_is_refused_by_another():
     """The reported case: two models of the same shapes; B decoding on A's cache was silently
     off by 3.5. Refused, naming the cache; after reset() B may use it."""
-    a, b = small_model(), GPT(small_model().config, seed=7, dtype="float64", fast=False)
+    a, b = small_model(), GPT(small_model().config, seed=7, dtype="float64")
     cache = a.new_cache(2)
     prefill(a, random_ids(3, 2, 4), cache)
     before = cache_state(cache)

@@ -33,7 +33,7 @@ def with_outliers(seed: int, shape: tuple[int, ...], dtype: str = "float64") -> 
 
 def int8_state(cache: ModelCache) -> tuple:
     """Every byte a refused call must leave alone: length, real flags, int8 buffers, scales."""
-    return (len(cache), cache.real.tobytes(),
+    return (len(cache), cache.positions.tobytes(),
             [(kv.keys.tobytes(), kv.values.tobytes(), kv.key_scales.tobytes(),
               kv.value_scales.tobytes(), len(kv)) for kv in cache.layers])
 

@@ -16,7 +16,7 @@ from beyond import latent
 from beyond.latent import LatentCache, LatentParams, absorbed_attention, explicit_attention
 from block import GPT, GPTConfig, count_weights, weight_shapes
 from cache import KVCache, ModelCache
-from engine import fast as engine
+from fast import model as fastpath
 from generate import generate_cached, generate_naive
 from parts import ROOT
 from parts.references import random_model
@@ -31,7 +31,7 @@ def mla(d_c: int = 8, fast: bool = False, **overrides: object) -> GPT:
 
 
 def latent_state(cache: ModelCache) -> tuple:
-    return (len(cache), cache.real.tobytes(), [(kv.latents.tobytes(), len(kv))
+    return (len(cache), cache.positions.tobytes(), [(kv.latents.tobytes(), len(kv))
                                                for kv in cache.layers])
 
 
@@ -83,7 +83,7 @@ def mha_as_mla(mha: GPT) -> GPT:
         elif not name.endswith((".attn.b_k", ".attn.b_v")):
             out[name] = w
     config = GPTConfig(**(SMALL | {"kv_latent": D}))
-    return GPT(config, dtype=np.float64, weights=out, fast=False)
+    return GPT(config, dtype=np.float64, weights=out)
 
 
 def test_mla_with_the_identity_as_w_dkv_is_the_mha_model():
@@ -133,7 +133,7 @@ def test_keys_of_a_new_mla_model_start_at_the_scale_of_mha_keys():
 
 def test_save_and_load_an_mla_model(tmp_path):
     model = mla(8)
-    loaded = GPT.load(model.save(tmp_path / "mla.npz"), np.float64, fast=False)
+    loaded = GPT.load(model.save(tmp_path / "mla.npz"), np.float64)
     assert loaded.config.kv_latent == 8
     ids = random_ids(8, 2, 6)
     np.testing.assert_array_equal(loaded(ids), model(ids))
@@ -232,7 +232,7 @@ def test_fast_mla_runs_the_readable_forward(monkeypatch):
     def no_engine(*args, **kwargs):
         raise AssertionError("the engine has no latent path")
 
-    monkeypatch.setattr(engine, "forward", no_engine)
+    monkeypatch.setattr(fastpath, "forward", no_engine)
     model, readable = mla(8, fast=True), mla(8)
     ids = random_ids(4, 2, 7)
     np.testing.assert_array_equal(model(ids), readable(ids))

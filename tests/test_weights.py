@@ -95,7 +95,7 @@ def refused(path: Path, error: type, match: str) -> str:
 def test_a_good_checkpoint_loads_and_the_shipped_one_names_every_field(tmp_path, members):
     path = write_zip(tmp_path / "copy.npz", members)
     ids = random_ids(0, 2, 5)
-    np.testing.assert_array_equal(GPT.load(path, np.float64, fast=False)(ids), small_model()(ids))
+    np.testing.assert_array_equal(GPT.load(path, np.float64)(ids), small_model()(ids))
     shipped = ROOT / "checkpoints" / "reverse.npz"
     with np.load(shipped) as f:
         config = json.loads(str(f["config"]))
@@ -269,7 +269,7 @@ def test_fortran_order_and_big_endian_members_are_honoured(tmp_path, members):
     assert np.lib.format.read_array_header_1_0(io.BytesIO(flipped["wte.npy"][8:]))[1]
     path = write_zip(tmp_path / "flipped.npz", members | flipped)
     ids = random_ids(2, 2, 6)
-    np.testing.assert_array_equal(GPT.load(path, np.float64, fast=False)(ids), small_model()(ids))
+    np.testing.assert_array_equal(GPT.load(path, np.float64)(ids), small_model()(ids))
 
 
 def test_config_whose_sizes_the_weights_do_not_match(tmp_path, members):
@@ -305,7 +305,7 @@ def test_a_masked_weight_is_refused_not_unmasked():
 def test_a_matrix_weight_is_honoured():
     named = named64()
     named["wte"] = matrix(named["wte"])
-    model = GPT(small_model().config, dtype=np.float64, weights=named, fast=False)
+    model = GPT(small_model().config, dtype=np.float64, weights=named)
     assert type(model.wte) is np.ndarray
     ids = random_ids(3, 2, 5)
     np.testing.assert_array_equal(model(ids), small_model()(ids))

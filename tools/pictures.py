@@ -22,7 +22,7 @@ import argparse
 import numpy as np
 
 from attention import causal_mask, grouped_attention, split_heads
-from block import GPT, GPTConfig, positions_and_mask
+from block import GPT, GPTConfig
 from cache import KVCache
 from generate import greedy, left_pad
 
