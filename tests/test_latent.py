@@ -176,7 +176,13 @@ def test_refused_calls_leave_the_latents_as_they_were():
     cache.truncate(2)
     shorter = model.new_cache(2)
     model(random_ids(1, 2, 6)[:, :2], shorter)
-    assert latent_state(cache) == latent_state(shorter)
+    # The same two latents, from a product over 6 rows and one over 2: equal to rounding (a BLAS
+    # kernel may block the two products differently), and nothing past them.
+    assert len(cache) == len(shorter) == 2
+    for kv, fresh in zip(cache.layers, shorter.layers, strict=True):
+        assert len(kv) == len(fresh) == 2
+        np.testing.assert_allclose(kv.latents, fresh.latents, rtol=0, atol=1e-12)
+        assert not kv.latents[:, 2:].any()
 
 
 def test_a_cache_of_the_other_kind_is_refused():
