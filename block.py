@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from attention import AttentionParams, layer_norm, mask_from_positions
-from cache import Cache, KVCache, ModelCache, Step, first_step, kv_cache_bytes
+from cache import CACHE_DTYPES, Cache, KVCache, ModelCache, Step, first_step, kv_cache_bytes
 from parts import weights as weight_files
 from parts.checks import (
     checked_call,
@@ -225,7 +225,7 @@ class GPT:
         built beside their idea (beyond/window.py, beyond/int8.py, beyond/paged.py) and given to
         the model the same way."""
         c = self.config
-        dtype = self.dtype if dtype is None else dtype
+        dtype = self.dtype if dtype is None else float_dtype("new_cache dtype", dtype, CACHE_DTYPES)
         H_kv, d_head = c.kv_shape
         # All layers together must fit, not only one (a huge batch is refused before any layer).
         fits_in_memory(f"a cache for {batch_size!r} rows",
@@ -301,13 +301,13 @@ class GPT:
         one rule, the step committed to the cache, then the forward. A failure half-way (out of
         memory, Ctrl-C) rolls the cache back, so no layer is left a step ahead of another."""
         c = self.config
-        mask = mask_from_positions(step.positions, step.key_positions, c.sliding_window,
-                                   c.attention_sinks)  # (B, 1, T, t_k)
-        positions = np.maximum(step.positions, 0)  # a pad before any real token: position 0
         if cache is not None:
             cache.commit(step, self)
         try:
             with checked_call():  # the door above checked it all: the blocks do not check again
+                mask = mask_from_positions(step.positions, step.key_positions, c.sliding_window,
+                                           c.attention_sinks)  # (B, 1, T, t_k)
+                positions = np.maximum(step.positions, 0)  # a pad before any real token: 0
                 return self.forward(ids, positions, mask, cache, last_only, return_attention)
         except BaseException:
             if cache is not None:

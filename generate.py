@@ -28,8 +28,9 @@ from typing import NamedTuple
 import numpy as np
 
 from block import GPT
-from cache import Cache
+from cache import CACHE_DTYPES, Cache
 from parts.checks import (
+    float_dtype,
     fits_in_memory,
     int_array,
     is_int,
@@ -251,6 +252,8 @@ def generate_cached(
     sampler = Sampler(temperature, top_k, top_p, rng)
     ids, mask = prepare_request(model, prompt_ids, max_new_tokens, attention_mask, pad_id, eos_id)
     optional_positive_int("prefill_chunk", prefill_chunk)
+    if cache_dtype is not None:
+        float_dtype("cache_dtype", cache_dtype, CACHE_DTYPES)
     if cache is not None:
         if cache_dtype is not None:
             raise ValueError("cache_dtype is for the cache generate_cached builds; a cache you "

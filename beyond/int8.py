@@ -207,8 +207,8 @@ def compare(model: GPT, n: int = 1000, seed: int = 0, batch: int = 100) -> dict[
     for rows in evaluate.length_batches(prompts, batch):
         ids = [task.encode(prompts[i]) for i in rows]
         steps = max(len(p) for p in ids)
-        runs = {name: generate_cached(model, ids, steps, eos_id=eos, cache_dtype=dtype)
-                for name, dtype in (("float", None), ("int8", "int8"))}
+        runs = {name: generate_cached(model, ids, steps, eos_id=eos, cache=cache)
+                for name, cache in (("float", None), ("int8", int8_cache(model, len(ids))))}
         for name, run in runs.items():
             for i, tokens in zip(rows, run.tokens, strict=True):
                 answers[name][i] = evaluate.answer_of(tokens)

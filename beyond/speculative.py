@@ -112,13 +112,15 @@ def check_pair(target: object, draft: object, gamma: object) -> None:
                          "tokens of the target's vocabulary")
 
 
-def check_room(name: str, cache: ModelCache, need: int, P: int, max_new_tokens: int) -> None:
-    """Refuse a request whose `need` positions do not fit the model's cache. Both caches are
-    full KVCaches (max_seq_len positions), with a sliding window too: a rolling buffer could not
-    take back the keys of rejected drafts once it has overwritten the ones they replaced."""
-    if cache.capacity is not None and need > cache.capacity:
-        raise ValueError(f"{name}'s cache holds {cache.capacity} positions (max_seq_len; a "
-                         f"sliding_window model decodes speculatively only within it), but a "
+def check_room(name: str, model: GPT, need: int, P: int, max_new_tokens: int) -> None:
+    """Refuse a request whose `need` positions do not fit the model's cache. Both caches are the
+    models' own (model.new_cache: max_seq_len positions), with a sliding window too: a rolling
+    buffer could not take back the keys of rejected drafts once it has overwritten the ones
+    they replaced."""
+    room = model.config.max_seq_len
+    if need > room:
+        raise ValueError(f"{name} has max_seq_len={room}: its cache holds {room} positions (a "
+                         f"sliding_window model decodes speculatively only within them), but a "
                          f"prompt of {P} + max_new_tokens={max_new_tokens} needs {need}")
 
 
@@ -218,9 +220,9 @@ def generate_speculative(
         raise ValueError(f"prompt_ids: generate_speculative decodes one prompt at a time (the "
                          f"rounds of different rows accept different numbers of tokens), got a "
                          f"batch of {B}")
+    check_room("target", target, P + max_new_tokens, P, max_new_tokens)
+    check_room("draft", draft, P + max_new_tokens - 1, P, max_new_tokens)  # not the last one
     target_cache, draft_cache = target.new_cache(1), draft.new_cache(1)
-    check_room("target", target_cache, P + max_new_tokens, P, max_new_tokens)
-    check_room("draft", draft_cache, P + max_new_tokens - 1, P, max_new_tokens)  # not the last
 
     seq = np.empty(P + max_new_tokens, dtype=np.int64)  # the prompt, then every token emitted
     seq[:P] = ids[0]
@@ -355,14 +357,14 @@ def heavier(target: GPT, extra_layers: int, d_ff: int) -> GPT:
 
     c = replace(target.config, n_layers=target.config.n_layers + extra_layers, d_ff=d_ff)
     shapes = weight_shapes(c)
-    named = random_weights(shapes, c.init_std, seed=1)  # the extra blocks do real work...
+    named = random_weights(c, seed=1)  # the extra blocks do real work...
     for name, shape in shapes.items():
         if name.split(".")[-1] in ("w_o", "b_o", "w_proj", "b_proj"):
             named[name] = np.zeros(shape)  # ...but write nothing into the stream
     for name, w in target.named_weights().items():
         named[name] = np.zeros(shapes[name])
         named[name][tuple(slice(0, n) for n in w.shape)] = w  # the trained weights, zero-padded
-    return GPT(c, dtype=target.dtype, weights=named)
+    return type(target)(c, dtype=target.dtype, weights=named)
 
 
 def step_costs(target: GPT, draft: GPT, gammas: Sequence[int], rounds: int) -> dict[str, float]:

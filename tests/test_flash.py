@@ -283,24 +283,24 @@ def test_show_prints_the_trace_and_draws_only_where_told(tmp_path, capsys, monke
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-# --- the engine's use of it (engine.fast TRICKS["flash"]) ----------------------------------------
+# --- the fast path's use of it (fast/model.py TRICKS["flash"]) -----------------------------------
 
 @pytest.mark.parametrize("variant", ["mha", "gqa", "rope_gqa"])
-def test_the_engine_with_flash_prefill_equals_the_readable_model(monkeypatch, variant):
+def test_the_fast_path_with_flash_prefill_equals_the_readable_model(monkeypatch, variant):
     from conftest import small_model
 
     import generate
-    from engine import fast
+    from fast import model as fastpath
 
     calls = {"n": 0}
-    inner = fast.attention_in_tiles
+    inner = fastpath.attention_in_tiles
 
     def counting(*args):
         calls["n"] += 1
         return inner(*args)
 
-    monkeypatch.setattr(fast, "FLASH_FROM", 4)  # the small model's prompts take the flash path
-    monkeypatch.setattr(fast, "attention_in_tiles", counting)
+    monkeypatch.setattr(fastpath, "FLASH_FROM", 4)  # the small model's prompts take flash
+    monkeypatch.setattr(fastpath, "attention_in_tiles", counting)
     rng = np.random.default_rng(7)
     ids, real = generate.left_pad([rng.integers(0, 64, n) for n in (20, 13)])
     readable, engine = small_model(variant), small_model(variant, fast=True)

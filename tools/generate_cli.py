@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 import generate
-from beyond.int8 import LOGIT_TOLERANCE
+from beyond.int8 import LOGIT_TOLERANCE, int8_cache
 from block import GPT, GPTConfig
 from generate import Generation, left_pad, prepare_request
 from parts import task
@@ -85,8 +85,9 @@ def side_by_side(model: GPT, prompts: np.ndarray | list[np.ndarray], max_new_tok
     t0 = time.perf_counter()
     naive = generate.generate_naive(model, prompts, max_new_tokens, rng=rng(), **options)
     t1 = time.perf_counter()
+    cache = None if cache_dtype is None else int8_cache(model, len(prompts))  # "int8"
     cached = generate.generate_cached(model, prompts, max_new_tokens, prefill_chunk, rng=rng(),
-                                      cache_dtype=cache_dtype, **options)
+                                      cache=cache, **options)
     t2 = time.perf_counter()
     return SideBySide(naive, cached, t1 - t0, t2 - t1)
 
