@@ -9,6 +9,7 @@ No timing assertions: the machine may be busy."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import math
@@ -24,7 +25,7 @@ from block import GPT, GPTConfig
 from cache import KVCache
 from engine import fast as engine
 from generate import decode, greedy, prefill
-from tools import bench
+from tools import bench, measure
 
 
 @pytest.fixture(scope="module")
@@ -227,10 +228,23 @@ def test_floor_reads_every_weight_matrix_once():
 
 def test_interleave_rotates_and_counts():
     calls = []
-    times = bench.interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                             rounds=3, inner={"b": 2})
+    times = measure.interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                               rounds=3, inner={"b": 2})
     assert calls == ["a", "b", "b", "b", "b", "a", "a", "b", "b"]
     assert (len(times["a"]), len(times["b"])) == (3, 6)
+
+
+def test_interleave_prepares_untimed_warms_up_and_keeps_the_collector_out():
+    calls = []
+    times = measure.interleave({"a": lambda: calls.append(("a", gc.isenabled()))}, rounds=2,
+                               prepare={"a": lambda: calls.append("rewind")}, warmup=1)
+    assert calls == ["rewind", ("a", False)] * 3  # the warm-up round runs too...
+    assert len(times["a"]) == 2  # ...and is not kept
+    assert gc.isenabled()
+    with measure.no_gc():
+        measure.interleave({"a": lambda: None}, rounds=1)
+        assert not gc.isenabled()  # a nested no_gc leaves the outer one's setting alone
+    assert gc.isenabled()
 
 
 def test_profile_alone_writes_under_out_profile_only(tmp_path):

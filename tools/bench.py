@@ -57,11 +57,8 @@ import argparse
 import gc
 import json
 import math
-import os
-import platform
 import resource
 import time
-import tracemalloc
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -74,6 +71,18 @@ from engine import fast as engine
 from generate import decode, generate_cached, generate_naive, greedy, prefill
 from parts.checks import SEED, cli_int, cli_output_dir, cli_output_file
 from tools.cli_types import OUT_DIR
+from tools.measure import (
+    finish_header,
+    fmt,
+    interleave,
+    machine_label,
+    no_gc,
+    peak_during,
+    print_header,
+    ratio,
+    start_header,
+    summary,
+)
 
 # The two model shapes measured. Both are GPT-2 models with random weights built from a local
 # config (nothing is downloaded); ours is loaded from the very same state_dict.
@@ -131,160 +140,6 @@ QUICK = Settings(positions=(16, 256, 2047), sweep_rounds=2, cached_inner=5,
                  concat_rounds=1, memory_seq_len=2048, batch_sizes=(1, 4), batch_prompt_len=16,
                  batch_new_tokens=8, batch_rounds=1, profile_rounds=3, tricks_len=160,
                  tricks_rounds=1)
-
-
-# --- timing helpers ------------------------------------------------------------------------------
-
-def summary(seconds: list[float]) -> dict:
-    """Median and quartiles in milliseconds: the median is the number we report, the quartiles
-    show how noisy the machine was."""
-    ms = 1e3 * np.asarray(seconds, dtype=np.float64)
-    q1, med, q3 = np.percentile(ms, [25, 50, 75])
-    return {"median_ms": float(med), "q1_ms": float(q1), "q3_ms": float(q3), "n": int(ms.size)}
-
-
-def rotated(names: list[str], r: int) -> list[str]:
-    """Round r starts with a different variant, so none is always first (warm or cold)."""
-    k = r % len(names)
-    return names[k:] + names[:k]
-
-
-def interleave(variants: dict[str, Callable[[], object]], rounds: int,
-               inner: dict[str, int] | None = None) -> dict[str, list[float]]:
-    """Time each variant `inner[name]` times per round, rounds interleaved: A B A B ...
-    Returns every single time (seconds) per variant."""
-    inner = inner or {}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for r in range(rounds):
-        for name in rotated(list(variants), r):
-            for _ in range(inner.get(name, 1)):
-                t0 = time.perf_counter()
-                variants[name]()
-                times[name].append(time.perf_counter() - t0)
-    return times
-
-
-@contextmanager
-def no_gc():
-    """Collect once, then keep the garbage collector out of the timed code (as timeit does)."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
-# --- the machine ---------------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_header() -> dict:
-    """CPU, threads, BLAS library and kernel (threadpoolctl), library versions."""
-    import threadpoolctl
-    import torch
-    import transformers
-
-    blas = [p for p in threadpoolctl.threadpool_info() if p.get("user_api") == "blas"]
-    blas = blas[0] if blas else {}
-    return {
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "os_kernel": f"{platform.system()} {platform.release()}",
-        "blas_library": blas.get("internal_api", "unknown"),
-        "blas_version": blas.get("version"),
-        "blas_kernel": blas.get("architecture"),
-        "blas_threading_layer": blas.get("threading_layer"),
-        "blas_threads": blas.get("num_threads"),
-        "torch_threads": torch.get_num_threads(),
-        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "load_average_at_start": list(os.getloadavg()),
-        "nice": os.nice(0),  # this process's priority: below 0 it runs ahead of nice-0 jobs
-        "autogroup": read_text("/proc/self/autogroup"),  # its session's share (see docstring)
-        "cpu_ticks_at_start": cpu_ticks(),
-    }
-
-
-def read_text(path: str) -> str | None:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return None
-
-
-def cpu_ticks() -> dict[str, int] | None:
-    """The machine's CPU time so far, by kind (Linux /proc/stat, in clock ticks), or None."""
-    line = (read_text("/proc/stat") or "").split("\n")[0].split()
-    if line[:1] != ["cpu"]:
-        return None
-    kinds = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
-    return dict(zip(kinds, map(int, line[1:1 + len(kinds)]), strict=False))
-
-
-def cpu_shares(start: dict[str, int] | None, end: dict[str, int] | None) -> dict[str, float]:
-    """Share of all CPU time between two cpu_ticks() by kind: 'steal' is time the hypervisor gave
-    this VM's cores to other machines, 'idle' time nobody here used."""
-    if not start or not end:
-        return {}
-    spent = {k: end[k] - start[k] for k in start}
-    total = sum(spent.values()) or 1
-    return {k: v / total for k, v in spent.items()}
-
-
-def busy_processes(interval: float = 1.0, at_least: float = 0.2) -> list[dict]:
-    """Other processes that used at least `at_least` of a core during `interval` seconds: their
-    command name, nice value and share of a core (Linux /proc; [] elsewhere).
-
-    Why: OpenBLAS and torch split products and parallel loops between their threads, and a
-    call returns only when every thread is done. If another process holds one of the two cores,
-    the second thread waits for it at every call, so multi-threaded timings (ours and Hugging
-    Face's, each in its own way) are inflated for reasons that are not in the code. The load
-    average says the machine was busy; this says with what."""
-    def cpu_ticks() -> dict[int, tuple[str, int, int]]:
-        ticks = {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                text = stat.read_text()
-            except OSError:
-                continue
-            name = text[text.index("(") + 1:text.rindex(")")]
-            fields = text[text.rindex(")") + 2:].split()
-            ticks[int(stat.parent.name)] = (name, int(fields[11]) + int(fields[12]),
-                                            int(fields[16]))  # utime + stime, nice
-        return ticks
-
-    if not Path("/proc/self/stat").exists():
-        return []
-    before = cpu_ticks()
-    time.sleep(interval)
-    after = cpu_ticks()
-    hz = os.sysconf("SC_CLK_TCK")
-    busy = []
-    for pid, (name, ticks, nice) in after.items():
-        share = (ticks - before.get(pid, (name, ticks, nice))[1]) / hz / interval
-        if pid != os.getpid() and share >= at_least:
-            try:  # the script a Python process runs says more than "python"
-                args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                script = next((Path(a.decode()).name for a in args[1:3] if a.endswith(b".py")),
-                              None)
-            except (OSError, UnicodeDecodeError):
-                script = None
-            busy.append({"pid": pid, "name": f"{name} {script}" if script else name,
-                         "nice": nice, "core_share": round(share, 2)})
-    return sorted(busy, key=lambda b: -b["core_share"])
 
 
 # --- the models ----------------------------------------------------------------------------------
@@ -476,10 +331,6 @@ def generate_side_by_side(model: GPT, hf, prompt: np.ndarray, steps: int, rounds
     return {"times": times, "tokens_equal": bool(np.array_equal(tokens["ours"], tokens["hf"]))}
 
 
-def ratio(stats: dict, a: str, b: str) -> float:
-    return stats[a]["median_ms"] / stats[b]["median_ms"]
-
-
 def versus_hf(name: str, shape: dict, steps: int, rounds: int, s: Settings, seed: int) -> dict:
     """Cached greedy decode per token (with the weight-streaming floor), prefill, and generate:
     ours vs Hugging Face with the same weights."""
@@ -620,15 +471,15 @@ def decode_memory(model: GPT, s: Settings, rng: np.random.Generator) -> dict:
     (NumPy reports its array buffers to it), from just before the cache is allocated."""
     c, n = model.config, s.memory_seq_len
     prompt = random_ids(rng, c.vocab_size, PROMPT_LEN)
+    def run() -> ModelCache:
+        cache = model.new_cache(1)
+        token = greedy(prefill(model, prompt, cache))
+        for _ in range(n - PROMPT_LEN):
+            token = greedy(decode(model, token, cache))
+        return cache
+
     gc.collect()
-    tracemalloc.start()
-    base = tracemalloc.get_traced_memory()[0]
-    cache = model.new_cache(1)
-    token = greedy(prefill(model, prompt, cache))
-    for _ in range(n - PROMPT_LEN):
-        token = greedy(decode(model, token, cache))
-    peak = tracemalloc.get_traced_memory()[1] - base
-    tracemalloc.stop()
+    cache, peak = peak_during(run)
     formula = kv_cache_bytes(c.n_layers, 1, c.n_kv_heads, c.d_head, n, model.dtype)
     return {"method": "tracemalloc peak minus baseline (NumPy buffers + Python objects)",
             "seq_len": n, "layers": c.n_layers, "n_kv_heads": c.n_kv_heads, "d_head": c.d_head,
@@ -810,14 +661,8 @@ def step_breakdown(model: GPT, prompt: np.ndarray, decode_step: bool, rounds: in
             prefill(model, prompt, fresh[0])
 
     runners = {"total": (prepare_total, run_total)} | part_runners(model, calls, ids, positions)
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for r in range(rounds):
-        for name in rotated(list(runners), r):
-            prepare, run_it = runners[name]
-            prepare()
-            t0 = time.perf_counter()
-            run_it()
-            times[name].append(time.perf_counter() - t0)
+    times = interleave({name: run_it for name, (_, run_it) in runners.items()}, rounds,
+                       prepare={name: prepare for name, (prepare, _) in runners.items()})
     ms = {name: summary(t)["median_ms"] for name, t in times.items()}
     parts = {part: ms[part] for part in PARTS}
     parts[OVERHEAD] = ms["total"] - sum(parts.values())
@@ -993,36 +838,6 @@ def guards(r: dict) -> dict:
 
 
 # --- printing and plots --------------------------------------------------------------------------
-
-def fmt(st: dict) -> str:
-    """'1.234 ms [1.1-1.3]': median and quartiles."""
-    return f"{st['median_ms']:9.3f} ms [{st['q1_ms']:.3g}-{st['q3_ms']:.3g}]"
-
-
-def print_header(h: dict) -> None:
-    print(f"CPU: {h['cpu']} ({h['cpu_count']} logical cores, {h['machine']}, {h['os_kernel']})")
-    print(f"BLAS: {h['blas_library']} {h['blas_version']} kernel={h['blas_kernel']} "
-          f"threads={h['blas_threads']} ({h['blas_threading_layer']}); torch threads="
-          f"{h['torch_threads']}; OPENBLAS_CORETYPE={h['openblas_coretype']}")
-    load = " ".join(f"{x:.2f}" for x in h["load_average_at_start"])
-    end = h.get("load_average_at_end")
-    print(f"Python {h['python']}, NumPy {h['numpy']}, torch {h['torch']}, transformers "
-          f"{h['transformers']}; load average (1, 5, 15 min) at start {load}"
-          + ("" if end is None else ", at end " + " ".join(f"{x:.2f}" for x in end))
-          + f"; this process at nice {h.get('nice', 0)}"
-          + ("" if not h.get("autogroup") else f", its session at {h['autogroup']}"))
-    shares = h.get("cpu_shares_during_run")
-    if shares:
-        print("CPU time of the whole machine during the run: " + ", ".join(
-            f"{k} {v:.0%}" for k, v in shares.items() if v >= 0.005))
-    for when in ("start", "end"):
-        busy = h.get(f"busy_processes_at_{when}")
-        if busy is not None:
-            names = ", ".join(f"{b['name']} (nice {b['nice']}, {b['core_share']:.0%} of a core)"
-                              for b in busy) or "none"
-            print(f"Other processes using >= 20% of a core at {when}: {names}")
-    print("Times: median [quartiles] of repeats; variants interleaved in one loop.\n")
-
 
 def print_report(r: dict) -> None:
     print_header(r["header"])
@@ -1220,10 +1035,6 @@ def plot_all(r: dict, out_dir: Path) -> list[str]:
 SHORT = {"assignment": "assignment widths", "gpt2_small": "GPT-2-small shapes"}
 
 
-def machine_label(h: dict) -> str:
-    return f"{h['cpu']}, BLAS threads: {h['blas_threads']}"
-
-
 def plot_batch(b: dict, machine: str, path: Path) -> str:
     """Decode tokens/s vs B: ours and Hugging Face, and the floor's bound B / (one bare pass)."""
     import matplotlib
@@ -1293,23 +1104,6 @@ def run(s: Settings, seed: int, threads: int | None = None) -> dict:
 
     with threadpoolctl.threadpool_limits(limits=threads, user_api="blas"):
         return measure_all(s, seed)
-
-
-def start_header() -> dict:
-    """machine_header, torch given as many threads as BLAS, and who else is busy."""
-    import torch
-
-    header = machine_header()
-    torch.set_num_threads(header["blas_threads"] or 1)  # both libraries get the same cores
-    header["torch_threads"] = torch.get_num_threads()
-    header["busy_processes_at_start"] = busy_processes()
-    return header
-
-
-def finish_header(header: dict) -> None:
-    header["load_average_at_end"] = list(os.getloadavg())
-    header["busy_processes_at_end"] = busy_processes()
-    header["cpu_shares_during_run"] = cpu_shares(header["cpu_ticks_at_start"], cpu_ticks())
 
 
 def measure_all(s: Settings, seed: int) -> dict:
