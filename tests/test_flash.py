@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import attention
 from beyond import flash
 from beyond.flash import flash_attention
-from parts.references import rule_mask
+from tools.references import rule_mask
 
 TOL64 = 1e-12
 BLOCK_SIZES = (1, 3, 7, "t_k", "past t_k")

@@ -19,8 +19,8 @@ from cache import KVCache, ModelCache
 from engine import fast as engine
 from generate import generate_cached, generate_naive
 from parts import ROOT
-from parts.references import random_model
 from tools import train
+from tools.references import random_model
 
 TOL = 1e-12
 

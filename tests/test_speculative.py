@@ -15,8 +15,8 @@ import beyond.speculative as spec
 from block import GPT, GPTConfig
 from generate import generate_cached, prefill
 from parts import task
-from parts.references import random_model
 from parts.sampling import Sampler, sampling_probs
+from tools.references import random_model
 
 ROOT = Path(__file__).resolve().parent.parent
 EOS = ord(task.END)

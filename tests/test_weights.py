@@ -27,7 +27,7 @@ from conftest import SMALL, VARIANTS, assert_close_float32, random_ids, small_mo
 import parts.checks
 from block import GPT, GPTConfig, weight_shapes
 from parts import weights
-from parts.references import hf_gpt2, hf_logits
+from tools.references import hf_gpt2, hf_logits
 
 ROOT = Path(__file__).resolve().parent.parent
 

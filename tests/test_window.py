@@ -18,7 +18,7 @@ from beyond.window import EMPTY, RollingKVCache, WindowCache, slot_of
 from block import GPT, GPTConfig, mask_from_positions, positions_and_mask
 from cache import KVCache, LayerCache, ModelCache
 from generate import generate_cached, generate_naive, prefill
-from parts.references import random_model
+from tools.references import random_model
 
 TOL = 1e-12
 

@@ -77,7 +77,7 @@ def build_pair(shape: dict, seed: int) -> tuple[object, GPT]:
     """A Hugging Face GPT2LMHeadModel with random weights and our GPT with the same weights."""
     import torch
 
-    from parts.references import hf_gpt2
+    from tools.references import hf_gpt2
 
     hf = hf_gpt2(shape["vocab_size"], shape["n_positions"], shape["n_embd"], shape["n_layer"],
                  shape["n_head"], seed=seed, jitter=0.0, dtype=torch.float32,
