@@ -291,16 +291,14 @@ def peak_during(fn: Callable[[], object]) -> tuple[object, int]:
     tracemalloc, not getrusage: NumPy reports every array buffer it allocates to tracemalloc and
     the peak can be reset, so each call measures only itself; ru_maxrss is a process-lifetime
     high-water mark. It does not see BLAS's internal scratch buffers."""
-    alone = not tracemalloc.is_tracing()
-    if alone:
-        tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        result = fn()
-        return result, tracemalloc.get_traced_memory()[1]
-    finally:
-        if alone:
-            tracemalloc.stop()
+    if not tracemalloc.is_tracing():
+        with tracing():
+            return peak_during(fn)
+    # Inside a session nothing but these three calls: the few-KiB figures of tools/memory.py move
+    # with the collector's timing, which any object allocated around fn shifts.
+    tracemalloc.reset_peak()
+    result = fn()
+    return result, tracemalloc.get_traced_memory()[1]
 
 
 def peak_bytes(fn: Callable[[], object]) -> int:
