@@ -279,7 +279,8 @@ def sections_only(s: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _jsonable(x):
+def _jsonable(x: object) -> object:
+    """json.dumps' fallback: a NumPy scalar as the Python number it holds."""
     if isinstance(x, np.generic):
         return x.item()
     raise TypeError(f"not JSON serialisable: {type(x)}")

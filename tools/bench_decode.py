@@ -109,6 +109,7 @@ class ConcatKVCache(KVCache):
 
 
 def concat_cache(model: GPT) -> ModelCache:
+    """A ModelCache of ConcatKVCache layers, one per layer of model, batch 1."""
     c = model.config
     return ModelCache([ConcatKVCache(1, c.n_kv_heads, c.max_seq_len, c.d_head, model.dtype)
                        for _ in range(c.n_layers)])

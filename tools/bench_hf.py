@@ -54,7 +54,7 @@ class HFGreedy:
     """The same work with Hugging Face: one token per row per call, past_key_values carried
     along. Call inside torch.inference_mode()."""
 
-    def __init__(self, hf, prompt: np.ndarray) -> None:
+    def __init__(self, hf: object, prompt: np.ndarray) -> None:
         import torch
 
         self.hf = hf
@@ -89,7 +89,8 @@ def floor_pass(mats: list[np.ndarray], vectors: dict[int, np.ndarray]) -> None:
         vectors[w.shape[0]] @ w  # (1, d_in) @ (d_in, d_out) -> (1, d_out)
 
 
-def decode_side_by_side(model: GPT, hf, prompt: np.ndarray, steps: int, rounds: int) -> dict:
+def decode_side_by_side(model: GPT, hf: object, prompt: np.ndarray, steps: int,
+                        rounds: int) -> dict:
     """Both greedy loops advance side by side: DECODE_BLOCK steps of ours, DECODE_BLOCK of Hugging
     Face, DECODE_BLOCK floor passes, and again, so a busy neighbour slows all three alike while
     each side still runs consecutive steps as a real decode loop does (alternating single steps
@@ -109,7 +110,7 @@ def decode_side_by_side(model: GPT, hf, prompt: np.ndarray, steps: int, rounds: 
             "tokens_equal": ours.tokens == theirs.tokens}
 
 
-def prefill_side_by_side(model: GPT, hf, prompt: np.ndarray, rounds: int) -> dict:
+def prefill_side_by_side(model: GPT, hf: object, prompt: np.ndarray, rounds: int) -> dict:
     """Prefill of a (B, P) prompt into an empty cache. Ours computes the LM head for the last
     position only; Hugging Face is asked for the same with logits_to_keep=1. Each side's time
     includes making and dropping its cache, as a user's first call does: ours allocates all
@@ -130,7 +131,8 @@ def prefill_side_by_side(model: GPT, hf, prompt: np.ndarray, rounds: int) -> dic
             "max_abs_logit_diff": float(np.abs(ours_last - hf_last).max())}
 
 
-def generate_side_by_side(model: GPT, hf, prompt: np.ndarray, steps: int, rounds: int) -> dict:
+def generate_side_by_side(model: GPT, hf: object, prompt: np.ndarray, steps: int,
+                          rounds: int) -> dict:
     """The whole call a user makes: our generate_cached vs hf.generate (greedy, same prompt)."""
     import torch
 

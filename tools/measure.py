@@ -97,6 +97,7 @@ def ratio(stats: dict, a: str, b: str) -> float:
 # --- the machine ---------------------------------------------------------------------------------
 
 def read_text(path: str) -> str | None:
+    """A small text file's content, stripped, or None where it cannot be read (not Linux)."""
     try:
         return Path(path).read_text().strip()
     except OSError:
