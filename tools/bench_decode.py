@@ -74,7 +74,6 @@ def total_times(model: GPT, s: Settings, rng: np.random.Generator) -> list[dict]
     return rows
 
 
-
 # --- 5. preallocated vs concatenating cache ------------------------------------------------------
 
 class ConcatKVCache(KVCache):
@@ -202,7 +201,6 @@ def decode_memory(model: GPT, s: Settings, rng: np.random.Generator) -> dict:
             "cache_nbytes": cache.nbytes, "peak_over_formula": peak / formula,
             "process_ru_maxrss_bytes": 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
             "ru_maxrss_note": "whole-process lifetime peak (torch, both models), for scale only"}
-
 
 
 # --- printing and plots --------------------------------------------------------------------------

@@ -70,7 +70,6 @@ QUICK = Settings(positions=(16, 256, 2047), sweep_rounds=2, cached_inner=5,
                  tricks_rounds=1)
 
 
-
 # --- the models ----------------------------------------------------------------------------------
 
 def build_pair(shape: dict, seed: int) -> tuple[object, GPT]:
@@ -91,7 +90,6 @@ def build_pair(shape: dict, seed: int) -> tuple[object, GPT]:
 def random_ids(rng: np.random.Generator, vocab: int, length: int) -> np.ndarray:
     """One random prompt of `length` token ids, (1, length)."""
     return rng.integers(0, vocab, (1, length))  # (B=1, length)
-
 
 
 def save(fig: object, path: Path) -> str:

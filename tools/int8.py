@@ -208,6 +208,5 @@ def print_scales(stats: dict[str, dict[str, float]], n: int) -> None:
           "every row)")
 
 
-
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -355,6 +355,5 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-
 if __name__ == "__main__":
     raise SystemExit(main())
