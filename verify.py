@@ -61,8 +61,8 @@ import generate
 from beyond import int8, latent, window
 from beyond.flash import flash_attention
 from beyond.speculative import generate_speculative
-from parts import references as ref
 from parts import rope
+from tools import references as ref
 
 HERE = Path(__file__).resolve().parent
 WIDTH = 80

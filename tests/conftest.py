@@ -19,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from block import GPT, GPTConfig  # noqa: E402
 from cache import ModelCache  # noqa: E402
-from parts.references import random_model  # noqa: E402
+from tools.references import random_model  # noqa: E402
 
 # Small, but every axis distinct: vocab 64, 32 positions, d_model 32, 4 heads of 8, 2 layers.
 # init_std 0.2 so attention is far from uniform and logits differ clearly between tokens.

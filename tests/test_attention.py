@@ -28,7 +28,7 @@ from attention import (
     softmax,
     split_heads,
 )
-from parts.references import (
+from tools.references import (
     masked_softmax_by_hand,
     rule_mask,
     torch_attention,

@@ -1,14 +1,16 @@
-"""bench.py: the --quick run writes every field it promises, its correctness guards pass,
-and its numbers are finite; the batched section and the profile breakdown are there and the
-breakdown's parts add up to the measured total; the tricks section times every switch of
-fastpath.fast.TRICKS, each switch really changes the engine's code path and none changes a result;
-the concatenating cache it compares against really is a KV cache; the query blocks its prefill
-relies on change no result.
+"""tools/bench.py and its sections (bench_decode, bench_hf, bench_profile): the --quick run writes
+every field it promises, its correctness guards pass, and its numbers are finite; the batched
+section and the profile breakdown are there and the breakdown's parts add up to the measured
+total; the tricks section times every switch of fast/model.py's TRICKS, each switch really changes the
+fast path's code and none changes a result; the concatenating cache it compares against really
+is a KV cache; the query blocks its prefill relies on change no result; the timing harness
+(tools/measure.py) rotates, prepares untimed and keeps the collector out.
 No timing assertions: the machine may be busy."""
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import math
@@ -24,7 +26,7 @@ from block import GPT, GPTConfig
 from cache import KVCache
 from fast import model as fastpath
 from generate import decode, greedy, prefill
-from tools import bench
+from tools import bench, bench_decode, bench_hf, bench_profile, measure
 
 
 @pytest.fixture(scope="module")
@@ -123,15 +125,16 @@ def test_the_batched_section_has_every_batch_size(quick):
 def test_the_profile_parts_add_up_to_the_measured_total(quick):
     _, r, _, text = quick
     prof = r["profile"]
-    assert prof["parts"] == [*bench.PARTS, bench.OVERHEAD]
-    c = bench.GPT2_SMALL_SHAPE["n_layer"]
+    assert prof["parts"] == [*bench_profile.PARTS, bench_profile.OVERHEAD]
+    c = bench_hf.GPT2_SMALL_SHAPE["n_layer"]
     for step, extra in ((prof["decode"], 0), (prof["prefill"], 1)):
         parts = step["parts_ms"]
         assert set(parts) == set(prof["parts"])
         assert sum(parts.values()) == pytest.approx(step["total_ms"], rel=1e-9)
         assert sum(step["share"].values()) == pytest.approx(1.0, rel=1e-9)
         assert step["total_ms"] == step["total"]["median_ms"]
-        assert all(parts[p] > 0 for p in bench.PARTS)  # only the overhead may come out negative
+        # only the overhead may come out negative
+        assert all(parts[p] > 0 for p in bench_profile.PARTS)
         # The recorded calls are the real forward pass's: per layer QKV (one product), O, fc,
         # proj and one LM head; one attention call and one cache append per layer; 2 LayerNorms
         # and a GELU per layer plus the final LayerNorm. A prefill's last block makes K and V
@@ -189,7 +192,7 @@ def test_plots_are_small_pngs(quick):
 def test_concat_cache_returns_what_the_preallocated_cache_returns(chunks, heads):
     rng = np.random.default_rng(len(chunks))
     max_len = sum(chunks)
-    pre, cat = KVCache(2, heads, max_len, 4), bench.ConcatKVCache(2, heads, max_len, 4)
+    pre, cat = KVCache(2, heads, max_len, 4), bench_decode.ConcatKVCache(2, heads, max_len, 4)
     for t in chunks:
         k = rng.standard_normal((2, heads, t, 4)).astype(np.float32)
         v = rng.standard_normal((2, heads, t, 4)).astype(np.float32)
@@ -205,7 +208,7 @@ def test_concat_cache_gives_the_same_tokens_as_the_real_cache():
     model = GPT(GPTConfig(max_seq_len=32, n_layers=2, init_std=0.2), seed=3)
     prompt = np.random.default_rng(3).integers(0, 256, (1, 5))
     tokens = {}
-    for name, cache in (("pre", model.new_cache(1)), ("cat", bench.concat_cache(model))):
+    for name, cache in (("pre", model.new_cache(1)), ("cat", bench_decode.concat_cache(model))):
         token = greedy(prefill(model, prompt, cache))
         tokens[name] = [int(token[0])]
         for _ in range(10):
@@ -216,7 +219,7 @@ def test_concat_cache_gives_the_same_tokens_as_the_real_cache():
 
 def test_floor_reads_every_weight_matrix_once():
     model = GPT(GPTConfig(n_layers=3))
-    mats = bench.weight_matrices(model)
+    mats = bench_hf.weight_matrices(model)
     # By hand: per block [W_q | W_k | W_v] (one matrix, as the model multiplies by it), W_o,
     # W_fc, W_proj, then the tied LM head.
     D, F, V = 128, 512, 256
@@ -227,10 +230,23 @@ def test_floor_reads_every_weight_matrix_once():
 
 def test_interleave_rotates_and_counts():
     calls = []
-    times = bench.interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                             rounds=3, inner={"b": 2})
+    times = measure.interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                               rounds=3, inner={"b": 2})
     assert calls == ["a", "b", "b", "b", "b", "a", "a", "b", "b"]
     assert (len(times["a"]), len(times["b"])) == (3, 6)
+
+
+def test_interleave_prepares_untimed_warms_up_and_keeps_the_collector_out():
+    calls = []
+    times = measure.interleave({"a": lambda: calls.append(("a", gc.isenabled()))}, rounds=2,
+                               prepare={"a": lambda: calls.append("rewind")}, warmup=1)
+    assert calls == ["rewind", ("a", False)] * 3  # the warm-up round runs too...
+    assert len(times["a"]) == 2  # ...and is not kept
+    assert gc.isenabled()
+    with measure.no_gc():
+        measure.interleave({"a": lambda: None}, rounds=1)
+        assert not gc.isenabled()  # a nested no_gc leaves the outer one's setting alone
+    assert gc.isenabled()
 
 
 def test_profile_alone_writes_under_out_profile_only(tmp_path):
@@ -279,8 +295,8 @@ def test_the_floor_streams_the_matrices_the_engine_multiplies_by():
     fast = GPT(GPTConfig(n_layers=2, init_std=0.2), seed=1, dtype=np.float64)
     readable = GPT(GPTConfig(n_layers=2, init_std=0.2), seed=1, dtype=np.float64)
     ids = np.random.default_rng(1).integers(0, 256, (2, 9))
-    assert len(bench.weight_matrices(fast)) == 2 * 4 + 1
-    assert len(bench.weight_matrices(readable)) == 2 * 6 + 1
+    assert len(bench_hf.weight_matrices(fast)) == 2 * 4 + 1
+    assert len(bench_hf.weight_matrices(readable)) == 2 * 6 + 1
     a = fast.blocks[0].attn
     assert a.w_k.base is a.w_q.base and a.w_q.base.shape == (128, 3 * 128)
     before = fast(ids)
@@ -302,14 +318,14 @@ def test_the_tricks_section_times_every_switch(quick):
     for key, variants in expected.items():
         x = t[key]
         assert x["variants"] == variants
-        assert all(d <= bench.TRICKS_RTOL for d in x["max_rel_logit_diff"].values())
+        assert all(d <= bench_profile.TRICKS_RTOL for d in x["max_rel_logit_diff"].values())
         for step in ("prefill", "decode"):
             assert list(x[step]) == variants
             engine_ms = x[step]["engine"]["median_ms"]
             for name in variants:  # each ratio is that variant's median over the engine's
                 assert x[f"{step}_over_engine"][name] == pytest.approx(
                     x[step][name]["median_ms"] / engine_ms, rel=1e-12)
-        assert x["decode"]["engine"]["n"] == bench.QUICK.tricks_rounds * bench.DECODE_BLOCK
+        assert x["decode"]["engine"]["n"] == bench.QUICK.tricks_rounds * bench_profile.DECODE_BLOCK
     assert t["gqa"]["n_kv_heads"] == 4 and t["n_heads"] == 12
     assert "9. what each trick buys" in text
     lines = text[text.index("9. what each trick buys"):].splitlines()
@@ -329,7 +345,7 @@ def test_tricks_alone_writes_under_out_tricks_only(tmp_path):
         mp.chdir(tmp_path)
         mp.setattr(bench, "OUT_ROOT", tmp_path / "out")
         mp.setattr(bench, "FULL", bench.QUICK)
-        mp.setattr(bench, "GPT2_SMALL_SHAPE", TINY_SHAPE)
+        mp.setattr(bench_profile, "GPT2_SMALL_SHAPE", TINY_SHAPE)
         assert bench.main(["--tricks", "--threads", "1"]) == 0
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert written == ["out/tricks/bench.json"]
@@ -353,9 +369,9 @@ def test_a_broken_switch_stops_the_tricks_section(monkeypatch):
     monkeypatch.setattr(fastpath, "norm", broken)
     config = GPTConfig(vocab_size=64, max_seq_len=16, d_model=32, n_heads=2, n_layers=1,
                        init_std=0.2)
-    variants = bench.trick_variants(config, 0, ["fused_qkv", "in_place"])
+    variants = bench_profile.trick_variants(config, 0, ["fused_qkv", "in_place"])
     with pytest.raises(RuntimeError, match="'without in_place'"):
-        bench.trick_timings(variants, np.arange(8)[None], rounds=1)
+        bench_profile.trick_timings(variants, np.arange(8)[None], rounds=1)
     assert fastpath.TRICKS["in_place"]  # switched back on after the failure
 
 
@@ -433,7 +449,7 @@ def run_engine(model_of, off: tuple[str, ...] = ()) -> np.ndarray:
     300 tokens, with `off` switched off while the model and its cache are built and run:
     logits (2, 2 + 300, V) stacked."""
     ids = np.random.default_rng(5).integers(0, 100, (2, 300))
-    with bench.switched_off(off):
+    with bench_profile.switched_off(off):
         model = model_of()
         cache = model.new_cache(2)
         last = prefill(model, ids, cache)

@@ -18,6 +18,7 @@ from block import GPT, GPTConfig
 from cache import KVCache, ModelCache
 from generate import generate_cached, generate_naive
 from tools import generate_cli
+from tools import int8 as int8_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -228,7 +229,7 @@ def test_an_int8_cache_is_still_a_layer_cache():
 
 def test_on_the_trained_model_int8_matches_at_least_99_percent_of_held_out_prompts():
     model = GPT.load(ROOT / "checkpoints" / "reverse.npz")
-    r = int8.compare(model, n=1000)
+    r = int8_command.compare(model, n=1000)
     assert r["float_exact"] >= 0.99 and r["int8_exact"] >= 0.99
     assert r["tokens_differ"] <= 0.01
     assert 0 < r["max_logit_diff"] <= int8.LOGIT_TOLERANCE * r["max_abs_logit"]

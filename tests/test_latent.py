@@ -26,8 +26,9 @@ from cache import KVCache, ModelCache
 from fast import model as fastpath
 from generate import generate_cached, generate_naive
 from parts import ROOT
-from parts.references import random_model
+from tools import latent as latent_command
 from tools import train
+from tools.references import random_model
 
 TOL = 1e-12
 
@@ -292,9 +293,9 @@ def test_train_writes_an_mla_model_under_out_and_never_over_the_shipped_files(tm
 # --- memory --------------------------------------------------------------------------------------
 
 def test_the_memory_table_matches_the_formulas():
-    rows = {(r[0], r[1]): r for r in latent.memory_rows()}
+    rows = {(r[0], r[1]): r for r in latent_command.memory_rows()}
     per = {key: r[3] for key, r in rows.items()}
-    llama, repo = latent.LLAMA["short"], latent.REPO["short"]
+    llama, repo = latent_command.LLAMA["short"], latent_command.REPO["short"]
     assert per[(llama, "MHA")] == f"{2 * 32 * 128 * 2:,}"  # fp16
     assert per[(llama, "GQA (8 K/V heads)")] == f"{2 * 8 * 128 * 2:,}"
     assert per[(llama, "MLA d_c=512")] == f"{512 * 2:,}"

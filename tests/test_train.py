@@ -18,8 +18,8 @@ from threadpoolctl import threadpool_limits
 from block import GPT, GPTConfig, random_weights, weight_shapes
 from generate import generate_cached, generate_naive
 from parts import task
-from parts.references import random_model
 from tools import cli_types, evaluate, train
+from tools.references import random_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "checkpoints" / "reverse.npz"

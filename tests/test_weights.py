@@ -12,7 +12,6 @@ import io
 import json
 import re
 import struct
-import tracemalloc
 import warnings
 import zipfile
 from dataclasses import asdict, fields
@@ -27,7 +26,8 @@ from conftest import SMALL, VARIANTS, assert_close_float32, random_ids, small_mo
 import parts.checks
 from block import GPT, GPTConfig, weight_shapes
 from parts import weights
-from parts.references import hf_gpt2, hf_logits
+from tools.measure import peak_bytes
+from tools.references import hf_gpt2, hf_logits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -164,12 +164,7 @@ def test_unexpected_compressed_member_is_refused_without_inflating_it(tmp_path, 
             for _ in range(25):
                 f.write(bytes(2**20))  # 25 MB of zeros, ~25 kB compressed
     assert path.stat().st_size < 400_000
-    tracemalloc.start()
-    try:
-        refused(path, ValueError, r"unexpected \['junk'\]")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = peak_bytes(lambda: refused(path, ValueError, r"unexpected \['junk'\]"))
     assert peak < 2 * 2**20, f"{peak:,} bytes allocated to refuse it"
 
 

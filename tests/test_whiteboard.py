@@ -24,7 +24,7 @@ import cache
 from attention import causal_mask, scaled_dot_product_attention
 from fast import model as fastpath
 from generate import generate_cached, generate_naive, left_pad
-from parts.references import torch_attention
+from tools.references import torch_attention
 
 STEPS = ["q @ k.swapaxes(-1, -2)", "/ math.sqrt(q.shape[-1])", "np.where(mask, scores, NEG_INF)",
          "softmax(scores, axis=-1)", "weights @ v"]

@@ -19,7 +19,7 @@ from beyond.window import RollingKVCache, WindowCache, slot_of, window_cache
 from block import GPT, GPTConfig
 from cache import EMPTY, KVCache, ModelCache, first_step
 from generate import generate_cached, generate_naive, prefill
-from parts.references import random_model
+from tools.references import random_model
 
 TOL = 1e-12
 

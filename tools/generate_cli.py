@@ -175,7 +175,7 @@ def trained(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
               f"{'yes' if answer == task.expected_answer(task.make_prompt(text)) else 'NO'}")
     same = print_agreement(run, args.cache_dtype)
     if draft is not None:
-        from beyond.speculative import versus_cached
+        from tools.speculative import versus_cached
 
         same = versus_cached(model, draft, prompts, eos_id=ord(task.END)) and same
     return 0 if same else 1

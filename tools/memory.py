@@ -34,8 +34,6 @@ if __package__ in (None, ""):  # run as `python tools/x.py` from anywhere: find 
 
 import argparse
 import resource
-import tracemalloc
-from collections.abc import Callable
 from itertools import product
 from typing import NamedTuple
 
@@ -48,6 +46,7 @@ from cache import KVCache, ModelCache, kv_cache_bytes
 from generate import decode, greedy, prefill
 from parts.checks import cli_output_file
 from tools.cli_types import default_output
+from tools.measure import human, peak_during, tracing
 
 CONTEXTS = (128, 512, 2048)
 VARIANTS = (("MHA", 4), ("GQA", 2), ("MQA", 1))  # name, n_kv_heads, for 4 query heads
@@ -93,31 +92,22 @@ def allocate_cache(model: GPT, context: int, dtype: np.dtype) -> ModelCache:
                        for _ in range(c.n_layers)])
 
 
-def traced(fn: Callable[[], object]) -> tuple[object, int]:
-    """Run fn with tracemalloc's peak reset; return its result and the peak traced bytes."""
-    tracemalloc.reset_peak()
-    result = fn()
-    return result, tracemalloc.get_traced_memory()[1]
-
-
 def measure(model: GPT, variant: str, context: int, dtype: np.dtype, decode_steps: int,
             chunk: int = 256) -> Row:
     """Allocate a cache, fill it to `context` with a real prefill + decode, and measure."""
     c = model.config
     prompt = np.random.default_rng(0).integers(0, c.vocab_size, (BATCH, context - decode_steps))
-    tracemalloc.start()
-    try:
-        cache, _ = traced(lambda: allocate_cache(model, context, dtype))
-        logits, peak_prefill = traced(lambda: prefill(model, prompt, cache, chunk_size=chunk))
+    with tracing():  # one session: the cache, once allocated, counts in every later peak
+        cache, _ = peak_during(lambda: allocate_cache(model, context, dtype))
+        logits, peak_prefill = peak_during(lambda: prefill(model, prompt, cache,
+                                                           chunk_size=chunk))
 
         def decode_to_the_end() -> None:
             token = greedy(logits)
             for _ in range(decode_steps):
                 token = greedy(decode(model, token, cache))
 
-        _, peak_decode = traced(decode_to_the_end)
-    finally:
-        tracemalloc.stop()
+        _, peak_decode = peak_during(decode_to_the_end)
     assert len(cache) == context  # the cache really holds `context` positions now
     formula = kv_cache_bytes(c.n_layers, BATCH, c.n_kv_heads, c.d_head, context, dtype)
     return Row(variant, c.n_kv_heads, dtype, context, formula, cache.nbytes,
@@ -128,23 +118,13 @@ def prefill_peak(model: GPT, T: int, chunk: int | None) -> tuple[int, np.ndarray
     """tracemalloc peak of prefilling T tokens (cache allocation included), one shot or chunked;
     also the last logits, to show both ways compute the same thing."""
     prompt = np.random.default_rng(1).integers(0, model.config.vocab_size, (BATCH, T))
-    tracemalloc.start()
-    try:
+    with tracing():
         cache = model.new_cache(BATCH)
-        logits, peak = traced(lambda: prefill(model, prompt, cache, chunk_size=chunk))
-    finally:
-        tracemalloc.stop()
+        logits, peak = peak_during(lambda: prefill(model, prompt, cache, chunk_size=chunk))
     return peak, logits
 
 
 # --- printing ------------------------------------------------------------------------------------
-
-def human(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
-
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
     """Right-aligned plain-text table."""

@@ -1,8 +1,10 @@
 """What every check compares against, written once: PyTorch, Hugging Face, and the rule itself.
 
-verify.py, the tests and bench.py all call these; none of them re-implements a reference. Nothing
-here imports the code under test except for building test models (random_model) and for wiring
-our weights into torch's layout, so an answer from here is evidence from outside our code.
+verify.py, the tests and the benchmark (tools/bench_setup.py) call these; none of them
+re-implements a reference. Nothing here imports the code under test except for building test
+models (random_model) and for wiring our weights into torch's layout, so an answer from here is
+evidence from outside our code. It builds on block.py, so it sits above the five root files, with
+the commands, not in parts/ (which holds only what those five import).
 
     rule_mask                the causal rule spelled out cell by cell (no tril, no offsets)
     masked_softmax_by_hand   softmax over the visible keys only, written without attention.py
