@@ -1,1 +1,1 @@
-"""The fast path: the readable model of block.py and attention.py, computed faster (fast/model.py)."""
+"""The fast path: the readable model, computed faster (fast/model.py's FastGPT)."""

@@ -17,7 +17,8 @@ import functools
 import inspect
 import math
 import tempfile
-from collections.abc import Callable, Iterator
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -233,6 +234,61 @@ def cli_output_dir(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"cannot write into {text!r}: {str(base)!r} does not "
                                          "exist or is not writable")
     return path
+
+
+def cli_float(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+              high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float in [low, high] ("(" or ")" where open; None = unbounded).
+    nan, inf, -inf and 1e400 (which Python reads as inf) are refused by name."""
+    interval = (f"{'(-inf' if low is None else ('(' if low_open else '[') + str(low)}, "
+                f"{'inf)' if high is None else str(high) + (')' if high_open else ']')}")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text!r}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+    return parse
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (a library's message may span several)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def refuse_unused(ap: argparse.ArgumentParser, args: argparse.Namespace,
+                  flags: Iterable[str], why: str) -> None:
+    """A usage error if any of `flags` (e.g. "--top-k") was given, i.e. is not None/False: a flag
+    the run would ignore is refused, never silently dropped."""
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and value is not False:
+            ap.error(f"{flag} {why}")
+
+
+def cli_load(ap: argparse.ArgumentParser, path: str | Path, load: Callable[[Path], object],
+             hint: str = "", flag: str = "--checkpoint") -> object:
+    """load(path) (a model class's .load), or a usage error naming the flag and the path: every
+    refusal the loader raises (a missing file, a directory, garbage, a .npy renamed .npz, a bad
+    config or weights) becomes one line."""
+    try:
+        # np.load reads a non-zip file as .npy or pickle: a renamed .npy would load as one array
+        # and garbage would be called "pickled data". A .npz is a zip archive; say so plainly.
+        if Path(path).is_file() and not zipfile.is_zipfile(path):
+            raise ValueError(f"{str(path)!r} is not a .npz checkpoint (not a zip archive of "
+                             "arrays: garbage, or another format such as a renamed .npy)")
+        return load(path)
+    except (ValueError, TypeError, OSError) as err:
+        message = one_line(err)
+        where = "" if str(path) in message else f" ({str(path)!r})"
+        ap.error(f"argument {flag}: {message}{where}{hint}")
 
 
 SEED = cli_int(0, 2**32 - 1)  # what np.random.default_rng and torch.manual_seed both take

@@ -1,9 +1,9 @@
 """tools/bench.py and its sections (bench_decode, bench_hf, bench_profile): the --quick run writes
 every field it promises, its correctness guards pass, and its numbers are finite; the batched
-section and the profile breakdown are there and the breakdown's parts add up to the measured
-total; the tricks section times every switch of fast/model.py's TRICKS, each switch really changes the
-fast path's code and none changes a result; the concatenating cache it compares against really
-is a KV cache; the query blocks its prefill relies on change no result; the timing harness
+section and the profile breakdown are there and the breakdown's parts add up to the measured total;
+the tricks section times every switch of fast/model.py's TRICKS, each switch really changes the fast
+path's code and none changes a result; the concatenating cache it compares against really is a KV
+cache; the query blocks its prefill relies on change no result; the timing harness
 (tools/measure.py) rotates, prepares untimed and keeps the collector out.
 No timing assertions: the machine may be busy."""
 

@@ -24,7 +24,7 @@ from attention import (
     softmax,
     split_heads,
 )
-from block import GPT, GPTConfig
+from block import GPT
 from cache import KVCache, ModelCache
 from generate import generate_cached, generate_naive, prefill
 from parts import checks, sampling

@@ -260,7 +260,7 @@ def test_the_absorption_really_fails_with_a_rotation_between_q_and_k():
     assert np.abs(between(3, 1) - w_q @ w_k.T).max() > 0.1  # not the fixed W_q W_k^T
 
 
-# --- the fast path and training ---------------------------------------------------------------------
+# --- the fast path and training -----------------------------------------------------------------
 
 def test_the_fast_path_refuses_a_latent_model_by_name():
     """FastGPT computes AttentionParams layers; an MLA model runs the readable LatentGPT."""

@@ -158,7 +158,7 @@ def test_generation_with_a_window_matches_naive_with_padding_and_chunks():
     model = windowed("rope_gqa", 4, 2, fast=True)
     prompts = [np.arange(1, 12), np.arange(5, 8)]
     naive = generate_naive(model, prompts, 15)
-    for cache in (None, window_cache(model, 2)):  # a full cache (the band in the mask), a rolling one
+    for cache in (None, window_cache(model, 2)):  # a full cache (the band in the mask), a rolling
         cached = generate_cached(model, prompts, 15, prefill_chunk=5, cache=cache)
         np.testing.assert_array_equal(cached.tokens, naive.tokens)
         np.testing.assert_allclose(cached.logits, naive.logits, rtol=0, atol=TOL)

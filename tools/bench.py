@@ -22,8 +22,8 @@ against the targets and the correctness guards, prints and writes them):
     tools/bench_profile.py
     8. where the time goes: one decode step and one prefill split into matrix products,
        attention, elementwise ops, cache writes and Python overhead
-    9. what each trick buys: the readable path, the engine, and the engine with each switch of
-       engine.fast.TRICKS off in turn, on a 512-token prefill and one decode step after it
+    9. what each trick buys: the readable path, the fast path, and the fast path with each switch
+       of fast/model.py's TRICKS off in turn, on a 512-token prefill and one decode step after it
 
 Writes out/bench/bench.json (--json) and PNG plots (--figures, default out/bench/; make
 bench-figures writes the committed figures/):
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="section 8 alone: one decode step and one prefill split into parts "
                          f"(figure under {PROFILE_DIR}/ unless --figures says otherwise)")
     ap.add_argument("--tricks", action="store_true",
-                    help="section 9 alone: the engine with each trick off in turn, beside the "
+                    help="section 9 alone: the fast path with each trick off in turn, beside the "
                          f"readable path (bench.json under {TRICKS_DIR}/ unless --json says "
                          "otherwise)")
     args = ap.parse_args(argv)

@@ -95,8 +95,9 @@ class ConcatKVCache(KVCache):
     def max_len(self) -> int:
         return self.capacity
 
-    def _write(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def update(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """k, v (B, H_kv, t, d_head) -> keys, values (B, H_kv, length + t, d_head): new arrays."""
+        k, v = self.narrowed("k", k), self.narrowed("v", v)
         self.keys = np.concatenate([self.keys, k], axis=2)  # a full copy of everything held
         self.values = np.concatenate([self.values, v], axis=2)
         self.length = self.keys.shape[2]

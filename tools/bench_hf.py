@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from block import GPT
-from engine import fast as engine
+from fast import model as fastpath
 from generate import decode, generate_cached, greedy, prefill
 from tools.bench_setup import (
     DECODE_BLOCK,
@@ -71,11 +71,11 @@ class HFGreedy:
 
 def weight_matrices(model: GPT) -> list[np.ndarray]:
     """Every matrix one decode step multiplies by, in the order the forward pass reads them:
-    W_Q, W_K, W_V as the one side-by-side matrix the engine multiplies by (engine.fuse_qkv)."""
+    W_Q, W_K, W_V as the one side-by-side matrix the fast path multiplies by (fastpath.fuse_qkv)."""
     mats = []
     for p in model.blocks:
         a = p.attn
-        fused = model.fast and engine.TRICKS["fused_qkv"]
+        fused = isinstance(model, fastpath.FastGPT) and fastpath.TRICKS["fused_qkv"]
         mats += [a.w_q.base] if fused else [a.w_q, a.w_k, a.w_v]
         mats += [a.w_o, p.w_fc, p.w_proj]
     return mats + [model.wte.T]  # the tied LM head, read as the same transposed view
@@ -115,7 +115,7 @@ def prefill_side_by_side(model: GPT, hf: object, prompt: np.ndarray, rounds: int
     position only; Hugging Face is asked for the same with logits_to_keep=1. Each side's time
     includes making and dropping its cache, as a user's first call does: ours allocates all
     max_len positions up front (the OS backs a page when it is first written: see
-    engine.zeros_in_small_pages for why that page is 4 KB), Hugging Face's grows to the P it
+    fastpath.zeros_in_small_pages for why that page is 4 KB), Hugging Face's grows to the P it
     holds."""
     import torch
 

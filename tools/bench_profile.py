@@ -4,8 +4,8 @@ shapes with random weights:
     8. one decode step and one prefill split into matrix products, attention, elementwise ops,
        cache writes and the Python around them: every call of a part recorded during the real
        step, then replayed alone (step_breakdown; tools/speculative.py --profile uses it too)
-    9. what each trick buys: the readable path, the engine, and the engine with each switch of
-       engine.fast.TRICKS off in turn, on a prefill and one decode step after it
+    9. what each trick buys: the readable path, the fast path, and the fast path with each switch
+       of fast/model.py's TRICKS off in turn, on a prefill and one decode step after it
 
 Each section measures (returning a dict for bench.json), prints its table; section 8 draws its
 figure.
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from block import GPT, GPTConfig
+from block import GPT, GPTConfig, blocks_from_named
 from cache import KVCache
-from engine import fast as engine
+from fast import model as fastpath
+from fast.model import FastGPT
 from generate import decode, greedy, prefill
 from tools.bench_setup import (
     DECODE_BLOCK,
@@ -40,9 +41,9 @@ PARTS = ("matrix products", "attention", "elementwise", "cache writes")
 OVERHEAD = "Python overhead"  # the measured total minus the parts
 REST_LABEL = f"{OVERHEAD}, thread wake-ups (rest)"  # what it holds: see step_breakdown
 # The functions the model's forward pass calls for each part, by the names it calls them through.
-TRACED = [(engine, "linear", "matrix products"), (engine, "grouped_attention", "attention"),
-          (engine, "norm", "elementwise"), (engine, "gelu_in_place", "elementwise"),
-          (KVCache, "_write", "cache writes")]
+TRACED = [(fastpath, "linear", "matrix products"), (fastpath, "grouped_attention", "attention"),
+          (fastpath, "norm", "elementwise"), (fastpath, "gelu_in_place", "elementwise"),
+          (KVCache, "update", "cache writes")]
 
 
 @contextmanager
@@ -95,7 +96,7 @@ def part_runners(model: GPT, calls: list[tuple[str, Callable, tuple]], ids: np.n
     stream = np.ones((B, T, model.config.d_model), model.dtype)  # (B, T, D): a residual add
 
     def prepare_elementwise():
-        fresh[:] = [tuple(a.copy() for a in args) if fn is engine.gelu_in_place else args
+        fresh[:] = [tuple(a.copy() for a in args) if fn is fastpath.gelu_in_place else args
                     for fn, args in elementwise]
 
     def run_elementwise():
@@ -213,26 +214,26 @@ TRICKS_RTOL = 1e-4  # every variant's float32 logits within this of the readable
 
 @contextmanager
 def switched_off(tricks: tuple[str, ...]) -> Iterator[None]:
-    """engine.TRICKS with `tricks` off inside the block, every switch as it was after it."""
-    saved = dict(engine.TRICKS)
-    engine.TRICKS.update(dict.fromkeys(tricks, False))
+    """fastpath.TRICKS with `tricks` off inside the block, every switch as it was after it."""
+    saved = dict(fastpath.TRICKS)
+    fastpath.TRICKS.update(dict.fromkeys(tricks, False))
     try:
         yield
     finally:
-        engine.TRICKS.update(saved)
+        fastpath.TRICKS.update(saved)
 
 
 def trick_variants(config: GPTConfig, seed: int, tricks: list[str]
                    ) -> dict[str, tuple[GPT, tuple[str, ...]]]:
-    """name -> (model, the switches it runs with off): the readable path, the engine, and the
-    engine without each of `tricks`. All share one set of random weights. fused_qkv is decided
-    when a model is built (GPT(fast=True) stores W_Q | W_K | W_V side by side), so the engine
-    without it runs on weights stored apart, as the readable model stores them."""
-    readable = GPT(config, seed, fast=False)
-    fast = GPT(config, weights=readable.named_weights())
-    apart = GPT(config, weights=readable.named_weights(), fast=False)
-    apart.fast = True  # W_Q, W_K, W_V stored apart, run by the engine
-    variants = {"readable": (readable, ()), "engine": (fast, ())}
+    """name -> (model, the switches it runs with off): the readable GPT, the fast path (FastGPT),
+    and the fast path without each of `tricks`. All share one set of random weights. fused_qkv
+    is decided when a model is built (FastGPT stores W_Q | W_K | W_V side by side), so the fast
+    path without it runs on weights stored apart, as the readable model stores them."""
+    readable = GPT(config, seed)
+    fast = FastGPT(config, weights=readable.named_weights())
+    apart = FastGPT(config, weights=readable.named_weights())
+    apart.blocks = blocks_from_named(readable.named_weights(), config)  # W_Q, W_K, W_V apart
+    variants = {"readable": (readable, ()), "fast": (fast, ())}
     for t in tricks:
         variants[f"without {t}"] = (apart if t == "fused_qkv" else fast, (t,))
     return variants
@@ -272,23 +273,23 @@ def trick_timings(variants: dict[str, tuple[GPT, tuple[str, ...]]], prompt: np.n
     out: dict = {"variants": list(variants), "max_rel_logit_diff": diffs}
     for step in ("prefill", "decode"):
         out[step] = {name: summary(times[f"{step} {name}"]) for name in variants}
-        out[f"{step}_over_engine"] = {name: ratio(out[step], name, "engine") for name in variants}
+        out[f"{step}_over_fast"] = {name: ratio(out[step], name, "fast") for name in variants}
     return out
 
 
 def what_tricks_buy(s: Settings, seed: int) -> dict:
-    """Section 9 at GPT-2-small shapes: every switch of engine.TRICKS off in turn (multi-head
+    """Section 9 at GPT-2-small shapes: every switch of fastpath.TRICKS off in turn (multi-head
     attention, as GPT-2 has), then shared_kv_heads again with grouped-query attention (4 K/V
     heads for 12 query heads), where it has groups to share."""
     sh = GPT2_SMALL_SHAPE
     config = dict(vocab_size=sh["vocab_size"], max_seq_len=sh["n_positions"],
                   d_model=sh["n_embd"], n_heads=sh["n_head"], n_layers=sh["n_layer"])
     prompt = random_ids(np.random.default_rng(seed), sh["vocab_size"], s.tricks_len)
-    mha = trick_variants(GPTConfig(**config), seed, list(engine.TRICKS))
+    mha = trick_variants(GPTConfig(**config), seed, list(fastpath.TRICKS))
     with no_gc():
         out = {"description": NAMES["gpt2_small"], "prompt_len": s.tricks_len,
                "rounds": s.tricks_rounds, "decode_block": DECODE_BLOCK,
-               "n_heads": sh["n_head"], "tricks": list(engine.TRICKS),
+               "n_heads": sh["n_head"], "tricks": list(fastpath.TRICKS),
                "mha": trick_timings(mha, prompt, s.tricks_rounds)}
     del mha  # three models of 341 MB: gone before the next three are built
     H_kv = sh["n_head"] // 3  # 4 K/V heads at GPT-2-small's 12 heads
@@ -327,22 +328,22 @@ def print_tricks(t: dict, number: str = "") -> None:
     P = t["prompt_len"]
     print(f"\n{number}what each trick buys, {t['description']}: prefill of {P} tokens into a "
           f"cache, then one decode step (B=1) at position {P}")
-    print("  off/engine = time with that one trick off / time of the engine with all of them "
-          "(above 1: the trick saves time); readable/engine on the readable row")
+    print("  off/fast = time with that one trick off / time of the fast path with all of them "
+          "(above 1: the trick saves time); readable/fast on the readable row")
     H, H_kv = t["n_heads"], t["gqa"]["n_kv_heads"]
     for key, title in (("mha", f"{H} heads, each with its own K and V (GPT-2)"),
                        ("gqa", f"grouped-query attention, {H_kv} K/V heads shared by the {H} "
                                "query heads")):
         x = t[key]
         print(f"  {title}")
-        print(f"  {'variant':<28} {'prefill ' + str(P):>27} {'off/engine':>10} "
-              f"{'decode step':>27} {'off/engine':>10}")
+        print(f"  {'variant':<28} {'prefill ' + str(P):>27} {'off/fast':>10} "
+              f"{'decode step':>27} {'off/fast':>10}")
         for name in x["variants"]:
-            label = {"readable": "readable (fast=False)", "engine": "engine (all tricks)"}.get(
+            label = {"readable": "readable (GPT)", "fast": "fast (FastGPT, all tricks)"}.get(
                 name, name)
             print(f"  {label:<28} {fmt(x['prefill'][name]):>27} "
-                  f"{x['prefill_over_engine'][name]:>10.2f} {fmt(x['decode'][name]):>27} "
-                  f"{x['decode_over_engine'][name]:>10.2f}")
+                  f"{x['prefill_over_fast'][name]:>10.2f} {fmt(x['decode'][name]):>27} "
+                  f"{x['decode_over_fast'][name]:>10.2f}")
     worst = max(max(t[k]["max_rel_logit_diff"].values()) for k in ("mha", "gqa"))
     print(f"  every variant's logits within {worst:.1e} (relative) of the readable path's "
           f"(checked before timing, limit {TRICKS_RTOL:g})")

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from block import GPT
+from fast.model import FastGPT
 
 # The two model shapes measured. Both are GPT-2 models with random weights built from a local
 # config (nothing is downloaded); ours is loaded from the very same state_dict.
@@ -73,7 +74,8 @@ QUICK = Settings(positions=(16, 256, 2047), sweep_rounds=2, cached_inner=5,
 # --- the models ----------------------------------------------------------------------------------
 
 def build_pair(shape: dict, seed: int) -> tuple[object, GPT]:
-    """A Hugging Face GPT2LMHeadModel with random weights and our GPT with the same weights."""
+    """A Hugging Face GPT2LMHeadModel with random weights and our fast path (FastGPT) with the
+    same weights: what the benchmark times, unless a section says otherwise."""
     import torch
 
     from tools.references import hf_gpt2
@@ -83,7 +85,7 @@ def build_pair(shape: dict, seed: int) -> tuple[object, GPT]:
                  initializer_range=0.02)  # GPT-2's own scale, as a real checkpoint has
     hf.generation_config.pad_token_id = 0  # a random-weight model has no tokenizer or pad token
     hf.generation_config.eos_token_id = None  # never stop early: both sides make N tokens
-    ours = GPT.from_gpt2(hf.state_dict(), dtype=np.float32, hf_config=hf.config)
+    ours = FastGPT.from_gpt2(hf.state_dict(), dtype=np.float32, hf_config=hf.config)
     return hf, ours
 
 

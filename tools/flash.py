@@ -1,12 +1,12 @@
 """Online-softmax ("Flash") attention (beyond/flash.py), shown and measured.
 
     python tools/flash.py --show     one query row's running max m and sum l, block by block
-    python tools/flash.py --bench    peak memory and time beside the engine's attention
+    python tools/flash.py --bench    peak memory and time beside the fast path's attention
 
---show runs the recurrence of beyond/flash.py over one row of 16 scores in blocks of 4, prints
-m and l before and after every block, and checks the result against the full softmax and against
-both attention functions (--draw or --out also draws it). --bench times flash_attention at
-GPT-2-small shapes beside engine.fast.attention, with tools/measure.py's harness and peak memory.
+--show runs the recurrence of beyond/flash.py over one row of 16 scores in blocks of 4, prints m and
+l before and after every block, and checks the result against the full softmax and against both
+attention functions (--draw or --out also draws it). --bench times flash_attention at GPT-2-small
+shapes beside fast/model.py's attention, with tools/measure.py's harness and peak memory.
 docs/flash.md shows both.
 """
 
@@ -127,36 +127,36 @@ def draw(steps: list[dict[str, float]], scores: np.ndarray, path: Path) -> None:
 
 def bench(sizes: list[int], repeats: int, blocks: list[int]) -> None:
     """GPT-2-small attention (B=1, H=12, d=64, causal, float32): flash_attention at each block
-    size vs engine.fast.attention, peak memory alone, then times interleaved, medians."""
+    size vs fast/model.py's attention, peak memory alone, then times interleaved, medians."""
     import attention
-    from engine import fast
+    from fast import model as fast
 
     print(machine_line())
     print(f"GPT-2-small attention: B=1, H=12, d=64, causal (1, 1, t, t) bool mask, float32; "
           f"medians of {repeats} interleaved repeats")
     print()
-    print(f"{'tokens':>6}  {'method':<18} {'peak extra':>12} {'median':>11}  {'vs engine':>9}  "
+    print(f"{'tokens':>6}  {'method':<18} {'peak extra':>12} {'median':>11}  {'vs fast':>9}  "
           f"max |diff|")
     for t in sizes:
         rng = np.random.default_rng(t)
         q, k, v = (rng.standard_normal((1, 12, t, 64)).astype(np.float32) for _ in range(3))
         mask = attention.causal_mask(t)[None, None]  # (1, 1, t, t)
-        runs = {"engine attention": functools.partial(fast.attention, q, k, v, mask)}
+        runs = {"fast-path attention": functools.partial(fast.attention, q, k, v, mask)}
         for b in blocks:
             runs[f"flash block {b}"] = functools.partial(flash_attention, q, k, v, mask, b)
-        reference = runs["engine attention"]()[0]
+        reference = runs["fast-path attention"]()[0]
         diff = {name: float(np.abs(outputs(fn()) - reference).max()) for name, fn in runs.items()}
         peak = {name: peak_bytes(fn) for name, fn in runs.items()}
         ms = {name: summary(times)["median_ms"] for name, times in interleave(runs,
                                                                                repeats).items()}
         for name in runs:
             print(f"{t:6d}  {name:<18} {peak[name] / 2**20:9.2f} MiB {ms[name]:8.2f} ms  "
-                  f"{ms[name] / ms['engine attention']:8.2f}x  {diff[name]:.1e}")
+                  f"{ms[name] / ms['fast-path attention']:8.2f}x  {diff[name]:.1e}")
         print()
 
 
 def outputs(result: np.ndarray | tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """The output of either method: the engine returns (out, weights), flash out alone."""
+    """The output of either method: the fast path returns (out, weights), flash out alone."""
     return result[0] if isinstance(result, tuple) else result
 
 
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draw", action="store_true", help="--show also draws to out/flash.png")
     ap.add_argument("--out", type=cli_output_file(".png"), default=None,
                     help="--show draws to this PNG (implies --draw)")
-    ap.add_argument("--bench", action="store_true", help="peak memory and time vs the engine")
+    ap.add_argument("--bench", action="store_true", help="peak memory and time vs the fast path")
     ap.add_argument("--sizes", type=cli_int(1, 8192), nargs="+", default=[512, 2048, 4096],
                     help="--bench: token counts (default 512 2048 4096)")
     ap.add_argument("--blocks", type=cli_int(1, 8192), nargs="+", default=[64, 128, 256],

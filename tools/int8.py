@@ -31,12 +31,13 @@ from attention import (
     scaled_dot_product_attention,
     split_heads,
 )
-from beyond.int8 import LOGIT_TOLERANCE, dequantize, quantize, teacher_forced_logits
+from beyond.int8 import LOGIT_TOLERANCE, dequantize, int8_cache, quantize, teacher_forced_logits
 from block import GPT, mlp
 from generate import generate_cached
 from parts import task
 from parts.checks import SEED, cli_int
 from tools import evaluate
+from tools.cli_types import add_path_flag, load_checkpoint, model_class, path_line
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "reverse.npz"
 
@@ -54,8 +55,8 @@ def compare(model: GPT, n: int = 1000, seed: int = 0, batch: int = 100) -> dict[
     for rows in evaluate.length_batches(prompts, batch):
         ids = [task.encode(prompts[i]) for i in rows]
         steps = max(len(p) for p in ids)
-        runs = {name: generate_cached(model, ids, steps, eos_id=eos, cache_dtype=dtype)
-                for name, dtype in (("float", None), ("int8", "int8"))}
+        runs = {name: generate_cached(model, ids, steps, eos_id=eos, cache=cache)
+                for name, cache in (("float", None), ("int8", int8_cache(model, len(ids))))}
         for name, run in runs.items():
             for i, tokens in zip(rows, run.tokens, strict=True):
                 answers[name][i] = evaluate.answer_of(tokens)
@@ -158,13 +159,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="held-out prompts (default 1000 for --compare, 300 for --scales)")
     ap.add_argument("--seed", type=SEED, default=0, help="seed of the test stream (default 0)")
     ap.add_argument("--checkpoint", type=Path, default=CHECKPOINT, help="a trained .npz")
+    add_path_flag(ap)
     args = ap.parse_args(argv)
     if not (args.compare or args.scales):
         ap.error("give --compare or --scales")
-    try:
-        model = GPT.load(args.checkpoint)
-    except (OSError, ValueError, TypeError) as err:
-        ap.error(str(err))
+    model = load_checkpoint(ap, args.checkpoint, model_class=model_class(args))
+    print(path_line(model))
     with threadpool_limits(limits=1, user_api="blas"):  # small products on a shared machine
         if args.compare:
             print_compare(compare(model, args.n or 1000, args.seed), model)
@@ -177,7 +177,7 @@ def print_compare(r: dict[str, float], model: GPT) -> None:
     """--compare's lines: bytes and exact match of each cache, the tokens and logits that part."""
     c = model.config
     float_bytes = model.new_cache(1).nbytes
-    int8_bytes = model.new_cache(1, dtype="int8").nbytes
+    int8_bytes = int8_cache(model, 1).nbytes
     print(f"{r['n']} held-out prompts (test stream), greedy, float32 model; cache for 1 row of "
           f"{c.max_seq_len} positions:")
     print(f"  float32 cache  {float_bytes:>7,} bytes   exact match {100 * r['float_exact']:5.1f}%")

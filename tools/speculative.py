@@ -30,6 +30,7 @@ from threadpoolctl import threadpool_limits
 
 from beyond.speculative import SpeculativeGeneration, expected_speedup, generate_speculative
 from block import GPT, random_weights, weight_shapes
+from fast.model import FastGPT
 from generate import decode, generate_cached, prefill
 from parts import task
 from parts.checks import SEED, cli_int
@@ -142,14 +143,14 @@ def heavier(target: GPT, extra_layers: int, d_ff: int) -> GPT:
 
     c = replace(target.config, n_layers=target.config.n_layers + extra_layers, d_ff=d_ff)
     shapes = weight_shapes(c)
-    named = random_weights(shapes, c.init_std, seed=1)  # the extra blocks do real work...
+    named = random_weights(c, seed=1)  # the extra blocks do real work...
     for name, shape in shapes.items():
         if name.split(".")[-1] in ("w_o", "b_o", "w_proj", "b_proj"):
             named[name] = np.zeros(shape)  # ...but write nothing into the stream
     for name, w in target.named_weights().items():
         named[name] = np.zeros(shapes[name])
         named[name][tuple(slice(0, n) for n in w.shape)] = w  # the trained weights, zero-padded
-    return GPT(c, dtype=target.dtype, weights=named)
+    return type(target)(c, dtype=target.dtype, weights=named)
 
 
 def step_costs(target: GPT, draft: GPT, gammas: Sequence[int], rounds: int) -> dict[str, float]:
@@ -233,7 +234,7 @@ def bench(args: argparse.Namespace) -> int:
     """--bench: the shipped pair, then the same target made heavier (same tokens)."""
 
     print_header(machine_header())
-    target, draft = GPT.load(TARGET), GPT.load(args.draft)  # float32, the engine: as shipped
+    target, draft = FastGPT.load(TARGET), FastGPT.load(args.draft)  # float32, the fast path
     texts = task.random_prompts(task.prompt_rng(0, "test"), args.n)
     prompts = [task.encode(p) for p in texts]
     gammas = range(1, 7)
@@ -284,7 +285,7 @@ def profile(args: argparse.Namespace) -> int:
     cProfile's busiest functions over one speculative decode."""
 
 
-    target, draft = GPT.load(TARGET), GPT.load(args.draft)
+    target, draft = FastGPT.load(TARGET), FastGPT.load(args.draft)  # the fast path
     models = {"target": target, "draft": draft,
               "heavier target": heavier(target, args.extra_layers, args.d_ff)}
     prompt = task.encode("abcdefghijkl=")[None]  # (1, 13)

@@ -4,10 +4,11 @@
     python tools/window.py --accuracy    the trained reversal model with windows of 4 .. 64
     python tools/window.py --speed       decode step time vs context: full attention vs W=256
 
---picture draws the band mask from block.positions_and_mask and the slots from a real
-WindowCache fed one token at a time. --accuracy decodes tools/evaluate.py's held-out prompts with
-the trained model's weights under each window (and a figure, out/window_accuracy.png unless
---out). --speed times one decode step at GPT-2-small shapes with tools/measure.py's harness.
+--picture draws the band mask from the model's one rule (attention.mask_from_positions) and the
+slots from a real WindowCache fed one token at a time. --accuracy decodes tools/evaluate.py's held-
+out prompts with the trained model's weights under each window (and a figure,
+out/window_accuracy.png unless --out). --speed times one decode step at GPT-2-small shapes with
+tools/measure.py's harness.
 docs/window.md shows all three.
 """
 
@@ -27,9 +28,11 @@ from dataclasses import replace
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from beyond.window import EMPTY, RollingKVCache, WindowCache, slot_of
-from block import GPT, GPTConfig, positions_and_mask
-from cache import ModelCache
+from attention import mask_from_positions
+from beyond.window import WindowCache, slot_of, window_cache
+from block import GPT, GPTConfig
+from cache import EMPTY, ModelCache, first_step
+from fast.model import FastGPT
 from parts import task
 from parts.checks import cli_int, cli_output_file
 from tools.cli_types import default_output
@@ -38,9 +41,10 @@ from tools.measure import interleave, machine_line, summary
 
 
 def band_picture(T: int = 10, window: int = 4, sinks: int = 2) -> str:
-    """The band mask of T tokens, from block.positions_and_mask: row = query position, column =
-    key position, '#' = may attend."""
-    _, mask = positions_and_mask(np.ones((1, T), dtype=bool), T, window=window, sinks=sinks)
+    """The band mask of T tokens, from the model's one rule (attention.mask_from_positions): row
+    = query position, column = key position, '#' = may attend."""
+    step = first_step(np.ones((1, T), dtype=bool))  # positions 0 .. T - 1, no cache
+    mask = mask_from_positions(step.positions, step.key_positions, window, sinks)
     lines = [f"the band mask, W={window}, S={sinks}: query p sees keys p-{window} < j <= p, "
              f"and j < {sinks}", "  key j: " + " ".join(f"{j:>2}" for j in range(T))]
     for p in range(T):
@@ -51,17 +55,17 @@ def band_picture(T: int = 10, window: int = 4, sinks: int = 2) -> str:
 
 def slots_picture(T: int = 12, window: int = 4, sinks: int = 2) -> str:
     """What a RollingKVCache of sinks + window slots holds after each token, fed one at a time
-    to a real WindowCache: the position in each slot ('.' = empty)."""
-    layer = RollingKVCache(1, 1, window, 2, np.float64, sinks=sinks)
-    cache = WindowCache([layer])
+    to a real WindowCache by a tiny windowed model: the position in each slot ('.' = empty)."""
+    model = GPT(GPTConfig(vocab_size=2, max_seq_len=T, d_model=2, n_heads=1, n_layers=1,
+                          sliding_window=window, attention_sinks=sinks), seed=0)
+    cache = window_cache(model, 1)
     lines = [f"the rolling buffer, S={sinks} sink slots | W={window} window slots: the position "
              "each slot holds",
              "after token  " + " ".join(f"s{i}" for i in range(sinks)) + " | "
              + " ".join(f"s{i}" for i in range(sinks, sinks + window)) + "   written to"]
     for p in range(T):
-        cache.record_positions(np.ones((1, 1), dtype=bool))
-        layer.append(np.zeros((1, 1, 1, 2)), np.zeros((1, 1, 1, 2)))
-        held = [" ." if j == EMPTY else f"{j:>2}" for j in layer.held[0]]
+        model(np.zeros((1, 1), dtype=np.int64), cache)  # one token at position p
+        held = [" ." if j == EMPTY else f"{j:>2}" for j in cache.held[0]]
         lines.append(f"{p:>11}  " + " ".join(held[:sinks]) + " | " + " ".join(held[sinks:])
                      + f"   slot {int(slot_of(np.array(p), window, sinks))}")
     return "\n".join(lines)
@@ -70,7 +74,7 @@ def slots_picture(T: int = 12, window: int = 4, sinks: int = 2) -> str:
 def windowed_copy(model: GPT, window: int | None, sinks: int = 0) -> GPT:
     """The same weights with another window: a loaded model's config, replaced."""
     config = replace(model.config, sliding_window=window, attention_sinks=sinks)
-    return GPT(config, dtype=model.dtype, weights=model.named_weights(), fast=model.fast)
+    return type(model)(config, dtype=model.dtype, weights=model.named_weights())
 
 
 ACCURACY_WINDOWS = ((4, 0), (8, 0), (16, 0), (32, 0), (64, 0), (16, 4), (None, 0))
@@ -122,20 +126,23 @@ def filled(model: GPT, context: int) -> ModelCache:
     """A cache of batch 1 holding `context` positions of random keys and values, written
     straight into the buffers (a decode step's cost does not depend on what they hold, and a
     4096-token NumPy prefill of GPT-2-small would take minutes): every position for a full
-    cache, the last W for a rolling one."""
+    cache, the last W in a rolling buffer (window_cache) for a windowed model."""
     rng = np.random.default_rng(0)
-    cache = model.new_cache(1)
+    windowed = model.config.sliding_window is not None
+    cache = window_cache(model, 1) if windowed else model.new_cache(1)
     for kv in cache.layers:
         kv.keys[...] = rng.standard_normal(kv.keys.shape).astype(kv.dtype)
         kv.values[...] = rng.standard_normal(kv.values.shape).astype(kv.dtype)
         kv.length = context
-        if isinstance(kv, RollingKVCache):
-            kept = np.arange(context - kv.window, context)  # the last W positions
-            kv.held[0, slot_of(kept, kv.window, kv.sinks)] = kept
-            kv.written_at[0] = kv.held[0]
-            kv.count[0] = kv.floor = context
-    if not isinstance(cache, WindowCache):
-        cache.real[:, :context] = True
+    if isinstance(cache, WindowCache):
+        kept = np.arange(context - cache.window, context)  # the last W positions
+        cache.held[0, slot_of(kept, cache.window, cache.sinks)] = kept
+        cache.written_at[0] = cache.held[0]
+        cache.count[0] = cache.floor = context
+    else:
+        cache.positions[:, :context] = np.arange(context)
+        cache.count[:] = context
+    cache.length = context
     cache.filled_by = weakref.ref(model)
     return cache
 
@@ -144,7 +151,7 @@ def step_times(contexts: tuple[int, ...], repeats: int) -> tuple[dict, dict]:
     """Median seconds of one decode step at each context, full attention and W=SPEED_WINDOW,
     timed alternately (one step of each, `repeats` times, after one round that warms up) so both
     see the same machine."""
-    full = GPT(GPTConfig(**GPT2_SMALL, max_seq_len=max(contexts) + repeats + 2), seed=0)
+    full = FastGPT(GPTConfig(**GPT2_SMALL, max_seq_len=max(contexts) + repeats + 2), seed=0)
     window = windowed_copy(full, SPEED_WINDOW)
     token = np.zeros((1, 1), dtype=np.int64)
     medians = {"full": {}, "window": {}}
@@ -214,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.speed:
         full, window = step_times(SPEED_CONTEXTS, args.repeats)
         print(f"decode step, GPT-2-small shapes (12 layers, d_model 768, 12 heads, vocab 512), "
-              f"rope, batch 1, float32, engine; median of {args.repeats} steps, full and "
-              "window alternating")
+              f"rope, batch 1, float32, fast path (FastGPT); median of {args.repeats} steps, "
+              "full and window alternating")
         print(machine_line())
         print(f"{'context':>7}  {'full':>9}  {f'W={SPEED_WINDOW}':>9}  full / window")
         for context in SPEED_CONTEXTS:
