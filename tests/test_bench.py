@@ -25,6 +25,7 @@ from attention import causal_mask
 from block import GPT, GPTConfig
 from cache import KVCache
 from fast import model as fastpath
+from fast.model import FastGPT
 from generate import decode, greedy, prefill
 from tools import bench, bench_decode, bench_hf, bench_profile, measure
 
@@ -218,7 +219,7 @@ def test_concat_cache_gives_the_same_tokens_as_the_real_cache():
 
 
 def test_floor_reads_every_weight_matrix_once():
-    model = GPT(GPTConfig(n_layers=3))
+    model = FastGPT(GPTConfig(n_layers=3))
     mats = bench_hf.weight_matrices(model)
     # By hand: per block [W_q | W_k | W_v] (one matrix, as the model multiplies by it), W_o,
     # W_fc, W_proj, then the tied LM head.
@@ -292,7 +293,7 @@ def test_the_floor_streams_the_matrices_the_engine_multiplies_by():
     views: the floor streams that one matrix (one per layer, plus W_O, the MLP and the head), a
     weight changed in place through w_k changes the engine's product too, and the readable
     model of the same weights multiplies by the three (so its floor lists three)."""
-    fast = GPT(GPTConfig(n_layers=2, init_std=0.2), seed=1, dtype=np.float64)
+    fast = FastGPT(GPTConfig(n_layers=2, init_std=0.2), seed=1, dtype=np.float64)
     readable = GPT(GPTConfig(n_layers=2, init_std=0.2), seed=1, dtype=np.float64)
     ids = np.random.default_rng(1).integers(0, 256, (2, 9))
     assert len(bench_hf.weight_matrices(fast)) == 2 * 4 + 1
@@ -313,19 +314,19 @@ def test_the_tricks_section_times_every_switch(quick):
     _, r, _, text = quick
     t = r["tricks"]
     assert t["tricks"] == list(fastpath.TRICKS) and t["prompt_len"] == bench.QUICK.tricks_len
-    expected = {"mha": ["readable", "engine", *(f"without {x}" for x in fastpath.TRICKS)],
-                "gqa": ["readable", "engine", "without shared_kv_heads"]}
+    expected = {"mha": ["readable", "fast", *(f"without {x}" for x in fastpath.TRICKS)],
+                "gqa": ["readable", "fast", "without shared_kv_heads"]}
     for key, variants in expected.items():
         x = t[key]
         assert x["variants"] == variants
         assert all(d <= bench_profile.TRICKS_RTOL for d in x["max_rel_logit_diff"].values())
         for step in ("prefill", "decode"):
             assert list(x[step]) == variants
-            engine_ms = x[step]["engine"]["median_ms"]
-            for name in variants:  # each ratio is that variant's median over the engine's
-                assert x[f"{step}_over_engine"][name] == pytest.approx(
-                    x[step][name]["median_ms"] / engine_ms, rel=1e-12)
-        assert x["decode"]["engine"]["n"] == bench.QUICK.tricks_rounds * bench_profile.DECODE_BLOCK
+            fast_ms = x[step]["fast"]["median_ms"]
+            for name in variants:  # each ratio is that variant's median over the fast path's
+                assert x[f"{step}_over_fast"][name] == pytest.approx(
+                    x[step][name]["median_ms"] / fast_ms, rel=1e-12)
+        assert x["decode"]["fast"]["n"] == bench.QUICK.tricks_rounds * bench_profile.DECODE_BLOCK
     assert t["gqa"]["n_kv_heads"] == 4 and t["n_heads"] == 12
     assert "9. what each trick buys" in text
     lines = text[text.index("9. what each trick buys"):].splitlines()
@@ -469,7 +470,7 @@ def readable_logits():
 def test_each_switch_changes_the_path_not_the_numbers(trick, readable_logits, monkeypatch):
     assert set(PROBES) == set(fastpath.TRICKS)  # a new switch needs a probe here
     watch, observe, when_on, when_off = PROBES[trick]
-    engine_model = lambda: GPT(SWITCH_CONFIG, seed=2, dtype=np.float64)  # noqa: E731
+    engine_model = lambda: FastGPT(SWITCH_CONFIG, seed=2, dtype=np.float64)  # noqa: E731
     seen: list = []
     for off, expected in (((), when_on), ((trick,), when_off)):
         seen.clear()
