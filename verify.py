@@ -693,7 +693,7 @@ ENGINE_CONFIGS = {"MHA": {}, "GQA": {"n_kv_heads": 2}, "MQA": {"n_kv_heads": 1},
 ENGINE_PROMPTS = [150, 40, 97]  # left-padded to 150: more than one 128-query block
 
 
-@check(12, "fast == readable", "engine == readable path, all modes")
+@check(12, "fast == readable", "fast path == readable, all modes")
 def check_engine() -> Evidence:
     """The same weights run twice, readable (GPT.forward) and fast (engine.fast.forward): a
     left-padded batch's logits and every layer's attention weights, and cached greedy decoding

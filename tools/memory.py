@@ -43,6 +43,7 @@ from threadpoolctl import threadpool_limits
 
 from block import GPT, GPTConfig
 from cache import KVCache, ModelCache, kv_cache_bytes
+from fast.model import FastGPT
 from generate import decode, greedy, prefill
 from parts.checks import cli_output_file
 from tools.cli_types import default_output
@@ -79,8 +80,8 @@ class Row(NamedTuple):
 
 def assignment_model(n_kv_heads: int) -> GPT:
     """The assignment's config (d_model 128, 4 heads, d_head 32, 2 layers), room for 2048
-    positions."""
-    return GPT(GPTConfig(max_seq_len=max(CONTEXTS), n_kv_heads=n_kv_heads), seed=0)
+    positions, on the fast path (fast/model.py): its memory is what the figures measure."""
+    return FastGPT(GPTConfig(max_seq_len=max(CONTEXTS), n_kv_heads=n_kv_heads), seed=0)
 
 
 def allocate_cache(model: GPT, context: int, dtype: np.dtype) -> ModelCache:
@@ -258,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                  ["chunks of 256", f"(1, 4, 256, {T}) = {human(scores * 256 // T)}",
                   human(chunked), f"{chunked / (scores * 256 // T):.1f}"]]))
     print("(the score matrix a prefill of that many queries would form; from 1,024 queries on the"
-          " engine runs\nonline-softmax attention (beyond/flash.py), which never forms it, so the"
-          " one-shot peak is\nbelow it; chunks of 256 form one (256, T) array, masked and"
+          "\nfast path runs online-softmax attention (beyond/flash.py), which never forms it, so"
+          " the one-shot\npeak is below it; chunks of 256 form one (256, T) array, masked and"
           " normalised in place)")
     relative = np.abs(a - b).max() / np.abs(a).max()
     same = relative <= TOLERANCE
