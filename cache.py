@@ -66,6 +66,9 @@ def number_tokens(count: np.ndarray, real: np.ndarray) -> tuple[np.ndarray, np.n
     its row's latest position, -1 before any real token) and (B, T) for the keys (EMPTY for a
     pad, which no query may see). A row's first real token is position 0 however much padding
     comes first (Hugging Face's generate does the same)."""
+    if real.all():  # no padding (every decode step): T consecutive positions per row
+        positions = count[:, None] + np.arange(real.shape[1])  # (B, 1) + (T,) -> (B, T)
+        return positions, positions
     positions = count[:, None] + np.cumsum(real, axis=1) - 1  # (B,) + (B, T) -> (B, T)
     return positions, np.where(real, positions, EMPTY)
 
@@ -346,6 +349,9 @@ class ModelCache:
         """Refuse a cache shaped for another model (layers, K/V heads, width) or holding the keys
         and values of another model (reset() it first)."""
         name = type(self).__name__
+        owner = None if self.filled_by is None else self.filled_by()
+        if owner is model:  # this model's earlier steps were checked against these layers
+            return
         n_layers, want = model.config.n_layers, model.kv_shape
         if len(self.layers) != n_layers:
             raise ValueError(f"GPT: cache has {len(self.layers)} layers, the model {n_layers}")
@@ -354,7 +360,6 @@ class ModelCache:
                 raise ValueError(f"GPT: cache layer {i} is (H_kv, d_head) = "
                                  f"{(layer.n_kv_heads, layer.d_head)} ({type(layer).__name__}), "
                                  f"this model needs {want}")
-        owner = None if self.filled_by is None else self.filled_by()
         if len(self) and owner is not model:
             raise ValueError(f"GPT: this {name} holds keys and values this model did not "
                              "compute; reset() it (or build a new cache) first")

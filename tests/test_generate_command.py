@@ -589,3 +589,36 @@ def test_the_trained_model_answers_every_demo_prompt(capsys):
     answers = out.split("right\n")[1].split("\n\n")[0].splitlines()
     assert code == 0 and len(answers) > 1
     assert all(line.endswith(" yes") for line in answers), answers
+
+
+# --- what runs: the readable code by default, the fast path when asked -----------------------------
+
+@pytest.mark.parametrize(("main", "argv", "readable"), [
+    (lambda argv: generate.main(argv), [], True),
+    (lambda argv: generate_cli.main(argv), [], True),
+    (lambda argv: generate_cli.main(argv), ["--fast"], False),
+], ids=["generate.py", "generate_cli", "generate_cli --fast"])
+def test_the_command_runs_the_path_it_names(capsys, monkeypatch, main, argv, readable):
+    """`python generate.py` runs the whiteboard code (attention.py's five lines), as its output
+    says; tools/generate_cli.py --fast runs fast/model.py and never calls them."""
+    import attention
+
+    calls = []
+    real = attention.scaled_dot_product_attention
+    monkeypatch.setattr(attention, "scaled_dot_product_attention",
+                        lambda *args: calls.append(1) or real(*args))
+    assert main([*argv, "--prompt", "kv"]) == 0
+    out = capsys.readouterr().out
+    if readable:
+        assert "path: GPT (readable: attention.py, block.py)" in out and calls
+    else:
+        assert "path: FastGPT (fast.model)" in out and not calls
+
+
+def test_generate_py_has_no_flag_past_the_assignment(capsys):
+    """The ideas past the assignment live in tools/: generate.py imports nothing above it."""
+    for flag in ("--fast", "--cache-dtype", "--draft", "--hf"):
+        with pytest.raises(SystemExit) as exit_info:
+            generate.main([flag, "x"])
+        assert exit_info.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
