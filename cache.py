@@ -6,67 +6,106 @@ recomputing the whole prefix. Queries are never cached: only the newest token as
 
 Two objects, smallest first:
     KVCache      one layer's keys and values. Its buffers are allocated once at full length,
-                 (B, H_kv, max_len, d_head) each, and `append` writes the new positions along the
+                 (B, H_kv, max_len, d_head) each, and `update` writes the new positions along the
                  sequence axis (axis 2) at [length : length + t], as llama and gpt-fast do. Nothing
                  is concatenated per step, so appending costs the same at position 2000 as at 20.
-    ModelCache   what a whole model remembers between calls: one KVCache per layer, and for every
-                 row which positions hold real tokens and which hold padding. A token's position is
-                 the number of real tokens before it in its row, so the cache is the one place
-                 positions come from: a caller hands a padding mask over once, at prefill, and
-                 every later call reads it from here.
+    ModelCache   what a whole model remembers between calls: one KVCache per layer, and the
+                 position every column holds (EMPTY for padding). A token's position is the number
+                 of real tokens before it in its row, so the cache is the one place positions come
+                 from: a caller hands a padding mask over once, at prefill, and every later call
+                 reads it from here.
 
-What the model asks of one layer's cache is the LayerCache protocol below; KVCache is one
-implementation, beyond/window.py's rolling buffer another.
+The protocol: the model knows no cache kind. It asks any cache the same three things, and each
+layer's cache one more (the rolling buffer of beyond/window.py, the int8 cache of beyond/int8.py
+and the paged batch of beyond/paged.py keep it too; docs/cache-protocol.md draws it):
+
+    step = cache.plan(model, B, T, attention_mask)   check T new tokens for B rows against what
+                                                     the cache holds, and number them: a Step.
+                                                     Changes nothing; a refusal is a ValueError.
+    cache.commit(step, model)                        take the step: from here the layers write
+    keys, values = cache.layers[i].update(k, v)      layer i's new K and V in; every key and value
+                                                     this step attends over out
+    cache.roll_back(step)                            the step failed half-way: every buffer and
+                                                     count as it was before commit
+
+A Step says which new tokens are real, each one's position, and the position of every key the
+layers return (EMPTY where a slot holds nothing). The model builds the mask from those by one
+rule (attention.mask_from_positions): causality, padding and a sliding window all come from
+positions, so a cache may hold its keys in any order. A layer's cache may also offer
+`attend(q, k, v, mask)`, which writes k, v and returns the attention output itself (a paged
+cache walks its blocks); the fast path uses it where it exists.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
 from parts.checks import fits_in_memory, float_dtype, is_int, positive_int, zero_one_mask
 
 CACHE_DTYPES = ("float16", "float32", "float64")  # int or bool buffers would round or wrap K/V
+EMPTY = -1  # the position of a slot that holds nothing: padding, or not written yet
 
 
-@runtime_checkable
+# --- what a cache tells the model ----------------------------------------------------------------
+
+class Step(NamedTuple):
+    """One call's new tokens, as the cache numbers them (B rows, T new tokens, t_k keys)."""
+
+    real: np.ndarray  # (B, T) bool: which new tokens are real (False: padding)
+    positions: np.ndarray  # (B, T): each new token's position (a pad: its row's last, or -1)
+    key_positions: np.ndarray  # (B, t_k): the position of every key the layers return, or EMPTY
+
+
+def number_tokens(count: np.ndarray, real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of T new tokens after `count` (B,) real ones: (B, T) for the queries (a pad gets
+    its row's latest position, -1 before any real token) and (B, T) for the keys (EMPTY for a
+    pad, which no query may see). A row's first real token is position 0 however much padding
+    comes first (Hugging Face's generate does the same)."""
+    if real.all():  # no padding (every decode step): T consecutive positions per row
+        positions = count[:, None] + np.arange(real.shape[1])  # (B, 1) + (T,) -> (B, T)
+        return positions, positions
+    positions = count[:, None] + np.cumsum(real, axis=1) - 1  # (B,) + (B, T) -> (B, T)
+    return positions, np.where(real, positions, EMPTY)
+
+
+def first_step(real: np.ndarray) -> Step:
+    """The step of a call with no cache (naive decoding): nothing before it, its keys its own."""
+    positions, keys = number_tokens(np.zeros(len(real), dtype=np.int64), real)
+    return Step(real, positions, keys)
+
+
 class LayerCache(Protocol):
-    """What the model and the engine ask of one layer's cache, whatever it stores or how.
+    """What the model asks of one layer's cache. k, v (B, H_kv, T, d_head) new; keys, values
+    (B, H_kv, t_k, d_head), in the order of the step's key_positions."""
 
-    Shapes: k, v (B, H_kv, t, d_head) new; keys, values (B, H_kv, t_k, d_head) to attend over.
-    The mask that goes with those keys is the model's business: it is built from the positions
-    the model cache records (ModelCache.real for a cache whose keys come back in time order).
-    """
-
-    batch_size: int  # B, the rows it holds
     n_kv_heads: int  # H_kv, key/value heads per row
     d_head: int  # features per head
-    max_len: int  # key places it holds: positions for a KVCache, slots for a rolling buffer
-    dtype: np.dtype  # what K and V are stored as
-    nbytes: int  # bytes its buffers hold
 
-    def __len__(self) -> int:
-        """Positions written so far, padding included."""
+    def update(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Write this step's new k, v; return the keys and values it attends over."""
 
-    def append(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Check, write the new k, v, and return the keys and values this step attends over."""
 
-    def _write(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """append without the checks (k, v already narrowed): the engine's."""
+class Cache(Protocol):
+    """What the model asks of its cache (see the module docstring)."""
 
-    def narrowed(self, name: str, x: np.ndarray) -> np.ndarray:
-        """x cast to the cache's dtype, refusing a value the cast would turn into inf."""
+    layers: Sequence[LayerCache]
 
-    def truncate(self, length: int) -> None:
-        """Keep the first `length` positions written, or refuse (ValueError)."""
+    def plan(self, model: object, B: int, T: int, attention_mask: np.ndarray | None) -> Step:
+        """Check the step and number its tokens; change nothing."""
 
-    def reset(self) -> None:
-        """Forget every position; the buffers stay allocated."""
+    def commit(self, step: Step, model: object) -> None:
+        """Take the step: the layers' update calls follow."""
 
+    def roll_back(self, step: Step) -> None:
+        """Undo a committed step exactly."""
+
+
+# --- one layer -----------------------------------------------------------------------------------
 
 class KVCache:
     """Preallocated keys and values of one attention layer, and how many positions are filled."""
@@ -76,7 +115,7 @@ class KVCache:
         dtype: np.dtype | type | str = np.float32, zeros: Callable[..., np.ndarray] = np.zeros,
     ) -> None:
         """Both buffers are allocated here, zeroed, at full length. zeros(shape, dtype) makes
-        them (the engine passes one that backs memory in small pages). Checks its arguments."""
+        them (the fast path passes one that backs memory in small pages). Checks its arguments."""
         shape = tuple(positive_int(f"KVCache {name}", value) for name, value in (
             ("batch_size", batch_size), ("n_kv_heads", n_kv_heads), ("max_len", max_len),
             ("d_head", d_head)))
@@ -115,46 +154,53 @@ class KVCache:
         return self.length
 
     def __repr__(self) -> str:
-        return (f"KVCache(length={self.length}, max_len={self.max_len}, batch={self.batch_size}, "
-                f"n_kv_heads={self.n_kv_heads}, d_head={self.d_head}, dtype={self.dtype})")
+        return (f"{type(self).__name__}(length={self.length}, max_len={self.max_len}, "
+                f"batch={self.batch_size}, n_kv_heads={self.n_kv_heads}, d_head={self.d_head}, "
+                f"dtype={self.dtype})")
 
-    def append(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Write t new positions and return views of every position held so far.
+    def update(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Write t new positions at [length : length + t] and return views of every position held
+        so far: k, v (B, H_kv, t, d_head) -> keys, values (B, H_kv, length + t, d_head).
 
-        k, v (B, H_kv, t, d_head) -> keys, values (B, H_kv, length + t, d_head).
-        Everything is checked before anything is written (shapes, room, and that no value
-        overflows the cache's dtype), so a refused append leaves the cache exactly as it was.
-        """
-        k, v = self.check_append(k, v)
-        return self._write(k, v)
-
-    def _write(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """append without the checks, for callers that checked the whole step already."""
+        The model's call has checked shapes and room; only the values are checked here (they are
+        known only now): one that would overflow the cache's dtype is refused before any write."""
+        k, v = self.narrowed("k", k), self.narrowed("v", v)
+        if np.may_share_memory(v, self.keys):  # v a view of the slots k is about to overwrite
+            v = v.copy()
         start, end = self.length, self.length + k.shape[2]
         self.keys[:, :, start:end] = k  # along the sequence axis, never the batch or head axis
         self.values[:, :, start:end] = v
         self.length = end
         return self.keys[:, :, :end], self.values[:, :, :end]  # views: no copy
 
-    def check_append(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """k and v as the cache will store them (cast to its dtype), or ValueError/TypeError if
-        append(k, v) would be wrong; changes nothing."""
+    def append(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """update, for a KVCache used on its own: its shapes and room are checked first, so a
+        refused append leaves the cache exactly as it was."""
+        self.check_append(k, v)
+        return self.update(k, v)
+
+    def check_append(self, k: np.ndarray, v: np.ndarray) -> None:
+        """ValueError/TypeError if append(k, v) would be wrong; changes nothing."""
         B, H_kv, _, d_head = self.keys.shape
         for name, x in (("k", k), ("v", v)):
             if not isinstance(x, np.ndarray) or type(x) is not np.ndarray:
-                raise TypeError(f"KVCache.append: {name} must be a numpy array (not a "
-                                f"subclass), got {type(x).__name__}")
+                raise TypeError(f"{type(self).__name__}.append: {name} must be a numpy array "
+                                f"(not a subclass), got {type(x).__name__}")
             if x.dtype.kind not in "fiu":
-                raise TypeError(f"KVCache.append: {name} must hold real numbers, got dtype "
-                                f"{x.dtype}")
+                raise TypeError(f"{type(self).__name__}.append: {name} must hold real numbers, "
+                                f"got dtype {x.dtype}")
             if x.ndim != 4 or x.shape[0] != B or x.shape[1] != H_kv or x.shape[3] != d_head:
                 raise ValueError(
-                    f"KVCache.append: {name} must be (B={B}, H_kv={H_kv}, t, d_head={d_head}), "
-                    f"got {x.shape}")
+                    f"{type(self).__name__}.append: {name} must be (B={B}, H_kv={H_kv}, t, "
+                    f"d_head={d_head}), got {x.shape}")
         if k.shape != v.shape:
-            raise ValueError(f"KVCache.append: k {k.shape} and v {v.shape} differ")
-        self.check_room(k.shape[2])
-        return self.narrowed("k", k), self.narrowed("v", v)
+            raise ValueError(f"{type(self).__name__}.append: k {k.shape} and v {v.shape} differ")
+        if k.shape[2] < 1:
+            raise ValueError(f"{type(self).__name__}.append: nothing to append (t = 0)")
+        if self.length + k.shape[2] > self.max_len:
+            raise ValueError(f"{type(self).__name__}.append: {k.shape[2]} new positions after "
+                             f"{self.length} exceed max_len={self.max_len}")
+        self.narrowed("k", k), self.narrowed("v", v)
 
     def narrowed(self, name: str, x: np.ndarray) -> np.ndarray:
         """x cast to the cache's dtype, refusing a finite value the cast would turn into inf
@@ -164,25 +210,17 @@ class KVCache:
         with np.errstate(over="ignore"):
             cast = x.astype(self.dtype)
         if np.any(np.isinf(cast) & np.isfinite(x)):
-            raise ValueError(f"KVCache.append: {name} holds values up to "
+            raise ValueError(f"{type(self).__name__}.append: {name} holds values up to "
                              f"{float(np.abs(x).max()):.3g}, beyond {self.dtype.name}'s largest "
                              f"{float(np.finfo(self.dtype).max):.3g}: the cache would store inf")
         return cast
-
-    def check_room(self, t: int) -> None:
-        """Raise ValueError unless 1 <= t and t more positions fit after the ones held."""
-        if t < 1:
-            raise ValueError("KVCache.append: nothing to append (t = 0)")
-        if self.length + t > self.max_len:
-            raise ValueError(f"KVCache.append: {t} new positions after {self.length} exceed "
-                             f"max_len={self.max_len}")
 
     def truncate(self, length: int) -> None:
         """Keep only the first `length` positions (0 <= length <= len(self)). The dropped ones
         are zeroed, as in a new cache, so a call rolled back leaves every byte as it was."""
         if not is_int(length) or not 0 <= length <= self.length:
-            raise ValueError(f"KVCache.truncate: length must be an int in [0, {self.length}], "
-                             f"got {length!r}")
+            raise ValueError(f"{type(self).__name__}.truncate: length must be an int in "
+                             f"[0, {self.length}], got {length!r}")
         self.keys[:, :, length:self.length] = 0
         self.values[:, :, length:self.length] = 0
         self.length = int(length)
@@ -192,85 +230,161 @@ class KVCache:
         self.truncate(0)
 
 
-class ModelCache:
-    """A model's memory between calls: one KVCache per layer, and which positions are real.
+# --- the whole model's memory --------------------------------------------------------------------
 
-    `real` (B, max_len) is True where a real token was written and False where padding was, for
-    the first len(self) positions. The model reads every token's position from it (the number of
-    real tokens before it in its row) and hides padding keys with it, so after a left-padded
-    prefill a decode step needs nothing but the new token. Without padding, a token's position is
-    simply len(self).
+class ModelCache:
+    """A model's memory between calls: one layer cache per layer, and the position each column
+    holds, `positions` (B, max_len), EMPTY for padding and for columns not written yet. The model
+    reads every new token's position from it and hides padding keys with it, so after a
+    left-padded prefill a decode step needs nothing but the new token. Keeps the protocol above
+    for any layers whose keys come back in column order (KVCache and its kin).
     """
 
-    def __init__(self, layers: list[LayerCache]) -> None:
-        """layers: one empty cache per layer (a KVCache, or any LayerCache whose keys come back
-        in time order), all of the same batch size and max_len. model.new_cache(B) builds the
-        usual one."""
+    def __init__(self, layers: list) -> None:
+        """layers: one empty layer cache per layer (KVCache, or any with its batch_size, max_len,
+        n_kv_heads, d_head, __len__, update and truncate), all of one batch size and max_len, each
+        in no other ModelCache. model.new_cache(B) builds the usual one."""
         B, max_len = self.check_layers(layers)
         self.layers = layers
-        self.real = np.zeros((B, max_len), dtype=bool)  # (B, max_len): True = a real token
+        self.positions = np.full((B, max_len), EMPTY)  # (B, max_len): each column's position
+        self.count = np.zeros(B, dtype=np.int64)  # (B,): real tokens held per row
+        self.length = 0  # columns written, padding included
         self.filled_by: weakref.ref | None = None  # the model whose keys and values it holds
 
-    @staticmethod
-    def check_layers(layers: list[LayerCache]) -> tuple[int, int]:
+    def check_layers(self, layers: list) -> tuple[int, int]:
         """(batch size, max_len) of `layers`, or TypeError/ValueError unless they are distinct,
-        empty LayerCaches that agree on both."""
+        empty layer caches that agree on both and belong to no other model cache; then they are
+        this one's."""
         if not isinstance(layers, list) or not layers:
-            raise TypeError(f"ModelCache: layers must be a non-empty list of KVCache, got "
-                            f"{layers!r:.60}")
+            raise TypeError(f"{type(self).__name__}: layers must be a non-empty list of layer "
+                            f"caches (KVCache), got {layers!r:.60}")
         for i, layer in enumerate(layers):
-            if not isinstance(layer, LayerCache):
-                raise TypeError(f"ModelCache: layer {i} must be a LayerCache (such as KVCache), "
-                                f"got {type(layer).__name__}")
+            if not callable(getattr(layer, "update", None)):
+                raise TypeError(f"{type(self).__name__}: layer {i} must be a layer cache (such as "
+                                f"KVCache), got {type(layer).__name__}")
             if any(layer is other for other in layers[:i]):
-                raise ValueError(f"ModelCache: layer {i} is the same KVCache object as an earlier "
-                                 "layer; every layer needs buffers of its own")
+                raise ValueError(f"{type(self).__name__}: layer {i} is the same object as an "
+                                 "earlier layer; every layer needs buffers of its own")
+            owner = getattr(layer, "model_cache", None)
+            if owner is not None and owner() is not None:
+                raise ValueError(f"{type(self).__name__}: layer {i} already belongs to another "
+                                 "model cache; truncating one would empty the other")
         B, max_len = layers[0].batch_size, layers[0].max_len
         for i, layer in enumerate(layers):
             if (layer.batch_size, layer.max_len) != (B, max_len) or len(layer) != 0:
-                raise ValueError(f"ModelCache: layer {i} must be empty with batch {B} and max_len "
-                                 f"{max_len}, got {layer!r}")
+                raise ValueError(f"{type(self).__name__}: layer {i} must be empty with batch {B} "
+                                 f"and max_len {max_len}, got {layer!r}")
+        for layer in layers:
+            layer.model_cache = weakref.ref(self)
         return B, max_len
 
     @property
     def batch_size(self) -> int:
-        return self.real.shape[0]
+        return self.positions.shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.real.shape[1]
+        return self.positions.shape[1]
+
+    @property
+    def capacity(self) -> int | None:
+        """The most columns it can hold (None: no limit), for a caller sizing a request."""
+        return self.max_len
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every layer's K and V buffers (the real-token flags are B * max_len more)."""
+        """Bytes of every layer's K and V buffers (the positions are B * max_len ints more)."""
         return sum(layer.nbytes for layer in self.layers)
 
     def __len__(self) -> int:
-        """Positions written so far, padding included (every layer holds the same number)."""
-        return len(self.layers[0])
+        """Columns written so far, padding included."""
+        return self.length
 
     def __repr__(self) -> str:
-        return (f"ModelCache(length={len(self)}, max_len={self.max_len}, batch={self.batch_size}, "
-                f"layers={len(self.layers)}, real tokens per row={self.real_counts().tolist()})")
+        return (f"{type(self).__name__}(length={len(self)}, max_len={self.max_len}, "
+                f"batch={self.batch_size}, layers={len(self.layers)}, real tokens per row="
+                f"{self.real_counts().tolist()})")
 
     def real_counts(self) -> np.ndarray:
         """(B,) how many real (non-padding) tokens each row holds."""
-        return self.real[:, :len(self)].sum(axis=1)
+        return self.count.copy()
 
-    def check_step(self, B: int, T: int, attention_mask: np.ndarray | None = None) -> np.ndarray:
-        """Raise ValueError/TypeError if T new tokens for a batch of B cannot be added; otherwise
-        return which of them are real, (B, T) bool. Changes nothing.
+    # --- the protocol ----------------------------------------------------------------------------
 
-        attention_mask, when given, covers every position: (B, len(self) + T), 1 real, 0 pad. Its
-        first len(self) columns must agree with what the cache already holds."""
+    def plan(self, model: object, B: int, T: int, attention_mask: np.ndarray | None = None
+             ) -> Step:
+        """Check T new tokens for a batch of B rows and number them; change nothing. Refused
+        (ValueError/TypeError): a cache shaped for another model or holding another model's keys,
+        another batch size, no room, an attention_mask (B, len(self) + T) that contradicts the
+        padding the cache holds."""
+        past = self.check_step(model, B, T)
+        real = self.new_tokens(B, T, attention_mask)
+        positions, new_keys = number_tokens(self.count, real)
+        return Step(real, positions, np.concatenate([self.positions[:, :past], new_keys], axis=1))
+
+    def commit(self, step: Step, model: object) -> None:
+        """Record the step's tokens; the layers write their keys and values next."""
+        start, end = self.length, self.length + step.real.shape[1]
+        self.positions[:, start:end] = step.key_positions[:, start:]
+        self.count += step.real.sum(axis=1)
+        self.length = end
+        self.filled_by = weakref.ref(model)
+
+    def roll_back(self, step: Step) -> None:
+        """Undo a committed step (it failed half-way, some layers written): back to before it."""
+        self.truncate(self.length - step.real.shape[1])
+
+    # --- the checks behind plan ------------------------------------------------------------------
+
+    def check_step(self, model: object, B: int, T: int) -> int:
+        """The columns held, or ValueError if this step cannot be added (see plan)."""
+        self.check_model(model)
         past = self.check_batch(B)
         if past + T > self.max_len:
-            raise ValueError(f"ModelCache: {T} new tokens after {past} cached exceed the cache's "
-                             f"max_len={self.max_len}")
+            raise ValueError(f"{type(self).__name__}: {T} new tokens after {past} cached exceed "
+                             f"the cache's max_len={self.max_len}")
+        return past
+
+    def check_model(self, model: object) -> None:
+        """Refuse a cache shaped for another model (layers, K/V heads, width) or holding the keys
+        and values of another model (reset() it first)."""
+        name = type(self).__name__
+        owner = None if self.filled_by is None else self.filled_by()
+        if owner is model:  # this model's earlier steps were checked against these layers
+            return
+        n_layers, want = model.config.n_layers, model.kv_shape
+        if len(self.layers) != n_layers:
+            raise ValueError(f"GPT: cache has {len(self.layers)} layers, the model {n_layers}")
+        for i, layer in enumerate(self.layers):
+            if (layer.n_kv_heads, layer.d_head) != want:
+                raise ValueError(f"GPT: cache layer {i} is (H_kv, d_head) = "
+                                 f"{(layer.n_kv_heads, layer.d_head)} ({type(layer).__name__}), "
+                                 f"this model needs {want}")
+        if len(self) and owner is not model:
+            raise ValueError(f"GPT: this {name} holds keys and values this model did not "
+                             "compute; reset() it (or build a new cache) first")
+
+    def check_batch(self, B: int) -> int:
+        """The columns every layer holds, or ValueError if the layers disagree on it or the
+        cache was made for another batch size than B."""
+        name = type(self).__name__
+        lengths = {len(layer) for layer in self.layers}
+        if lengths != {self.length}:
+            raise ValueError(f"{name}: layer caches disagree on length: {sorted(lengths)}")
+        if B != self.batch_size:
+            raise ValueError(f"{name}: a batch of {B} rows cannot use a cache of batch "
+                             f"{self.batch_size}")
+        return self.length
+
+    def new_tokens(self, B: int, T: int, attention_mask: np.ndarray | None) -> np.ndarray:
+        """Which of the T new tokens are real, (B, T) bool. attention_mask, when given, covers
+        every position: (B, len(self) + T), 1 real, 0 pad; its first len(self) columns must agree
+        with what the cache already holds. Without it every new token is real."""
         if attention_mask is None:
-            return np.ones((B, T), dtype=bool)  # tokens added without a mask are all real
+            return np.ones((B, T), dtype=bool)
+        past = self.length
         real = zero_one_mask("attention_mask", attention_mask, (B, past + T))
-        held = self.real[:, :past]
+        held = self.positions[:, :past] >= 0
         if not np.array_equal(real[:, :past], held):
             row = int(np.argmax((real[:, :past] != held).any(axis=1)))
             raise ValueError(f"attention_mask contradicts the cache: row {row} was cached as "
@@ -278,48 +392,26 @@ class ModelCache:
                              f"{real[row, :past].astype(int).tolist()}")
         return real[:, past:]
 
-    def check_batch(self, B: int) -> int:
-        """The positions every layer holds, or ValueError if the layers disagree on it or the
-        cache was made for another batch size than B."""
-        name = type(self).__name__
-        lengths = {len(layer) for layer in self.layers}
-        if len(lengths) != 1:
-            raise ValueError(f"{name}: layer caches disagree on length: {sorted(lengths)}")
-        if B != self.batch_size:
-            raise ValueError(f"{name}: a batch of {B} rows cannot use a cache of batch "
-                             f"{self.batch_size}")
-        return lengths.pop()
-
-    def record(self, new_real: np.ndarray, model: object = None) -> np.ndarray:
-        """Note which of the T positions about to be appended are real, (B, T) bool, and which
-        model writes them, and return the flags of every position this step attends over,
-        (B, len(self) + T). Call only after check_step; the layers then append their keys and
-        values at the same positions."""
-        start, end = len(self), len(self) + new_real.shape[1]
-        self.real[:, start:end] = new_real
-        self.filled_by = None if model is None else weakref.ref(model)
-        return self.real[:, :end]
+    # --- going back ------------------------------------------------------------------------------
 
     def truncate(self, length: int) -> None:
-        """Keep the first `length` positions of every layer (a rollback, or a rewind for
-        timing the same step again). Checked against every layer before any is cut."""
-        shortest = min(len(layer) for layer in self.layers)
+        """Keep the first `length` columns of every layer (a rollback, a rejected draft, or a
+        rewind for timing the same step again). Checked against every layer before any is cut."""
+        shortest = min([len(layer) for layer in self.layers] + [self.length])
         if not is_int(length) or not 0 <= length <= shortest:
-            raise ValueError(f"ModelCache.truncate: length must be an int in [0, {shortest}] "
-                             f"(the shortest layer holds {shortest}), got {length!r}")
+            raise ValueError(f"{type(self).__name__}.truncate: length must be an int in "
+                             f"[0, {shortest}], got {length!r}")
         for layer in self.layers:
-            layer.truncate(length)
-        self.real[:, length:] = False
+            layer.truncate(min(len(layer), length))
+        self.positions[:, length:] = EMPTY
+        self.count = (self.positions[:, :length] >= 0).sum(axis=1)
+        self.length = int(length)
         if length == 0:
             self.filled_by = None
 
     def reset(self) -> None:
-        """Forget everything, padding flags included: the next call starts at position 0."""
+        """Forget everything, padding included: the next call starts at position 0."""
         self.truncate(0)
-
-    def roll_back(self, length: int) -> None:
-        """Undo a call that failed half-way: back to `length` positions (see truncate)."""
-        self.truncate(length)
 
 
 def kv_cache_bytes(

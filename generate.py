@@ -22,20 +22,29 @@ model's max_seq_len: a request for more is refused before any work (it is not cr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from beyond.int8 import check_cache_dtype
-from block import GPT
-from cache import ModelCache
+from block import GPT, GPTConfig
+from cache import CACHE_DTYPES, Cache
+from parts import task
 from parts.checks import (
+    SEED,
+    cli_float,
+    cli_int,
+    cli_load,
     fits_in_memory,
+    float_dtype,
     int_array,
     is_int,
     optional_positive_int,
     positive_int,
+    refuse_unused,
     token_ids,
     zero_one_mask,
 )
@@ -131,14 +140,15 @@ def choose_next(
 
 # --- the two phases of cached decoding -----------------------------------------------------------
 
-def _need_cache(cache: object) -> ModelCache:
-    if not isinstance(cache, ModelCache):
-        raise TypeError(f"cache must be a ModelCache from model.new_cache(batch_size), got "
+def _need_cache(cache: object) -> Cache:
+    if not callable(getattr(cache, "plan", None)):
+        raise TypeError(f"cache must keep the cache protocol (a ModelCache from "
+                        f"model.new_cache(batch_size), or another kind), got "
                         f"{type(cache).__name__}")
     return cache
 
 
-def prefill(model: GPT, prompt_ids: np.ndarray, cache: ModelCache,
+def prefill(model: GPT, prompt_ids: np.ndarray, cache: Cache,
             chunk_size: int | None = None,
             attention_mask: np.ndarray | None = None) -> np.ndarray:
     """Run the prompt (B, P) through the model once, filling the cache; return the last
@@ -148,28 +158,31 @@ def prefill(model: GPT, prompt_ids: np.ndarray, cache: ModelCache,
     attention_mask (B, len(cache) + P), 1 real / 0 pad, marks left padding; the cache keeps it,
     so decode needs no mask. The whole request is checked before the first chunk is written, the
     last prompt token of every row must be real, and a prefill that fails half-way anyway leaves
-    the cache as it was.
+    the cache as it was (or, for a cache that cannot rewind that far, refuses to rewind).
     """
     cache = _need_cache(cache)
     step = optional_positive_int("chunk_size", chunk_size)
-    ids, new_real = model.check_call(prompt_ids, cache, attention_mask)  # all P tokens as one call
-    if not new_real[:, -1].all():
+    ids, whole = model.check_call(prompt_ids, cache, attention_mask)  # all P tokens, one plan
+    if not whole.real[:, -1].all():
         raise ValueError("prefill: the last prompt token of every row must be real (pad on the "
                          "left, not the right)")
-    past, P = len(cache), ids.shape[1]
-    step = step or P
+    B, P = ids.shape
+    past, step = len(cache), step or P
+    if step >= P:  # one chunk: the step planned above is the one that runs
+        return model.run(ids, whole, cache, last_only=True)[:, -1]  # (B, 1, V) -> (B, V)
     try:
         for start in range(0, P, step):  # checked above as one call: each chunk just runs
             end = min(start + step, P)
-            logits = model.run_checked(ids[:, start:end], new_real[:, start:end], cache,
-                                       last_only=True, return_attention=False)
+            mask = None if attention_mask is None else attention_mask[:, :past + end]
+            logits = model.run(ids[:, start:end], cache.plan(model, B, end - start, mask), cache,
+                               last_only=True)
     except BaseException:
-        cache.roll_back(past)
+        cache.truncate(past)  # run rolled back the chunk that failed; this, the ones before it
         raise
     return logits[:, -1]  # (B, 1, V) -> (B, V)
 
 
-def decode(model: GPT, token_ids: np.ndarray, cache: ModelCache) -> np.ndarray:
+def decode(model: GPT, token_ids: np.ndarray, cache: Cache) -> np.ndarray:
     """One decode step: the newest token of each row (B,) against everything cached -> the next
     logits (B, V). The cache grows by exactly one position; its position and padding come from
     the cache, so nothing else is passed."""
@@ -182,7 +195,7 @@ def decode(model: GPT, token_ids: np.ndarray, cache: ModelCache) -> np.ndarray:
 
 def decode_loop(
     model: GPT, ids: np.ndarray, prompt_mask: np.ndarray, max_new_tokens: int, sampler: Sampler,
-    eos_id: int | None = None, cache: ModelCache | None = None, prefill_chunk: int | None = None,
+    eos_id: int | None = None, cache: Cache | None = None, prefill_chunk: int | None = None,
 ) -> Generation:
     """Step n picks new token n from the logits of the sequence so far. Without a cache every
     step reruns the model on the whole sequence (naive: O((P + n)^2) attention at step n); with
@@ -237,21 +250,328 @@ def generate_cached(
     prefill_chunk: int | None = None, *,
     attention_mask: np.ndarray | None = None, pad_id: int = 0, eos_id: int | None = None,
     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-    rng: np.random.Generator | None = None, cache_dtype: np.dtype | type | str | None = None,
+    rng: np.random.Generator | None = None, cache: Cache | None = None,
+    cache_dtype: np.dtype | type | str | None = None,
 ) -> Generation:
     """Decoding with a KV cache: prefill once (in chunks of prefill_chunk tokens if given), then
     one token per step. Same arguments as generate_naive and the same tokens and logits, plus
-    the cache length at every step. cache_dtype: how the cache stores K and V (None = the
-    model's dtype; "int8" = beyond/int8.py, close to the float logits, not equal)."""
-    check_cache_dtype("cache_dtype", cache_dtype)
+    the cache length at every step. cache: an empty cache of any kind for the B rows (a rolling
+    buffer, int8, ...: beyond/), or None for model.new_cache(B, cache_dtype), whose float dtype
+    defaults to the model's."""
     sampler = Sampler(temperature, top_k, top_p, rng)
     ids, mask = prepare_request(model, prompt_ids, max_new_tokens, attention_mask, pad_id, eos_id)
     optional_positive_int("prefill_chunk", prefill_chunk)
-    cache = model.new_cache(ids.shape[0], cache_dtype)  # all checked: only now is state made
+    if cache_dtype is not None:
+        float_dtype("cache_dtype", cache_dtype, CACHE_DTYPES)
+    if cache is not None:
+        if cache_dtype is not None:
+            raise ValueError("cache_dtype is for the cache generate_cached builds; a cache you "
+                             "pass keeps its own dtype")
+        if len(_need_cache(cache)):
+            raise ValueError(f"cache must be empty (it holds {len(cache)} positions): a request "
+                             "starts at position 0; reset() it first")
+    else:  # all checked: only now is state made
+        cache = model.new_cache(ids.shape[0], cache_dtype)
+    room, need = getattr(cache, "capacity", None), ids.shape[1] + max_new_tokens
+    if room is not None and need > room:
+        raise ValueError(f"prompt of {ids.shape[1]} + max_new_tokens={max_new_tokens} = {need} "
+                         f"positions exceed the cache's {room} (a windowed model with RoPE runs "
+                         "past max_seq_len in a rolling buffer: beyond.window.window_cache)")
     return decode_loop(model, ids, mask, max_new_tokens, sampler, eos_id, cache, prefill_chunk)
 
 
-if __name__ == "__main__":  # the command (naive vs cached, printed side by side) is in tools/
-    from tools.generate_cli import main
+# --- the command: python generate.py --------------------------------------------------------------
+# Naive and cached decoding side by side, printed for a reader, on the readable model (the code
+# above and in block.py and attention.py): the trained string reverser, or --random weights.
+# tools/generate_cli.py is the same command with more: the fast path, an int8 cache, speculative
+# decoding, a Hugging Face GPT-2.
 
+CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "reverse.npz"
+DEMO_PROMPTS = ("attention", "kv cache", "causal mask", "the exam rule")
+SHOW_ROWS = 6  # longer batches are abbreviated when printed
+# Two float32 computations of the same logits differ by a few ulps of the LARGEST logit (they sum
+# the same terms in another order), so agreement is measured relative to it; a wrong weight,
+# position or cache slot is off by far more (1e-2 and up).
+TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+CacheFor = Callable[[GPT, int], Cache]  # builds the cache of B rows a cached run uses
+
+
+class SideBySide(NamedTuple):
+    """The same request decoded both ways, and how long each took."""
+
+    naive: Generation
+    cached: Generation
+    naive_s: float
+    cached_s: float
+
+    @property
+    def same_tokens(self) -> bool:
+        return bool(np.array_equal(self.naive.tokens, self.cached.tokens))
+
+    @property
+    def logit_diff(self) -> float:
+        return float(np.max(np.abs(self.naive.logits - self.cached.logits)))
+
+    @property
+    def relative_diff(self) -> float:
+        """logit_diff / max |naive logit|: what the tolerance is stated in."""
+        return self.logit_diff / max(float(np.max(np.abs(self.naive.logits))), 1e-30)
+
+    @property
+    def logits_close(self) -> bool:
+        return self.relative_diff <= TOLERANCE[self.naive.logits.dtype]
+
+    @property
+    def grew_by_one(self) -> bool:
+        return bool(np.all(np.diff(self.cached.cache_lengths) == 1))
+
+
+def side_by_side(model: GPT, prompts: np.ndarray | list[np.ndarray], max_new_tokens: int,
+                 seed: int, prefill_chunk: int | None = None, cache_for: CacheFor | None = None,
+                 **options: object) -> SideBySide:
+    """generate_naive, then generate_cached (in cache_for(model, B), default model.new_cache), on
+    the same request; sampling (if asked) draws from a fresh generator of the same seed for
+    each, so both see the same random numbers."""
+    def rng() -> np.random.Generator | None:
+        return np.random.default_rng(seed) if options.get("temperature") else None
+
+    cache = None if cache_for is None else cache_for(model, len(prompts))
+    t0 = time.perf_counter()
+    naive = generate_naive(model, prompts, max_new_tokens, rng=rng(), **options)
+    t1 = time.perf_counter()
+    cached = generate_cached(model, prompts, max_new_tokens, prefill_chunk, rng=rng(),
+                             cache=cache, **options)
+    t2 = time.perf_counter()
+    return SideBySide(naive, cached, t1 - t0, t2 - t1)
+
+
+def rows(lines: list[str]) -> list[str]:
+    """At most SHOW_ROWS lines; the rest summarised in one."""
+    if len(lines) <= SHOW_ROWS:
+        return lines
+    return [*lines[:SHOW_ROWS - 1], f"... ({len(lines) - SHOW_ROWS + 1} more rows)"]
+
+
+def show_padded(ids: np.ndarray, mask: np.ndarray, token: Callable[[int], str], pad: str,
+                sep: str = "", last: int = 24) -> None:
+    """Print a left-padded batch, pads as `pad`, each row's attention mask on its right; only the
+    `last` columns and SHOW_ROWS rows, so a huge request prints a few lines."""
+    cut = "... " if ids.shape[1] > last else ""
+    lines = []
+    for row, real in zip(ids[:, -last:], mask[:, -last:], strict=True):
+        shown = sep.join(token(t) if r else pad for t, r in zip(row, real, strict=True))
+        lines.append(f"  {cut}{shown}   {''.join(str(int(r)) for r in real)}")
+    print("\n".join(rows(lines)))
+
+
+def print_steps(run: SideBySide, show: Callable[[np.ndarray], str]) -> None:
+    """One line per decode step: the cache length when the token was chosen, and the tokens."""
+    print("\nstep  cache length  tokens chosen (one per row)")
+    for n, length in enumerate(run.cached.cache_lengths):
+        print(f"{n:>4}  {length:>12}  {show(run.cached.tokens[:, n])}")
+
+
+def print_agreement(run: SideBySide, bound: tuple[float, str] | None = None) -> bool:
+    """naive == cached (tokens, and logits within TOLERANCE of the largest), the cache's growth,
+    and the speed of each; True if all three checks hold. bound = (fraction, why) holds a cache
+    that rounds (int8) to its stated bound on the logits instead."""
+    B, N = run.cached.tokens.shape
+    tolerance = TOLERANCE[run.naive.logits.dtype]
+    print(f"\ntokens identical (naive vs cached): {run.same_tokens}")
+    if bound is not None:  # rounded K and V: held to the cache's stated bound
+        limit = bound[0] * float(np.abs(run.naive.logits).max())
+        agree = run.logit_diff <= limit
+        print(f"largest |logit difference|:         {run.logit_diff:.3e}, {bound[1]} bound "
+              f"{limit:.3e} ({bound[0]:.0%} of the largest |logit|): "
+              f"{'pass' if agree else 'FAIL'}")
+    else:
+        agree = run.same_tokens and run.logits_close
+        print(f"largest |logit difference|:         {run.logit_diff:.3e} = "
+              f"{run.relative_diff:.1e} x max|logit| (tolerance {tolerance:.0e}: "
+              f"{'pass' if run.logits_close else 'FAIL'})")
+    print(f"cache grew by exactly 1 per step:   {run.grew_by_one}")
+    for name, seconds in (("naive ", run.naive_s), ("cached", run.cached_s)):
+        print(f"time {name}: {1e3 * seconds:8.2f} ms = {B * N / seconds:8.0f} tokens/s "
+              f"({B} rows x {N} steps)")
+    print(f"cached is {run.naive_s / run.cached_s:.1f}x faster")
+    return agree and run.grew_by_one
+
+
+def path_line(model: GPT) -> str:
+    """Which code ran: the readable path (this file, block.py, attention.py) or another one."""
+    kind = type(model)
+    where = "readable: attention.py, block.py" if kind is GPT else kind.__module__
+    return f"path: {kind.__name__} ({where})"
+
+
+def trained(args: argparse.Namespace, ap: argparse.ArgumentParser,
+            model_class: type[GPT] = GPT, cache_for: CacheFor | None = None,
+            bound: tuple[float, str] | None = None) -> tuple[int, GPT, list[np.ndarray]]:
+    """The trained string-reversal model: prompts as text, answers checked. Returns the exit
+    status, the model and the prompts (tools/generate_cli.py goes on with them)."""
+    texts = args.prompt or list(DEMO_PROMPTS)
+    try:
+        texts = [task.check_chars(text) for text in texts]
+    except ValueError as err:
+        ap.error(str(err))
+    model = cli_load(ap, args.checkpoint, model_class.load,
+                     f" (make train writes {CHECKPOINT.relative_to(CHECKPOINT.parents[1])})")
+    prompts = [task.encode(task.make_prompt(text)) for text in texts]
+    try:  # the prompts and their answers must fit this checkpoint, before anything is printed
+        prepare_request(model, prompts, max(map(len, texts)) + 1, eos_id=ord(task.END))
+    except ValueError as err:
+        ap.error(f"argument --checkpoint: {args.checkpoint} cannot answer these prompts: {err}")
+    c = model.config
+    print(f"model: {args.checkpoint} (trained to reverse strings): d_model={c.d_model} "
+          f"heads={c.n_heads} layers={c.n_layers} max_seq_len={c.max_seq_len}; {path_line(model)}")
+    print("prompts, left-padded into one batch (pads shown as _), each with its attention_mask:")
+    show_padded(*left_pad(prompts), token=chr, pad="_")
+    run = side_by_side(model, prompts, max(map(len, texts)) + 1, args.seed, args.prefill_chunk,
+                       cache_for, eos_id=ord(task.END))
+    print_steps(run, lambda tokens: " ".join(repr(chr(t)) for t in tokens))
+    print(f"\n{'prompt':<{task.MAX_CHARS + 2}}{'answer':<{task.MAX_CHARS + 2}}right")
+    for text, tokens in zip(texts, run.cached.tokens, strict=True):
+        answer = task.decode(tokens).split(task.END)[0] + task.END
+        print(f"{task.make_prompt(text):<{task.MAX_CHARS + 2}}{answer:<{task.MAX_CHARS + 2}}"
+              f"{'yes' if answer == task.expected_answer(task.make_prompt(text)) else 'NO'}")
+    return (0 if print_agreement(run, bound) else 1), model, prompts
+
+
+def random_weights(args: argparse.Namespace, ap: argparse.ArgumentParser,
+                   model_class: type[GPT] = GPT, cache_for: CacheFor | None = None,
+                   bound: tuple[float, str] | None = None) -> int:
+    """The assignment's config with random weights, on random token ids (what the assignment
+    asks the decode loops to show: naive and cached agree, the cache grows by one per step)."""
+    config = GPTConfig(n_layers=args.layers, init_std=0.2)  # d_model 128, 4 heads, max_seq_len 128
+    data = np.random.default_rng(args.seed)
+    if args.prompt_lens is None:
+        prompts = data.integers(0, config.vocab_size, (args.batch, args.prompt_len))
+        shape = f"(B={args.batch}, P={args.prompt_len})"
+    else:
+        prompts = [data.integers(0, config.vocab_size, n) for n in args.prompt_lens]
+        shape = f"(B={len(prompts)}, lengths {args.prompt_lens})"
+    options = dict(eos_id=args.eos_id, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p)
+    try:  # refuse a bad request before printing or decoding anything
+        model = model_class(config, seed=args.seed, dtype=args.dtype)
+        ids, mask = prepare_request(model, prompts, args.new_tokens, eos_id=args.eos_id)
+        Sampler(args.temperature, args.top_k, args.top_p,
+                np.random.default_rng(args.seed) if args.temperature else None)
+        model.new_cache(len(ids))  # would the cache fit?
+    except (TypeError, ValueError) as err:
+        ap.error(str(err))
+    print(f"model: random weights, d_model={config.d_model} heads={config.n_heads} "
+          f"d_head={config.d_head} layers={config.n_layers} vocab={config.vocab_size} "
+          f"max_seq_len={config.max_seq_len} dtype={args.dtype}; {path_line(model)}")
+    print(f"prompt {shape}, left-padded (pads shown as .), each row with its attention_mask:")
+    show_padded(ids, mask, token=lambda t: f"{t:>3}", pad="  .", sep=" ")
+    print(f"sampling: temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} "
+          f"seed={args.seed}" if args.temperature else "decoding: greedy")
+    run = side_by_side(model, prompts, args.new_tokens, args.seed, args.prefill_chunk, cache_for,
+                       **options)
+    print_steps(run, lambda tokens: str(tokens[:SHOW_ROWS].tolist())[:-1]
+                + (", ...]" if len(tokens) > SHOW_ROWS else "]"))
+    if args.eos_id is not None:
+        print(f"\nsteps taken: {run.cached.tokens.shape[1]} of max {args.new_tokens} "
+              f"(eos_id={args.eos_id}; finished rows repeat it)")
+    return 0 if print_agreement(run, bound) else 1
+
+
+def _prompt_lens(text: str) -> list[int]:
+    try:
+        lens = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must look like 3,7,1, got {text!r}") from None
+    if not lens or min(lens) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive ints, got {text!r}")
+    return lens
+
+
+# Which flags each model uses; a flag given to a model that does not use it is refused (it would
+# be silently ignored). --prefill-chunk applies to every one. Defaults are filled in after the
+# check. tools/generate_cli.py adds its flags to these.
+MODE_FLAGS = {
+    "the trained model": ("--prompt", "--checkpoint"),
+    "--random": ("--new-tokens", "--prompt-len", "--batch", "--prompt-lens", "--layers", "--seed",
+                 "--dtype", "--temperature", "--top-k", "--top-p", "--eos-id"),
+}
+RANDOM_DEFAULTS = {"new_tokens": 16, "prompt_len": 8, "batch": 2, "layers": 2, "seed": 0,
+                   "dtype": "float32"}
+
+
+def check_flags(ap: argparse.ArgumentParser, args: argparse.Namespace, mode: str,
+                mode_flags: dict[str, tuple[str, ...]] = MODE_FLAGS) -> None:
+    """Refuse every flag `mode` does not use, and combinations that would silently drop one."""
+    for flag in sorted({f for flags in mode_flags.values() for f in flags}):
+        users = [m for m, flags in mode_flags.items() if flag in flags]
+        if mode not in users:
+            refuse_unused(ap, args, [flag], f"does not apply to {mode} (only to "
+                                            f"{' or '.join(users)})")
+    if mode == "--random":
+        if args.prompt_lens is not None:
+            refuse_unused(ap, args, ["--batch", "--prompt-len"],
+                          "and --prompt-lens both set the prompts: give one")
+        if not args.temperature:
+            refuse_unused(ap, args, ["--top-k", "--top-p"],
+                          "shapes a random draw: it needs --temperature > 0 (else greedy)")
+        for name, value in RANDOM_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The flags of `python generate.py` (tools/generate_cli.py adds its own to them)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                    help="a prompt (repeat for a batch); the trained model reverses it")
+    ap.add_argument("--checkpoint", default=None,
+                    help=f"the trained model's .npz (default {CHECKPOINT})")
+    ap.add_argument("--random", action="store_true",
+                    help="the assignment's config with random weights, on random token ids")
+    ap.add_argument("--new-tokens", type=cli_int(1, 4096), default=None,
+                    help="tokens to generate with --random (default 16)")
+    ap.add_argument("--prompt-len", type=cli_int(1, 4096), default=None,
+                    help="--random: prompt length (default 8)")
+    ap.add_argument("--batch", type=cli_int(1, 1_000_000), default=None,
+                    help="--random: batch size (default 2)")
+    ap.add_argument("--prompt-lens", type=_prompt_lens, default=None, metavar="3,7,1",
+                    help="--random: a ragged batch, one prompt per length, left-padded "
+                         "(instead of --batch and --prompt-len)")
+    ap.add_argument("--layers", type=cli_int(1, 1_000_000), default=None,
+                    help="--random: transformer blocks (default 2)")
+    ap.add_argument("--seed", type=SEED, default=None,
+                    help="--random: weights, prompt and sampling seed (default 0)")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                    help="--random: the model's dtype (default float32)")
+    ap.add_argument("--temperature", type=cli_float(0), default=None,
+                    help="--random: 0 or unset = greedy")
+    ap.add_argument("--top-k", type=cli_int(1), default=None,
+                    help="--random, with --temperature: keep the k highest logits")
+    ap.add_argument("--top-p", type=cli_float(0, 1, low_open=True), default=None,
+                    help="--random, with --temperature: nucleus, keep mass p")
+    ap.add_argument("--eos-id", type=cli_int(0), default=None,
+                    help="--random: a row stops at this token")
+    ap.add_argument("--prefill-chunk", type=cli_int(1), default=None,
+                    help="prefill in chunks of this many tokens")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python generate.py: the trained model (default) or --random weights, naive vs cached, on
+    the readable path."""
+    ap = parser("Naive vs cached decoding on the readable model (this file, block.py, "
+                "attention.py): the trained string-reversal model by default, random weights "
+                "with --random. A flag the chosen model does not use is refused. More (the fast "
+                "path, an int8 cache, speculative decoding, Hugging Face GPT-2): "
+                "python tools/generate_cli.py --help.")
+    args = ap.parse_args(argv)
+    mode = "--random" if args.random else "the trained model"
+    check_flags(ap, args, mode)
+    if args.random:
+        return random_weights(args, ap)
+    args.checkpoint = args.checkpoint or str(CHECKPOINT)
+    return trained(args, ap)[0]
+
+
+if __name__ == "__main__":
     raise SystemExit(main())

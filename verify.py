@@ -21,7 +21,7 @@ with tight tolerances prove the algebra is exact; float32 notes show what a user
     9 chunked prefill  chunks of 5, 1, 3 through the cache == one full forward
    10 batch invariance a left-padded row decodes exactly as its prompt alone
    11 HF padded batch  left-padded batch == hf.generate with attention_mask
-   12 fast == readable the engine (engine/fast.py) == the code above, over MHA, GQA, MQA,
+   12 fast == readable the fast path (fast/model.py) == the code above, over MHA, GQA, MQA,
                       RoPE, padding, chunked prefill, float64 and float32
    13 flash == readable online-softmax attention (beyond/flash.py) == the five steps, exactly
    14 window == naive  a rolling buffer (beyond/window.py) == the band-masked full forward
@@ -29,8 +29,8 @@ with tight tolerances prove the algebra is exact; float32 notes show what a user
    16 int8 cache       int8 K/V (beyond/int8.py) within a proved attention bound, stated logits
    17 latent (MLA)     absorbed latent decode (beyond/latent.py) == the explicit naive path
 
-Every model here runs the readable path (fast=False), the code a learner reads; check 12 proves
-the engine, which the commands use, computes the same numbers.
+Every model here is the readable GPT, the code a learner reads; check 12 proves the fast path
+(fast/model.py's FastGPT), which the benchmarks use, computes the same numbers.
 
 The checks look up every function through its module (attention.causal_mask, not a local copy),
 so the failure-mode gallery can swap in a broken version for one run and the checks see it.
@@ -58,11 +58,11 @@ import attention
 import block
 import cache
 import generate
-from beyond import int8, window
+from beyond import int8, latent, window
 from beyond.flash import flash_attention
 from beyond.speculative import generate_speculative
-from parts import references as ref
 from parts import rope
+from tools import references as ref
 
 HERE = Path(__file__).resolve().parent
 WIDTH = 80
@@ -244,15 +244,15 @@ class ShapeTrace:
         return x
 
 
-def walk(model: block.GPT, ids: np.ndarray, kvs: cache.ModelCache, expect: ShapeTrace
+def walk(model: block.GPT, ids: np.ndarray, kvs: list[cache.KVCache], expect: ShapeTrace
          ) -> np.ndarray:
     """Token ids (B, T) -> logits (B, T, V) by hand, one public function at a time, appending
-    each layer's K/V to the cache. The T tokens follow the len(kvs) cached positions, so the same
-    walk is prefill (empty cache) and a decode step (T = 1). No padding: positions are the cache
+    each layer's K/V to its KVCache. The T tokens follow the positions cached, so the same walk
+    is prefill (empty caches) and a decode step (T = 1). No padding: positions are the cache
     length onwards."""
     c = model.config
     B, T = ids.shape
-    past = len(kvs)
+    past = len(kvs[0])
     t_k, D, H, dh = past + T, c.d_model, c.n_heads, c.d_head
     pos = np.arange(past, t_k)  # positions come from the cache length
     x = expect("x = wte[ids] + wpe[pos]", model.wte[ids] + model.wpe[pos], (B, T, D))
@@ -266,7 +266,7 @@ def walk(model: block.GPT, ids: np.ndarray, kvs: cache.ModelCache, expect: Shape
         q = expect("Q split_heads", attention.split_heads(q, H), (B, H, T, dh))
         k = expect("K split_heads", attention.split_heads(k, H), (B, H, T, dh))
         v = expect("V split_heads", attention.split_heads(v, H), (B, H, T, dh))
-        k_all, v_all = kvs.layers[layer].append(k, v)
+        k_all, v_all = kvs[layer].append(k, v)
         expect("cache K (after append)", k_all, (B, H, t_k, dh))
         expect("cache V (after append)", v_all, (B, H, t_k, dh))
         expect("scores Q K^T / sqrt(d_head)", q @ k_all.swapaxes(-1, -2) / math.sqrt(dh),
@@ -293,7 +293,9 @@ def check_shape_trace() -> Evidence:
     T = 8
     ids = random_ids((BATCH, T + 1), seed=2)
     prompt, new = ids[:, :T], ids[:, T:]
-    kvs = model.new_cache(BATCH)
+    c = ASSIGNMENT_CONFIG
+    kvs = [cache.KVCache(BATCH, c.n_kv_heads, c.max_seq_len, c.d_head, model.dtype)
+           for _ in range(c.n_layers)]
     prefill_trace, decode_trace = ShapeTrace(), ShapeTrace()
     walked_prefill = walk(model, prompt, kvs, prefill_trace)
     walked_decode = walk(model, new, kvs, decode_trace)
@@ -307,10 +309,9 @@ def check_shape_trace() -> Evidence:
         Measure("decode walk vs model(new, cache)", max_abs(walked_decode, model_decode), 1e-10),
         Measure("decode walk vs model(all ids)[:, -1]", max_abs(walked_decode, full[:, -1:]),
                 1e-10),
-        Measure("cache length after the decode step", abs(len(kvs) - (T + 1)), 0),
+        Measure("cache length after the decode step", abs(len(kvs[0]) - (T + 1)), 0),
     ]
     n = prefill_trace.asserted + decode_trace.asserted
-    c = ASSIGNMENT_CONFIG
     lines = [f"    B={BATCH} T={T} D={c.d_model} H={c.n_heads} d_head={c.d_head} "
              f"d_ff={c.d_ff} V={c.vocab_size}; every shape below is asserted",
              f"    {'tensor':<30}{f'prefill (T={T})':<20}decode (1 vs cache {T})"]
@@ -538,10 +539,8 @@ def check_gpt2() -> Evidence:
     logits at each step vs Hugging Face's."""
     expected = hf_gpt2_reference()
     hf = hf_gpt2()
-    model = block.GPT.from_gpt2(hf.state_dict(), dtype=np.float64, hf_config=hf.config,
-                                 fast=False)
-    model32 = block.GPT.from_gpt2(hf.state_dict(), dtype=np.float32, hf_config=hf.config,
-                                   fast=False)
+    model = block.GPT.from_gpt2(hf.state_dict(), dtype=np.float64, hf_config=hf.config)
+    model32 = block.GPT.from_gpt2(hf.state_dict(), dtype=np.float32, hf_config=hf.config)
     ours = generate.generate_cached(model, GPT2_PROMPT, GPT2_NEW_TOKENS)
     rel32 = max_rel(model32(GPT2_PROMPT), expected["logits32"])
     mismatch = int(np.sum(ours.tokens != expected["tokens"]))
@@ -673,8 +672,7 @@ def check_hf_padded() -> Evidence:
     input_ids, attention_mask and pad_token_id: token for token."""
     expected, expected_logits = hf_padded_reference()
     hf = hf_gpt2()
-    model = block.GPT.from_gpt2(hf.state_dict(), dtype=np.float64, hf_config=hf.config,
-                                 fast=False)
+    model = block.GPT.from_gpt2(hf.state_dict(), dtype=np.float64, hf_config=hf.config)
     ours = generate.generate_cached(model, RAGGED_PROMPTS, GPT2_NEW_TOKENS)
     mismatch = int(np.sum(np.asarray(ours.tokens) != expected))
     err = max_abs(ours.logits, expected_logits)
@@ -695,7 +693,7 @@ ENGINE_CONFIGS = {"MHA": {}, "GQA": {"n_kv_heads": 2}, "MQA": {"n_kv_heads": 1},
 ENGINE_PROMPTS = [150, 40, 97]  # left-padded to 150: more than one 128-query block
 
 
-@check(12, "fast == readable", "engine == readable path, all modes")
+@check(12, "fast == readable", "fast path == readable, all modes")
 def check_engine() -> Evidence:
     """The same weights run twice, readable (GPT.forward) and fast (engine.fast.forward): a
     left-padded batch's logits and every layer's attention weights, and cached greedy decoding
@@ -785,7 +783,7 @@ def check_window() -> Evidence:
                              init_std=0.2)
     model = ref.random_model(config, seed=14)
     ids = random_ids((BATCH, 40), seed=14, vocab=64)
-    kvs = model.new_cache(BATCH)
+    kvs = window.window_cache(model, BATCH)
     nbytes = {kvs.nbytes}
     chunks = []
     for start in range(0, 40, 7):
@@ -814,10 +812,8 @@ def check_speculative() -> Evidence:
     perturbed = {name: w + 0.01 * noise.standard_normal(w.shape)
                  for name, w in target.named_weights().items()}
     drafts = {"random draft": block.GPT(block.GPTConfig(d_model=32, n_heads=2, n_layers=1,
-                                                        init_std=0.2), seed=7, dtype=np.float64,
-                                        fast=False),
-              "target + noise": block.GPT(ASSIGNMENT_CONFIG, dtype=np.float64, weights=perturbed,
-                                          fast=False),
+                                                        init_std=0.2), seed=7, dtype=np.float64),
+              "target + noise": block.GPT(ASSIGNMENT_CONFIG, dtype=np.float64, weights=perturbed),
               "draft = target": target}
     prompt = random_ids((1, 7), seed=13)  # (1, P): speculative decoding runs one prompt
     want = generate.generate_cached(target, prompt, 24)
@@ -856,11 +852,12 @@ def check_int8() -> Evidence:
                  - attention.scaled_dot_product_attention(q, k, v, mask)[0])
     excess = max(float(np.max(gap - int8.attention_error_bound(q, k, v))), 0.0)
     model = ref.random_model(ASSIGNMENT_CONFIG)
-    run = generate.generate_cached(model, RAGGED_PROMPTS, 8, cache_dtype="int8")
+    run = generate.generate_cached(model, RAGGED_PROMPTS, 8,
+                                   cache=int8.int8_cache(model, len(RAGGED_PROMPTS)))
     rel = max_rel(run.logits, int8.teacher_forced_logits(model, RAGGED_PROMPTS, run.tokens))
     measures = [Measure("attention: excess over the proved bound", excess, 0),
                 Measure("logits: max |int8 - float| / max |logit|", rel, int8.LOGIT_TOLERANCE)]
-    kv = model.new_cache(1, dtype="int8")
+    kv = int8.int8_cache(model, 1)
     ratio = kv.nbytes / model.new_cache(1, dtype="float32").nbytes
     return Evidence(measures, f"logits within {rel:.1%} of the largest; bytes {ratio:.3f}x "
                               "float32's, scales counted")
@@ -870,11 +867,12 @@ def check_int8() -> Evidence:
 
 @check(17, "latent (MLA)", "absorbed cached decode == explicit")
 def check_latent() -> Evidence:
-    """GPTConfig(kv_latent=32): each layer caches one 32-wide latent per token. Without a cache
+    """LatentConfig(kv_latent=32): each layer caches one 32-wide latent per token. Without a cache
     the model computes K and V from the latents explicitly; with one it absorbs W_uk into the
     query and W_uv into W_O and attends over the latents. Cached greedy decoding of a padded
     batch must give the naive logits and tokens, float64."""
-    config = block.GPTConfig(**{**vars(ASSIGNMENT_CONFIG), "n_kv_heads": None, "kv_latent": 32})
+    config = latent.LatentConfig(**{**vars(ASSIGNMENT_CONFIG), "n_kv_heads": None,
+                                    "kv_latent": 32})
     model = ref.random_model(config)
     naive = generate.generate_naive(model, RAGGED_PROMPTS, 6)
     cached = generate.generate_cached(model, RAGGED_PROMPTS, 6, prefill_chunk=3)
@@ -936,7 +934,7 @@ def _clip(text: str) -> str:
 # the usual list of traps. They live only here; the gallery swaps one in for a single run of the
 # checks and puts the real one back in a finally block.
 
-_REAL_POSITIONS_AND_MASK = block.positions_and_mask
+_REAL_NUMBER_TOKENS = cache.number_tokens
 _REAL_ROPE_ANGLES = rope.rope_angles
 
 
@@ -945,10 +943,24 @@ def mask_missing(t_q: int, t_k: int | None = None) -> np.ndarray:
     return np.ones((t_q, t_q if t_k is None else t_k), dtype=bool)
 
 
+def positions_mask_missing(query_pos: np.ndarray, key_pos: np.ndarray,
+                           window: int | None = None, sinks: int = 0) -> np.ndarray:
+    """The same bug in the model's rule: every real key visible, the future included."""
+    visible = key_pos[:, None, None, :] >= 0  # (B, 1, 1, t_k)
+    return np.broadcast_to(visible, (len(key_pos), 1, query_pos.shape[1], key_pos.shape[1]))
+
+
 def mask_upper(t_q: int, t_k: int | None = None) -> np.ndarray:
     """BUG: the triangle flipped: query i sees keys j >= i (its future) instead of j <= i."""
     t_k = t_q if t_k is None else t_k
     return np.triu(np.ones((t_q, t_k), dtype=bool), k=t_k - t_q)
+
+
+def positions_mask_upper(query_pos: np.ndarray, key_pos: np.ndarray,
+                         window: int | None = None, sinks: int = 0) -> np.ndarray:
+    """The same bug in the model's rule: a query sees the keys at or after its position."""
+    q, k = query_pos[:, None, :, None], key_pos[:, None, None, :]
+    return (k >= 0) & (k >= q)
 
 
 def sdpa_mask_after_softmax(q: np.ndarray, k: np.ndarray, v: np.ndarray,
@@ -1021,15 +1033,14 @@ def mha_caching_queries(x: np.ndarray, p: attention.AttentionParams, mask: np.nd
     if rotate is not None:
         q, k = rope.apply_rope(q, *rotate), rope.apply_rope(k, *rotate)
     if cache is not None:
-        k, v = cache.append(q, v)  # the bug: q, not k
+        k, v = cache.update(q, v)  # the bug: q, not k
     out, weights = attention.grouped_attention(q, k, v, mask)
     return attention.merge_heads(out) @ p.w_o + p.b_o, weights
 
 
-def positions_restart(real: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
+def positions_restart(count: np.ndarray, real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """BUG: the new tokens' positions start at 0 every call, ignoring what the cache holds."""
-    positions, mask = _REAL_POSITIONS_AND_MASK(real, T)
-    return np.broadcast_to(np.arange(T), positions.shape), mask
+    return _REAL_NUMBER_TOKENS(np.zeros_like(count), real)
 
 
 def reset_keeps_length(self: cache.ModelCache) -> None:
@@ -1089,12 +1100,14 @@ class FailureMode:
 
 FAILURE_MODES = [
     FailureMode("no causal mask",
-                lambda: everywhere(attention.causal_mask, mask_missing), 1),
+                lambda: everywhere(attention.causal_mask, mask_missing)
+                + everywhere(attention.mask_from_positions, positions_mask_missing), 1),
     FailureMode("mask applied after softmax",
                 lambda: everywhere(attention.scaled_dot_product_attention,
                                    sdpa_mask_after_softmax), 1),
     FailureMode("mask upper triangle (flipped)",
-                lambda: everywhere(attention.causal_mask, mask_upper), 1),
+                lambda: everywhere(attention.causal_mask, mask_upper)
+                + everywhere(attention.mask_from_positions, positions_mask_upper), 1),
     FailureMode("K not transposed in scores",
                 lambda: everywhere(attention.scaled_dot_product_attention,
                                    sdpa_k_not_transposed), 2),
@@ -1105,11 +1118,11 @@ FAILURE_MODES = [
     FailureMode("forgot the merge step",
                 lambda: everywhere(attention.merge_heads, merge_forgotten), 2),
     FailureMode("cache concatenated on heads axis",
-                lambda: [(cache.KVCache, "append", append_concat_wrong_axis)], 3),
+                lambda: [(cache.KVCache, "update", append_concat_wrong_axis)], 3),
     FailureMode("caching queries instead of keys",
                 lambda: everywhere(attention.multi_head_attention, mha_caching_queries), 4),
     FailureMode("decode positions restart at 0",
-                lambda: everywhere(block.positions_and_mask, positions_restart), 3),
+                lambda: everywhere(cache.number_tokens, positions_restart), 3),
     FailureMode("stale cache: reset() keeps length",
                 lambda: [(cache.ModelCache, "reset", reset_keeps_length)], 3),
     FailureMode("scores scaled by d_model, not sqrt",

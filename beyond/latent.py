@@ -21,21 +21,19 @@ query's row, which softmax ignores; a value bias comes out as b_v W_O whatever t
 sum to 1), which is a change of b_o. tests/test_latent.py proves both by turning an MHA model
 with random biases into this one.
 
-RoPE is refused (see ROPE_REFUSAL), and so are grouped K/V heads. GPT(fast=True) runs an MLA model
-through the readable forward (GPT.forward): the engine has no latent path.
+MLA is a different attention, not only a different cache, so it is a model of its own kind:
+LatentConfig (GPTConfig plus kv_latent) says which weights a layer has and builds LatentParams,
+which attend when called; LatentGPT is GPT with that config and a cache of LatentCache layers.
+GPT itself, and the mask, the cache protocol and generate.py, are unchanged: block.py never
+names MLA. RoPE is refused (see ROPE_REFUSAL), and so are grouped K/V heads. There is no fast
+path for it (fast/model.py's FastGPT refuses a LatentConfig): LatentGPT runs the readable forward.
 
-    python beyond/latent.py --memory    bytes per token per layer, formula against ModelCache.nbytes
+What each kind of cache costs per token, formula against real caches: `python tools/latent.py
+--memory`.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python beyond/latent.py` from anywhere: find the repo
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,11 +47,12 @@ from attention import (
     scaled_dot_product_attention,
     split_heads,
 )
+from block import GPT, GPTConfig
 from cache import CACHE_DTYPES, KVCache, ModelCache
-from parts.checks import fits_in_memory, float_array, float_dtype, is_int, positive_int
+from parts.checks import door, fits_in_memory, float_array, float_dtype, is_int, positive_int
 
-if TYPE_CHECKING:  # type hints only: block.py imports this module
-    from block import GPT, GPTConfig
+if TYPE_CHECKING:  # type hints only
+    from cache import LayerCache
 
 LATENT_NAMES = ("w_q", "b_q", "w_dkv", "w_uk", "w_uv", "w_o", "b_o")
 ROPE_REFUSAL = (
@@ -64,36 +63,73 @@ ROPE_REFUSAL = (
     "separate small RoPE key per token for that; this repo does not build it.")
 
 
-def check_config(c: GPTConfig) -> None:
-    """Raise ValueError unless c.kv_latent (not None) can be built: a positive int, every head
-    its own query over the shared latent (no grouped K/V heads), and no RoPE."""
-    if not is_int(c.kv_latent) or c.kv_latent < 1:
-        raise ValueError(f"GPTConfig.kv_latent must be a positive int (the latent width d_c) or "
-                         f"None, got {c.kv_latent!r}")
-    if c.n_kv_heads != c.n_heads:
-        raise ValueError(f"GPTConfig: kv_latent with n_kv_heads={c.n_kv_heads} < n_heads="
-                         f"{c.n_heads} is refused: every head already reads the one shared latent, "
-                         "so there are no K/V heads left to group")
-    if c.rope:
-        raise ValueError(ROPE_REFUSAL)
+@dataclass
+class LatentConfig(GPTConfig):
+    """GPTConfig plus kv_latent = d_c: each layer caches one latent of this width per token."""
+
+    kv_latent: int | None = None  # d_c, the latent width (required: None is refused)
+
+    def __post_init__(self) -> None:
+        """Checks kv_latent (a positive int), no grouped K/V heads (every head already reads the
+        one shared latent), no RoPE, and no window (a latent cache keeps every position)."""
+        super().__post_init__()
+        if not is_int(self.kv_latent) or self.kv_latent < 1:
+            raise ValueError(f"LatentConfig.kv_latent must be a positive int (the latent width "
+                             f"d_c), got {self.kv_latent!r}")
+        self.kv_latent = int(self.kv_latent)
+        if self.n_kv_heads != self.n_heads:
+            raise ValueError(f"GPTConfig: kv_latent with n_kv_heads={self.n_kv_heads} < n_heads="
+                             f"{self.n_heads} is refused: every head already reads the one shared "
+                             "latent, so there are no K/V heads left to group")
+        if self.rope:
+            raise ValueError(ROPE_REFUSAL)
+        if self.sliding_window is not None:
+            raise ValueError("GPTConfig: kv_latent with a sliding_window is not implemented "
+                             "(a latent cache keeps every position)")
+
+    @property
+    def kv_shape(self) -> tuple[int, int]:
+        """One latent per token and layer: one shared K/V "head" of width d_c."""
+        return 1, self.kv_latent
+
+    def attention_shapes(self) -> dict[str, tuple[int, ...]]:
+        """W_dkv, W_uk, W_uv instead of W_k, W_v (and no K/V biases)."""
+        D, d_c, q = self.d_model, self.kv_latent, self.n_heads * self.d_head
+        return {"attn.w_q": (D, q), "attn.b_q": (q,), "attn.w_dkv": (D, d_c),
+                "attn.w_uk": (d_c, q), "attn.w_uv": (d_c, q), "attn.w_o": (q, D),
+                "attn.b_o": (D,)}
+
+    def attention_params(self, w: dict[str, np.ndarray]) -> LatentParams:
+        return LatentParams(*(w[f"attn.{n}"] for n in LATENT_NAMES), self.n_heads)
+
+    def init_std_of(self, name: str, shape: tuple[int, ...]) -> float:
+        """init_std, except W_uk and W_uv, which start at 1 / sqrt(d_c) (unless init_std is 0).
+        Why: K = x W_dkv W_uk is a product of two matrices, and with 0.02 for both, keys and
+        values start about 9x smaller than an MHA model's x W_k and each factor's gradient is
+        scaled by the other, small one; training stalled (loss 2.6 against MHA's 0.6 after 400
+        steps). With W_uk ~ 1 / sqrt(d_c) the product starts at MHA's scale."""
+        if self.init_std and name.endswith((".attn.w_uk", ".attn.w_uv")):
+            return 1 / math.sqrt(shape[0])  # shape (d_c, H d): preserves the latent's scale
+        return self.init_std
 
 
-def latent_shapes(c: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """One latent attention layer's weights, named as inside block i ("h.{i}.attn.w_dkv" ...)."""
-    D, d_c, q = c.d_model, c.kv_latent, c.n_heads * c.d_head
-    return {"attn.w_q": (D, q), "attn.b_q": (q,), "attn.w_dkv": (D, d_c),
-            "attn.w_uk": (d_c, q), "attn.w_uv": (d_c, q), "attn.w_o": (q, D), "attn.b_o": (D,)}
+class LatentGPT(GPT):
+    """GPT with latent attention: LatentGPT(LatentConfig(..., kv_latent=32)), LatentGPT.load(path).
+    Its cache holds one latent per token and layer."""
 
+    config_class = LatentConfig
 
-def init_std(name: str, shape: tuple[int, ...], std: float) -> float:
-    """The random-init std of a weight matrix: `std` (GPT-2's 0.02), except W_uk and W_uv, which
-    start at 1 / sqrt(d_c) (unless std is 0). Why: K = x W_dkv W_uk is a product of two matrices,
-    and with 0.02 for both, keys and values start about 9x smaller than an MHA model's x W_k and
-    each factor's gradient is scaled by the other, small one; training stalled (loss 2.6 against
-    MHA's 0.6 after 400 steps). With W_uk ~ 1 / sqrt(d_c) the product starts at MHA's scale."""
-    if std and name.endswith((".attn.w_uk", ".attn.w_uv")):
-        return 1 / math.sqrt(shape[0])  # shape (d_c, H d): preserves the latent's scale
-    return std
+    def new_cache(self, batch_size: int, dtype: np.dtype | type | str | None = None
+                  ) -> ModelCache:
+        """An empty cache for batch_size rows: one LatentCache (B, max_seq_len, d_c) per layer,
+        stored as dtype (default: the model's)."""
+        c = self.config
+        dtype = self.dtype if dtype is None else dtype
+        fits_in_memory(f"a latent cache for {batch_size!r} rows",
+                       latent_cache_bytes(c.n_layers, positive_int("batch_size", batch_size),
+                                          c.max_seq_len, c.kv_latent, dtype))
+        return ModelCache([LatentCache(batch_size, c.max_seq_len, c.kv_latent, dtype, self.zeros)
+                           for _ in range(c.n_layers)])
 
 
 @dataclass(frozen=True)
@@ -126,6 +162,11 @@ class LatentParams:
     @property
     def d_latent(self) -> int:
         return self.w_dkv.shape[1]
+
+    def __call__(self, x: np.ndarray, mask: np.ndarray | None, cache: LayerCache | None = None,
+                 rotate: tuple[np.ndarray, np.ndarray] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        return latent_attention(x, self, mask, cache, rotate)
 
 
 # --- the cache -----------------------------------------------------------------------------------
@@ -167,17 +208,17 @@ class LatentCache(KVCache):
         return (f"LatentCache(length={self.length}, max_len={self.max_len}, "
                 f"batch={self.batch_size}, d_latent={self.d_head}, dtype={self.dtype})")
 
-    def check_append(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def check_append(self, k: np.ndarray, v: np.ndarray) -> None:
         """KVCache's checks, and k and v must be the same latent."""
-        k, v = super().check_append(k, v)
+        super().check_append(k, v)
         if v is not k and not np.array_equal(k, v):
             raise ValueError("LatentCache.append: k and v must be the same latent c "
                              "(B, 1, t, d_c): one latent per token is the key and the value")
-        return k, v
 
-    def _write(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def update(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Write the t new latents once and return views of every latent held, as (keys,
-        values), both (B, 1, length + t, d_c)."""
+        values), both (B, 1, length + t, d_c). v is k (the latent), so only k is read."""
+        k = self.narrowed("k", k)
         start, end = self.length, self.length + k.shape[2]
         self.latents[:, start:end] = k[:, 0]  # (B, 1, t, d_c) -> (B, t, d_c)
         self.length = end
@@ -192,37 +233,23 @@ def latent_cache_bytes(n_layers: int, batch: int, seq_len: int, d_latent: int,
     return n_layers * batch * seq_len * d_latent * itemsize
 
 
-def new_latent_cache(model: GPT, batch_size: int, dtype: np.dtype | type | str,
-                     zeros: Callable[..., np.ndarray] = np.zeros) -> ModelCache:
-    """model.new_cache(batch_size) for an MLA model: one LatentCache per layer."""
-    c = model.config
-    fits_in_memory(f"a latent cache for {batch_size!r} rows",
-                   latent_cache_bytes(c.n_layers, positive_int("batch_size", batch_size),
-                                      c.max_seq_len, c.kv_latent, dtype))
-    return ModelCache([LatentCache(batch_size, c.max_seq_len, c.kv_latent, dtype, zeros)
-                       for _ in range(c.n_layers)])
-
-
 # --- attention on latents ------------------------------------------------------------------------
 
+@door
 def latent_attention(
     x: np.ndarray, p: LatentParams, mask: np.ndarray | None,
-    cache: KVCache | None = None, rotate: tuple[np.ndarray, np.ndarray] | None = None,
+    cache: LayerCache | None = None, rotate: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The model's MLA layer, multi_head_attention's signature: x (B, T, D) -> (B, T, D) and the
     weights (B, H, T, t_k). Without a cache, the explicit form over the T tokens' own latents;
     with one, the new latents are appended and the absorbed form runs on every latent held.
-    rotate must be None (GPTConfig refuses RoPE with a latent). Checks x against p."""
-    x = float_array("latent_attention: x", x, ndim=3)
-    if x.shape[-1] != p.w_q.shape[0] or rotate is not None:
-        raise ValueError(f"latent_attention: x must be (B, T, {p.w_q.shape[0]}) and rotate None, "
-                         f"got {x.shape} and {'angles' if rotate is not None else None}")
+    rotate must be None (LatentConfig refuses RoPE)."""
     q = split_heads(x @ p.w_q + p.b_q, p.n_heads)  # (B, T, D) -> (B, H, T, d)
     c = x @ p.w_dkv  # (B, T, D) -> (B, T, d_c): all this token leaves behind
     if cache is None:
         return explicit_attention(q, c, p, mask)
     c = c[:, None]  # (B, T, d_c) -> (B, 1, T, d_c): one shared K/V head
-    c, _ = cache.append(c, c)  # (B, 1, cached + T, d_c): the latent is key and value
+    c, _ = cache.update(c, c)  # (B, 1, cached + T, d_c): the latent is key and value
     return absorbed_attention(q, c[:, 0].astype(q.dtype, copy=False), p, mask)
 
 
@@ -257,135 +284,11 @@ def absorbed_attention(q: np.ndarray, c: np.ndarray, p: LatentParams, mask: np.n
     return out + p.b_o, weights  # (B, T, D)
 
 
-# --- memory: one table, formula against ModelCache.nbytes ----------------------------------------
-
-LLAMA = {"name": "Llama-2-7B shapes", "short": "Llama-2-7B", "layers": 32, "heads": 32,
-         "d_head": 128, "dtype": "float16"}
-REPO = {"name": "this repo", "short": "repo", "layers": 2, "heads": 4, "d_head": 32,
-        "dtype": "float32"}
-CONTEXTS = (4096, 32768)
-
-
-def variants(cfg: dict) -> list[tuple[str, str, Callable[[], int] | None, Callable[[int], int]]]:
-    """(cache, formula text, bytes per token per layer by formula, total bytes at T tokens by
-    formula) for one config; memory_rows measures every row. A window's rolling buffer holds
-    S + W slots from the start, whatever T: its total is flat."""
-    H, d, b = cfg["heads"], cfg["d_head"], np.dtype(cfg["dtype"]).itemsize
-    L = cfg["layers"]
-    d_c = 512 if H * d >= 4096 else 32  # DeepSeek-V2's d_c; the trained MLA model's here
-    W, S = (4096, 4) if H * d >= 4096 else (64, 4)
-    g = 8 if H * d >= 4096 else 2
-    rows = [("MHA", f"2*H*d*{b} = 2*{H}*{d}*{b}", 2 * H * d * b),
-            (f"GQA ({g} K/V heads)", f"2*H_kv*d*{b} = 2*{g}*{d}*{b}", 2 * g * d * b),
-            ("MQA (1 K/V head)", f"2*1*d*{b} = 2*{d}*{b}", 2 * d * b),
-            ("int8 (MHA)", f"2*H*(d+4) = 2*{H}*({d}+4)", 2 * H * (d + 4)),
-            (f"MLA d_c={d_c}", f"d_c*{b} = {d_c}*{b}", d_c * b)]
-    out = [(name, text, per, lambda T, per=per: L * T * per) for name, text, per in rows]
-    if H * d >= 4096:
-        out.append((f"MLA d_c={d_c} + RoPE key 64", f"(d_c+64)*{b} = 576*{b}",
-                    (d_c + 64) * b, lambda T: L * T * (d_c + 64) * b))
-    out.append((f"window W={W} (MHA)", f"2*W*H*d*{b} per layer, flat", None,
-                lambda T: L * 2 * W * H * d * b))
-    out.append((f"sinks S={S} + window W={W}", f"2*(S+W)*H*d*{b} per layer, flat", None,
-                lambda T: L * 2 * (S + W) * H * d * b))
-    return out
-
-
-def measured_bytes(cfg: dict, name: str, positions: int) -> int | None:
-    """ModelCache.nbytes of a real cache of every layer at `positions` positions, batch 1, for
-    the variant `name` (its buffers allocated, never written). A window's cache holds its slots
-    whatever `positions` is."""
-    from beyond.int8 import Int8KVCache
-    from beyond.window import RollingKVCache, WindowCache
-
-    H, d, dtype, L = cfg["heads"], cfg["d_head"], cfg["dtype"], cfg["layers"]
-
-    def layer() -> KVCache | None:
-        if name.startswith("MHA"):
-            return KVCache(1, H, positions, d, dtype)
-        if name.startswith(("GQA", "MQA")):
-            g = 1 if name.startswith("MQA") else int(name.split("(")[1].split()[0])
-            return KVCache(1, g, positions, d, dtype)
-        if name.startswith("int8"):
-            return Int8KVCache(1, H, positions, d, "float32")
-        if name.startswith("MLA") and "RoPE" not in name:
-            return LatentCache(1, positions, int(name.split("=")[1]), dtype)
-        return None
-
-    if "window" in name:  # "window W=64 (MHA)" or "sinks S=4 + window W=64"
-        W = int(name.split("W=")[1].split()[0])
-        S = int(name.split("S=")[1].split()[0]) if name.startswith("sinks") else 0
-        return WindowCache([RollingKVCache(1, H, W, d, dtype, np.zeros, S)
-                            for _ in range(L)]).nbytes
-    first = layer()
-    if first is None:
-        return None
-    return ModelCache([first] + [layer() for _ in range(L - 1)]).nbytes
-
-
-def memory_rows() -> list[list[str]]:
-    """The table's rows. For this repo's config the caches are allocated at 4k and 32k
-    positions and their nbytes compared with the formula's total; for Llama-2-7B shapes (16 GiB
-    at 32k) every layer is allocated at 64 positions and the per-token bytes compared."""
-    body, mha = [], 1
-    for cfg in (LLAMA, REPO):
-        for name, text, per, total in variants(cfg):
-            probe = 64 if cfg is LLAMA else CONTEXTS[0]
-            got = measured_bytes(cfg, name, probe)
-            measured = None if got is None or per is None else got // (cfg["layers"] * probe)
-            equal = "formula only" if got is None else "yes" if got == total(probe) else "NO"
-            if got is not None and cfg is REPO:
-                big = measured_bytes(cfg, name, CONTEXTS[1])
-                equal = "yes" if equal == "yes" and big == total(CONTEXTS[1]) else "NO"
-            mha = total(CONTEXTS[1]) if name == "MHA" else mha
-            body.append([cfg["short"], name, text, "-" if per is None else f"{per:,}",
-                         "-" if measured is None else f"{measured:,}", equal,
-                         *(human(total(T)) for T in CONTEXTS),
-                         f"{total(CONTEXTS[1]) / mha:.3f}"])
-    return body
-
-
-def memory_table() -> str:
-    """The memory table as text (what `python beyond/latent.py --memory` prints)."""
-    headers = ["config", "cache", "per token per layer", "bytes", "nbytes", "equal",
-               "total 4k", "total 32k", "32k / MHA"]
-    rows = memory_rows()
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-    lines = []
-    for r in [headers, *rows]:
-        lines.append("  ".join(f"{x:<{w}}" if i < 3 else f"{x:>{w}}"
-                               for i, (x, w) in enumerate(zip(r, widths, strict=True))))
-    return "\n".join(lines)
-
-
-def human(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Multi-head latent attention: cache memory.")
-    ap.add_argument("--memory", action="store_true",
-                    help="bytes per token per layer and totals at 4k and 32k, formula against "
-                         "ModelCache.nbytes")
-    args = ap.parse_args(argv)
-    if not args.memory:
-        ap.error("give --memory")
-    print("KV cache per token per layer and in total, batch 1 (H heads, d = d_head, H_kv K/V "
-          "heads,\nd_c latent width). bytes: the formula; nbytes: ModelCache.nbytes of real "
-          "caches / (layers x positions).")
-    print(f"{LLAMA['name']}: {LLAMA['layers']} layers, {LLAMA['heads']} heads, d_head "
-          f"{LLAMA['d_head']}, {LLAMA['dtype']} (int8: int8 + float32 scales);\n"
-          f"{REPO['name']}: {REPO['layers']} layers, {REPO['heads']} heads, d_head "
-          f"{REPO['d_head']}, {REPO['dtype']}.\n")
-    print(memory_table())
-    print("\nWindow rows: a rolling buffer of W slots (or S sinks + W), allocated whole, so their "
-          "bytes are\nflat in T; 'equal' compares the allocated buffers with the formula. MLA + "
-          "RoPE key:\nDeepSeek-V2's layout, formula only: refused here (GPTConfig explains why).")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def check_latent_attention(x: np.ndarray, p: LatentParams, mask: np.ndarray | None,
+                           cache: LayerCache | None = None,
+                           rotate: tuple[np.ndarray, np.ndarray] | None = None) -> tuple:
+    x = float_array("latent_attention: x", x, ndim=3)
+    if x.shape[-1] != p.w_q.shape[0] or rotate is not None:
+        raise ValueError(f"latent_attention: x must be (B, T, {p.w_q.shape[0]}) and rotate None, "
+                         f"got {x.shape} and {'angles' if rotate is not None else None}")
+    return (x,)

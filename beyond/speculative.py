@@ -15,20 +15,12 @@ greedy mode exactly generate_cached's, in sampling mode drawn from exactly the t
 distribution (temperature, top-k and top-p as parts/sampling.py applies them), whatever the
 draft. A bad draft only costs time. The argument is in docs/speculative.md.
 
-    python beyond/speculative.py --round     every round of one sampled answer, accept/reject
-    python beyond/speculative.py --bench     acceptance, tokens/s vs generate_cached, gamma 1..6
-    python beyond/speculative.py --profile   where a decode step's time goes (target and draft)
+With the reversal model and its draft, one round's table, the benchmark and the profile are
+`python tools/speculative.py --round`, `--bench`, `--profile`.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as `python beyond/speculative.py` from anywhere
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -37,13 +29,9 @@ import numpy as np
 
 from block import GPT
 from cache import ModelCache
-from generate import Generation, generate_cached, prefill, prepare_request
+from generate import Generation, prefill, prepare_request
 from parts.checks import is_int
 from parts.sampling import Sampler, draw, sampling_probs
-
-ROOT = Path(__file__).resolve().parents[1]
-TARGET = ROOT / "checkpoints" / "reverse.npz"
-DRAFT = ROOT / "checkpoints" / "reverse_draft.npz"
 
 
 class Round(NamedTuple):
@@ -112,12 +100,16 @@ def check_pair(target: object, draft: object, gamma: object) -> None:
                          "tokens of the target's vocabulary")
 
 
-def check_draft_room(draft: GPT, P: int, max_new_tokens: int) -> None:
-    """The draft sees every token but the last: P + max_new_tokens - 1 positions."""
-    need = P + max_new_tokens - 1
-    if need > draft.config.max_seq_len:
-        raise ValueError(f"draft has max_seq_len={draft.config.max_seq_len}, but a prompt of {P} "
-                         f"+ max_new_tokens={max_new_tokens} needs {need} draft positions")
+def check_room(name: str, model: GPT, need: int, P: int, max_new_tokens: int) -> None:
+    """Refuse a request whose `need` positions do not fit the model's cache. Both caches are the
+    models' own (model.new_cache: max_seq_len positions), with a sliding window too: a rolling
+    buffer could not take back the keys of rejected drafts once it has overwritten the ones
+    they replaced."""
+    room = model.config.max_seq_len
+    if need > room:
+        raise ValueError(f"{name} has max_seq_len={room}: its cache holds {room} positions (a "
+                         f"sliding_window model decodes speculatively only within them), but a "
+                         f"prompt of {P} + max_new_tokens={max_new_tokens} needs {need}")
 
 
 # --- one round -----------------------------------------------------------------------------------
@@ -216,7 +208,8 @@ def generate_speculative(
         raise ValueError(f"prompt_ids: generate_speculative decodes one prompt at a time (the "
                          f"rounds of different rows accept different numbers of tokens), got a "
                          f"batch of {B}")
-    check_draft_room(draft, P, max_new_tokens)
+    check_room("target", target, P + max_new_tokens, P, max_new_tokens)
+    check_room("draft", draft, P + max_new_tokens - 1, P, max_new_tokens)  # not the last one
     target_cache, draft_cache = target.new_cache(1), draft.new_cache(1)
 
     seq = np.empty(P + max_new_tokens, dtype=np.int64)  # the prompt, then every token emitted
@@ -247,340 +240,3 @@ def expected_speedup(a: float, gamma: int, c: float) -> float:
     tokens = gamma + 1 if a >= 1 else (1 - a ** (gamma + 1)) / (1 - a)
     return tokens / (gamma * c + 1)
 
-
-
-# --- beside generate_cached, for `python generate.py --draft PATH` --------------------------------
-
-def versus_cached(target: GPT, draft: GPT, prompts: list[np.ndarray], eos_id: int | None,
-                  gamma: int = 4, repeats: int = 5) -> bool:
-    """Decode each prompt (batch 1, greedy, len(prompt) new tokens at most) with generate_cached
-    and generate_speculative, interleaved `repeats` times; print the acceptance rate and both
-    speeds (medians). True if every speculative answer is the cached one, token for token."""
-    import time
-
-    times: dict[str, list[float]] = {"cached": [], "speculative": []}
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        cached = [generate_cached(target, p[None], len(p), eos_id=eos_id) for p in prompts]
-        t1 = time.perf_counter()
-        spec = [generate_speculative(target, draft, p[None], len(p), gamma=gamma, eos_id=eos_id)
-                for p in prompts]
-        times["cached"].append(t1 - t0)
-        times["speculative"].append(time.perf_counter() - t1)
-    same = all(np.array_equal(c.tokens, s.tokens) for c, s in zip(cached, spec, strict=True))
-    accepted = sum(s.accepted for s in spec)
-    tested = accepted + sum(s.rejected for s in spec)
-    tokens = sum(s.tokens.shape[1] for s in spec)
-    calls = sum(len(s.rounds) + 1 for s in spec)
-    c = draft.config
-    print(f"\nspeculative decoding, gamma {gamma}, draft d_model={c.d_model} heads={c.n_heads} "
-          f"layers={c.n_layers}, one prompt at a time (batch 1):")
-    print(f"tokens identical to cached greedy: {same}")
-    print(f"acceptance rate a = {accepted / max(tested, 1):.3f} ({accepted} of {tested} draft "
-          f"tokens tested); {tokens / calls:.2f} tokens per target call")
-    seconds = {name: float(np.median(t)) for name, t in times.items()}
-    for name, sec in seconds.items():
-        print(f"time {name:<11}: {1e3 * sec:8.2f} ms = {tokens / sec:8.0f} tokens/s "
-              f"(median of {repeats})")
-    print(f"speculative / cached tokens/s: {seconds['cached'] / seconds['speculative']:.2f}x "
-          "(tiny models: a draft step costs nearly a target step; see docs/speculative.md)")
-    return same
-
-
-# --- the commands: one round's table, the benchmark, the profile ---------------------------------
-
-EOS_ID = ord(".")  # parts.task.END: the reversal answer's last token
-
-
-def show(token: int) -> str:
-    return repr(chr(token)) if 32 <= token < 127 else str(token)
-
-
-def print_rounds(out: SpeculativeGeneration, gamma: int) -> None:
-    """One line per draft token tested, and one for the target's own token of each round."""
-    print(f"{'round':>5}  {'slot':>5}  {'draft':>5}  {'q(draft)':>8}  {'p(draft)':>8}  {'u':>5}  "
-          "verdict")
-    print(f"{0:>5}  {'-':>5}  {'-':>5}  {'':>8}  {'':>8}  {'':>5}  "
-          f"{show(int(out.tokens[0, 0]))} from the target's prefill (p)")
-    for n, r in enumerate(out.rounds, start=1):
-        for i, x in enumerate(r.drafts[:r.accepted + 1]):
-            kept = i < r.accepted
-            verdict = "accept" if kept else (f"reject: {show(r.token)} drawn from "
-                                             "norm(max(0, p - q))")
-            print(f"{n:>5}  {i + 1:>5}  {show(int(x)):>5}  {r.q[i]:8.3f}  {r.p[i]:8.3f}  "
-                  f"{r.u[i]:5.3f}  {verdict}")
-        if r.accepted == len(r.drafts):
-            print(f"{n:>5}  {'bonus':>5}  {'-':>5}  {'':>8}  {'':>8}  {'':>5}  "
-                  f"{show(r.token)} drawn from p (all {len(r.drafts)} accepted)")
-
-
-def round_table(args: argparse.Namespace) -> int:
-    """--round: every round of one sampled reversal, then the same prompt greedy, checked
-    against generate_cached."""
-    from parts import task
-
-    target, draft = GPT.load(TARGET, dtype="float64"), GPT.load(args.draft, dtype="float64")
-    prompt = task.make_prompt(args.prompt)
-    ids = task.encode(prompt)[None]  # (1, P)
-    print(f"target {TARGET.name} (d_model {target.config.d_model}), draft {Path(args.draft).name} "
-          f"(d_model {draft.config.d_model}), float64; prompt {prompt!r}, gamma {args.gamma}, "
-          f"temperature {args.temperature}, seed {args.seed}\n")
-    out = generate_speculative(target, draft, ids, len(prompt), gamma=args.gamma, eos_id=EOS_ID,
-                               temperature=args.temperature,
-                               rng=np.random.default_rng(args.seed))
-    print_rounds(out, args.gamma)
-    N = out.tokens.shape[1]
-    print(f"\nsampled answer: {task.decode(out.tokens[0])!r}: {N} tokens from "
-          f"{1 + len(out.rounds)} target calls (cached decoding: {N}); accepted {out.accepted} of "
-          f"{out.accepted + out.rejected} draft tokens tested, a = {out.acceptance_rate:.3f}")
-    greedy_spec = generate_speculative(target, draft, ids, len(prompt), gamma=args.gamma,
-                                       eos_id=EOS_ID)
-    cached = generate_cached(target, ids, len(prompt), eos_id=EOS_ID)
-    same = bool(np.array_equal(greedy_spec.tokens, cached.tokens))
-    print(f"greedy answer:  {task.decode(greedy_spec.tokens[0])!r}: identical to "
-          f"generate_cached: {same}")
-    return 0 if same else 1
-
-
-def heavier(target: GPT, extra_layers: int, d_ff: int) -> GPT:
-    """The same function at more cost per step: every MLP widened to d_ff with zero weights
-    (the new hidden units are gelu(0) = 0 and add nothing) and extra_layers blocks appended whose
-    output projections and biases are zero (the residual stream passes through unchanged)."""
-    from dataclasses import replace
-
-    from block import random_weights, weight_shapes
-
-    c = replace(target.config, n_layers=target.config.n_layers + extra_layers, d_ff=d_ff)
-    shapes = weight_shapes(c)
-    named = random_weights(shapes, c.init_std, seed=1)  # the extra blocks do real work...
-    for name, shape in shapes.items():
-        if name.split(".")[-1] in ("w_o", "b_o", "w_proj", "b_proj"):
-            named[name] = np.zeros(shape)  # ...but write nothing into the stream
-    for name, w in target.named_weights().items():
-        named[name] = np.zeros(shapes[name])
-        named[name][tuple(slice(0, n) for n in w.shape)] = w  # the trained weights, zero-padded
-    return GPT(c, dtype=target.dtype, weights=named)
-
-
-def step_costs(target: GPT, draft: GPT, gammas: Sequence[int], rounds: int) -> dict[str, float]:
-    """Median ms of one decode step of each model and of the target's verify call over g + 1
-    tokens, after the same 13-token prompt (the middle of the reversal lengths); interleaved."""
-    from generate import decode
-    from tools.bench import interleave, no_gc, summary
-
-    prompt = np.full((1, 13), ord("a"))  # (1, 13)
-    caches = {}
-    for name, model in (("target", target), ("draft", draft)):
-        caches[name] = model.new_cache(1)
-        prefill(model, prompt, caches[name])
-
-    def step(name: str, model: GPT) -> object:
-        def run() -> None:
-            decode(model, np.array([ord("a")]), caches[name])
-            caches[name].truncate(13)
-        return run
-
-    def verify(g: int) -> object:
-        def run() -> None:
-            target(np.full((1, g + 1), ord("a")), caches["target"])
-            caches["target"].truncate(13)
-        return run
-
-    variants = {"target": step("target", target), "draft": step("draft", draft)}
-    variants |= {f"verify {g}": verify(g) for g in gammas}
-    with no_gc():
-        times = interleave(variants, rounds, {name: 20 for name in variants})
-    return {name: summary(t)["median_ms"] for name, t in times.items()}
-
-
-def speed_table(target: GPT, draft: GPT, prompts: list[np.ndarray], gammas: Sequence[int],
-                rounds: int) -> bool:
-    """Acceptance, tokens/s of speculative vs generate_cached (interleaved, medians) and the
-    formula beside the measurement, for every gamma. True if every decode matched cached."""
-    from tools.bench import interleave, no_gc, summary
-
-    def cached() -> list:
-        return [generate_cached(target, p[None], len(p), eos_id=EOS_ID) for p in prompts]
-
-    def speculative(g: int) -> object:
-        return lambda: [generate_speculative(target, draft, p[None], len(p), gamma=g,
-                                             eos_id=EOS_ID) for p in prompts]
-
-    reference = cached()
-    tokens = sum(r.tokens.shape[1] for r in reference)
-    stats, same = {}, True
-    for g in gammas:
-        runs = speculative(g)()
-        same &= all(np.array_equal(r.tokens, s.tokens) for r, s in zip(reference, runs,
-                                                                         strict=True))
-        accepted = sum(s.accepted for s in runs)
-        tested = accepted + sum(s.rejected for s in runs)
-        stats[g] = (accepted / tested, tokens / sum(len(s.rounds) + 1 for s in runs))
-    variants = {"cached": cached} | {f"gamma {g}": speculative(g) for g in gammas}
-    with no_gc():
-        times = interleave(variants, rounds)
-    ms = {name: summary(t)["median_ms"] for name, t in times.items()}
-    cost = step_costs(target, draft, gammas, rounds)
-    c = cost["draft"] / cost["target"]
-    print(f"decode step: target {cost['target']:.3f} ms, draft {cost['draft']:.3f} ms: c = {c:.2f}"
-          f"; the verify call over g + 1 tokens costs v = verify / step target steps")
-    print(f"{tokens} tokens, every decode identical to generate_cached: {same}")
-    print("tokens per target call: the formula's (1 - a^(gamma+1)) / (1 - a) per round, and the "
-          "measured one (the prefill call included)")
-    print(f"{'gamma':>5}  {'a':>5}  {'formula':>7}  {'measured':>8}  {'v':>4}  {'cached':>14}  "
-          f"{'speculative':>14}  {'speed-up':>8}  {'formula':>7}  {'formula, v':>10}")
-    cached_rate = tokens / ms["cached"] * 1e3
-    for g in gammas:
-        a, per_call = stats[g]
-        v = cost[f"verify {g}"] / cost["target"]
-        rate = tokens / ms[f"gamma {g}"] * 1e3
-        per_round = expected_speedup(a, g, 0.0)  # c = 0: the tokens a round emits on average
-        with_v = per_round / (g * c + v)
-        print(f"{g:>5}  {a:5.3f}  {per_round:7.2f}  {per_call:8.2f}  {v:4.2f}  "
-              f"{cached_rate:7.0f} tokens/s  {rate:7.0f} tokens/s  {rate / cached_rate:7.2f}x  "
-              f"{expected_speedup(a, g, c):6.2f}x  {with_v:9.2f}x")
-    return same
-
-
-def bench(args: argparse.Namespace) -> int:
-    """--bench: the shipped pair, then the same target made heavier (same tokens)."""
-    from threadpoolctl import threadpool_limits
-
-    from parts import task
-    from tools.bench import machine_header, print_header
-
-    print_header(machine_header())
-    target, draft = GPT.load(TARGET), GPT.load(args.draft)  # float32, the engine: as shipped
-    texts = task.random_prompts(task.prompt_rng(0, "test"), args.n)
-    prompts = [task.encode(p) for p in texts]
-    gammas = range(1, 7)
-    print(f"greedy, batch 1, {args.n} held-out reversal prompts (test stream, seed 0), one BLAS "
-          f"thread; medians of {args.rounds or 5} interleaved repeats")
-    print("formula: (1 - a^(gamma+1)) / ((1 - a)(gamma c + 1)); 'formula, v' puts the measured "
-          "verify cost v in place of its 1\n")
-    with threadpool_limits(limits=1, user_api="blas"):
-        print(f"1. the shipped pair: {TARGET.name} (d_model {target.config.d_model}) and "
-              f"{Path(args.draft).name} (d_model {draft.config.d_model})")
-        same = speed_table(target, draft, prompts, gammas, args.rounds or 5)
-        big = heavier(target, args.extra_layers, args.d_ff)
-        same_fn = all(np.array_equal(
-            generate_cached(big, p[None], len(p), eos_id=EOS_ID).tokens,
-            generate_cached(target, p[None], len(p), eos_id=EOS_ID).tokens) for p in prompts)
-        print(f"\n2. a heavier target computing the same function: {TARGET.name} with "
-              f"{args.extra_layers} blocks added that write nothing and d_ff {args.d_ff} (zero "
-              f"weights): {big.config.n_layers} layers; its tokens equal the trained target's: "
-              f"{same_fn}")
-        same &= speed_table(big, draft, prompts, gammas, args.rounds or 5) and same_fn
-    return 0 if same else 1
-
-
-def print_product_times(d_ff: int, rounds: int) -> None:
-    """Why the verify call costs more than a step: x (t, D) @ W for t = 1 (a decode step) and
-    t = 2, 5 (a verify call), float32, W of the heavier target's MLP."""
-    from threadpoolctl import threadpool_limits
-
-    from tools.bench import interleave, no_gc, summary
-
-    rng = np.random.default_rng(0)
-    w_fc = rng.standard_normal((128, d_ff)).astype(np.float32)  # (D, d_ff)
-    w_proj = rng.standard_normal((d_ff, 128)).astype(np.float32)  # (d_ff, D)
-    variants = {}
-    for t in (1, 2, 5):
-        x, h = (rng.standard_normal((t, n)).astype(np.float32) for n in (128, d_ff))
-        variants[f"{t}"] = lambda x=x, h=h: (x @ w_fc, h @ w_proj)
-    with threadpool_limits(limits=1, user_api="blas"), no_gc():
-        times = interleave(variants, rounds, {name: 50 for name in variants})
-    us = {t: 1e3 * summary(times[t])["median_ms"] for t in variants}
-    print(f"\nthe MLP's two products of the heavier target, (t, 128) @ (128, {d_ff}) and (t, "
-          f"{d_ff}) @ ({d_ff}, 128), float32, one BLAS thread: "
-          + ", ".join(f"t = {t}: {v:.1f} us" for t, v in us.items())
-          + f" ({us['2'] / us['1']:.1f}x for a second row: a matrix-vector product streams W once; "
-          "a matrix-matrix product also packs it into blocks)")
-
-
-def profile(args: argparse.Namespace) -> int:
-    """--profile: one decode step of each model split into matrix products, attention,
-    elementwise work, cache writes and the Python around them (tools/bench.py's breakdown), and
-    cProfile's busiest functions over one speculative decode."""
-    import cProfile
-    import io
-    import pstats
-
-    from threadpoolctl import threadpool_limits
-
-    from parts import task
-    from tools.bench import OVERHEAD, PARTS, no_gc, step_breakdown
-
-    target, draft = GPT.load(TARGET), GPT.load(args.draft)
-    models = {"target": target, "draft": draft,
-              "heavier target": heavier(target, args.extra_layers, args.d_ff)}
-    prompt = task.encode("abcdefghijkl=")[None]  # (1, 13)
-    with threadpool_limits(limits=1, user_api="blas"), no_gc():
-        parts = {name: step_breakdown(m, prompt, True, args.rounds or 30)
-                 for name, m in models.items()}
-    print("one decode step after 13 tokens, batch 1, one BLAS thread: each part timed alone with "
-          "the step's own calls; the rest = measured total - parts")
-    print(f"{'part':<18}" + "".join(f"{name:>24}" for name in models))
-    for part in (*PARTS, OVERHEAD):
-        print(f"{part:<18}" + "".join(
-            f"{p['parts_ms'][part]:>13.3f} ms {100 * p['share'][part]:5.1f}%"
-            for p in parts.values()))
-    print(f"{'total':<18}" + "".join(f"{p['total_ms']:>13.3f} ms {100.0:5.1f}%"
-                                     for p in parts.values()))
-    print_product_times(args.d_ff, args.rounds or 30)
-    text = "abcdefghijklmnopqrstuvwx="
-    profiler = cProfile.Profile()
-    with threadpool_limits(limits=1, user_api="blas"):
-        profiler.runcall(lambda: [generate_speculative(target, draft, task.encode(text)[None],
-                                                       len(text), eos_id=EOS_ID)
-                                  for _ in range(20)])
-    stream = io.StringIO()
-    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(8)
-    print(f"\ncProfile, 20 speculative decodes of {text!r} (shipped pair, gamma 4), the 8 "
-          "functions with the most time of their own:")
-    lines = stream.getvalue().splitlines()
-    start = next(i for i, line in enumerate(lines) if "ncalls" in line)
-    print("\n".join(line.replace(str(ROOT) + "/", "") for line in lines[start:start + 9]))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from parts.checks import SEED, cli_int
-
-    ap = argparse.ArgumentParser(description="Speculative decoding with the reversal model and "
-                                             "its draft: one round's table, the benchmark, the "
-                                             "profile.")
-    what = ap.add_mutually_exclusive_group(required=True)
-    what.add_argument("--round", action="store_true",
-                      help="print every round of one sampled answer: accept or reject")
-    what.add_argument("--bench", action="store_true",
-                      help="acceptance rate, tokens/s vs generate_cached, formula, gamma 1..6")
-    what.add_argument("--profile", action="store_true",
-                      help="where a decode step's time goes, target and draft")
-    ap.add_argument("--draft", default=str(DRAFT), help=f"the draft checkpoint (default {DRAFT})")
-    ap.add_argument("--prompt", default="speculative decoding",
-                    help="--round: the characters to reverse")
-    ap.add_argument("--gamma", type=cli_int(1, 64), default=4, help="--round: drafts per round")
-    ap.add_argument("--temperature", type=float, default=1.0, help="--round: default 1.0")
-    ap.add_argument("--seed", type=SEED, default=0, help="--round: the sampling seed")
-    ap.add_argument("--n", type=cli_int(1), default=40, help="--bench: prompts (default 40)")
-    ap.add_argument("--rounds", type=cli_int(1), default=None,
-                    help="interleaved repeats (default: 5 with --bench, 30 with --profile)")
-    ap.add_argument("--extra-layers", type=cli_int(0, 64), default=10,
-                    help="--bench, --profile: blocks added to the heavier target (default 10)")
-    ap.add_argument("--d-ff", type=cli_int(1, 1 << 16), default=2048,
-                    help="--bench, --profile: the heavier target's MLP width (default 2048)")
-    args = ap.parse_args(argv)
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        ap.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    try:
-        if args.round:
-            return round_table(args)
-        return bench(args) if args.bench else profile(args)
-    except (OSError, ValueError) as err:
-        ap.error(str(err))
-    return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -2,17 +2,63 @@
 
 Each check raises a ValueError or TypeError that names the argument, says what it got and what it
 expected, and is called before any work is done, so a refused call changes nothing.
+
+A public function checks its door once. `@door` runs a function's checks (`check_<its name>`, in
+its own module) when it is called directly, and skips them inside `checked_call()`: the model's
+call and the generate functions check the whole call at their own door, so the building blocks
+they run (split_heads, softmax, ...) do not check the same arrays again on the way down.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextvars
+import functools
+import inspect
 import math
 import tempfile
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+
+F = TypeVar("F", bound=Callable)
+_INSIDE_CHECKED_CALL = contextvars.ContextVar("inside_checked_call", default=False)
+
+
+def door(fn: F) -> F:
+    """Give fn its door: `check_<fn's name>` from fn's module runs first, with fn's arguments
+    (all of them, defaults filled in, by position), unless fn is called inside checked_call().
+    The check raises on bad input, and may return the leading arguments converted (a list as an
+    array); None keeps them as they were."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def entry(*args, **kwargs):  # noqa: ANN202 (fn's own signature, through functools.wraps)
+        if _INSIDE_CHECKED_CALL.get():
+            return fn(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        args = bound.args
+        converted = fn.__globals__[f"check_{fn.__name__}"](*args)
+        if converted is not None:
+            args = (*converted, *args[len(converted):])
+        return fn(*args)
+
+    return entry  # type: ignore[return-value]
+
+
+@contextmanager
+def checked_call() -> Iterator[None]:
+    """Everything run inside was checked at the entry that opened it: @door checks are skipped."""
+    token = _INSIDE_CHECKED_CALL.set(True)
+    try:
+        yield
+    finally:
+        _INSIDE_CHECKED_CALL.reset(token)
 
 
 def is_int(value: object) -> bool:
@@ -190,6 +236,61 @@ def cli_output_dir(text: str) -> Path:
     return path
 
 
+def cli_float(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+              high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float in [low, high] ("(" or ")" where open; None = unbounded).
+    nan, inf, -inf and 1e400 (which Python reads as inf) are refused by name."""
+    interval = (f"{'(-inf' if low is None else ('(' if low_open else '[') + str(low)}, "
+                f"{'inf)' if high is None else str(high) + (')' if high_open else ']')}")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text!r}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+    return parse
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (a library's message may span several)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def refuse_unused(ap: argparse.ArgumentParser, args: argparse.Namespace,
+                  flags: Iterable[str], why: str) -> None:
+    """A usage error if any of `flags` (e.g. "--top-k") was given, i.e. is not None/False: a flag
+    the run would ignore is refused, never silently dropped."""
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and value is not False:
+            ap.error(f"{flag} {why}")
+
+
+def cli_load(ap: argparse.ArgumentParser, path: str | Path, load: Callable[[Path], object],
+             hint: str = "", flag: str = "--checkpoint") -> object:
+    """load(path) (a model class's .load), or a usage error naming the flag and the path: every
+    refusal the loader raises (a missing file, a directory, garbage, a .npy renamed .npz, a bad
+    config or weights) becomes one line."""
+    try:
+        # np.load reads a non-zip file as .npy or pickle: a renamed .npy would load as one array
+        # and garbage would be called "pickled data". A .npz is a zip archive; say so plainly.
+        if Path(path).is_file() and not zipfile.is_zipfile(path):
+            raise ValueError(f"{str(path)!r} is not a .npz checkpoint (not a zip archive of "
+                             "arrays: garbage, or another format such as a renamed .npy)")
+        return load(path)
+    except (ValueError, TypeError, OSError) as err:
+        message = one_line(err)
+        where = "" if str(path) in message else f" ({str(path)!r})"
+        ap.error(f"argument {flag}: {message}{where}{hint}")
+
+
 SEED = cli_int(0, 2**32 - 1)  # what np.random.default_rng and torch.manual_seed both take
 
 
@@ -204,8 +305,14 @@ def available_memory() -> int | None:
     return None
 
 
+SMALL_ALLOCATION = 1 << 26  # 64 MiB: any machine that runs this has it; no need to ask
+
+
 def fits_in_memory(what: str, n_bytes: int) -> None:
-    """Refuse, before allocating, a request that needs more memory than the machine has free."""
+    """Refuse, before allocating, a request that needs more memory than the machine has free.
+    Below SMALL_ALLOCATION nothing is read: a decode step never pays for asking."""
+    if n_bytes < SMALL_ALLOCATION:
+        return
     free = available_memory()
     if free is not None and n_bytes > free:
         raise ValueError(f"{what} needs {n_bytes / 2**30:.1f} GiB, more than the "

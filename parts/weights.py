@@ -46,7 +46,7 @@ CONFIG_MAX_BYTES = 1 << 16
 # before the sliding window and the latent cache existed, with full attention and plain K/V. A new
 # field goes here with that older behaviour's value; any other missing field is refused, since a
 # default could silently change the model.
-ADDED_LATER: dict[str, object] = {"sliding_window": None, "attention_sinks": 0, "kv_latent": None}
+ADDED_LATER: dict[str, object] = {"sliding_window": None, "attention_sinks": 0}
 
 
 def checked(weights: Mapping[str, np.ndarray], shapes: dict[str, tuple[int, ...]],

@@ -19,7 +19,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from block import GPT, GPTConfig  # noqa: E402
 from cache import ModelCache  # noqa: E402
-from parts.references import random_model  # noqa: E402
+from tools.references import random_model  # noqa: E402
 
 # Small, but every axis distinct: vocab 64, 32 positions, d_model 32, 4 heads of 8, 2 layers.
 # init_std 0.2 so attention is far from uniform and logits differ clearly between tokens.
@@ -34,7 +34,7 @@ TOL64 = 1e-10  # float64: the same algebra in another order agrees to ~1e-14
 @functools.cache
 def small_model(variant: str = "mha", dtype: str = "float64", fast: bool = False) -> GPT:
     """A small GPT of one of the VARIANTS with every parameter random (biases and LayerNorms
-    too), built once per session: the readable path, or the engine with fast=True (the same
+    too), built once per session: the readable GPT, or FastGPT with fast=True (the same
     weights). Tests must not modify it."""
     return random_model(GPTConfig(**SMALL, **VARIANTS[variant]), seed=1, dtype=dtype, fast=fast)
 
@@ -51,8 +51,8 @@ def prompts_of(lengths: list[int], seed: int = 0, vocab: int = V) -> list[np.nda
 
 def cache_state(cache: ModelCache) -> tuple:
     """Everything a refused call must leave alone, copied out byte for byte: the length, the
-    real-token flags, and every layer's keys, values and length."""
-    return (len(cache), cache.real.tobytes(),
+    positions and counts, the owner, and every layer's keys, values and length."""
+    return (len(cache), cache.positions.tobytes(), cache.count.tobytes(), cache.filled_by,
             [(kv.keys.tobytes(), kv.values.tobytes(), len(kv)) for kv in cache.layers])
 
 
@@ -114,7 +114,7 @@ def model_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Count every forward pass (a checked call that runs) and every cache creation of any GPT
     during one test."""
     calls = {"forward": 0, "new_cache": 0}
-    forward, new_cache = GPT.run_checked, GPT.new_cache
+    forward, new_cache = GPT.run, GPT.new_cache
 
     def counted_forward(self, *args, **kwargs):
         calls["forward"] += 1
@@ -124,6 +124,6 @@ def model_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         calls["new_cache"] += 1
         return new_cache(self, *args, **kwargs)
 
-    monkeypatch.setattr(GPT, "run_checked", counted_forward)
+    monkeypatch.setattr(GPT, "run", counted_forward)
     monkeypatch.setattr(GPT, "new_cache", counted_new_cache)
     return calls

@@ -28,7 +28,7 @@ from attention import (
     softmax,
     split_heads,
 )
-from parts.references import (
+from tools.references import (
     masked_softmax_by_hand,
     rule_mask,
     torch_attention,
@@ -470,7 +470,7 @@ def test_exercise_block_with_one_head_matches_torch():
 def test_query_blocks_give_each_block_the_keys_its_last_query_sees():
     """Worked by hand for QUERY_BLOCK = 128: a causal prefill of 300 needs 128, 256, 300 keys;
     200 new queries after 100 cached need 228 and 300; no mask, or <= 128 queries: one block."""
-    from engine.fast import QUERY_BLOCK, query_blocks
+    from fast.model import QUERY_BLOCK, query_blocks
 
     assert QUERY_BLOCK == 128
     assert query_blocks(causal_mask(300), 300, 300) == [
@@ -485,7 +485,7 @@ def test_query_blocks_give_each_block_the_keys_its_last_query_sees():
 def test_query_blocks_read_every_batch_row_and_keep_all_keys_for_a_blind_query():
     """Keys are counted over every batch row and head (the widest row decides); a query that sees
     no key at all is uniform over all t_k keys, so its block keeps every key."""
-    from engine.fast import query_blocks
+    from fast.model import query_blocks
 
     mask = np.broadcast_to(causal_mask(260), (2, 1, 260, 260)).copy()
     mask[1, 0, 5, :] = True  # row 1, query 5 sees everything: block 0 needs all 260 keys

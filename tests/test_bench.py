@@ -1,14 +1,16 @@
-"""bench.py: the --quick run writes every field it promises, its correctness guards pass,
-and its numbers are finite; the batched section and the profile breakdown are there and the
-breakdown's parts add up to the measured total; the tricks section times every switch of
-engine.fast.TRICKS, each switch really changes the engine's code path and none changes a result;
-the concatenating cache it compares against really is a KV cache; the query blocks its prefill
-relies on change no result.
+"""tools/bench.py and its sections (bench_decode, bench_hf, bench_profile): the --quick run writes
+every field it promises, its correctness guards pass, and its numbers are finite; the batched
+section and the profile breakdown are there and the breakdown's parts add up to the measured total;
+the tricks section times every switch of fast/model.py's TRICKS, each switch really changes the fast
+path's code and none changes a result; the concatenating cache it compares against really is a KV
+cache; the query blocks its prefill relies on change no result; the timing harness
+(tools/measure.py) rotates, prepares untimed and keeps the collector out.
 No timing assertions: the machine may be busy."""
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import math
@@ -22,9 +24,10 @@ from hypothesis import strategies as st
 from attention import causal_mask
 from block import GPT, GPTConfig
 from cache import KVCache
-from engine import fast as engine
+from fast import model as fastpath
+from fast.model import FastGPT
 from generate import decode, greedy, prefill
-from tools import bench
+from tools import bench, bench_decode, bench_hf, bench_profile, measure
 
 
 @pytest.fixture(scope="module")
@@ -123,15 +126,16 @@ def test_the_batched_section_has_every_batch_size(quick):
 def test_the_profile_parts_add_up_to_the_measured_total(quick):
     _, r, _, text = quick
     prof = r["profile"]
-    assert prof["parts"] == [*bench.PARTS, bench.OVERHEAD]
-    c = bench.GPT2_SMALL_SHAPE["n_layer"]
+    assert prof["parts"] == [*bench_profile.PARTS, bench_profile.OVERHEAD]
+    c = bench_hf.GPT2_SMALL_SHAPE["n_layer"]
     for step, extra in ((prof["decode"], 0), (prof["prefill"], 1)):
         parts = step["parts_ms"]
         assert set(parts) == set(prof["parts"])
         assert sum(parts.values()) == pytest.approx(step["total_ms"], rel=1e-9)
         assert sum(step["share"].values()) == pytest.approx(1.0, rel=1e-9)
         assert step["total_ms"] == step["total"]["median_ms"]
-        assert all(parts[p] > 0 for p in bench.PARTS)  # only the overhead may come out negative
+        # only the overhead may come out negative
+        assert all(parts[p] > 0 for p in bench_profile.PARTS)
         # The recorded calls are the real forward pass's: per layer QKV (one product), O, fc,
         # proj and one LM head; one attention call and one cache append per layer; 2 LayerNorms
         # and a GELU per layer plus the final LayerNorm. A prefill's last block makes K and V
@@ -189,7 +193,7 @@ def test_plots_are_small_pngs(quick):
 def test_concat_cache_returns_what_the_preallocated_cache_returns(chunks, heads):
     rng = np.random.default_rng(len(chunks))
     max_len = sum(chunks)
-    pre, cat = KVCache(2, heads, max_len, 4), bench.ConcatKVCache(2, heads, max_len, 4)
+    pre, cat = KVCache(2, heads, max_len, 4), bench_decode.ConcatKVCache(2, heads, max_len, 4)
     for t in chunks:
         k = rng.standard_normal((2, heads, t, 4)).astype(np.float32)
         v = rng.standard_normal((2, heads, t, 4)).astype(np.float32)
@@ -205,7 +209,7 @@ def test_concat_cache_gives_the_same_tokens_as_the_real_cache():
     model = GPT(GPTConfig(max_seq_len=32, n_layers=2, init_std=0.2), seed=3)
     prompt = np.random.default_rng(3).integers(0, 256, (1, 5))
     tokens = {}
-    for name, cache in (("pre", model.new_cache(1)), ("cat", bench.concat_cache(model))):
+    for name, cache in (("pre", model.new_cache(1)), ("cat", bench_decode.concat_cache(model))):
         token = greedy(prefill(model, prompt, cache))
         tokens[name] = [int(token[0])]
         for _ in range(10):
@@ -215,8 +219,8 @@ def test_concat_cache_gives_the_same_tokens_as_the_real_cache():
 
 
 def test_floor_reads_every_weight_matrix_once():
-    model = GPT(GPTConfig(n_layers=3))
-    mats = bench.weight_matrices(model)
+    model = FastGPT(GPTConfig(n_layers=3))
+    mats = bench_hf.weight_matrices(model)
     # By hand: per block [W_q | W_k | W_v] (one matrix, as the model multiplies by it), W_o,
     # W_fc, W_proj, then the tied LM head.
     D, F, V = 128, 512, 256
@@ -227,10 +231,23 @@ def test_floor_reads_every_weight_matrix_once():
 
 def test_interleave_rotates_and_counts():
     calls = []
-    times = bench.interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                             rounds=3, inner={"b": 2})
+    times = measure.interleave({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                               rounds=3, inner={"b": 2})
     assert calls == ["a", "b", "b", "b", "b", "a", "a", "b", "b"]
     assert (len(times["a"]), len(times["b"])) == (3, 6)
+
+
+def test_interleave_prepares_untimed_warms_up_and_keeps_the_collector_out():
+    calls = []
+    times = measure.interleave({"a": lambda: calls.append(("a", gc.isenabled()))}, rounds=2,
+                               prepare={"a": lambda: calls.append("rewind")}, warmup=1)
+    assert calls == ["rewind", ("a", False)] * 3  # the warm-up round runs too...
+    assert len(times["a"]) == 2  # ...and is not kept
+    assert gc.isenabled()
+    with measure.no_gc():
+        measure.interleave({"a": lambda: None}, rounds=1)
+        assert not gc.isenabled()  # a nested no_gc leaves the outer one's setting alone
+    assert gc.isenabled()
 
 
 def test_profile_alone_writes_under_out_profile_only(tmp_path):
@@ -259,10 +276,10 @@ def test_query_blocks_change_no_result(dtype, monkeypatch):
     masks = [causal_mask(t_q, t_k)[None, None],
              causal_mask(t_q, t_k)[None, None] & real[:, None, None, :]]
     for mask in masks:
-        assert len(engine.query_blocks(mask, t_q, t_k)) > 1  # the blocked path is tested
-        blocked = engine.grouped_attention(q, k, v, mask)
-        monkeypatch.setitem(engine.TRICKS, "query_blocks", False)
-        whole = engine.grouped_attention(q, k, v, mask)
+        assert len(fastpath.query_blocks(mask, t_q, t_k)) > 1  # the blocked path is tested
+        blocked = fastpath.grouped_attention(q, k, v, mask)
+        monkeypatch.setitem(fastpath.TRICKS, "query_blocks", False)
+        whole = fastpath.grouped_attention(q, k, v, mask)
         monkeypatch.undo()
         tol = 1e-5 if dtype == np.float32 else 1e-12
         for a, b in zip(blocked, whole, strict=True):
@@ -276,11 +293,11 @@ def test_the_floor_streams_the_matrices_the_engine_multiplies_by():
     views: the floor streams that one matrix (one per layer, plus W_O, the MLP and the head), a
     weight changed in place through w_k changes the engine's product too, and the readable
     model of the same weights multiplies by the three (so its floor lists three)."""
-    fast = GPT(GPTConfig(n_layers=2, init_std=0.2), seed=1, dtype=np.float64)
-    readable = GPT(GPTConfig(n_layers=2, init_std=0.2), seed=1, dtype=np.float64, fast=False)
+    fast = FastGPT(GPTConfig(n_layers=2, init_std=0.2), seed=1, dtype=np.float64)
+    readable = GPT(GPTConfig(n_layers=2, init_std=0.2), seed=1, dtype=np.float64)
     ids = np.random.default_rng(1).integers(0, 256, (2, 9))
-    assert len(bench.weight_matrices(fast)) == 2 * 4 + 1
-    assert len(bench.weight_matrices(readable)) == 2 * 6 + 1
+    assert len(bench_hf.weight_matrices(fast)) == 2 * 4 + 1
+    assert len(bench_hf.weight_matrices(readable)) == 2 * 6 + 1
     a = fast.blocks[0].attn
     assert a.w_k.base is a.w_q.base and a.w_q.base.shape == (128, 3 * 128)
     before = fast(ids)
@@ -296,20 +313,20 @@ def test_the_floor_streams_the_matrices_the_engine_multiplies_by():
 def test_the_tricks_section_times_every_switch(quick):
     _, r, _, text = quick
     t = r["tricks"]
-    assert t["tricks"] == list(engine.TRICKS) and t["prompt_len"] == bench.QUICK.tricks_len
-    expected = {"mha": ["readable", "engine", *(f"without {x}" for x in engine.TRICKS)],
-                "gqa": ["readable", "engine", "without shared_kv_heads"]}
+    assert t["tricks"] == list(fastpath.TRICKS) and t["prompt_len"] == bench.QUICK.tricks_len
+    expected = {"mha": ["readable", "fast", *(f"without {x}" for x in fastpath.TRICKS)],
+                "gqa": ["readable", "fast", "without shared_kv_heads"]}
     for key, variants in expected.items():
         x = t[key]
         assert x["variants"] == variants
-        assert all(d <= bench.TRICKS_RTOL for d in x["max_rel_logit_diff"].values())
+        assert all(d <= bench_profile.TRICKS_RTOL for d in x["max_rel_logit_diff"].values())
         for step in ("prefill", "decode"):
             assert list(x[step]) == variants
-            engine_ms = x[step]["engine"]["median_ms"]
-            for name in variants:  # each ratio is that variant's median over the engine's
-                assert x[f"{step}_over_engine"][name] == pytest.approx(
-                    x[step][name]["median_ms"] / engine_ms, rel=1e-12)
-        assert x["decode"]["engine"]["n"] == bench.QUICK.tricks_rounds * bench.DECODE_BLOCK
+            fast_ms = x[step]["fast"]["median_ms"]
+            for name in variants:  # each ratio is that variant's median over the fast path's
+                assert x[f"{step}_over_fast"][name] == pytest.approx(
+                    x[step][name]["median_ms"] / fast_ms, rel=1e-12)
+        assert x["decode"]["fast"]["n"] == bench.QUICK.tricks_rounds * bench_profile.DECODE_BLOCK
     assert t["gqa"]["n_kv_heads"] == 4 and t["n_heads"] == 12
     assert "9. what each trick buys" in text
     lines = text[text.index("9. what each trick buys"):].splitlines()
@@ -329,7 +346,7 @@ def test_tricks_alone_writes_under_out_tricks_only(tmp_path):
         mp.chdir(tmp_path)
         mp.setattr(bench, "OUT_ROOT", tmp_path / "out")
         mp.setattr(bench, "FULL", bench.QUICK)
-        mp.setattr(bench, "GPT2_SMALL_SHAPE", TINY_SHAPE)
+        mp.setattr(bench_profile, "GPT2_SMALL_SHAPE", TINY_SHAPE)
         assert bench.main(["--tricks", "--threads", "1"]) == 0
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert written == ["out/tricks/bench.json"]
@@ -344,19 +361,19 @@ def test_tricks_alone_writes_under_out_tricks_only(tmp_path):
 def test_a_broken_switch_stops_the_tricks_section(monkeypatch):
     """The section checks every variant against the readable path before timing: a switch whose
     path computes a LayerNorm 1% off is refused, by name."""
-    real = engine.norm
+    real = fastpath.norm
 
     def broken(x, gamma, beta, eps):
         y = real(x, gamma, beta, eps)
-        return y if engine.TRICKS["in_place"] else 1.01 * y
+        return y if fastpath.TRICKS["in_place"] else 1.01 * y
 
-    monkeypatch.setattr(engine, "norm", broken)
+    monkeypatch.setattr(fastpath, "norm", broken)
     config = GPTConfig(vocab_size=64, max_seq_len=16, d_model=32, n_heads=2, n_layers=1,
                        init_std=0.2)
-    variants = bench.trick_variants(config, 0, ["fused_qkv", "in_place"])
+    variants = bench_profile.trick_variants(config, 0, ["fused_qkv", "in_place"])
     with pytest.raises(RuntimeError, match="'without in_place'"):
-        bench.trick_timings(variants, np.arange(8)[None], rounds=1)
-    assert engine.TRICKS["in_place"]  # switched back on after the failure
+        bench_profile.trick_timings(variants, np.arange(8)[None], rounds=1)
+    assert fastpath.TRICKS["in_place"]  # switched back on after the failure
 
 
 class MatmulSpy(np.ndarray):
@@ -382,9 +399,9 @@ def spy(monkeypatch, owner, name: str, record) -> None:
 
 
 def spy_on_products(monkeypatch, seen: list) -> None:
-    real = engine.linear
+    real = fastpath.linear
     MatmulSpy.ndims = seen
-    monkeypatch.setattr(engine, "linear",
+    monkeypatch.setattr(fastpath, "linear",
                         lambda x, w, b=None: np.asarray(real(x.view(MatmulSpy), w, b)))
 
 
@@ -400,31 +417,31 @@ PROBES = {
     # the left operand of every weight product: (B * T, D) flattened, or (B, T, D) as it comes
     "flat_products": (spy_on_products, lambda seen: set(seen), {2}, {3}),
     # the width of every weight product: [W_Q | W_K | W_V] is 128 + 64 + 64 = 256 wide
-    "fused_qkv": (lambda mp, seen: spy(mp, engine, "linear", lambda x, w, b=None: seen.append(
+    "fused_qkv": (lambda mp, seen: spy(mp, fastpath, "linear", lambda x, w, b=None: seen.append(
         w.shape[1])), lambda seen: 256 in seen, True, False),
     # the readable layer_norm and softmax, called only with the switch off: 3 runs of 2 layers
     # with 2 LayerNorms each and a final one; one softmax per query block (as below)
-    "in_place": (lambda mp, seen: (spy(mp, engine, "layer_norm", lambda *a: seen.append(1)),
-                                   spy(mp, engine, "softmax", lambda *a: seen.append(1))),
+    "in_place": (lambda mp, seen: (spy(mp, fastpath, "layer_norm", lambda *a: seen.append(1)),
+                                   spy(mp, fastpath, "softmax", lambda *a: seen.append(1))),
                  len, 0, 3 * (2 * 2 + 1) + ((3 + 1) + 2 + 2 * 3)),
     # query blocks: 300 queries = 128 + 128 + 44 in each layer of the full forward and in the
     # prefill's first layer (its last runs the last query alone); a decode step's one query is
     # one block
-    "query_blocks": (lambda mp, seen: spy(mp, engine, "attend", lambda *a: seen.append(1)),
+    "query_blocks": (lambda mp, seen: spy(mp, fastpath, "attend", lambda *a: seen.append(1)),
                      len, (3 + 1) + 2 + 2 * 3, 2 + 2 + 2),
     # query rows into the MLP (W_fc is 512 wide) of each layer: prefill, decode, full forward
-    "last_position_only": (lambda mp, seen: spy(mp, engine, "linear", lambda x, w, b=None: (
+    "last_position_only": (lambda mp, seen: spy(mp, fastpath, "linear", lambda x, w, b=None: (
         seen.append(x.shape[1]) if w.shape[1] == 512 else None)), list,
         [300, 1, 1, 1, 300, 300], [300, 300, 1, 1, 300, 300]),
     # NumPy's huge-page request is switched off (and back) for each cache buffer: 2 per layer
     "small_pages": (spy_on_pages, lambda seen: seen.count(False), 2 * 2, 0),
     # K as attention gets it: (B, H_kv, 1, t, d), broadcast over each group, or (B, H, t, d)
-    "shared_kv_heads": (lambda mp, seen: spy(mp, engine, "attention", lambda q, k, v, m: (
+    "shared_kv_heads": (lambda mp, seen: spy(mp, fastpath, "attention", lambda q, k, v, m: (
         seen.append(k.shape[1:3]))), set, {(2, 1)}, {(4, 300), (4, 301)}),
     # online-softmax attention from 256 queries on (lowered from FLASH_FROM for this run): the
     # prefill's first layer and both layers of the full forward; never a decode step
-    "flash": (lambda mp, seen: (mp.setattr(engine, "FLASH_FROM", 256), spy(
-        mp, engine, "attention_in_tiles", lambda *a: seen.append(1))), len, 1 + 2, 0),
+    "flash": (lambda mp, seen: (mp.setattr(fastpath, "FLASH_FROM", 256), spy(
+        mp, fastpath, "attention_in_tiles", lambda *a: seen.append(1))), len, 1 + 2, 0),
 }
 
 
@@ -433,7 +450,7 @@ def run_engine(model_of, off: tuple[str, ...] = ()) -> np.ndarray:
     300 tokens, with `off` switched off while the model and its cache are built and run:
     logits (2, 2 + 300, V) stacked."""
     ids = np.random.default_rng(5).integers(0, 100, (2, 300))
-    with bench.switched_off(off):
+    with bench_profile.switched_off(off):
         model = model_of()
         cache = model.new_cache(2)
         last = prefill(model, ids, cache)
@@ -446,14 +463,14 @@ SWITCH_CONFIG = GPTConfig(vocab_size=100, max_seq_len=320, n_heads=4, n_kv_heads
 
 @pytest.fixture(scope="module")
 def readable_logits():
-    return run_engine(lambda: GPT(SWITCH_CONFIG, seed=2, dtype=np.float64, fast=False))
+    return run_engine(lambda: GPT(SWITCH_CONFIG, seed=2, dtype=np.float64))
 
 
-@pytest.mark.parametrize("trick", list(engine.TRICKS))
+@pytest.mark.parametrize("trick", list(fastpath.TRICKS))
 def test_each_switch_changes_the_path_not_the_numbers(trick, readable_logits, monkeypatch):
-    assert set(PROBES) == set(engine.TRICKS)  # a new switch needs a probe here
+    assert set(PROBES) == set(fastpath.TRICKS)  # a new switch needs a probe here
     watch, observe, when_on, when_off = PROBES[trick]
-    engine_model = lambda: GPT(SWITCH_CONFIG, seed=2, dtype=np.float64)  # noqa: E731
+    engine_model = lambda: FastGPT(SWITCH_CONFIG, seed=2, dtype=np.float64)  # noqa: E731
     seen: list = []
     for off, expected in (((), when_on), ((trick,), when_off)):
         seen.clear()

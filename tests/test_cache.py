@@ -8,13 +8,15 @@ land in the right place by accident.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from conftest import cache_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache import KVCache, ModelCache, kv_cache_bytes
+from cache import EMPTY, KVCache, ModelCache, kv_cache_bytes
 
 FEW = settings(max_examples=25, deadline=None)
 B, H_KV, MAX_LEN, D_HEAD = 2, 3, 7, 4
@@ -251,18 +253,32 @@ def model_cache(layers: int = 2) -> ModelCache:
     return ModelCache([KVCache(B, H_KV, MAX_LEN, D_HEAD) for _ in range(layers)])
 
 
+class StandIn:
+    """What ModelCache.plan reads of a model: its layer count and one token's K/V shape per
+    layer (and the cache keeps a weak reference to the model that filled it)."""
+
+    config = SimpleNamespace(n_layers=2)
+    kv_shape = (H_KV, D_HEAD)
+
+
+MODEL = StandIn()
+
+
 def fill(cache: ModelCache, real: np.ndarray) -> None:
-    """Append len(real[0]) positions to every layer, as a forward would, marking `real`."""
+    """One step of len(real[0]) tokens as the model takes it: planned (the mask covers what the
+    cache holds and the new tokens), committed, then every layer's update."""
     rng = np.random.default_rng(5)
-    cache.record(real)
+    held = cache.positions[:, :len(cache)] >= 0
+    step = cache.plan(MODEL, B, real.shape[1], np.concatenate([held, real], axis=1))
+    cache.commit(step, MODEL)
     for kv in cache.layers:
-        kv.append(chunk(rng, real.shape[1]), chunk(rng, real.shape[1]))
+        kv.update(chunk(rng, real.shape[1]), chunk(rng, real.shape[1]))
 
 
 def test_model_cache_starts_empty_with_no_real_token():
     cache = model_cache(3)
     assert len(cache) == 0 and cache.batch_size == B and cache.max_len == MAX_LEN
-    assert cache.real.shape == (B, MAX_LEN) and not cache.real.any()
+    assert cache.positions.shape == (B, MAX_LEN) and (cache.positions == EMPTY).all()
     assert cache.nbytes == 3 * 2 * B * H_KV * MAX_LEN * D_HEAD * 4
     np.testing.assert_array_equal(cache.real_counts(), [0, 0])
 
@@ -270,20 +286,25 @@ def test_model_cache_starts_empty_with_no_real_token():
 def test_the_mask_is_handed_over_once_and_kept():
     cache = model_cache()
     mask = np.array([[0, 0, 1], [1, 1, 1]])  # row 0 left-padded by two
-    new = cache.check_step(B, 3, mask)
-    np.testing.assert_array_equal(new, mask.astype(bool))
-    assert new.dtype == bool  # flags, as documented: ~new and masks built from it need bools
-    fill(cache, new)
+    step = cache.plan(MODEL, B, 3, mask)
+    np.testing.assert_array_equal(step.real, mask.astype(bool))
+    assert step.real.dtype == bool  # flags, as documented: ~real and masks built from it
+    # A token's position counts the real tokens before it; a pad before any is -1, and holds
+    # no key (EMPTY) that a query may see.
+    np.testing.assert_array_equal(step.positions, [[-1, -1, 0], [0, 1, 2]])
+    np.testing.assert_array_equal(step.key_positions, [[EMPTY, EMPTY, 0], [0, 1, 2]])
+    assert len(cache) == 0  # planning changes nothing
+    fill(cache, step.real)
     np.testing.assert_array_equal(cache.real_counts(), [1, 3])
     # The next step needs no mask: its tokens are real, and the padding is remembered.
-    new = cache.check_step(B, 1)
-    np.testing.assert_array_equal(new, [[True], [True]])
-    assert new.dtype == bool  # without a mask too (float ones would compare equal above)
-    all_real = cache.record(new)
-    np.testing.assert_array_equal(all_real, [[0, 0, 1, 1], [1, 1, 1, 1]])
+    step = cache.plan(MODEL, B, 1)
+    np.testing.assert_array_equal(step.real, [[True], [True]])
+    assert step.real.dtype == bool  # without a mask too (float ones would compare equal above)
+    np.testing.assert_array_equal(step.positions, [[1], [3]])
+    np.testing.assert_array_equal(step.key_positions, [[EMPTY, EMPTY, 0, 1], [0, 1, 2, 3]])
     # A mask given again is accepted when it agrees with what the cache holds ...
-    np.testing.assert_array_equal(cache.check_step(B, 2, np.array([[0, 0, 1, 1, 1], [1] * 5])),
-                                  np.ones((B, 2), dtype=bool))
+    step = cache.plan(MODEL, B, 2, np.array([[0, 0, 1, 1, 1], [1] * 5]))
+    np.testing.assert_array_equal(step.real, np.ones((B, 2), dtype=bool))
 
 
 @pytest.mark.parametrize(("mask", "match"), [
@@ -296,26 +317,48 @@ def test_the_mask_is_handed_over_once_and_kept():
 def test_a_mask_that_contradicts_the_cache_is_refused(mask, match):
     cache = model_cache()
     fill(cache, np.array([[False, False, True], [True, True, True]]))
-    before = cache.real.copy()
+    before = cache_state(cache)
     with pytest.raises((ValueError, TypeError), match=match):
-        cache.check_step(B, 1, mask)
-    np.testing.assert_array_equal(cache.real, before)
+        cache.plan(MODEL, B, 1, mask)
+    assert cache_state(cache) == before
 
 
 @pytest.mark.parametrize(("B_", "T", "match"), [(3, 1, "batch of 3 rows"),
                                                 (B, 5, "exceed the cache's max_len=7")])
-def test_check_step_refuses_another_batch_or_no_room(B_, T, match):
+def test_plan_refuses_another_batch_or_no_room(B_, T, match):
     cache = model_cache()
     fill(cache, np.ones((B, 3), dtype=bool))
     with pytest.raises(ValueError, match=match):
-        cache.check_step(B_, T)
+        cache.plan(MODEL, B_, T)
 
 
 def test_layers_that_disagree_on_length_are_refused():
     cache = model_cache()
     cache.layers[0].append(GOOD, GOOD)
     with pytest.raises(ValueError, match=r"disagree on length: \[0, 1\]"):
-        cache.check_step(B, 1)
+        cache.plan(MODEL, B, 1)
+
+
+def test_a_layer_cannot_belong_to_two_model_caches():
+    """Two model caches over one KVCache: truncating one would silently empty the other."""
+    layers = [KVCache(B, H_KV, MAX_LEN, D_HEAD) for _ in range(2)]
+    first = ModelCache(layers)
+    with pytest.raises(ValueError, match="layer 0 already belongs to another model cache"):
+        ModelCache([layers[0], KVCache(B, H_KV, MAX_LEN, D_HEAD)])
+    del first  # once the first is gone, its layers are free again
+    ModelCache(layers)
+
+
+def test_a_failed_step_rolls_back_exactly():
+    """plan, commit, one layer written, then a failure: roll_back leaves every byte as before."""
+    cache = model_cache()
+    fill(cache, np.array([[False, True, True], [True] * 3]))
+    before = cache_state(cache)
+    step = cache.plan(MODEL, B, 2)
+    cache.commit(step, MODEL)
+    cache.layers[0].update(chunk(np.random.default_rng(1), 2), chunk(np.random.default_rng(2), 2))
+    cache.roll_back(step)
+    assert cache_state(cache) == before
 
 
 def test_truncate_and_reset_rewind_every_layer():

@@ -66,10 +66,19 @@ def test_verify_refuses_unknown_checks(capsys, argv, match):
 # --- from any directory --------------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parent.parent
-# every command; tools/cli_types.py is the helpers the commands share, not a command
+# The modules of tools/ that the commands import and that are no command themselves: the flags
+# and outputs they share, the measurement harness, the references, the benchmark's sections.
+HELPERS = {"cli_types.py", "measure.py", "references.py", "bench_setup.py", "bench_decode.py",
+           "bench_hf.py", "bench_profile.py"}
 SCRIPTS = ["generate.py", "verify.py", *sorted(str(p.relative_to(ROOT))
                                                for p in (ROOT / "tools").glob("[!_]*.py")
-                                               if p.name != "cli_types.py")]
+                                               if p.name not in HELPERS)]
+
+
+def test_every_helper_is_no_command_and_every_other_tool_is_one():
+    for path in (ROOT / "tools").glob("[!_]*.py"):
+        is_command = 'if __name__ == "__main__":' in path.read_text()
+        assert is_command == (path.name not in HELPERS), path.name
 
 
 def run_script(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -1,4 +1,5 @@
-"""beyond/flash.py: online-softmax attention equals the readable attention, without its weights.
+"""beyond/flash.py: online-softmax attention equals the readable attention, without its weights;
+its command, tools/flash.py, prints the trace of one row and draws only where told.
 
 References are independent of the code under test: the readable attention.py (which forms the
 weights), torch's F.scaled_dot_product_attention, hand-worked block counts and a hand-worked
@@ -18,7 +19,9 @@ from hypothesis import strategies as st
 import attention
 from beyond import flash
 from beyond.flash import flash_attention
-from parts.references import rule_mask
+from tools import flash as flash_command
+from tools.measure import peak_bytes
+from tools.references import rule_mask
 
 TOL64 = 1e-12
 BLOCK_SIZES = (1, 3, 7, "t_k", "past t_k")
@@ -158,13 +161,14 @@ def test_a_wrong_rescale_is_caught(monkeypatch):
 
 def test_the_trace_matches_a_hand_worked_running_max():
     # SHOW_SCORES block maxima are 1.2, 2.1, 1.5, 3.0: m goes -inf, 1.2, 2.1, 2.1, 3.0
-    steps = flash.trace_row(flash.SHOW_SCORES, np.eye(16), flash.SHOW_BLOCK)
+    steps = flash_command.trace_row(flash_command.SHOW_SCORES, np.eye(16),
+                                   flash_command.SHOW_BLOCK)
     assert [s["m_new"] for s in steps] == [1.2, 2.1, 2.1, 3.0]
     factors = [s["rescale"] for s in steps]
     assert factors[0] == 0.0 and factors[2] == 1.0
     assert factors[1] == pytest.approx(math.exp(-0.9), abs=1e-15)
     assert factors[3] == pytest.approx(math.exp(-0.9), abs=1e-15)
-    scores = flash.SHOW_SCORES
+    scores = flash_command.SHOW_SCORES
     assert steps[-1]["l_new"] == pytest.approx(np.exp(scores - 3.0).sum(), rel=1e-15)
     # v = I: the output is the weights themselves
     assert np.abs(steps[-1]["out"] - attention.softmax(scores)).max() <= 1e-15
@@ -208,7 +212,7 @@ def test_blocks_hidden_by_the_causal_mask_are_skipped(monkeypatch):
 
 # --- memory --------------------------------------------------------------------------------------
 
-peak = flash.peak_bytes  # tracemalloc's peak while a call runs
+peak = peak_bytes  # tracemalloc's peak while a call runs
 
 
 def test_never_allocates_a_query_by_key_array():
@@ -269,38 +273,38 @@ def test_bad_inputs_are_refused_as_the_readable_path_refuses_them(monkeypatch):
 
 def test_show_prints_the_trace_and_draws_only_where_told(tmp_path, capsys, monkeypatch):
     default = tmp_path / "default.png"
-    monkeypatch.setattr(flash, "DEFAULT_PNG", default)
-    assert flash.main(["--show"]) == 0
+    monkeypatch.setattr(flash_command, "DEFAULT_PNG", default)
+    assert flash_command.main(["--show"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()]
     # the last block raises m from 2.1 to 3.0: factor exp(-0.9)
     assert ["3", "12-15", "3.0000", "2.1000", "->", "3.0000", f"{math.exp(-0.9):.6f}"] in [
         row[:7] for row in rows]
     assert not default.exists()
-    assert flash.main(["--show", "--draw"]) == 0
+    assert flash_command.main(["--show", "--draw"]) == 0
     assert default.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = tmp_path / "trace.png"
-    assert flash.main(["--show", "--out", str(out)]) == 0
+    assert flash_command.main(["--show", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-# --- the engine's use of it (engine.fast TRICKS["flash"]) ----------------------------------------
+# --- the fast path's use of it (fast/model.py TRICKS["flash"]) -----------------------------------
 
 @pytest.mark.parametrize("variant", ["mha", "gqa", "rope_gqa"])
-def test_the_engine_with_flash_prefill_equals_the_readable_model(monkeypatch, variant):
+def test_the_fast_path_with_flash_prefill_equals_the_readable_model(monkeypatch, variant):
     from conftest import small_model
 
     import generate
-    from engine import fast
+    from fast import model as fastpath
 
     calls = {"n": 0}
-    inner = fast.attention_in_tiles
+    inner = fastpath.attention_in_tiles
 
     def counting(*args):
         calls["n"] += 1
         return inner(*args)
 
-    monkeypatch.setattr(fast, "FLASH_FROM", 4)  # the small model's prompts take the flash path
-    monkeypatch.setattr(fast, "attention_in_tiles", counting)
+    monkeypatch.setattr(fastpath, "FLASH_FROM", 4)  # the small model's prompts take flash
+    monkeypatch.setattr(fastpath, "attention_in_tiles", counting)
     rng = np.random.default_rng(7)
     ids, real = generate.left_pad([rng.integers(0, 64, n) for n in (20, 13)])
     readable, engine = small_model(variant), small_model(variant, fast=True)

@@ -5,6 +5,7 @@ bad argument is a one-line usage error before any work."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -333,6 +334,14 @@ FLAGS = [
 ]
 
 
+def stub_the_runs(monkeypatch: pytest.MonkeyPatch, seen: Callable) -> None:
+    """Every model's run replaced by `seen(args)`: generate.py's trained and random runs (which
+    tools/generate_cli.py calls through the generate module) and the command's own --hf run."""
+    monkeypatch.setattr(generate, "trained", lambda args, *a: (seen(args) or 0, None, []))
+    monkeypatch.setattr(generate, "random_weights", lambda args, *a: seen(args) or 0)
+    monkeypatch.setattr(generate_cli, "hugging_face", lambda args, *a: seen(args) or 0)
+
+
 @pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize(("flag", "value", "users"), FLAGS, ids=[f[0] for f in FLAGS])
 def test_every_flag_is_used_by_its_modes_and_refused_by_the_others(capsys, monkeypatch, mode,
@@ -340,8 +349,7 @@ def test_every_flag_is_used_by_its_modes_and_refused_by_the_others(capsys, monke
     """A flag either reaches the mode's run (checked on the parsed arguments the run receives;
     the run itself is stubbed) or is a one-line usage error naming it: never silently ignored."""
     seen = {}
-    for name in ("trained", "random_weights", "hugging_face"):
-        monkeypatch.setattr(generate_cli, name, lambda args, ap: seen.update(vars(args)) or 0)
+    stub_the_runs(monkeypatch, lambda args: seen.update(vars(args)))
     argv = [*MODES[mode], flag, value]
     if mode == "hf" and flag != "--prompt":
         argv += ["--prompt", "ab"]  # --hf needs a prompt
@@ -371,8 +379,7 @@ def test_every_flag_is_used_by_its_modes_and_refused_by_the_others(capsys, monke
 ])
 def test_an_invalid_value_is_refused_in_every_mode(capsys, monkeypatch, mode, flag, value):
     """The hostile case: `--temperature nan --top-k -5` in trained mode exited 0, greedy."""
-    for name in ("trained", "random_weights", "hugging_face"):
-        monkeypatch.setattr(generate_cli, name, lambda args, ap: pytest.fail("ran"))
+    stub_the_runs(monkeypatch, lambda args: pytest.fail("ran"))
     with pytest.raises(SystemExit) as exit_info:
         generate_cli.main([*MODES[mode], "--prompt", "ab", f"{flag}={value}"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -515,17 +522,17 @@ def test_side_by_side_times_each_decoder_separately(monkeypatch):
     """naive_s is the time from before generate_naive to after it, cached_s from there to after
     generate_cached; a fake clock reading 1, 3, 7 makes them 2 and 4 exactly."""
     clock = iter([1.0, 3.0, 7.0])
-    monkeypatch.setattr(generate_cli.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(generate.time, "perf_counter", lambda: next(clock))
     model = GPT(GPTConfig(vocab_size=16, max_seq_len=8, d_model=8, n_heads=2, n_layers=1))
-    run_ = generate_cli.side_by_side(model, [np.array([1, 2])], 2, seed=0)
+    run_ = generate.side_by_side(model, [np.array([1, 2])], 2, seed=0)
     assert (run_.naive_s, run_.cached_s) == (2.0, 4.0)
 
 
 def test_rows_keeps_six_lines_and_summarises_the_rest():
     lines = [f"row {i}" for i in range(9)]
-    assert generate_cli.rows(lines[:6]) == lines[:6]
-    assert generate_cli.rows(lines[:7]) == [*lines[:5], "... (2 more rows)"]
-    assert generate_cli.rows(lines) == [*lines[:5], "... (4 more rows)"]
+    assert generate.rows(lines[:6]) == lines[:6]
+    assert generate.rows(lines[:7]) == [*lines[:5], "... (2 more rows)"]
+    assert generate.rows(lines) == [*lines[:5], "... (4 more rows)"]
 
 
 def test_show_padded_cuts_to_the_last_columns_by_hand(capsys):
@@ -533,13 +540,13 @@ def test_show_padded_cuts_to_the_last_columns_by_hand(capsys):
     '... '; pads print as the pad string, real tokens through `token`, joined by sep."""
     ids = np.array([[0, 0, 7, 8, 9], [1, 2, 3, 4, 5]])
     mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    generate_cli.show_padded(ids, mask, token=lambda t: f"<{t}>", pad="_", sep="|", last=3)
+    generate.show_padded(ids, mask, token=lambda t: f"<{t}>", pad="_", sep="|", last=3)
     assert capsys.readouterr().out.splitlines() == ["  ... <7>|<8>|<9>   111",
                                                     "  ... <3>|<4>|<5>   111"]
-    generate_cli.show_padded(ids, mask, token=str, pad="_", last=5)
+    generate.show_padded(ids, mask, token=str, pad="_", last=5)
     assert capsys.readouterr().out.splitlines() == ["  __789   00111", "  12345   11111"]
     wide = np.arange(30)[None] % 10  # 30 columns: by default only the last 24 are shown
-    generate_cli.show_padded(wide, np.ones_like(wide), token=str, pad="_")
+    generate.show_padded(wide, np.ones_like(wide), token=str, pad="_")
     assert capsys.readouterr().out.splitlines() == [
         "  ... " + "".join(str(i % 10) for i in range(6, 30)) + "   " + "1" * 24]
 
@@ -551,12 +558,12 @@ def test_agreement_needs_both_the_same_tokens_and_a_cache_growing_by_one(capsys)
 
     def side(cached_tokens, lengths):
         naive = generate.Generation(tokens, logits, None)
-        return generate_cli.SideBySide(naive, generate.Generation(cached_tokens, logits, lengths),
+        return generate.SideBySide(naive, generate.Generation(cached_tokens, logits, lengths),
                                    0.2, 0.1)
 
-    assert generate_cli.print_agreement(side(tokens, [3, 4, 5])) is True
-    assert generate_cli.print_agreement(side(tokens + 1, [3, 4, 5])) is False
-    assert generate_cli.print_agreement(side(tokens, [3, 5, 6])) is False
+    assert generate.print_agreement(side(tokens, [3, 4, 5])) is True
+    assert generate.print_agreement(side(tokens + 1, [3, 4, 5])) is False
+    assert generate.print_agreement(side(tokens, [3, 5, 6])) is False
     out = capsys.readouterr().out
     assert "cache grew by exactly 1 per step:   False" in out
 
@@ -582,3 +589,36 @@ def test_the_trained_model_answers_every_demo_prompt(capsys):
     answers = out.split("right\n")[1].split("\n\n")[0].splitlines()
     assert code == 0 and len(answers) > 1
     assert all(line.endswith(" yes") for line in answers), answers
+
+
+# --- what runs: the readable code by default, the fast path when asked -----------------------------
+
+@pytest.mark.parametrize(("main", "argv", "readable"), [
+    (lambda argv: generate.main(argv), [], True),
+    (lambda argv: generate_cli.main(argv), [], True),
+    (lambda argv: generate_cli.main(argv), ["--fast"], False),
+], ids=["generate.py", "generate_cli", "generate_cli --fast"])
+def test_the_command_runs_the_path_it_names(capsys, monkeypatch, main, argv, readable):
+    """`python generate.py` runs the whiteboard code (attention.py's five lines), as its output
+    says; tools/generate_cli.py --fast runs fast/model.py and never calls them."""
+    import attention
+
+    calls = []
+    real = attention.scaled_dot_product_attention
+    monkeypatch.setattr(attention, "scaled_dot_product_attention",
+                        lambda *args: calls.append(1) or real(*args))
+    assert main([*argv, "--prompt", "kv"]) == 0
+    out = capsys.readouterr().out
+    if readable:
+        assert "path: GPT (readable: attention.py, block.py)" in out and calls
+    else:
+        assert "path: FastGPT (fast.model)" in out and not calls
+
+
+def test_generate_py_has_no_flag_past_the_assignment(capsys):
+    """The ideas past the assignment live in tools/: generate.py imports nothing above it."""
+    for flag in ("--fast", "--cache-dtype", "--draft", "--hf"):
+        with pytest.raises(SystemExit) as exit_info:
+            generate.main([flag, "x"])
+        assert exit_info.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err

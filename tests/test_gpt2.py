@@ -18,7 +18,7 @@ from conftest import assert_close_float32, prompts_of
 
 from block import GPT
 from generate import generate_cached, generate_naive, left_pad
-from parts.references import hf_generate, hf_gpt2, hf_logits
+from tools.references import hf_generate, hf_gpt2, hf_logits
 
 V, N_POSITIONS, D, N_HEADS = 100, 64, 64, 4
 

@@ -12,11 +12,13 @@ from conftest import SMALL, VARIANTS, assert_close, random_ids, small_model
 
 from attention import causal_mask, scaled_dot_product_attention
 from beyond import int8
-from beyond.int8 import Int8KVCache, attention_error_bound, dequantize, quantize
+from beyond.int8 import Int8KVCache, attention_error_bound, dequantize, int8_cache, quantize
+from beyond.latent import LatentConfig, LatentGPT
 from block import GPT, GPTConfig
 from cache import KVCache, ModelCache
 from generate import generate_cached, generate_naive
 from tools import generate_cli
+from tools import int8 as int8_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,7 +35,7 @@ def with_outliers(seed: int, shape: tuple[int, ...], dtype: str = "float64") -> 
 
 def int8_state(cache: ModelCache) -> tuple:
     """Every byte a refused call must leave alone: length, real flags, int8 buffers, scales."""
-    return (len(cache), cache.real.tobytes(),
+    return (len(cache), cache.positions.tobytes(),
             [(kv.keys.tobytes(), kv.values.tobytes(), kv.key_scales.tobytes(),
               kv.value_scales.tobytes(), len(kv)) for kv in cache.layers])
 
@@ -91,7 +93,7 @@ def test_attention_over_the_int8_cache_stays_within_the_proved_bound(seed):
 
 def test_nbytes_count_the_scales_and_stay_under_three_tenths_of_float32():
     model = GPT(GPTConfig(), seed=0)  # the assignment's widths: d_head 32
-    small, full = model.new_cache(3, dtype="int8"), model.new_cache(3, dtype="float32")
+    small, full = int8_cache(model, 3), model.new_cache(3, dtype="float32")
     c = model.config
     by_hand = 2 * c.n_layers * 3 * c.n_kv_heads * c.max_seq_len * (c.d_head + 4)
     assert small.nbytes == by_hand == int8.int8_cache_bytes(c.n_layers, 3, c.n_kv_heads,
@@ -117,7 +119,7 @@ def test_append_returns_the_dequantized_floats_of_every_position():
 
 def test_refused_appends_leave_every_byte_as_it_was():
     model = small_model("mha", "float32")
-    cache = model.new_cache(2, dtype="int8")
+    cache = int8_cache(model, 2)
     model(random_ids(0, 2, 6), cache)
     before = int8_state(cache)
     kv = cache.layers[0]
@@ -152,7 +154,7 @@ def test_truncate_and_reset_give_the_bytes_of_a_cache_filled_only_that_far():
     # step where the 4-token one did not.
     model = small_model("gqa", "float64")
     ids = random_ids(2, 2, 9)
-    cache, fresh = model.new_cache(2, dtype="int8"), model.new_cache(2, dtype="int8")
+    cache, fresh = int8_cache(model, 2), int8_cache(model, 2)
     model(ids, cache)
     model(ids[:, :4], fresh)
     cache.truncate(4)
@@ -177,7 +179,7 @@ def test_int8_logits_stay_within_the_stated_bound_of_the_float_ones(variant, dty
     # describe different sequences.
     model = small_model(variant, dtype)
     prompts = [random_ids(s, 1, n)[0] for s, n in ((3, 4), (4, 9), (5, 6))]
-    cached = generate_cached(model, prompts, 12, cache_dtype="int8")
+    cached = generate_cached(model, prompts, 12, cache=int8_cache(model, len(prompts)))
     assert cached.logits.dtype == model.dtype
     reference = int8.teacher_forced_logits(model, prompts, cached.tokens)
     assert_close(reference[:, 0], generate_naive(model, prompts, 1).logits[:, 0], dtype)
@@ -186,32 +188,40 @@ def test_int8_logits_stay_within_the_stated_bound_of_the_float_ones(variant, dty
 
 
 @pytest.mark.parametrize("variant", ["mha", "rope_gqa"])
-def test_the_engine_reads_the_int8_cache_as_the_readable_path_does(variant):
+def test_the_fast_path_reads_the_int8_cache_as_the_readable_path_does(variant):
     readable, engine = small_model(variant, "float64"), small_model(variant, "float64", fast=True)
     ids = random_ids(6, 2, 10)
-    out = [generate_cached(m, ids, 8, prefill_chunk=3, cache_dtype="int8").logits
+    out = [generate_cached(m, ids, 8, prefill_chunk=3, cache=int8_cache(m, 2)).logits
            for m in (readable, engine)]
     np.testing.assert_allclose(out[1], out[0], rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("dtype", ["int4", "bfloat16", "bool", 8, np.int16])
-def test_an_unknown_cache_dtype_is_refused_by_name_before_any_work(dtype, model_calls):
+@pytest.mark.parametrize("dtype", ["int4", "bfloat16", "bool", 8, np.int16, "int8"])
+def test_a_cache_dtype_that_is_not_a_float_is_refused_by_name_before_any_work(dtype,
+                                                                              model_calls):
+    """cache_dtype names the float dtype of the cache generate_cached builds; an int8 cache is
+    built with int8_cache and passed as cache=."""
     model = small_model("mha", "float32")
-    with pytest.raises(TypeError, match="cache_dtype must be None or one of"):
+    with pytest.raises(TypeError, match="cache_dtype must be one of float16, float32"):
         generate_cached(model, random_ids(7, 2, 4), 3, cache_dtype=dtype)
-    assert model_calls == {"forward": 0, "new_cache": 0}
+    assert model_calls["forward"] == 0
     with pytest.raises(TypeError):
         model.new_cache(2, dtype=dtype)
 
 
-def test_a_latent_model_has_no_int8_cache():
-    model = GPT(GPTConfig(**SMALL, kv_latent=8), seed=0)
-    with pytest.raises(ValueError, match="no int8 cache"):
-        model.new_cache(1, dtype="int8")
+def test_an_int8_cache_of_latents_serves_an_mla_model_within_the_int8_tolerance():
+    """The protocol knows no kinds: an int8 cache shaped (1 head, d_c) stores an MLA model's
+    latents rounded to int8, and the logits stay within the stated tolerance."""
+    model = LatentGPT(LatentConfig(**SMALL, kv_latent=8), seed=0, dtype="float64")
+    prompts = [random_ids(s, 1, n)[0] for s, n in ((3, 4), (4, 9))]
+    run = generate_cached(model, prompts, 6, cache=int8_cache(model, 2))
+    reference = int8.teacher_forced_logits(model, prompts, run.tokens)
+    gap = np.abs(run.logits - reference).max()
+    assert 0 < gap <= int8.LOGIT_TOLERANCE * np.abs(reference).max()
 
 
 def test_an_int8_cache_is_still_a_layer_cache():
-    kv = small_model("mqa", "float32").new_cache(1, dtype="int8").layers[0]
+    kv = int8_cache(small_model("mqa", "float32"), 1).layers[0]
     assert isinstance(kv, KVCache) and (kv.n_kv_heads, kv.d_head, kv.max_len) == (1, 8, 32)
 
 
@@ -219,7 +229,7 @@ def test_an_int8_cache_is_still_a_layer_cache():
 
 def test_on_the_trained_model_int8_matches_at_least_99_percent_of_held_out_prompts():
     model = GPT.load(ROOT / "checkpoints" / "reverse.npz")
-    r = int8.compare(model, n=1000)
+    r = int8_command.compare(model, n=1000)
     assert r["float_exact"] >= 0.99 and r["int8_exact"] >= 0.99
     assert r["tokens_differ"] <= 0.01
     assert 0 < r["max_logit_diff"] <= int8.LOGIT_TOLERANCE * r["max_abs_logit"]

@@ -13,25 +13,33 @@ from conftest import SMALL, prompts_of, random_ids, small_model
 
 from attention import causal_mask
 from beyond import latent
-from beyond.latent import LatentCache, LatentParams, absorbed_attention, explicit_attention
+from beyond.latent import (
+    LatentCache,
+    LatentConfig,
+    LatentGPT,
+    LatentParams,
+    absorbed_attention,
+    explicit_attention,
+)
 from block import GPT, GPTConfig, count_weights, weight_shapes
 from cache import KVCache, ModelCache
-from engine import fast as engine
+from fast import model as fastpath
 from generate import generate_cached, generate_naive
 from parts import ROOT
-from parts.references import random_model
+from tools import latent as latent_command
 from tools import train
+from tools.references import random_model
 
 TOL = 1e-12
 
 
-def mla(d_c: int = 8, fast: bool = False, **overrides: object) -> GPT:
-    return random_model(GPTConfig(**(SMALL | overrides), kv_latent=d_c), seed=2,
-                        dtype=np.float64, fast=fast)
+def mla(d_c: int = 8, **overrides: object) -> LatentGPT:
+    return random_model(LatentConfig(**(SMALL | overrides), kv_latent=d_c), seed=2,
+                        dtype=np.float64)
 
 
 def latent_state(cache: ModelCache) -> tuple:
-    return (len(cache), cache.real.tobytes(), [(kv.latents.tobytes(), len(kv))
+    return (len(cache), cache.positions.tobytes(), [(kv.latents.tobytes(), len(kv))
                                                for kv in cache.layers])
 
 
@@ -82,8 +90,8 @@ def mha_as_mla(mha: GPT) -> GPT:
             out[name] = w + named[prefix + "b_v"] @ named[prefix + "w_o"]
         elif not name.endswith((".attn.b_k", ".attn.b_v")):
             out[name] = w
-    config = GPTConfig(**(SMALL | {"kv_latent": D}))
-    return GPT(config, dtype=np.float64, weights=out, fast=False)
+    config = LatentConfig(**(SMALL | {"kv_latent": D}))
+    return LatentGPT(config, dtype=np.float64, weights=out)
 
 
 def test_mla_with_the_identity_as_w_dkv_is_the_mha_model():
@@ -110,7 +118,7 @@ def test_the_value_bias_must_be_folded_into_b_o():
 # --- the weights and the cache -------------------------------------------------------------------
 
 def test_weight_table_of_an_mla_model():
-    c = GPTConfig(kv_latent=32)  # the assignment's widths
+    c = LatentConfig(kv_latent=32)  # the assignment's widths
     shapes = weight_shapes(c)
     assert shapes["h.1.attn.w_dkv"] == (128, 32)
     assert shapes["h.1.attn.w_uk"] == shapes["h.1.attn.w_uv"] == (32, 128)
@@ -123,18 +131,21 @@ def test_weight_table_of_an_mla_model():
 def test_keys_of_a_new_mla_model_start_at_the_scale_of_mha_keys():
     # W_uk ~ 1 / sqrt(d_c): the product W_dkv W_uk is distributed like an MHA model's W_k
     # (std 0.02), where 0.02 for both factors would give 0.02 * 0.02 * sqrt(32) = 0.0028
-    mla_attn = GPT(GPTConfig(kv_latent=32), seed=0).blocks[0].attn
+    mla_attn = LatentGPT(LatentConfig(kv_latent=32), seed=0).blocks[0].attn
     mha_attn = GPT(GPTConfig(), seed=0).blocks[0].attn
     for product in (mla_attn.w_dkv @ mla_attn.w_uk, mla_attn.w_dkv @ mla_attn.w_uv):
         assert product.std() == pytest.approx(mha_attn.w_k.std(), rel=0.1)
     assert mla_attn.w_dkv.std() == pytest.approx(0.02, rel=0.1)
-    assert not GPT(GPTConfig(kv_latent=8, init_std=0.0), seed=0).blocks[0].attn.w_uk.any()
+    assert not LatentGPT(LatentConfig(kv_latent=8, init_std=0.0), seed=0).blocks[0].attn.w_uk.any()
 
 
 def test_save_and_load_an_mla_model(tmp_path):
     model = mla(8)
-    loaded = GPT.load(model.save(tmp_path / "mla.npz"), np.float64, fast=False)
+    path = model.save(tmp_path / "mla.npz")
+    loaded = LatentGPT.load(path, np.float64)
     assert loaded.config.kv_latent == 8
+    with pytest.raises(ValueError, match="unknown \\['kv_latent'\\]"):  # a plain GPT says so
+        GPT.load(path)
     ids = random_ids(8, 2, 6)
     np.testing.assert_array_equal(loaded(ids), model(ids))
 
@@ -185,30 +196,47 @@ def test_refused_calls_leave_the_latents_as_they_were():
         assert not kv.latents[:, 2:].any()
 
 
-def test_a_cache_of_the_other_kind_is_refused():
-    model, mha = mla(8), small_model("mqa", "float64")  # MQA: one K/V head of d_head 8, as d_c
-    with pytest.raises(ValueError, match="LatentCache"):
+def test_a_cache_shaped_for_another_model_is_refused():
+    model, mha = mla(8), small_model("mha", "float64")  # MHA: four K/V heads of 8
+    with pytest.raises(ValueError, match=r"\(H_kv, d_head\) = \(4, 8\) \(KVCache\), this "
+                                         r"model needs \(1, 8\)"):
         model(random_ids(3, 1, 3), mha.new_cache(1))
     with pytest.raises(ValueError, match=r"\(H_kv, d_head\) = \(1, 8\) \(LatentCache\)"):
         mha(random_ids(3, 1, 3), model.new_cache(1))
 
 
+def test_any_cache_of_the_latents_shape_serves_the_latent_model():
+    """The protocol asks a layer's cache for its shape, not its kind: a plain KVCache of one head
+    of d_c holds the latent twice (as key and as value) and gives the same numbers."""
+    model = mla(8)
+    two = ModelCache([KVCache(2, 1, 32, 8, np.float64) for _ in range(2)])
+    prompts = prompts_of([3, 6], seed=7)
+    np.testing.assert_allclose(generate_cached(model, prompts, 5, cache=two).logits,
+                               generate_naive(model, prompts, 5).logits, rtol=0, atol=TOL)
+    assert two.nbytes == 2 * model.new_cache(2).nbytes
+
+
 # --- what is refused -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("bad", [0, -3, 2.0, True, "8"])
+@pytest.mark.parametrize("bad", [0, -3, 2.0, True, "8", None])
 def test_a_latent_width_below_one_or_not_an_int_is_refused(bad):
-    with pytest.raises(ValueError, match="GPTConfig.kv_latent must be a positive int"):
-        GPTConfig(kv_latent=bad)
+    with pytest.raises(ValueError, match="LatentConfig.kv_latent must be a positive int"):
+        LatentConfig(kv_latent=bad)
 
 
 def test_grouped_kv_heads_with_a_latent_are_refused():
     with pytest.raises(ValueError, match="n_kv_heads=2 < n_heads=4 is refused"):
-        GPTConfig(n_kv_heads=2, kv_latent=32)
+        LatentConfig(n_kv_heads=2, kv_latent=32)
+
+
+def test_a_window_with_a_latent_is_refused():
+    with pytest.raises(ValueError, match="kv_latent with a sliding_window"):
+        LatentConfig(sliding_window=4, kv_latent=32)
 
 
 def test_rope_with_a_latent_is_refused_and_says_why():
     with pytest.raises(ValueError, match="depends on the pair of positions") as err:
-        GPTConfig(rope=True, kv_latent=32)
+        LatentConfig(rope=True, kv_latent=32)
     assert "cannot be folded into one fixed matrix" in str(err.value)
 
 
@@ -232,18 +260,13 @@ def test_the_absorption_really_fails_with_a_rotation_between_q_and_k():
     assert np.abs(between(3, 1) - w_q @ w_k.T).max() > 0.1  # not the fixed W_q W_k^T
 
 
-# --- the engine and training ---------------------------------------------------------------------
+# --- the fast path and training -----------------------------------------------------------------
 
-def test_fast_mla_runs_the_readable_forward(monkeypatch):
-    def no_engine(*args, **kwargs):
-        raise AssertionError("the engine has no latent path")
-
-    monkeypatch.setattr(engine, "forward", no_engine)
-    model, readable = mla(8, fast=True), mla(8)
-    ids = random_ids(4, 2, 7)
-    np.testing.assert_array_equal(model(ids), readable(ids))
-    np.testing.assert_array_equal(generate_cached(model, ids, 5).logits,
-                                  generate_cached(readable, ids, 5).logits)
+def test_the_fast_path_refuses_a_latent_model_by_name():
+    """FastGPT computes AttentionParams layers; an MLA model runs the readable LatentGPT."""
+    with pytest.raises(ValueError, match="FastGPT: the fast path runs AttentionParams layers, "
+                                         "this config builds LatentParams"):
+        fastpath.FastGPT(LatentConfig(**SMALL, kv_latent=8), seed=0)
 
 
 def test_the_torch_twin_computes_the_numpy_mla_model():
@@ -264,15 +287,15 @@ def test_train_writes_an_mla_model_under_out_and_never_over_the_shipped_files(tm
         assert not train.is_committed(out) and not train.is_committed(log)
     path = tmp_path / "mla.npz"
     assert train.main(["--quick", "--kv-latent", "8", "--out", str(path)]) == 0
-    assert GPT.load(path).config.kv_latent == 8
+    assert LatentGPT.load(path).config.kv_latent == 8
 
 
 # --- memory --------------------------------------------------------------------------------------
 
 def test_the_memory_table_matches_the_formulas():
-    rows = {(r[0], r[1]): r for r in latent.memory_rows()}
+    rows = {(r[0], r[1]): r for r in latent_command.memory_rows()}
     per = {key: r[3] for key, r in rows.items()}
-    llama, repo = latent.LLAMA["short"], latent.REPO["short"]
+    llama, repo = latent_command.LLAMA["short"], latent_command.REPO["short"]
     assert per[(llama, "MHA")] == f"{2 * 32 * 128 * 2:,}"  # fp16
     assert per[(llama, "GQA (8 K/V heads)")] == f"{2 * 8 * 128 * 2:,}"
     assert per[(llama, "MLA d_c=512")] == f"{512 * 2:,}"

@@ -66,7 +66,7 @@ def test_random_init_is_gpt2s_and_the_same_in_every_dtype():
 
 def test_given_weights_are_copied_not_aliased():
     named = small_model().named_weights()
-    model = GPT(small_model().config, dtype=np.float64, weights=named, fast=False)
+    model = GPT(small_model().config, dtype=np.float64, weights=named)
     assert not any(np.shares_memory(w, named[k]) for k, w in model.named_weights().items())
     ids = random_ids(0, 2, 5)
     np.testing.assert_array_equal(model(ids), small_model()(ids))
@@ -132,7 +132,7 @@ def test_save_then_load_is_the_same_model(tmp_path, variant):
     assert path == tmp_path / "m.npz" and sorted(tmp_path.iterdir()) == [path]
     with np.load(path, allow_pickle=False) as f:  # a plain .npz: no pickled object inside
         assert set(f.files) == {"config", *weight_shapes(model.config)}
-    loaded = GPT.load(path, dtype=np.float64, fast=False)
+    loaded = GPT.load(path, dtype=np.float64)
     assert loaded.config == model.config
     ids = random_ids(1, 2, 6)
     np.testing.assert_array_equal(loaded(ids), model(ids))
@@ -403,9 +403,9 @@ def test_caches_of_another_kind_are_refused_before_any_change():
     model = small_model("gqa")
     cache = half_filled(model)
     before = cache_state(cache)
-    with pytest.raises(TypeError, match="cache must be a ModelCache"):
+    with pytest.raises(TypeError, match="cache must keep the cache protocol"):
         model(random_ids(9, 2, 1), cache.layers)  # the list of layers is not the cache
-    with pytest.raises(TypeError, match="cache must be a ModelCache"):
+    with pytest.raises(TypeError, match="cache must keep the cache protocol"):
         model(random_ids(9, 2, 1), [])
     with pytest.raises(ValueError, match=r"cache layer 0 is \(H_kv, d_head\) = \(2, 8\)"):
         small_model("mha")(random_ids(9, 2, 1), cache)
@@ -431,8 +431,7 @@ def test_positions_past_max_seq_len_are_refused():
     big = ModelCache([KVCache(2, 4, 40, 8, np.float64) for _ in range(2)])  # room past 32
     model(random_ids(12, 2, 30), big)
     before = cache_state(big)
-    with pytest.raises(ValueError, match=r"30 cached \+ 3 new = 33 positions exceed "
-                                         "max_seq_len=32"):
+    with pytest.raises(ValueError, match=r"position 32 is past max_seq_len=32"):
         model(random_ids(13, 2, 3), big)
     assert cache_state(big) == before
     model(random_ids(14, 2, 2), big)  # exactly filling the table is allowed

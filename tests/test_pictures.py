@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from parts.references import rule_mask
 from tools import pictures
+from tools.references import rule_mask
 
 
 def grids(text: str) -> list[np.ndarray]:

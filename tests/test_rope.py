@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
 )
 
-import block
+import cache
 from attention import AttentionParams, causal_mask, multi_head_attention
 from generate import generate_cached, generate_naive
 from parts.rope import apply_rope, rope_angles
@@ -184,13 +184,12 @@ def test_decode_position_bug_breaks_naive_equals_cached(monkeypatch: pytest.Monk
     np.testing.assert_allclose(generate_cached(model, prompt, 8).logits, naive.logits,
                                rtol=0, atol=1e-10)  # the correct code, same model
 
-    right = block.positions_and_mask
+    right = cache.number_tokens
 
-    def forgets_the_cache(real, T):
-        positions, mask = right(real, T)
-        return positions - positions[:, :1], mask  # numbered from 0 per call: decode rotates by 0
+    def forgets_the_cache(count, real):
+        return right(np.zeros_like(count), real)  # numbered from 0 per call: decode rotates by 0
 
-    monkeypatch.setattr(block, "positions_and_mask", forgets_the_cache)
+    monkeypatch.setattr(cache, "number_tokens", forgets_the_cache)
     buggy = generate_cached(model, prompt, 8)
     np.testing.assert_allclose(buggy.logits[:, 0], naive.logits[:, 0], rtol=0, atol=1e-10)
     step_error = np.abs(buggy.logits - naive.logits).max(axis=(0, 2))  # (N,)

@@ -1,7 +1,8 @@
 """Speculative decoding (beyond/speculative.py) gives the target's tokens, whatever the draft:
 greedy equal to generate_cached, sampled tokens distributed as the target's own (a chi-square
 test that a wrong acceptance rule fails), caches rolled back to exactly the accepted tokens,
-refusals before any work, and eos."""
+refusals before any work, and eos; and the commands around it (tools/speculative.py, generate.py
+--draft, train.py --draft)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import beyond.speculative as spec
 from block import GPT, GPTConfig
 from generate import generate_cached, prefill
 from parts import task
-from parts.references import random_model
 from parts.sampling import Sampler, sampling_probs
+from tools import speculative as spec_command
+from tools.references import random_model
+from tools.speculative import DRAFT, TARGET
 
 ROOT = Path(__file__).resolve().parent.parent
 EOS = ord(task.END)
@@ -30,7 +33,7 @@ CHI2_LIMIT = 24.32
 
 @pytest.fixture(scope="module")
 def shipped():
-    return GPT.load(spec.TARGET, dtype="float64"), GPT.load(spec.DRAFT, dtype="float64")
+    return GPT.load(TARGET, dtype="float64"), GPT.load(DRAFT, dtype="float64")
 
 
 def random_draft(seed: int = 5) -> GPT:
@@ -62,7 +65,7 @@ def test_greedy_is_generate_cached_on_held_out_prompts(shipped, which):
 
 
 def test_the_shipped_draft_is_small_and_agrees_with_the_target(shipped):
-    assert spec.DRAFT.stat().st_size < 2 ** 20
+    assert DRAFT.stat().st_size < 2 ** 20
     assert shipped[1].config.d_model < shipped[0].config.d_model
     runs = [spec.generate_speculative(*shipped, p[None], len(p), eos_id=EOS)
             for p in held_out(10)]
@@ -194,7 +197,7 @@ def assert_cache_holds(model: GPT, cache, seq: np.ndarray) -> None:
     fresh = model.new_cache(1)
     prefill(model, seq[None], fresh)
     assert len(cache) == len(fresh) == seq.size
-    np.testing.assert_array_equal(cache.real, fresh.real)
+    np.testing.assert_array_equal(cache.positions, fresh.positions)
     for kv, ref in zip(cache.layers, fresh.layers, strict=True):
         np.testing.assert_allclose(kv.keys, ref.keys, rtol=0, atol=TOL64)
         np.testing.assert_allclose(kv.values, ref.values, rtol=0, atol=TOL64)
@@ -255,7 +258,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the request was refused")
     monkeypatch.setattr(GPT, "new_cache", refuse)
-    monkeypatch.setattr(GPT, "run_checked", refuse)
+    monkeypatch.setattr(GPT, "run", refuse)
 
 
 @pytest.mark.parametrize(("gamma", "error"), [(0, ValueError), (-2, ValueError),
@@ -310,7 +313,7 @@ def test_the_speed_up_formula_by_hand():
 def test_the_heavier_target_computes_the_same_function(shipped):
     """bench's section 2 rests on this: zero-weight blocks and zero-padded MLPs change nothing."""
     target = shipped[0]
-    big = spec.heavier(target, 3, 1024)
+    big = spec_command.heavier(target, 3, 1024)
     assert big.config.n_layers == target.config.n_layers + 3 and big.config.d_ff == 1024
     ids = held_out(1)[0][None]  # (1, P)
     np.testing.assert_allclose(big(ids), target(ids), rtol=0, atol=TOL64)
@@ -319,7 +322,7 @@ def test_the_heavier_target_computes_the_same_function(shipped):
 def test_generate_command_with_draft_checks_speculative_against_cached(capsys):
     from tools import generate_cli
 
-    assert generate_cli.main(["--draft", str(spec.DRAFT), "--prompt", "kv cache"]) == 0
+    assert generate_cli.main(["--draft", str(DRAFT), "--prompt", "kv cache"]) == 0
     out = capsys.readouterr().out
     assert "tokens identical to cached greedy: True" in out
     assert "acceptance rate a = " in out and "speculative / cached tokens/s: " in out
@@ -333,8 +336,8 @@ def test_generate_command_exits_1_when_speculative_differs(capsys, monkeypatch):
         return out._replace(tokens=(out.tokens + 1) % 256)
 
     real = spec.generate_speculative
-    monkeypatch.setattr(spec, "generate_speculative", off_by_one)
-    assert generate_cli.main(["--draft", str(spec.DRAFT), "--prompt", "kv cache"]) == 1
+    monkeypatch.setattr(spec_command, "generate_speculative", off_by_one)
+    assert generate_cli.main(["--draft", str(DRAFT), "--prompt", "kv cache"]) == 1
     assert "tokens identical to cached greedy: False" in capsys.readouterr().out
 
 
@@ -362,9 +365,9 @@ def test_train_draft_trains_the_small_config(tmp_path):
 def test_train_draft_refuses_what_would_overwrite_or_ignore_it(capsys, flag):
     from tools import train
 
-    before = spec.DRAFT.read_bytes()
+    before = DRAFT.read_bytes()
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--draft", flag])
     assert exit_info.value.code == 2
     assert "--draft" in capsys.readouterr().err
-    assert spec.DRAFT.read_bytes() == before
+    assert DRAFT.read_bytes() == before

@@ -78,26 +78,27 @@ def test_symptoms_name_what_went_wrong(gallery):
 
 
 def test_real_functions_are_back_after_the_gallery(gallery):
-    assert block.causal_mask is attention.causal_mask
+    assert block.mask_from_positions is attention.mask_from_positions
     assert attention.causal_mask.__module__ == "attention"
     for module, name in ((attention, "scaled_dot_product_attention"),
                          (attention, "split_heads"), (attention, "merge_heads"),
-                         (attention, "multi_head_attention"), (block, "multi_head_attention"),
-                         (block, "positions_and_mask"), (block, "rope_angles"),
-                         (rope, "rope_angles")):
-        assert getattr(module, name).__module__ in ("attention", "block", "parts.rope"), name
-    assert cache.KVCache.append.__module__ == "cache"
+                         (attention, "multi_head_attention"), (attention, "mask_from_positions"),
+                         (block, "mask_from_positions"), (block, "rope_angles"),
+                         (rope, "rope_angles"), (cache, "number_tokens")):
+        assert getattr(module, name).__module__ in ("attention", "block", "cache",
+                                                    "parts.rope"), name
+    assert cache.KVCache.update.__module__ == "cache"
     assert cache.ModelCache.reset.__module__ == "cache"
     assert not np.array_equal(attention.causal_mask(3), np.ones((3, 3), bool))
 
 
 def test_injection_is_undone_even_when_the_run_raises():
-    real = attention.causal_mask
-    with pytest.raises(RuntimeError), verify.injected(verify.everywhere(real,
-                                                                        verify.mask_missing)):
-        assert block.causal_mask is verify.mask_missing  # both names were swapped
+    real = attention.mask_from_positions
+    broken = verify.positions_mask_missing
+    with pytest.raises(RuntimeError), verify.injected(verify.everywhere(real, broken)):
+        assert block.mask_from_positions is broken  # both names were swapped
         raise RuntimeError("a check blew up")
-    assert attention.causal_mask is real and block.causal_mask is real
+    assert attention.mask_from_positions is real and block.mask_from_positions is real
 
 
 def test_a_broken_run_exits_non_zero(capsys):

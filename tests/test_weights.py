@@ -12,7 +12,6 @@ import io
 import json
 import re
 import struct
-import tracemalloc
 import warnings
 import zipfile
 from dataclasses import asdict, fields
@@ -27,7 +26,8 @@ from conftest import SMALL, VARIANTS, assert_close_float32, random_ids, small_mo
 import parts.checks
 from block import GPT, GPTConfig, weight_shapes
 from parts import weights
-from parts.references import hf_gpt2, hf_logits
+from tools.measure import peak_bytes
+from tools.references import hf_gpt2, hf_logits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,7 +95,7 @@ def refused(path: Path, error: type, match: str) -> str:
 def test_a_good_checkpoint_loads_and_the_shipped_one_names_every_field(tmp_path, members):
     path = write_zip(tmp_path / "copy.npz", members)
     ids = random_ids(0, 2, 5)
-    np.testing.assert_array_equal(GPT.load(path, np.float64, fast=False)(ids), small_model()(ids))
+    np.testing.assert_array_equal(GPT.load(path, np.float64)(ids), small_model()(ids))
     shipped = ROOT / "checkpoints" / "reverse.npz"
     with np.load(shipped) as f:
         config = json.loads(str(f["config"]))
@@ -164,12 +164,7 @@ def test_unexpected_compressed_member_is_refused_without_inflating_it(tmp_path, 
             for _ in range(25):
                 f.write(bytes(2**20))  # 25 MB of zeros, ~25 kB compressed
     assert path.stat().st_size < 400_000
-    tracemalloc.start()
-    try:
-        refused(path, ValueError, r"unexpected \['junk'\]")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak = peak_bytes(lambda: refused(path, ValueError, r"unexpected \['junk'\]"))
     assert peak < 2 * 2**20, f"{peak:,} bytes allocated to refuse it"
 
 
@@ -232,8 +227,9 @@ def test_a_config_key_missing_is_refused_not_defaulted(tmp_path):
 
 def test_a_field_added_later_gets_its_listed_value(tmp_path, monkeypatch):
     """ADDED_LATER is the one way a missing field is filled: with the value listed there."""
-    # the window's and the latent cache's fields came after checkpoints were first written
-    assert weights.ADDED_LATER == {"sliding_window": None, "attention_sinks": 0, "kv_latent": None}
+    # the window's fields came after checkpoints were first written (kv_latent is LatentConfig's:
+    # no checkpoint of an MLA model predates it)
+    assert weights.ADDED_LATER == {"sliding_window": None, "attention_sinks": 0}
     model = GPT(GPTConfig(**SMALL, **VARIANTS["rope"], rope_base=50.0), seed=3)
     path = model.save(tmp_path / "rope.npz")
     with zipfile.ZipFile(path) as z:
@@ -269,7 +265,7 @@ def test_fortran_order_and_big_endian_members_are_honoured(tmp_path, members):
     assert np.lib.format.read_array_header_1_0(io.BytesIO(flipped["wte.npy"][8:]))[1]
     path = write_zip(tmp_path / "flipped.npz", members | flipped)
     ids = random_ids(2, 2, 6)
-    np.testing.assert_array_equal(GPT.load(path, np.float64, fast=False)(ids), small_model()(ids))
+    np.testing.assert_array_equal(GPT.load(path, np.float64)(ids), small_model()(ids))
 
 
 def test_config_whose_sizes_the_weights_do_not_match(tmp_path, members):
@@ -280,6 +276,7 @@ def test_config_whose_sizes_the_weights_do_not_match(tmp_path, members):
 
 def test_a_model_larger_than_memory_is_refused_before_reading(tmp_path, members, monkeypatch):
     monkeypatch.setattr(parts.checks, "available_memory", lambda: 1000)
+    monkeypatch.setattr(parts.checks, "SMALL_ALLOCATION", 0)  # every size asks
     refused(write_zip(tmp_path / "ok.npz", members), ValueError,
             "reading its weights needs .* GiB, more than the")
 
@@ -305,7 +302,7 @@ def test_a_masked_weight_is_refused_not_unmasked():
 def test_a_matrix_weight_is_honoured():
     named = named64()
     named["wte"] = matrix(named["wte"])
-    model = GPT(small_model().config, dtype=np.float64, weights=named, fast=False)
+    model = GPT(small_model().config, dtype=np.float64, weights=named)
     assert type(model.wte) is np.ndarray
     ids = random_ids(3, 2, 5)
     np.testing.assert_array_equal(model(ids), small_model()(ids))

@@ -22,9 +22,9 @@ from conftest import VARIANTS, prompts_of, random_ids, small_model
 import attention
 import cache
 from attention import causal_mask, scaled_dot_product_attention
-from engine import fast as engine
+from fast import model as fastpath
 from generate import generate_cached, generate_naive, left_pad
-from parts.references import torch_attention
+from tools.references import torch_attention
 
 STEPS = ["q @ k.swapaxes(-1, -2)", "/ math.sqrt(q.shape[-1])", "np.where(mask, scores, NEG_INF)",
          "softmax(scores, axis=-1)", "weights @ v"]
@@ -133,11 +133,11 @@ def test_the_engine_equals_the_readable_path(variant, padded, dtype):
         assert quick.cache_lengths == slow.cache_lengths
 
 
-@pytest.mark.parametrize("trick", sorted(engine.TRICKS))
+@pytest.mark.parametrize("trick", sorted(fastpath.TRICKS))
 def test_each_trick_alone_changes_no_number(trick, monkeypatch):
     """Each switch off in turn (the benchmark's variants): still the readable path's numbers,
     with 200 queries so the query blocks are more than one."""
-    monkeypatch.setitem(engine.TRICKS, trick, False)
+    monkeypatch.setitem(fastpath.TRICKS, trick, False)
     readable, fast = readable_and_fast("rope_gqa", "float64")
     ids = random_ids(9, 2, 30)
     np.testing.assert_allclose(fast(ids), readable(ids), rtol=0, atol=1e-12)
@@ -146,7 +146,7 @@ def test_each_trick_alone_changes_no_number(trick, monkeypatch):
     q = np.random.default_rng(3).standard_normal((2, 4, 200, 8))
     k, v = np.random.default_rng(4).standard_normal((2, 2, 2, 200, 8))
     mask = causal_mask(200)[None, None]
-    out, weights = engine.grouped_attention(q, k, v, mask)
+    out, weights = fastpath.grouped_attention(q, k, v, mask)
     expected_out, expected_weights = attention.grouped_attention(q, k, v, mask)
     np.testing.assert_allclose(out, expected_out, rtol=0, atol=1e-12)
     np.testing.assert_allclose(weights, expected_weights, rtol=0, atol=1e-12)
@@ -156,18 +156,18 @@ def test_the_engine_skips_work_the_readable_path_does():
     """Not only equal: the engine really takes its shortcuts. A 200-query causal attention runs in
     two blocks, the first stopping at key 128; a prefill's last block makes W_O, MLP and LM-head
     products for one row, not all of them."""
-    blocks = engine.query_blocks(causal_mask(200)[None, None], 200, 200)
+    blocks = fastpath.query_blocks(causal_mask(200)[None, None], 200, 200)
     assert blocks == [(slice(0, 128), 128), (slice(128, 200), 200)]
     model = small_model("mha", fast=True)
     rows = []
-    real_linear = engine.linear
+    real_linear = fastpath.linear
 
     def counting(x, w, b=None):
         rows.append(math.prod(x.shape[:-1]))
         return real_linear(x, w, b)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine, "linear", counting)
+        mp.setattr(fastpath, "linear", counting)
         model(random_ids(1, 1, 9), last_only=True)
     # layer 0: QKV, W_O, fc, proj on 9 rows; layer 1: K|V on 9 rows, then Q, W_O, fc, proj and
     # the LM head on the last row alone.

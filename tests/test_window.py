@@ -14,11 +14,12 @@ import pytest
 from conftest import SMALL, VARIANTS, random_ids
 
 import block
-from beyond.window import EMPTY, RollingKVCache, WindowCache, slot_of
-from block import GPT, GPTConfig, mask_from_positions, positions_and_mask
-from cache import KVCache, LayerCache, ModelCache
+from attention import mask_from_positions
+from beyond.window import RollingKVCache, WindowCache, slot_of, window_cache
+from block import GPT, GPTConfig
+from cache import EMPTY, KVCache, ModelCache, first_step
 from generate import generate_cached, generate_naive, prefill
-from parts.references import random_model
+from tools.references import random_model
 
 TOL = 1e-12
 
@@ -31,8 +32,9 @@ def windowed(variant: str = "mha", window: int = 4, sinks: int = 0, fast: bool =
 
 
 def chunked(model: GPT, ids: np.ndarray, mask: np.ndarray, chunks: list[int]) -> np.ndarray:
-    """Logits (B, T, V) of the whole sequence, fed to a fresh cache in chunks of these sizes."""
-    cache, out, start = model.new_cache(ids.shape[0]), [], 0
+    """Logits (B, T, V) of the whole sequence, fed to a fresh rolling buffer in chunks of these
+    sizes."""
+    cache, out, start = window_cache(model, ids.shape[0]), [], 0
     for size in chunks:
         end = start + size
         out.append(model(ids[:, start:end], cache, attention_mask=mask[:, :end]))
@@ -47,6 +49,12 @@ def padded(B: int, T: int, pads: list[list[int]]) -> np.ndarray:
     for row, columns in enumerate(pads):
         mask[row, columns] = 0
     return mask
+
+
+def mask_of(real: np.ndarray, window: int | None, sinks: int = 0) -> np.ndarray:
+    """The model's mask for a call of these (B, T) real flags with no cache: (B, 1, T, T)."""
+    step = first_step(real)
+    return mask_from_positions(step.positions, step.key_positions, window, sinks)
 
 
 # --- the band, by hand ---------------------------------------------------------------------------
@@ -72,12 +80,12 @@ def test_the_band_is_the_definition(window, sinks):
     real = np.ones((3, 12), dtype=bool)
     real[1, :4] = False  # left padding
     real[2, [3, 4, 8]] = False  # padding in the middle: it must not count towards the window
-    _, mask = positions_and_mask(real, 12, window=window, sinks=sinks)
+    mask = mask_of(real, window, sinks)
     np.testing.assert_array_equal(mask[:, 0], band_by_hand(real, window, sinks))
 
 
 def test_a_decode_step_sees_exactly_window_keys_counting_itself():
-    _, mask = positions_and_mask(np.ones((1, 10), dtype=bool), 1, window=4)
+    mask = mask_from_positions(np.array([[9]]), np.arange(10)[None], window=4)
     np.testing.assert_array_equal(mask[0, 0, 0], [0] * 6 + [1] * 4)  # positions 6, 7, 8, 9
 
 
@@ -90,18 +98,16 @@ def test_the_mask_from_slot_positions_is_the_same_mask_in_slot_order():
     key_pos = np.where(real, query_pos, EMPTY)
     order = np.random.default_rng(0).permutation(9)
     got = mask_from_positions(query_pos, key_pos[:, order], 3, 1)
-    _, expected = positions_and_mask(real, 9, window=3, sinks=1)
-    np.testing.assert_array_equal(got, np.broadcast_to(expected, got.shape)[..., order])
+    np.testing.assert_array_equal(got, mask_of(real, 3, 1)[..., order])
 
 
 def test_slots_by_hand():
     """W=4, S=1 after 10 tokens: position 0 keeps slot 0; 1..9 cycle through slots 1..4, so the
     window slots hold 9, 6, 7, 8 (worked by hand: slot 1 + (j - 1) mod 4)."""
     model = windowed("rope", window=4, sinks=1)
-    cache = model.new_cache(1)
+    cache = window_cache(model, 1)
     model(random_ids(0, 1, 10), cache)
-    for layer in cache.layers:
-        np.testing.assert_array_equal(layer.held[0], [0, 9, 6, 7, 8])
+    np.testing.assert_array_equal(cache.held[0], [0, 9, 6, 7, 8])
     np.testing.assert_array_equal(slot_of(np.arange(10), 4, 1), [0, 1, 2, 3, 4, 1, 2, 3, 4, 1])
 
 
@@ -118,7 +124,7 @@ CASES = [  # variant, window, sinks, chunks (30 tokens), padded columns per row
 ]
 
 
-@pytest.mark.parametrize("fast", [False, True], ids=["readable", "engine"])
+@pytest.mark.parametrize("fast", [False, True], ids=["readable", "fast"])
 @pytest.mark.parametrize(("variant", "window", "sinks", "chunks", "pads"), CASES)
 def test_cached_equals_naive_across_the_wrap(variant, window, sinks, chunks, pads, fast):
     model = windowed(variant, window, sinks, fast=fast)
@@ -151,10 +157,11 @@ def test_a_full_cache_serves_a_windowed_model_through_the_band():
 def test_generation_with_a_window_matches_naive_with_padding_and_chunks():
     model = windowed("rope_gqa", 4, 2, fast=True)
     prompts = [np.arange(1, 12), np.arange(5, 8)]
-    cached = generate_cached(model, prompts, 15, prefill_chunk=5)
     naive = generate_naive(model, prompts, 15)
-    np.testing.assert_array_equal(cached.tokens, naive.tokens)
-    np.testing.assert_allclose(cached.logits, naive.logits, rtol=0, atol=TOL)
+    for cache in (None, window_cache(model, 2)):  # a full cache (the band in the mask), a rolling
+        cached = generate_cached(model, prompts, 15, prefill_chunk=5, cache=cache)
+        np.testing.assert_array_equal(cached.tokens, naive.tokens)
+        np.testing.assert_allclose(cached.logits, naive.logits, rtol=0, atol=TOL)
 
 
 def test_padding_never_takes_a_slot():
@@ -163,12 +170,12 @@ def test_padding_never_takes_a_slot():
     model = windowed("rope", 4, 1)
     ids = random_ids(6, 1, 12)
     mask = padded(1, 12, [[4, 5, 6, 7, 8]])  # 5 pads, more than the window
-    cache = model.new_cache(1)
+    cache = window_cache(model, 1)
     with_pads = model(ids, cache, attention_mask=mask)
     real = mask[0].astype(bool)
     alone = model(ids[:, real])
     np.testing.assert_allclose(with_pads[:, real], alone, rtol=0, atol=TOL)
-    assert sorted(cache.layers[0].held[0]) == [0, 3, 4, 5, 6]  # 7 real: sink 0, last four
+    assert sorted(cache.held[0]) == [0, 3, 4, 5, 6]  # 7 real: sink 0, last four
 
 
 # --- past max_seq_len, in constant memory --------------------------------------------------------
@@ -176,7 +183,7 @@ def test_padding_never_takes_a_slot():
 def test_rope_with_a_window_runs_past_max_seq_len_in_constant_memory():
     model = windowed("rope", 4, 2, fast=True)  # max_seq_len 32
     prompt = random_ids(7, 2, 5)
-    cache = model.new_cache(2)
+    cache = window_cache(model, 2)
     nbytes, logits = cache.nbytes, [prefill(model, prompt, cache)]
     seq = list(prompt.T)
     for _ in range(75):  # to position 80, 2.5 x max_seq_len
@@ -186,7 +193,9 @@ def test_rope_with_a_window_runs_past_max_seq_len_in_constant_memory():
     full = model(np.stack(seq, axis=1))  # the naive path, all 80 positions at once
     np.testing.assert_allclose(np.stack(logits, axis=1), full[:, 4:], rtol=0, atol=TOL)
     assert len(cache) == 80
-    generate_cached(model, prompt, 60)  # the request itself is allowed past the table
+    generate_cached(model, prompt, 60, cache=window_cache(model, 2))  # allowed past the table
+    with pytest.raises(ValueError, match="exceed the cache's 32 .*window_cache"):
+        generate_cached(model, prompt, 60)  # the default cache keeps every key: 32 of them
 
 
 @pytest.mark.parametrize("changes", [{"rope": False}, {"sliding_window": None,
@@ -214,7 +223,7 @@ def last_logits_change(model: GPT, ids: np.ndarray, at: int, cached: bool) -> fl
     def last(x: np.ndarray) -> np.ndarray:
         if not cached:
             return model(x)[0, -1]
-        cache = model.new_cache(1)
+        cache = window_cache(model, 1)
         model(x[:, :7], cache)
         return model(x[:, 7:], cache)[0, -1]
 
@@ -245,86 +254,139 @@ def test_nbytes_is_fixed_by_the_window_not_max_seq_len(sinks):
         model = GPT(GPTConfig(**(SMALL | {"max_seq_len": max_seq_len, "n_kv_heads": 2}),
                               sliding_window=6, attention_sinks=sinks, rope=True), seed=0)
         # 2 (K, V) x 2 layers x batch 3 x 2 K/V heads x (S + W) slots x 8 d_head x 4 bytes
-        assert model.new_cache(3).nbytes == 2 * 2 * 3 * 2 * (sinks + 6) * 8 * 4
+        assert window_cache(model, 3).nbytes == 2 * 2 * 3 * 2 * (sinks + 6) * 8 * 4
 
 
 # --- truncate, reset, rollback -------------------------------------------------------------------
 
 def state(cache: WindowCache) -> list:
-    return [(kv.keys.tobytes(), kv.values.tobytes(), kv.held.tobytes(), kv.count.tobytes(),
-             len(kv)) for kv in cache.layers]
+    """Every byte and count a refused or rolled-back call must leave as it was."""
+    return [cache.held.tobytes(), cache.written_at.tobytes(), cache.count.tobytes(),
+            len(cache), cache.floor, cache.filled_by,
+            *[(kv.keys.tobytes(), kv.values.tobytes(), len(kv)) for kv in cache.layers]]
 
 
 def test_truncate_works_until_the_buffer_wraps_then_is_refused_below_what_it_holds():
     model = windowed("rope", 4, 1)
     ids = random_ids(10, 1, 12)
-    cache = model.new_cache(1)
+    cache = window_cache(model, 1)
     model(ids[:, :3], cache)
     model(ids[:, 3:5], cache)  # 5 positions in 5 slots: nothing overwritten yet
     cache.truncate(3)
     np.testing.assert_allclose(model(ids[:, 3:], cache), model(ids)[:, 3:], rtol=0, atol=TOL)
     before = state(cache)  # 12 positions: the window has overwritten slots at the last call
-    with pytest.raises(ValueError, match=r"WindowCache.truncate: .*\[12, 12\].*overwritten"):
+    with pytest.raises(ValueError, match=r"WindowCache.truncate: .*\[12, 12\].*lost keys"):
         cache.truncate(11)
     assert state(cache) == before
     cache.truncate(12)  # its own length: nothing to undo
     assert state(cache) == before
 
 
+def test_a_chunk_longer_than_the_window_cannot_be_truncated_into():
+    """A 10-token prefill into W = 4 stores only the last 4: a truncate inside it would need keys
+    that were never stored, so it is refused (it was accepted, and the logits were off by 0.96);
+    truncate(0) too (it left a row's count at 6, so the next token took position 6)."""
+    cfg = GPTConfig(vocab_size=32, max_seq_len=16, d_model=16, n_heads=4, n_layers=2,
+                    init_std=0.3, sliding_window=4)
+    model = GPT(cfg, seed=1, dtype="float64")
+    x = random_ids(3, 1, 12, vocab=32)
+    cache = window_cache(model, 1)
+    model(x[:, :10], cache)
+    before = state(cache)
+    for length in (7, 3, 0):
+        with pytest.raises(ValueError, match=r"truncate: length must be an int in \[10, 10\]"):
+            cache.truncate(length)
+        assert state(cache) == before
+    cache.reset()
+    np.testing.assert_allclose(model(x[:, :9], cache), model(x[:, :9]), rtol=0, atol=TOL)
+
+
+def test_the_floor_rises_only_when_a_key_is_lost():
+    """Token by token, nothing is lost until the fifth token overwrites position 0 (W = 4): up to
+    then every length can be rebuilt, exactly as a cache that saw only that many."""
+    model = windowed("rope", 4, 0)
+    ids = random_ids(11, 1, 6)
+    cache = window_cache(model, 1)
+    for t in range(4):
+        model(ids[:, t:t + 1], cache)
+        assert cache.floor == 0
+    cache.truncate(2)
+    fresh = window_cache(model, 1)
+    model(ids[:, :2], fresh)
+    assert state(cache)[:5] == state(fresh)[:5]  # slots, columns, counts, length, floor
+    for t in range(2, 6):
+        model(ids[:, t:t + 1], cache)
+    assert cache.floor == 6  # the fifth and sixth tokens overwrote positions 0 and 1
+
+
 def test_reset_starts_again_at_position_zero():
     model = windowed("rope_gqa", 3, 1, fast=True)
     ids = random_ids(11, 2, 9)
-    cache = model.new_cache(2)
+    cache = window_cache(model, 2)
     model(random_ids(12, 2, 20), cache)
     cache.reset()
-    assert len(cache) == 0 and (cache.layers[0].held == EMPTY).all()
+    assert len(cache) == 0 and (cache.held == EMPTY).all() and cache.floor == 0
     np.testing.assert_allclose(model(ids, cache), model(ids), rtol=0, atol=TOL)
 
 
 @pytest.mark.parametrize("wrapped", [False, True])
-def test_a_step_that_fails_half_way_is_undone_or_the_cache_refuses_until_reset(monkeypatch,
-                                                                                wrapped):
-    model = windowed("mha", 4, 0)
-    cache = model.new_cache(1)
+@pytest.mark.parametrize("fast", [False, True], ids=["readable", "fast"])
+def test_a_step_that_fails_half_way_is_undone_exactly(monkeypatch, wrapped, fast):
+    """A failure after both layers wrote (and overwrote slots, when the buffer wraps): every
+    byte, count and the floor come back, and the cache goes on as if the step never ran."""
+    model = windowed("mha", 4, 0, fast=fast)
+    cache = window_cache(model, 1)
     model(random_ids(13, 1, 2), cache)
     before = state(cache)
     calls = {"n": 0}
-    real_mlp = block.mlp
+    target = block if not fast else __import__("fast.model", fromlist=["model"])
+    name = "mlp" if not fast else "gelu_in_place"
+    real = getattr(target, name)
 
-    def fails_in_the_second_layer(x, p):
+    def fails_in_the_second_layer(*args):
         calls["n"] += 1
         if calls["n"] == 2:  # layer 0 has written its keys, layer 1 too: then it fails
             raise MemoryError("simulated")
-        return real_mlp(x, p)
+        return real(*args)
 
-    monkeypatch.setattr(block, "mlp", fails_in_the_second_layer)
+    monkeypatch.setattr(target, name, fails_in_the_second_layer)
     with pytest.raises(MemoryError):
         model(random_ids(14, 1, 5 if wrapped else 2), cache)  # 7 > 4 slots wraps; 4 does not
     monkeypatch.undo()
-    if not wrapped:
-        assert state(cache) == before and not cache.spoiled
-        return
-    assert cache.spoiled
-    with pytest.raises(ValueError, match="reset"):
-        model(random_ids(15, 1, 1), cache)
-    cache.reset()
-    np.testing.assert_allclose(model(random_ids(15, 1, 3), cache),
-                               model(random_ids(15, 1, 3)), rtol=0, atol=TOL)
+    assert state(cache) == before
+    ids = np.concatenate([random_ids(13, 1, 2), random_ids(15, 1, 3)], axis=1)
+    np.testing.assert_allclose(model(ids[:, 2:], cache), model(ids)[:, 2:], rtol=0, atol=TOL)
+
+
+def test_a_refused_float16_overflow_in_a_later_layer_restores_the_counts():
+    """float16 storage refuses a key beyond 65504 in the second layer, after the first layer
+    wrote: the step is rolled back, counts included (they were left changed)."""
+    model = windowed("mha", 4, 1)
+    cache = window_cache(model, 1, dtype="float16")
+    model(random_ids(16, 1, 3), cache)
+    before = state(cache)
+    model.blocks[1].attn.b_k[...] += 1e5  # only layer 1's keys overflow float16
+    try:
+        with pytest.raises(ValueError, match="float16"):
+            model(random_ids(17, 1, 4), cache)
+    finally:
+        model.blocks[1].attn.b_k[...] -= 1e5
+    assert state(cache) == before
 
 
 # --- the interface and bad input -----------------------------------------------------------------
 
-def test_both_layer_caches_implement_the_one_interface():
-    assert isinstance(KVCache(1, 2, 8, 4), LayerCache)
-    assert isinstance(RollingKVCache(1, 2, 4, 4, sinks=1), LayerCache)
-    with pytest.raises(TypeError, match="LayerCache"):
+def test_both_layer_caches_keep_the_one_layer_protocol():
+    for layer in (KVCache(1, 2, 8, 4), RollingKVCache(1, 2, 4, 4, sinks=1)):
+        assert callable(layer.update) and (layer.n_kv_heads, layer.d_head) == (2, 4)
+    with pytest.raises(TypeError, match="layer 0 must be a layer cache"):
         ModelCache([object()])
 
 
-def test_a_rolling_layer_refuses_an_append_nobody_announced():
+def test_a_rolling_layer_refuses_an_update_outside_a_window_cache():
     kv = RollingKVCache(1, 2, 4, 4)
     with pytest.raises(ValueError, match="WindowCache"):
-        kv.append(np.zeros((1, 2, 1, 4)), np.zeros((1, 2, 1, 4)))
+        kv.update(np.zeros((1, 2, 1, 4)), np.zeros((1, 2, 1, 4)))
     assert len(kv) == 0
 
 
@@ -344,7 +406,7 @@ def test_bad_window_settings_are_refused_naming_the_argument(changes, error, mat
 
 
 def test_a_rolling_cache_for_another_window_is_refused_before_any_work():
-    cache = windowed("mha", 4, 1).new_cache(1)
+    cache = window_cache(windowed("mha", 4, 1), 1)
     for other in (windowed("mha", 5, 1), windowed("mha", 4, 0),
                   random_model(GPTConfig(**SMALL), seed=1)):
         with pytest.raises(ValueError, match=r"rolling buffer for \(sliding_window, "
@@ -353,11 +415,21 @@ def test_a_rolling_cache_for_another_window_is_refused_before_any_work():
         assert len(cache) == 0
 
 
-def test_return_attention_is_refused_with_the_rolling_buffer_and_in_position_order_without():
+def test_return_attention_follows_the_keys_the_cache_returns():
+    """With a rolling buffer the weights come over its keys in slot order: the plan's key
+    positions put them back in time order, where they are the naive weights."""
     model = windowed("mha", 3, 1)
-    with pytest.raises(ValueError, match="return_attention.*slot order"):
-        model(random_ids(0, 1, 4), model.new_cache(1), return_attention=True)
-    _, weights = model(random_ids(0, 1, 8), return_attention=True)
+    ids = random_ids(0, 1, 8)
+    cache = window_cache(model, 1)
+    model(ids[:, :5], cache)
+    key_pos = cache.plan(model, 1, 3).key_positions[0]  # (t_k,): planning changes nothing
+    _, cached = model(ids[:, 5:], cache, return_attention=True)
+    _, naive = model(ids, return_attention=True)
+    held = key_pos >= 0
+    for c, n in zip(cached, naive, strict=True):  # per layer: (1, H, 3, t_k), (1, H, 8, 8)
+        np.testing.assert_allclose(c[..., held], n[:, :, 5:, key_pos[held]], rtol=0, atol=TOL)
+        assert (c[..., ~held] == 0).all()
+    weights = naive
     outside = ~band_by_hand(np.ones((1, 8), dtype=bool), 3, 1)[:, None]  # (1, 1, 8, 8)
     assert (weights[0][np.broadcast_to(outside, weights[0].shape)] == 0).all()
     np.testing.assert_allclose(weights[0].sum(axis=-1), 1.0, rtol=0, atol=TOL)
@@ -368,10 +440,10 @@ def test_a_loaded_model_runs_with_a_window_by_replacing_its_config():
     and the same weights run with a window through dataclasses.replace."""
     from tools.evaluate import CHECKPOINT
 
-    model = GPT.load(CHECKPOINT, np.float64, fast=False)
+    model = GPT.load(CHECKPOINT, np.float64)
     assert model.config.sliding_window is None and model.config.attention_sinks == 0
     narrow = GPT(dataclasses.replace(model.config, sliding_window=2), dtype=np.float64,
-                 weights=model.named_weights(), fast=False)
+                 weights=model.named_weights())
     ids = random_ids(0, 1, 10, vocab=128)
     assert np.abs(narrow(ids) - model(ids)).max() > 1e-3
     np.testing.assert_array_equal(narrow(ids[:, :2]), model(ids[:, :2]))  # no key left out yet
@@ -379,7 +451,7 @@ def test_a_loaded_model_runs_with_a_window_by_replacing_its_config():
 
 def test_a_mask_that_contradicts_the_counts_is_refused_before_any_work():
     model = windowed("rope", 4, 1)
-    cache = model.new_cache(2)
+    cache = window_cache(model, 2)
     model(random_ids(0, 2, 6), cache, attention_mask=padded(2, 6, [[0, 1], []]))
     before = state(cache)
     with pytest.raises(ValueError, match="row 0 holds 4 real tokens, the mask says 6"):

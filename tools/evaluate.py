@@ -26,7 +26,7 @@ from block import GPT
 from generate import generate_cached, generate_naive, prepare_request
 from parts import task
 from parts.checks import SEED, cli_int
-from tools.cli_types import load_checkpoint
+from tools.cli_types import add_path_flag, load_checkpoint, model_class, path_line
 
 EOS_ID = ord(task.END)
 CHECKPOINT = str(Path(__file__).resolve().parents[1] / "checkpoints" / "reverse.npz")
@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=SEED, default=0, help="seed of the test stream (default 0)")
     ap.add_argument("--batch", type=cli_int(1, 10_000), default=100,
                     help="prompts decoded together (default 100)")
+    add_path_flag(ap)
     args = ap.parse_args(argv)
-    model = load_checkpoint(ap, args.checkpoint)
+    model = load_checkpoint(ap, args.checkpoint, model_class=model_class(args))
     try:  # the longest prompt and its answer must fit the checkpoint, before any decoding
         longest = task.encode(task.make_prompt("z" * task.MAX_CHARS))
         prepare_request(model, [longest], len(longest), eos_id=EOS_ID)
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             answers[i] = answer
     c = model.config
     print(f"{args.checkpoint}: d_model {c.d_model}, {c.n_heads} heads, {c.n_layers} layers, "
-          f"{args.checkpoint.stat().st_size:,} bytes")
+          f"{args.checkpoint.stat().st_size:,} bytes; {path_line(model)}")
     print(f"{args.n} held-out prompts (test stream, seed {args.seed}), greedy, stop at "
           f"{task.END!r}, batches of {args.batch}\n")
     print(format_table(score_by_length(prompts, answers)))

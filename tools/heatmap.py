@@ -36,7 +36,15 @@ from block import GPT, GPTConfig
 from generate import generate_cached, prepare_request
 from parts import task
 from parts.checks import SEED, cli_int, cli_output_file
-from tools.cli_types import cli_float, default_output, load_checkpoint, refuse_unused
+from tools.cli_types import (
+    add_path_flag,
+    cli_float,
+    default_output,
+    load_checkpoint,
+    model_class,
+    path_line,
+    refuse_unused,
+)
 from tools.generate_cli import CHECKPOINT
 
 SHADES = " .:-=+*#%@"  # probability in tenths: ' ' is [0, 0.1), '@' is [0.9, 1]
@@ -191,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="layer printed as ASCII (default: the mirroring head's, or 0)")
     ap.add_argument("--ascii-head", type=cli_int(0), default=None,
                     help="head printed as ASCII (default: the mirroring head, or 0)")
+    add_path_flag(ap)
     args = ap.parse_args(argv)
     if args.random:  # a flag the run would ignore is refused, not dropped
         refuse_unused(ap, args, ["--prompt", "--checkpoint"], "does not apply to --random")
@@ -210,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{config.max_seq_len}")
         else:
             chars = task.check_chars(args.prompt)
-            model = load_checkpoint(ap, args.checkpoint)
+            model = load_checkpoint(ap, args.checkpoint, model_class=model_class(args))
             config = model.config
             # the prompt and its answer must fit this checkpoint's vocabulary and max_seq_len
             prepare_request(model, [task.encode(task.make_prompt(chars))], len(chars) + 1)
@@ -223,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or default_output(ap, f"heatmap_{'random' if args.random else 'trained'}.png")
 
     if args.random:
-        model = GPT(config, seed=args.seed)
+        model = model_class(args)(config, seed=args.seed)
         ids = np.random.default_rng(args.seed).integers(0, config.vocab_size, args.prompt_len)
         maps, labels = attention_maps(model, ids), None
         print(f"prompt ids: {ids.tolist()}")
@@ -252,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     print(ascii_heatmap(maps[layer, head], labels))
     print()
     print("\n".join(head_summary(maps)))
-    print(f"\nwrote {path} ({config.n_layers} layers x {config.n_heads} heads)")
+    print(f"\nwrote {path} ({config.n_layers} layers x {config.n_heads} heads; "
+          f"{path_line(model)})")
     return 0
 
 

@@ -34,8 +34,6 @@ if __package__ in (None, ""):  # run as `python tools/x.py` from anywhere: find 
 
 import argparse
 import resource
-import tracemalloc
-from collections.abc import Callable
 from itertools import product
 from typing import NamedTuple
 
@@ -45,9 +43,11 @@ from threadpoolctl import threadpool_limits
 
 from block import GPT, GPTConfig
 from cache import KVCache, ModelCache, kv_cache_bytes
+from fast.model import FastGPT
 from generate import decode, greedy, prefill
 from parts.checks import cli_output_file
 from tools.cli_types import default_output
+from tools.measure import human, peak_during, tracing
 
 CONTEXTS = (128, 512, 2048)
 VARIANTS = (("MHA", 4), ("GQA", 2), ("MQA", 1))  # name, n_kv_heads, for 4 query heads
@@ -80,8 +80,8 @@ class Row(NamedTuple):
 
 def assignment_model(n_kv_heads: int) -> GPT:
     """The assignment's config (d_model 128, 4 heads, d_head 32, 2 layers), room for 2048
-    positions."""
-    return GPT(GPTConfig(max_seq_len=max(CONTEXTS), n_kv_heads=n_kv_heads), seed=0)
+    positions, on the fast path (fast/model.py): its memory is what the figures measure."""
+    return FastGPT(GPTConfig(max_seq_len=max(CONTEXTS), n_kv_heads=n_kv_heads), seed=0)
 
 
 def allocate_cache(model: GPT, context: int, dtype: np.dtype) -> ModelCache:
@@ -93,31 +93,22 @@ def allocate_cache(model: GPT, context: int, dtype: np.dtype) -> ModelCache:
                        for _ in range(c.n_layers)])
 
 
-def traced(fn: Callable[[], object]) -> tuple[object, int]:
-    """Run fn with tracemalloc's peak reset; return its result and the peak traced bytes."""
-    tracemalloc.reset_peak()
-    result = fn()
-    return result, tracemalloc.get_traced_memory()[1]
-
-
 def measure(model: GPT, variant: str, context: int, dtype: np.dtype, decode_steps: int,
             chunk: int = 256) -> Row:
     """Allocate a cache, fill it to `context` with a real prefill + decode, and measure."""
     c = model.config
     prompt = np.random.default_rng(0).integers(0, c.vocab_size, (BATCH, context - decode_steps))
-    tracemalloc.start()
-    try:
-        cache, _ = traced(lambda: allocate_cache(model, context, dtype))
-        logits, peak_prefill = traced(lambda: prefill(model, prompt, cache, chunk_size=chunk))
+    with tracing():  # one session: the cache, once allocated, counts in every later peak
+        cache, _ = peak_during(lambda: allocate_cache(model, context, dtype))
+        logits, peak_prefill = peak_during(lambda: prefill(model, prompt, cache,
+                                                           chunk_size=chunk))
 
         def decode_to_the_end() -> None:
             token = greedy(logits)
             for _ in range(decode_steps):
                 token = greedy(decode(model, token, cache))
 
-        _, peak_decode = traced(decode_to_the_end)
-    finally:
-        tracemalloc.stop()
+        _, peak_decode = peak_during(decode_to_the_end)
     assert len(cache) == context  # the cache really holds `context` positions now
     formula = kv_cache_bytes(c.n_layers, BATCH, c.n_kv_heads, c.d_head, context, dtype)
     return Row(variant, c.n_kv_heads, dtype, context, formula, cache.nbytes,
@@ -128,23 +119,13 @@ def prefill_peak(model: GPT, T: int, chunk: int | None) -> tuple[int, np.ndarray
     """tracemalloc peak of prefilling T tokens (cache allocation included), one shot or chunked;
     also the last logits, to show both ways compute the same thing."""
     prompt = np.random.default_rng(1).integers(0, model.config.vocab_size, (BATCH, T))
-    tracemalloc.start()
-    try:
+    with tracing():
         cache = model.new_cache(BATCH)
-        logits, peak = traced(lambda: prefill(model, prompt, cache, chunk_size=chunk))
-    finally:
-        tracemalloc.stop()
+        logits, peak = peak_during(lambda: prefill(model, prompt, cache, chunk_size=chunk))
     return peak, logits
 
 
 # --- printing ------------------------------------------------------------------------------------
-
-def human(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
-
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
     """Right-aligned plain-text table."""
@@ -278,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                  ["chunks of 256", f"(1, 4, 256, {T}) = {human(scores * 256 // T)}",
                   human(chunked), f"{chunked / (scores * 256 // T):.1f}"]]))
     print("(the score matrix a prefill of that many queries would form; from 1,024 queries on the"
-          " engine runs\nonline-softmax attention (beyond/flash.py), which never forms it, so the"
-          " one-shot peak is\nbelow it; chunks of 256 form one (256, T) array, masked and"
+          "\nfast path runs online-softmax attention (beyond/flash.py), which never forms it, so"
+          " the one-shot\npeak is below it; chunks of 256 form one (256, T) array, masked and"
           " normalised in place)")
     relative = np.abs(a - b).max() / np.abs(a).max()
     same = relative <= TOLERANCE

@@ -3,7 +3,7 @@
     python tools/pictures.py            every picture
     python tools/pictures.py mask       one of: mask, heads, cache, padding, gqa, timeline
 
-Each picture is computed, not typed: the masks come from causal_mask and positions_and_mask, the
+Each picture is computed, not typed: the masks come from causal_mask and mask_from_positions, the
 heads from split_heads on a labelled array, the cache from a real KVCache, the GQA wiring from
 grouped_attention, the timeline from a real prefill and decode. The README shows this output and
 a test fails if the two drift apart.
@@ -21,9 +21,9 @@ import argparse
 
 import numpy as np
 
-from attention import causal_mask, grouped_attention, split_heads
-from block import GPT, GPTConfig, positions_and_mask
-from cache import KVCache
+from attention import causal_mask, grouped_attention, mask_from_positions, split_heads
+from block import GPT, GPTConfig
+from cache import KVCache, first_step
 from generate import greedy, left_pad
 
 
@@ -107,10 +107,12 @@ def cache_picture(max_len: int = 8, prompt: int = 4, steps: int = 2) -> str:
 
 def padding_picture(lengths: tuple[int, ...] = (3, 5)) -> str:
     """A left-padded batch: each row's positions (real tokens counted) and its mask (causal AND
-    real keys), from positions_and_mask."""
+    real keys), as the model makes them: the step's positions, then the one mask rule."""
     ids, attention_mask = left_pad([np.arange(1, n + 1) for n in lengths])
     real = attention_mask.astype(bool)
-    positions, mask = positions_and_mask(real, real.shape[1])  # (B, T), (B, 1, T, T)
+    step = first_step(real)  # a call with no cache numbers its tokens from 0
+    positions = step.positions  # (B, T)
+    mask = mask_from_positions(step.positions, step.key_positions)  # (B, 1, T, T)
     parts = []
     for b, n in enumerate(lengths):
         labels = [f"{'pad' if not r else f'pos {p}':<10}" for p, r in zip(positions[b], real[b],

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (torch's own spelling)
 from torch import nn
 
+from beyond.latent import LatentConfig, LatentGPT
 from block import GPT, GPTConfig, random_weights, weight_shapes
 from parts import task
 from parts.checks import SEED, cli_int, cli_output_file
@@ -106,7 +107,7 @@ class Attention(nn.Module):
 
     def __init__(self, c: GPTConfig) -> None:
         super().__init__()
-        D, self.n_heads, self.latent = c.d_model, c.n_heads, c.kv_latent
+        D, self.n_heads, self.latent = c.d_model, c.n_heads, getattr(c, "kv_latent", None)
         for name in ("q", "o") if self.latent else ("q", "k", "v", "o"):
             setattr(self, f"w_{name}", nn.Parameter(torch.zeros(D, D)))
             setattr(self, f"b_{name}", nn.Parameter(torch.zeros(D)))
@@ -224,7 +225,8 @@ class TorchGPT(nn.Module):
 def to_numpy_model(model: TorchGPT) -> GPT:
     """The trained weights in the NumPy GPT (always causal, with its own KV cache)."""
     named = model.export()
-    return GPT(model.config, dtype=next(iter(named.values())).dtype, weights=named)
+    cls = LatentGPT if isinstance(model.config, LatentConfig) else GPT
+    return cls(model.config, dtype=next(iter(named.values())).dtype, weights=named)
 
 
 # --- batches -------------------------------------------------------------------------------------
@@ -356,7 +358,7 @@ def train(config: GPTConfig, s: Settings, log_path: Path | None = None,
     prompts each; return the model and its log (also written to log_path, if given, at every
     measurement, so an interrupted run leaves its curve behind)."""
     torch.manual_seed(s.seed)
-    start = random_weights(weight_shapes(config), config.init_std, s.seed)  # float64 draws
+    start = random_weights(config, s.seed)  # float64 draws
     model = TorchGPT(config, {name: w.astype(np.float32) for name, w in start.items()})
     optimizer = make_optimizer(model, s)
     rng, weights = task.prompt_rng(s.seed, "train"), length_weights(s.length_power)
@@ -595,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         s.steps, s.batch, s.warmup, s.eval_every, s.monitor_per_length = 20, 8, 5, 10, 1
         final_n = 48
     torch.set_num_threads(given("threads", 1))  # THREADS_NOTE
-    config = GPTConfig(**DRAFT_CONFIG) if args.draft else GPTConfig(kv_latent=args.kv_latent)
+    config = (GPTConfig(**DRAFT_CONFIG) if args.draft else LatentConfig(kv_latent=args.kv_latent)
+              if args.kv_latent else GPTConfig())
     print(f"training {'with' if s.causal else 'WITHOUT'} the causal mask: {s.steps} steps of "
           f"{s.batch} prompts (length power {s.length_power}), lr {s.lr}, warm-up {s.warmup}, "
           f"seed {s.seed}, torch threads {torch.get_num_threads()}")

@@ -1,9 +1,10 @@
-"""The engine: the readable model of block.py and attention.py, computed faster, same numbers.
+"""The fast path: the readable model of block.py and attention.py, computed faster, same numbers.
 
-GPT(..., fast=True) runs `forward` below instead of GPT.forward. Each trick is one switch in
-TRICKS, so tools/bench.py can time the engine with any one of them off, and the tests prove the
-engine equal to the readable path with every switch on or off. The tricks, and why each helps on
-a CPU (figures measured by `python tools/bench.py --tricks`):
+FastGPT is GPT with `forward` below instead of GPT.forward: the same weights, the same door (the
+call is checked and planned by GPT.__call__), the same cache protocol; only the arithmetic is
+rearranged. Each trick is one switch in TRICKS, so tools/bench.py can time the fast path with any
+one of them off, and the tests prove it equal to the readable path with every switch on or off.
+The tricks, and why each helps on a CPU (figures measured by `python tools/bench.py --tricks`):
 
     flat_products       (B, T, D) -> (B * T, D) before every matrix product: ONE BLAS call; a
                         (B, 1, D) decode batch would otherwise read all of W once per row
@@ -21,23 +22,23 @@ a CPU (figures measured by `python tools/bench.py --tricks`):
     shared_kv_heads     grouped-query attention broadcasts each K/V head over its group of query
                         heads instead of repeating it
 
+A layer cache that attends in its own way (cache.py's optional `attend`: a paged cache walks
+its blocks) is asked to, when the weights are not wanted.
+
 The model's entry (GPT.__call__) has checked the whole call; nothing here checks again.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from attention import NEG_INF, layer_norm, softmax
+from attention import NEG_INF, AttentionParams, layer_norm, softmax
 from beyond.flash import attention_in_tiles
+from block import GPT, BlockParams, blocks_from_named
+from cache import Cache, LayerCache
 from parts.rope import rotate_pairs
-
-if TYPE_CHECKING:  # type hints only: block.py imports this module
-    from block import GPT, BlockParams
-    from cache import KVCache, ModelCache
 
 TRICKS = {"flat_products": True, "fused_qkv": True, "in_place": True, "query_blocks": True,
           "last_position_only": True, "small_pages": True, "shared_kv_heads": True,
@@ -49,30 +50,50 @@ SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 # --- the model -----------------------------------------------------------------------------------
 
-def forward(
-    model: GPT, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray,
-    cache: ModelCache | None, last_only: bool = False, return_attention: bool = False,
-) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
-    """GPT.forward's numbers: ids, positions (B, T), mask (1|B, 1, T, t_k) -> logits (B, T, V),
-    or (B, 1, V) with last_only; with return_attention also each layer's weights."""
-    c = model.config
-    x, rotate = model.embed(ids, positions)  # (B, T, D)
-    attention = []
-    for layer, p in enumerate(model.blocks):
-        kv = None if cache is None else cache.layers[layer]
-        last = (last_only and layer == c.n_layers - 1 and x.shape[1] > 1
-                and not return_attention and TRICKS["last_position_only"])
-        x, weights = block(x, p, mask, kv, rotate, c.ln_eps, last, return_attention)
-        if return_attention:  # otherwise each layer's (B, H, T, t_k) weights go at once: kept,
-            attention.append(weights)  # 12 layers of 512 tokens would hold 150 MB
-    if last_only:
-        x = x[:, -1:]  # (B, T, D) -> (B, 1, D)
-    logits = linear(norm(x, *model.ln_f, c.ln_eps), model.wte.T)  # (B, T, D) -> (B, T, V)
-    return (logits, attention) if return_attention else logits
+class FastGPT(GPT):
+    """GPT with the fast forward: build it as a GPT (FastGPT(config, seed, dtype, weights),
+    FastGPT.load(path), FastGPT.from_gpt2(...)); it computes the same numbers. The attention
+    layers must be AttentionParams (an MLA model, beyond/latent.py, has no fast path here)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        if not all(type(p.attn) is AttentionParams for p in self.blocks):
+            kind = type(self.blocks[0].attn).__name__
+            raise ValueError(f"FastGPT: the fast path runs AttentionParams layers, this config "
+                             f"builds {kind}; use the readable model")
+        # W_Q, W_K, W_V stored side by side, always (the fused_qkv switch chooses how to read them)
+        self.blocks = blocks_from_named(fuse_qkv(self.named_weights(), self.config.n_layers),
+                                        self.config)
+
+    @staticmethod
+    def zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        return zeros_in_small_pages(shape, dtype)
+
+    def forward(
+        self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray,
+        cache: Cache | None, last_only: bool = False, return_attention: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
+        """GPT.forward's numbers: ids, positions (B, T), mask (B, 1, T, t_k) -> logits
+        (B, T, V), or (B, 1, V) with last_only; with return_attention also each layer's
+        weights."""
+        c = self.config
+        x, rotate = self.embed(ids, positions)  # (B, T, D)
+        attention = []
+        for layer, p in enumerate(self.blocks):
+            kv = None if cache is None else cache.layers[layer]
+            last = (last_only and layer == c.n_layers - 1 and x.shape[1] > 1
+                    and not return_attention and TRICKS["last_position_only"])
+            x, weights = block(x, p, mask, kv, rotate, c.ln_eps, last, return_attention)
+            if return_attention:  # otherwise each layer's (B, H, T, t_k) weights go at once:
+                attention.append(weights)  # 12 layers of 512 tokens would hold 150 MB
+        if last_only:
+            x = x[:, -1:]  # (B, T, D) -> (B, 1, D)
+        logits = linear(norm(x, *self.ln_f, c.ln_eps), self.wte.T)  # (B, T, D) -> (B, T, V)
+        return (logits, attention) if return_attention else logits
 
 
 def block(
-    x: np.ndarray, p: BlockParams, mask: np.ndarray, kv: KVCache | None,
+    x: np.ndarray, p: BlockParams, mask: np.ndarray, kv: LayerCache | None,
     rotate: tuple[np.ndarray, np.ndarray] | None, eps: float, last: bool,
     want_weights: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -88,10 +109,14 @@ def block(
     if rotate is not None:
         k = rotate_pairs(k, *rotate)
         q = rotate_pairs(q, *(r[:, :, -T_q:] for r in rotate))  # the query rows' own angles
-    if kv is not None:
-        k, v = kv._write(kv.narrowed("k", k), kv.narrowed("v", v))  # (B, H_kv, t_k, d)
-        k, v = k.astype(q.dtype, copy=False), v.astype(q.dtype, copy=False)
-    out, weights = grouped_attention(q, k, v, mask[:, :, -T_q:], want_weights)  # (B, H, T_q, d)
+    attend = getattr(kv, "attend", None)  # a cache that attends over its own storage
+    if attend is not None and not want_weights:
+        out, weights = attend(q, k, v, mask[:, :, -T_q:]), None  # (B, H, T_q, d)
+    else:
+        if kv is not None:
+            k, v = kv.update(k, v)  # (B, H_kv, T, d) -> (B, H_kv, t_k, d)
+            k, v = k.astype(q.dtype, copy=False), v.astype(q.dtype, copy=False)
+        out, weights = grouped_attention(q, k, v, mask[:, :, -T_q:], want_weights)
     out = out.transpose(0, 2, 1, 3).reshape(B, T_q, -1)  # (B, H, T_q, d) -> (B, T_q, D)
     x = x[:, -T_q:] + linear(out, a.w_o, a.b_o)
     h = gelu_in_place(linear(norm(x, *p.ln_2, eps), p.w_fc, p.b_fc))  # (B, T_q, d_ff)

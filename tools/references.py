@@ -1,8 +1,10 @@
 """What every check compares against, written once: PyTorch, Hugging Face, and the rule itself.
 
-verify.py, the tests and bench.py all call these; none of them re-implements a reference. Nothing
-here imports the code under test except for building test models (random_model) and for wiring
-our weights into torch's layout, so an answer from here is evidence from outside our code.
+verify.py, the tests and the benchmark (tools/bench_setup.py) call these; none of them
+re-implements a reference. Nothing here imports the code under test except for building test
+models (random_model) and for wiring our weights into torch's layout, so an answer from here is
+evidence from outside our code. It builds on block.py, so it sits above the five root files, with
+the commands, not in parts/ (which holds only what those five import).
 
     rule_mask                the causal rule spelled out cell by cell (no tril, no offsets)
     masked_softmax_by_hand   softmax over the visible keys only, written without attention.py
@@ -27,7 +29,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402, N812 (torch's own spelling)
 
 from attention import AttentionParams  # noqa: E402
+from beyond.latent import LatentConfig, LatentGPT  # noqa: E402
 from block import GPT, GPTConfig, weight_shapes  # noqa: E402
+from fast.model import FastGPT  # noqa: E402
 
 
 def t(x: np.ndarray) -> torch.Tensor:
@@ -175,17 +179,26 @@ def hf_generate(hf, ids: np.ndarray, max_new_tokens: int, attention_mask: np.nda
 
 # --- our model, every parameter random -----------------------------------------------------------
 
+def model_class(config: GPTConfig, fast: bool = False) -> type[GPT]:
+    """The model class for a config: LatentGPT for an MLA config, FastGPT with fast=True, else
+    the readable GPT."""
+    if isinstance(config, LatentConfig):
+        return LatentGPT
+    return FastGPT if fast else GPT
+
+
 def random_model(config: GPTConfig, seed: int = 0, dtype: type = np.float64,
                  jitter: float = 0.1, fast: bool = False) -> GPT:
     """A GPT whose biases and LayerNorm scales and shifts are random too (GPT(config) starts them
     at 0 and 1), so a dropped bias or a skipped LayerNorm parameter changes the numbers. The
-    readable forward unless fast=True: the checks test the code a learner reads."""
-    base = GPT(config, seed=seed, dtype=np.float64).named_weights()
+    readable GPT unless fast=True (FastGPT): the checks test the code a learner reads."""
+    cls = model_class(config, fast)
+    base = cls(config, seed=seed, dtype=np.float64).named_weights()
     rng = np.random.default_rng(seed + 1)
     named = {name: w + (jitter * rng.standard_normal(w.shape) if w.ndim == 1 else 0.0)
              for name, w in base.items()}
     assert set(named) == set(weight_shapes(config))
-    return GPT(config, dtype=dtype, weights=named, fast=fast)
+    return cls(config, dtype=dtype, weights=named)
 
 
 def random_ids(shape: tuple[int, ...], seed: int, vocab: int) -> np.ndarray:
