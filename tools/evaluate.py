@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=SEED, default=0, help="seed of the test stream (default 0)")
     ap.add_argument("--batch", type=cli_int(1, 10_000), default=100,
                     help="prompts decoded together (default 100)")
-    add_path_flag(ap)
+    add_path_flag(ap, fast=True)  # 1,000 prompts decoded naive too: the fast path by default
     args = ap.parse_args(argv)
     model = load_checkpoint(ap, args.checkpoint, model_class=model_class(args))
     try:  # the longest prompt and its answer must fit the checkpoint, before any decoding
