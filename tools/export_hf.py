@@ -50,7 +50,7 @@ from block import GPT, GPTConfig, weight_shapes
 from generate import CHECKPOINT
 from parts.checks import cli_output_dir, one_line
 from parts.weights import GPT2_BLOCK
-from tools.cli_types import OUT_DIR, REPO, load_checkpoint
+from tools.cli_types import OUT_DIR, REPO, load_checkpoint, umask
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 EXPORT_FILES = (CONFIG, WEIGHTS)
@@ -195,11 +195,10 @@ def logit_error(model: GPT, directory: Path) -> float:
 def readable_as_usual(directory: Path) -> None:
     """Give the directory and its files the modes a plain mkdir and open would (mkdtemp makes
     the directory private, 0700): a server run by another user must be able to read them."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
+    mask = umask()
+    directory.chmod(0o777 & ~mask)
     for path in directory.iterdir():
-        path.chmod(0o666 & ~umask)
+        path.chmod(0o666 & ~mask)
 
 
 def check_destination(out: Path) -> None:
