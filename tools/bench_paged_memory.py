@@ -103,9 +103,9 @@ def reversal(seed: int, n: int = REQUESTS) -> Workload:
     chars = task.random_chars(task.prompt_rng(seed, "test"), n)
     requests = tuple(Request(len(c) + 1, len(task.expected_answer(task.make_prompt(c))))
                      for c in chars)
-    return Workload("reversal", f"reversal: {n} requests of the trained model's task, P = n = "
-                    f"L + 1 tokens, L uniform on 1..{task.MAX_CHARS}; 2 layers, 4 heads of 32, "
-                    "float32", requests, 128,
+    description = (f"reversal: {n} requests of the trained model's task, P = n = L + 1 tokens, "
+                   f"L uniform on 1..{task.MAX_CHARS}; 2 layers, 4 heads of 32, float32")
+    return Workload("reversal", description, requests, 128,
                     kv_cache_bytes(2, 1, 4, 32, 1, np.float32))
 
 
@@ -114,9 +114,9 @@ def long_prompts(seed: int, n: int = REQUESTS) -> Workload:
     rng = np.random.default_rng([seed, 1024])
     prompts, answers = rng.integers(16, 769, n), rng.integers(16, 257, n)
     requests = tuple(Request(int(p), int(a)) for p, a in zip(prompts, answers, strict=True))
-    return Workload("long prompts", f"long prompts: {n} requests, P uniform on 16..768 tokens, n "
-                    "on 16..256; GPT-2-small shapes (12 layers, 12 heads of 64), fp16", requests,
-                    1024,
+    description = (f"long prompts: {n} requests, P uniform on 16..768 tokens, n on 16..256; "
+                   "GPT-2-small shapes (12 layers, 12 heads of 64), fp16")
+    return Workload("long prompts", description, requests, 1024,
                     kv_cache_bytes(12, 1, 12, 64, 1, np.float16))
 
 
