@@ -71,6 +71,7 @@ figures: $(VENV)/.installed
 	$(PY) tools/heatmap.py --out figures/heatmap_trained.png
 	$(PY) tools/heatmap.py --random --out figures/heatmap_random.png
 	$(PY) tools/memory.py --out figures/cache_memory.png
+	$(PY) tools/bench_paged_memory.py --out figures/paged_memory.png
 	$(PY) tools/train.py --plot --figure figures/mask_ablation.png
 
 clean:

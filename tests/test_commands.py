@@ -67,9 +67,10 @@ def test_verify_refuses_unknown_checks(capsys, argv, match):
 
 ROOT = Path(__file__).resolve().parent.parent
 # The modules of tools/ that the commands import and that are no command themselves: the flags
-# and outputs they share, the measurement harness, the references, the benchmark's sections.
+# and outputs they share, the measurement harness, the references, the benchmark's sections,
+# and the call into Hugging Face's continuous batching (no command yet).
 HELPERS = {"cli_types.py", "measure.py", "references.py", "bench_setup.py", "bench_decode.py",
-           "bench_hf.py", "bench_profile.py"}
+           "bench_hf.py", "bench_profile.py", "hf_serving.py"}
 SCRIPTS = ["generate.py", "verify.py", *sorted(str(p.relative_to(ROOT))
                                                for p in (ROOT / "tools").glob("[!_]*.py")
                                                if p.name not in HELPERS)]

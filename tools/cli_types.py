@@ -10,6 +10,9 @@ generate.py's own command uses them too.
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from block import GPT
@@ -18,7 +21,7 @@ from generate import path_line
 from parts.checks import can_create_in, cli_float, cli_load, one_line, refuse_unused
 
 __all__ = ["OUT_DIR", "REPO", "add_path_flag", "cli_float", "default_output", "load_checkpoint",
-           "model_class", "one_line", "path_line", "refuse_unused"]
+           "model_class", "one_line", "path_line", "refuse_unused", "umask", "write_whole"]
 
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "out"  # every default output of a command goes under here
@@ -60,3 +63,28 @@ def add_path_flag(ap: argparse.ArgumentParser, fast: bool = False) -> None:
 def model_class(args: argparse.Namespace) -> type[GPT]:
     """The class add_path_flag's flags chose."""
     return FastGPT if args.fast else GPT
+
+
+def umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_whole(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """write(tmp) into a temporary file beside `path` (same directory, same suffix), then rename
+    it onto `path`: a reader finds the whole new file, or the old one, never half of either. If
+    write fails, the temporary file is removed and `path` is left as it was."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        tmp.chmod(0o666 & ~umask())  # mkstemp makes it private; give it a plain file's mode
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
