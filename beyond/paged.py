@@ -285,7 +285,7 @@ class PagedBatch:
         pool, undo = self.pool, self.undo
         if undo is None:
             return
-        for seq, blocks in undo["got"].items():
+        for seq, blocks in reversed(undo["got"].items()):  # the free list in its old order
             del pool.tables[seq][len(pool.tables[seq]) - len(blocks):]
             pool.give_back(blocks)
             if not pool.tables[seq]:  # a sequence this step brought: forgotten again
