@@ -144,9 +144,9 @@ class Engine:
         during run()."""
         self.refuse_in_run("submit")
         c = self.model.config
-        prompt = token_ids("prompt_ids", prompt_ids, 1, c.vocab_size)
-        if prompt.size < 1:
+        if isinstance(prompt_ids, (list, tuple, np.ndarray)) and len(prompt_ids) == 0:
             raise ValueError("prompt_ids must hold at least one token, got an empty prompt")
+        prompt = token_ids("prompt_ids", prompt_ids, 1, c.vocab_size)
         max_new_tokens = positive_int("max_new_tokens", max_new_tokens)
         if eos_id is not None and (not is_int(eos_id) or not 0 <= eos_id < c.vocab_size):
             raise ValueError(f"eos_id must be None or a token id in [0, {c.vocab_size}), got "
