@@ -212,6 +212,7 @@ class PagedBatch:
         self.layers = [PagedLayer(self, i) for i in range(pool.n_layers)]
         self.past = np.array([pool.lengths.get(s, 0) for s in seq_ids])  # (B,) tokens held
         self.writes: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.t_k = 0  # key columns the layers return, set by commit from the step
         self.undo: dict | None = None  # what commit changed, for roll_back
 
     # --- the protocol ----------------------------------------------------------------------------
@@ -266,7 +267,7 @@ class PagedBatch:
         pool = self.pool
         got = pool.allocate(dict(zip(self.seq_ids, self.new.tolist(), strict=True)))
         self.undo = {"got": got, "layers": {}, "filled_by": pool.filled_by}
-        T = step.real.shape[1]
+        T, self.t_k = step.real.shape[1], step.key_positions.shape[1]
         rows, cols, blocks, offsets = [], [], [], []
         for b, seq in enumerate(self.seq_ids):
             n = int(self.new[b])
@@ -334,9 +335,7 @@ class PagedLayer:
         written, then every row's keys gathered through its table in logical-slot order, zeros
         where a row holds no token (never a stale or poisoned slot)."""
         self.write(k, v)
-        pool = self.batch.pool
-        bs, B = pool.block_size, len(self.batch.seq_ids)
-        t_k = int(pool.blocks_for(self.batch.past + self.batch.new).max()) * bs
+        pool, B, t_k = self.batch.pool, len(self.batch.seq_ids), self.batch.t_k
         table, valid = self.tables(t_k)
         out = []
         for store in (pool.keys[self.i], pool.values[self.i]):
