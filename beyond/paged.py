@@ -262,8 +262,8 @@ class PagedBatch:
                              "compute")
 
     def commit(self, step: Step, model: object) -> None:
-        """Take the blocks the step needs (all or nothing) and record
-        where each real new token goes: row b's token t -> (physical block, offset)."""
+        """Take the blocks the step needs (all or nothing) and record where each real new token
+        goes: row b's token t -> (physical block, offset)."""
         pool = self.pool
         got = pool.allocate(dict(zip(self.seq_ids, self.new.tolist(), strict=True)))
         self.undo = {"got": got, "layers": {}, "filled_by": pool.filled_by}
