@@ -109,16 +109,39 @@ def attend_tile(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | 
                 block_size: int, lead: tuple[int, ...]) -> np.ndarray:
     """One tile of (scaled) queries q (..., n, d) against the key blocks it needs: returns
     acc / l, its output rows (..., n, d_v). mask (..., n, t_k) or None."""
-    n, d_v = q.shape[-2], v.shape[-1]
-    m = np.full((*lead, 1, n), -np.inf, q.dtype)  # running max: nothing seen yet
-    denom = np.zeros((*lead, 1, n), q.dtype)  # l: running sum of exp(s_j - m)
-    acc = np.zeros((*lead, n, d_v), q.dtype)  # running sum of exp(s_j - m) * v_j
+    m, denom, acc = start_rows(lead, q.shape[-2], v.shape[-1], q.dtype)
     q_t = q.swapaxes(-1, -2)  # (..., n, d) -> (..., d, n): a view, BLAS reads it transposed
     for keys, partly_hidden in key_blocks(mask, k.shape[-2], block_size):
-        scores = k[..., keys, :] @ q_t  # (..., b, d) @ (..., d, n) -> (..., b, n)
-        if partly_hidden:  # the mask, BEFORE the softmax, with the readable path's NEG_INF
-            scores = np.where(mask[..., keys].swapaxes(-1, -2), scores, NEG_INF)  # (..., b, n)
-        m, denom, acc = online_softmax_step(m, denom, acc, scores, v[..., keys, :])
+        visible = mask[..., keys] if partly_hidden else None
+        m, denom, acc = fold_keys(m, denom, acc, q_t, k[..., keys, :], v[..., keys, :], visible)
+    return finish_rows(denom, acc)
+
+
+def start_rows(lead: tuple[int, ...], n: int, d_v: int, dtype: np.dtype
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The running (m, l, acc) of n query rows before any key: m (..., 1, n) = -inf, l (..., 1,
+    n) = 0, acc (..., n, d_v) = 0."""
+    m = np.full((*lead, 1, n), -np.inf, dtype)  # running max: nothing seen yet
+    denom = np.zeros((*lead, 1, n), dtype)  # l: running sum of exp(s_j - m)
+    acc = np.zeros((*lead, n, d_v), dtype)  # running sum of exp(s_j - m) * v_j
+    return m, denom, acc
+
+
+def fold_keys(m: np.ndarray, denom: np.ndarray, acc: np.ndarray, q_t: np.ndarray,
+              k: np.ndarray, v: np.ndarray, visible: np.ndarray | None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Score one block of b keys k (..., b, d) against the (scaled) queries q_t (..., d, n),
+    mask them (visible (..., n, b), True = may attend, or None: all visible) and fold them
+    and their values v (..., b, d_v) into the running (m, l, acc). A caller that keeps its keys
+    in blocks of its own (a paged cache) walks them with this, block by block."""
+    scores = k @ q_t  # (..., b, d) @ (..., d, n) -> (..., b, n)
+    if visible is not None:  # the mask, BEFORE the softmax, with the readable path's NEG_INF
+        scores = np.where(visible.swapaxes(-1, -2), scores, NEG_INF)  # (..., b, n)
+    return online_softmax_step(m, denom, acc, scores, v)
+
+
+def finish_rows(denom: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    """acc / l: the output rows (..., n, d_v) once every key has been folded in."""
     return acc / denom.swapaxes(-1, -2)  # (..., 1, n) -> (..., n, 1): each row by its own l
 
 
