@@ -41,11 +41,13 @@ from parts.rope import apply_rope
 if TYPE_CHECKING:  # only for type hints: a layer's cache is whatever keeps cache.LayerCache
     from cache import LayerCache
 
-# A finite "minus infinity" for masked logits (the block exercise's choice). exp(-1e9 - max) is
-# exactly 0.0 in float32 and float64, so masked keys get zero probability; and a row whose every
-# key is masked becomes uniform (the mean of the values) instead of 0/0 = NaN, which -inf would
-# give. PyTorch >= 2.5 returns zeros for such a row instead; either way it is padding nobody reads.
-NEG_INF = -1e9
+# A hidden key's score. exp(-inf) is exactly 0, so a hidden key gets exactly zero weight whatever
+# the visible scores are. A finite constant is not enough: with the block exercise's -1e9, a row
+# whose every visible score is below -1e9 (activations near 1e5) puts its weight on the hidden
+# keys, the future or padding. The course's reason for a finite constant, that a row whose every
+# key is hidden must not become 0/0 = NaN, is kept by softmax itself: such a row (a pad query
+# before any real token, which nobody reads) comes out as zeros, as PyTorch >= 2.5 gives.
+NEG_INF = -np.inf
 EMPTY = -1  # the position of a key slot that holds nothing (padding, or a slot not yet written)
 
 
@@ -95,9 +97,14 @@ def mask_from_positions(query_pos: np.ndarray, key_pos: np.ndarray, window: int 
 @door
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """exp(x) / sum(exp(x)) along axis; same shape in and out. Subtracting the max first keeps
-    every exp() <= 1, so logits of 1e4 or -1e9 never overflow."""
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    every exp() <= 1, so logits of 1e4 never overflow; a -inf (a hidden key) gets exactly 0.
+
+    A row of nothing but -inf (a query that may see no key) comes out as zeros, not NaN: it
+    subtracts 0 instead of its max of -inf, and divides by 1 instead of its sum of 0."""
+    top = x.max(axis=axis, keepdims=True)
+    e = np.exp(x - np.where(top == -np.inf, 0, top))
+    total = e.sum(axis=axis, keepdims=True)
+    return e / np.where(total == 0, 1, total)
 
 
 # --- 3. One attention step -----------------------------------------------------------------------
@@ -114,9 +121,10 @@ def scaled_dot_product_attention(
     Returns out (..., t_q, d_v) in v's dtype and weights (..., t_q, t_k). float16 is scored in
     float32, as torch does on a CPU.
 
-    The mask goes on the scores BEFORE softmax: a masked score becomes NEG_INF, so softmax gives it
-    exactly zero probability and renormalises over the visible keys. Zeroing probabilities after
-    softmax would leave rows that no longer sum to one (and the future already in the max).
+    The mask goes on the scores BEFORE softmax: a masked score becomes NEG_INF (-inf), so softmax
+    gives it exactly zero probability, whatever the other scores, and renormalises over the
+    visible keys. Zeroing probabilities after softmax would leave rows that no longer sum to one
+    (and the future already in the max). A query that may see no key gets zeros.
     """
     dtype = v.dtype
     q, k, v = (a.astype(np.result_type(a, np.float32), copy=False) for a in (q, k, v))
@@ -206,11 +214,19 @@ def causal_self_attention_block(
 
     project -> split heads -> masked scaled scores (-1e9) -> softmax -> weighted sum -> merge heads
     -> output projection -> + x -> LayerNorm (eps 1e-5, no learned scale or shift).
+
+    The exercise masks with the finite -1e9, so its masking is written out here rather than taken
+    from scaled_dot_product_attention (which uses -inf). What that costs: a query whose every
+    visible score is below -1e9 (activations near 1e5) puts its weight on the future instead.
+    At the exercise's scales the two give the same numbers. float16 is scored in float32.
     """
-    q = split_heads(x @ w_q, num_heads)  # (N, T, D) -> (N, H, T, d_head)
-    k = split_heads(x @ w_k, num_heads)  # (N, T, D) -> (N, H, T, d_head)
-    v = split_heads(x @ w_v, num_heads)  # (N, T, D) -> (N, H, T, d_head)
-    per_head, _ = scaled_dot_product_attention(q, k, v, causal_mask(x.shape[1]))
+    work = np.result_type(x, np.float32)  # float16 scores would overflow, and -1e9 with them
+    q = split_heads(x @ w_q, num_heads).astype(work, copy=False)  # (N, T, D) -> (N, H, T, d)
+    k = split_heads(x @ w_k, num_heads).astype(work, copy=False)  # (N, T, D) -> (N, H, T, d)
+    v = split_heads(x @ w_v, num_heads).astype(work, copy=False)  # (N, T, D) -> (N, H, T, d)
+    scores = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1])  # (N, H, T, T)
+    scores = np.where(causal_mask(x.shape[1]), scores, -1e9)  # the exercise's finite mask
+    per_head = (softmax(scores, axis=-1) @ v).astype(x.dtype)  # (N, H, T, T) -> (N, H, T, d)
     concat = merge_heads(per_head)  # (N, H, T, d_head) -> (N, T, D)
     return layer_norm(concat @ w_o + x)
 
