@@ -351,36 +351,38 @@ def check_scaled_dot_product_attention(q: np.ndarray, k: np.ndarray, v: np.ndarr
 
 
 def check_attention_inputs(q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                           mask: np.ndarray | None) -> None:
-    """Raise ValueError/TypeError naming the argument unless q, k, v are float arrays of one
-    dtype with matching time and feature axes, and the mask, if any, is a bool array that
-    broadcasts to the scores (..., t_q, t_k) without enlarging them."""
+                           mask: np.ndarray | None, who: str = "attention") -> None:
+    """Raise ValueError/TypeError naming the argument (and `who`, the function asking) unless
+    q, k, v are float arrays of one dtype with matching time and feature axes, at least one key
+    and one feature, and the mask, if any, is a bool array that broadcasts to the scores
+    (..., t_q, t_k) without enlarging them. An empty query axis (t_q = 0) is accepted: nothing
+    is asked, and nothing is answered."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if type(x) is not np.ndarray or x.dtype.kind != "f":  # float16, 32, 64, longdouble
-            raise TypeError(f"attention: {name} must be a float array (a plain ndarray), got "
+            raise TypeError(f"{who}: {name} must be a float array (a plain ndarray), got "
                             f"{type(x).__name__} of {getattr(x, 'dtype', None)}")
         if x.ndim < 2:
-            raise ValueError(f"attention: {name} must be (..., time, features), got shape "
+            raise ValueError(f"{who}: {name} must be (..., time, features), got shape "
                              f"{x.shape}")
     if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, "
+        raise TypeError(f"{who}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, "
                         f"{v.dtype}")
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"attention: need q (..., t_q, d), k (..., t_k, d), v (..., t_k, d_v), "
+        raise ValueError(f"{who}: need q (..., t_q, d), k (..., t_k, d), v (..., t_k, d_v), "
                          f"got q {q.shape}, k {k.shape}, v {v.shape}")
     if k.shape[-2] == 0 or q.shape[-1] == 0:
-        raise ValueError(f"attention: need at least one key (t_k >= 1) and one feature (d >= 1): "
+        raise ValueError(f"{who}: need at least one key (t_k >= 1) and one feature (d >= 1): "
                          f"a query with nothing to score has no answer, got q {q.shape}, "
                          f"k {k.shape}")
     try:
         lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     except ValueError:
-        raise ValueError(f"attention: the leading axes of q {q.shape}, k {k.shape}, v {v.shape} "
+        raise ValueError(f"{who}: the leading axes of q {q.shape}, k {k.shape}, v {v.shape} "
                          "do not broadcast") from None
     if mask is None:
         return
     if type(mask) is not np.ndarray or mask.dtype != bool:
-        raise TypeError(f"attention: mask must be bool (a plain ndarray, True = may attend), got "
+        raise TypeError(f"{who}: mask must be bool (a plain ndarray, True = may attend), got "
                         f"{type(mask).__name__} of {getattr(mask, 'dtype', None)}")
     scores = (*lead, q.shape[-2], k.shape[-2])
     try:
@@ -388,7 +390,7 @@ def check_attention_inputs(q: np.ndarray, k: np.ndarray, v: np.ndarray,
     except ValueError:
         fits = False
     if not fits:
-        raise ValueError(f"attention: mask of shape {mask.shape} does not broadcast to the "
+        raise ValueError(f"{who}: mask of shape {mask.shape} does not broadcast to the "
                          f"scores {scores} (..., t_q, t_k)")
 
 
@@ -408,7 +410,7 @@ def check_grouped_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray,
     fits = np.ndim(q) == np.ndim(k) == np.ndim(v) == 4 and np.shape(k)[1] >= 1
     if not fits or np.shape(q)[1] % np.shape(k)[1] or np.shape(v)[1] != np.shape(k)[1]:
         raise ValueError(f"grouped_attention: need q (B, H, t_q, d) and k, v (B, H_kv, t_k, d) "
-                         f"with H_kv dividing H, got q {np.shape(q)}, k {np.shape(k)}, "
+                         f"with H_kv dividing H (H_kv >= 1), got q {np.shape(q)}, k {np.shape(k)}, "
                          f"v {np.shape(v)}")
 
 
@@ -420,6 +422,9 @@ def check_single_head_causal_attention(x: np.ndarray, w_q: np.ndarray, w_k: np.n
 def check_layer_norm(x: np.ndarray, gamma: np.ndarray | None = None,
                      beta: np.ndarray | None = None, eps: float = 1e-5) -> tuple:
     x = float_array("layer_norm: x", x, min_ndim=1)
+    if x.shape[-1] == 0:
+        raise ValueError(f"layer_norm: x of shape {x.shape} has no features on its last axis: "
+                         "there is no mean or variance to normalise by")
     finite_number("layer_norm eps", eps, above=0)
     for name, p in (("gamma", gamma), ("beta", beta)):
         if p is not None and np.shape(p) != x.shape[-1:]:

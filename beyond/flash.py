@@ -91,7 +91,7 @@ def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarra
     (tile, block) array of scores exists at a time. float16 is computed in float32, as the
     readable path does. Checks its own arguments (as the readable path does, and block_size).
     """
-    check_attention_inputs(q, k, v, mask)
+    check_attention_inputs(q, k, v, mask, "flash_attention")
     block_size = positive_int("flash_attention block_size", block_size)
     return attention_in_tiles(q, k, v, mask, block_size)
 

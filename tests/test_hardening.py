@@ -7,6 +7,8 @@ before any work, so a cache that refuses is left byte for byte as it was.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,8 @@ from attention import (
     softmax,
     split_heads,
 )
+from beyond.flash import flash_attention
+from beyond.int8 import attention_error_bound, quantize
 from block import GPT
 from cache import KVCache, ModelCache
 from generate import generate_cached, generate_naive, prefill
@@ -331,3 +335,49 @@ def test_the_scores_lead_axes_come_from_q_k_and_v_together():
     with pytest.raises(ValueError, match="do not broadcast"):
         scaled_dot_product_attention(rng.standard_normal((2, 4, 8)), rng.standard_normal((3, 4, 8)),
                                      rng.standard_normal((4, 8)))
+
+
+# --- degenerate shapes: refused by name, never NaN, a NumPy reduction error or 0/0 ---------------
+
+def z(*shape: int) -> np.ndarray:
+    return np.zeros(shape)
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda: softmax(z(2, 0)), r"softmax: x of shape \(2, 0\) has no entries along axis -1"),
+    (lambda: softmax(z(0)), r"softmax: x of shape \(0,\) has no entries"),
+    (lambda: softmax(z(0, 3), axis=0), "softmax: .* has no entries along axis 0"),
+    (lambda: scaled_dot_product_attention(z(1, 1, 2, 4), z(1, 1, 0, 4), z(1, 1, 0, 4)),
+     r"attention: need at least one key \(t_k >= 1\)"),
+    (lambda: scaled_dot_product_attention(z(1, 1, 2, 0), z(1, 1, 3, 0), z(1, 1, 3, 4)),
+     r"attention: .* one feature \(d >= 1\)"),
+    (lambda: flash_attention(z(1, 1, 2, 4), z(1, 1, 0, 4), z(1, 1, 0, 4)),
+     r"flash_attention: need at least one key \(t_k >= 1\)"),
+    (lambda: flash_attention(z(1, 1, 2, 0), z(1, 1, 3, 0), z(1, 1, 3, 4), block_size=2),
+     r"flash_attention: .* one feature \(d >= 1\)"),
+    (lambda: grouped_attention(z(1, 2, 2, 4), z(1, 0, 3, 4), z(1, 0, 3, 4), None),
+     r"grouped_attention: .* H_kv dividing H \(H_kv >= 1\), got .* k \(1, 0, 3, 4\)"),
+    (lambda: layer_norm(z(2, 0)), r"layer_norm: x of shape \(2, 0\) has no features"),
+    (lambda: quantize(z(2, 0)), r"quantize: x of shape \(2, 0\) has empty rows"),
+    (lambda: attention_error_bound(z(1, 2, 4), z(1, 0, 4), z(1, 0, 4)),
+     r"attention_error_bound: need at least one key"),
+    (lambda: attention_error_bound(z(1, 2, 0), z(1, 3, 0), z(1, 3, 0)),
+     r"attention_error_bound: .* one feature"),
+])
+def test_an_empty_axis_that_leaves_nothing_to_compute_is_refused_by_name(call, match):
+    """No row of keys, no feature, no K/V head, a softmax over nothing: each refused by its own
+    name before any arithmetic (a NumPy warning or error on the way would surface here too)."""
+    with np.errstate(all="raise"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_no_query_is_accepted_and_answers_nothing():
+    """t_q = 0: nothing is asked, so the answer is an empty (..., 0, d_v), from either path."""
+    q, k, v = z(1, 2, 0, 4), z(1, 2, 3, 4), z(1, 2, 3, 5)
+    with np.errstate(all="raise"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, weights = scaled_dot_product_attention(q, k, v, causal_mask(3)[:0])
+        assert out.shape == (1, 2, 0, 5) and weights.shape == (1, 2, 0, 3)
+        assert flash_attention(q, k, v, block_size=2).shape == (1, 2, 0, 5)
