@@ -130,9 +130,9 @@ def test_one_kv_cache_given_for_two_layers_is_refused():
 def test_a_logits_buffer_larger_than_memory_is_refused_before_any_work(monkeypatch, model_calls):
     """The (B, N, V) logits of a generation are sized up front, with the repo's own refusal
     rather than a raw MemoryError half-way."""
+    model = small_model()  # built first: alone, the test would refuse the model itself
     monkeypatch.setattr(checks, "available_memory", lambda: 10_000)
     monkeypatch.setattr(checks, "SMALL_ALLOCATION", 0)  # every size asks
-    model = small_model()
     for generate in (generate_naive, generate_cached):
         with pytest.raises(ValueError, match="logits of 3 rows x 20 steps x 64 tokens needs"):
             generate(model, random_ids(5, 3, 4), 20)
@@ -302,6 +302,21 @@ def test_appending_a_view_of_the_cache_itself_stores_what_the_view_held():
     np.testing.assert_array_equal(values[:, :, 3:5], expected_v)
 
 
+def test_appending_a_v_that_views_the_very_slots_k_is_written_to_stores_what_v_held():
+    """v a view of keys [2, 4) while k is written into [3, 5): writing k first would change what
+    v reads (slot 3 held nothing; v would read k's first key there). v is read as it was."""
+    rng = np.random.default_rng(7)
+    kv = KVCache(1, 2, 6, 3, np.float64)
+    kv.append(rng.standard_normal((1, 2, 3, 3)), rng.standard_normal((1, 2, 3, 3)))
+    k = rng.standard_normal((1, 2, 2, 3))
+    v = kv.keys[:, :, 2:4]  # key 2, then the empty slot k's first key is about to fill
+    expected_v = v.copy()
+    keys, values = kv.append(k, v)
+    np.testing.assert_array_equal(keys[:, :, 3:5], k)
+    np.testing.assert_array_equal(values[:, :, 3:5], expected_v)
+    assert not values[:, :, 4].any()  # the empty slot v read: zeros, not k's first key
+
+
 def test_the_views_append_returns_see_a_truncate():
     """append returns views, not copies: after truncate the dropped slots read as zeros, as in a
     new cache, so nobody reads stale keys through an old view by mistake."""
@@ -335,6 +350,15 @@ def test_the_scores_lead_axes_come_from_q_k_and_v_together():
     with pytest.raises(ValueError, match="do not broadcast"):
         scaled_dot_product_attention(rng.standard_normal((2, 4, 8)), rng.standard_normal((3, 4, 8)),
                                      rng.standard_normal((4, 8)))
+
+
+def test_a_causal_mask_larger_than_memory_is_refused_by_name_not_a_memory_error(monkeypatch):
+    """A 10^6 x 10^6 mask is 931 GiB of bools: refused with its size before NumPy tries (it
+    raised a raw MemoryError). The machine is given 16 GiB free, so the test holds anywhere."""
+    monkeypatch.setattr(checks, "available_memory", lambda: 16 * 2**30)
+    with pytest.raises(ValueError, match=r"causal_mask\(1000000, 1000000\) needs 931.3 GiB, more "
+                                         r"than the 16.0 GiB"):
+        causal_mask(10**6, 10**6)
 
 
 # --- degenerate shapes: refused by name, never NaN, a NumPy reduction error or 0/0 ---------------

@@ -14,6 +14,7 @@ from attention import causal_mask, scaled_dot_product_attention
 from beyond import int8
 from beyond.int8 import Int8KVCache, attention_error_bound, dequantize, int8_cache, quantize
 from beyond.latent import LatentConfig, LatentGPT
+from beyond.window import window_cache
 from block import GPT, GPTConfig
 from cache import KVCache, ModelCache
 from generate import generate_cached, generate_naive
@@ -169,6 +170,24 @@ def layer_state(kv: Int8KVCache) -> tuple:
             kv.value_scales.tobytes(), len(kv))
 
 
+def test_a_value_whose_scale_overflows_float32_is_refused_by_name():
+    """float64 keys up to 4e40 have a float32 scale (4e40 / 127 = 3.1e38) and come back to
+    rounding; at 4.4e40 the scale would be 3.5e38, past float32's 3.4e38: inf, and NaN on the way
+    back. Refused by name, before anything is written, by the cache and by quantize."""
+    kv = Int8KVCache(1, 1, 4, 2, np.float64)
+    fits, past = np.full((1, 1, 1, 2), 4.0e40), np.full((1, 1, 1, 2), 4.4e40)
+    keys, _ = kv.append(fits, fits)
+    np.testing.assert_allclose(keys, fits, rtol=1e-7, atol=0)
+    before = (kv.keys.tobytes(), kv.key_scales.tobytes(), kv.values.tobytes(), len(kv))
+    for k, v, name in ((past, fits, "k"), (fits, -past, "v")):
+        with pytest.raises(ValueError, match=f"Int8KVCache.append: {name} holds values up to "
+                                             r"4.4e\+40, whose scale .* overflows"):
+            kv.append(k, v)
+    assert (kv.keys.tobytes(), kv.key_scales.tobytes(), kv.values.tobytes(), len(kv)) == before
+    with pytest.raises(ValueError, match="quantize: x holds values up to 4.4e"):
+        quantize(past)
+
+
 # --- the model with an int8 cache ----------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -223,6 +242,24 @@ def test_an_int8_cache_of_latents_serves_an_mla_model_within_the_int8_tolerance(
 def test_an_int8_cache_is_still_a_layer_cache():
     kv = int8_cache(small_model("mqa", "float32"), 1).layers[0]
     assert isinstance(kv, KVCache) and (kv.n_kv_heads, kv.d_head, kv.max_len) == (1, 8, 32)
+
+
+def test_a_rope_window_model_past_max_seq_len_is_refused_up_front_with_an_int8_cache(
+        model_calls):
+    """A RoPE + window model has no position limit, but an int8 cache holds max_seq_len
+    positions: generate_cached checks the cache's capacity before any work (the request ran and
+    failed half-way). A rolling buffer takes the same request."""
+    model = small_model("rope")
+    window = GPT(GPTConfig(**SMALL, **VARIANTS["rope"], sliding_window=4), dtype="float64",
+                 weights=model.named_weights())
+    cache = int8_cache(window, 1)
+    prompt = [random_ids(0, 1, 20)[0]]
+    with pytest.raises(ValueError, match="20 \\+ max_new_tokens=20 = 40 positions exceed the "
+                                         "cache's 32"):
+        generate_cached(window, prompt, 20, cache=cache)
+    assert model_calls["forward"] == 0 and len(cache) == 0
+    rolling = generate_cached(window, prompt, 20, cache=window_cache(window, 1))
+    assert rolling.tokens.shape == (1, 20)
 
 
 # --- the trained model ---------------------------------------------------------------------------

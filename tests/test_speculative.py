@@ -13,6 +13,7 @@ import pytest
 from conftest import TOL64
 
 import beyond.speculative as spec
+from beyond.window import window_cache
 from block import GPT, GPTConfig
 from generate import generate_cached, prefill
 from parts import task
@@ -248,6 +249,43 @@ def test_eos_ends_the_answer_as_in_cached(same_draft):
                                     eos_id=eos)
     np.testing.assert_array_equal(got.tokens, want)
     assert got.tokens[0, -1] == eos and eos not in got.tokens[0, :-1]
+
+
+# --- sliding windows: the models' full caches and the band mask ---------------------------------
+
+def windowed_tiny(window: int | None, seed: int, **changes: object) -> GPT:
+    return random_model(GPTConfig(**(TINY | {"max_seq_len": 32, "sliding_window": window}
+                                     | changes)), seed=seed)
+
+
+@pytest.mark.parametrize(("target_window", "draft_window"), [(3, None), (None, 2), (3, 2)])
+def test_a_windowed_target_or_draft_gives_generate_cacheds_tokens(target_window, draft_window):
+    """Both caches are full KVCaches; the window comes from the mask, so rejected drafts are cut
+    back as anywhere else. 20 tokens after 5, far past the window, with rejections (a random
+    draft): the target's own tokens, and its logits to 1e-10 (generate_cached reads a windowed
+    target through a rolling buffer)."""
+    target = windowed_tiny(target_window, 1)
+    draft = windowed_tiny(draft_window, 2)
+    prompt = np.array([[1, 2, 3, 4, 5]])
+    got = spec.generate_speculative(target, draft, prompt, 20, gamma=3)
+    cache = None if target_window is None else window_cache(target, 1)
+    expected = generate_cached(target, prompt, 20, cache=cache)
+    np.testing.assert_array_equal(got.tokens, expected.tokens)
+    np.testing.assert_allclose(got.logits, expected.logits, rtol=0, atol=TOL64)
+    assert got.rejected > 0 and got.accepted > 0  # both ways through a round were taken
+
+
+@pytest.mark.parametrize("which", ["target", "draft"])
+def test_a_rope_window_model_past_max_seq_len_is_refused_up_front(no_work, which):
+    """generate_cached runs a RoPE + window model past max_seq_len in a rolling buffer, which
+    cannot take rejected drafts back; speculative decoding keeps full caches, so the request is
+    refused before any work, naming max_seq_len (it ran, and failed half-way)."""
+    long = GPT(GPTConfig(**(TINY | {"rope": True, "sliding_window": 4})), dtype="float64")
+    other = GPT(GPTConfig(**(TINY | {"max_seq_len": 64})), dtype="float64")
+    target, draft = (long, other) if which == "target" else (other, long)
+    need = 20 if which == "target" else 19  # the draft never sees the last token
+    with pytest.raises(ValueError, match=f"{which} has max_seq_len=16.*needs {need}"):
+        spec.generate_speculative(target, draft, np.ones((1, 10), dtype=np.int64), 10)
 
 
 # --- refusals, before any work -------------------------------------------------------------------

@@ -282,9 +282,10 @@ def test_truncate_works_until_the_buffer_wraps_then_is_refused_below_what_it_hol
     assert state(cache) == before
 
 
-def test_a_chunk_longer_than_the_window_cannot_be_truncated_into():
+@pytest.mark.parametrize("length", [7, 3, 0])
+def test_a_chunk_longer_than_the_window_cannot_be_truncated_into(length):
     """A 10-token prefill into W = 4 stores only the last 4: a truncate inside it would need keys
-    that were never stored, so it is refused (it was accepted, and the logits were off by 0.96);
+    that were never stored, so it is refused (7 was accepted, and the logits were off by 0.96);
     truncate(0) too (it left a row's count at 6, so the next token took position 6)."""
     cfg = GPTConfig(vocab_size=32, max_seq_len=16, d_model=16, n_heads=4, n_layers=2,
                     init_std=0.3, sliding_window=4)
@@ -293,12 +294,55 @@ def test_a_chunk_longer_than_the_window_cannot_be_truncated_into():
     cache = window_cache(model, 1)
     model(x[:, :10], cache)
     before = state(cache)
-    for length in (7, 3, 0):
-        with pytest.raises(ValueError, match=r"truncate: length must be an int in \[10, 10\]"):
-            cache.truncate(length)
-        assert state(cache) == before
+    with pytest.raises(ValueError, match=r"truncate: length must be an int in \[10, 10\]"):
+        cache.truncate(length)
+    assert state(cache) == before
     cache.reset()
     np.testing.assert_allclose(model(x[:, :9], cache), model(x[:, :9]), rtol=0, atol=TOL)
+
+
+def test_truncate_to_zero_before_any_key_is_lost_leaves_no_count_behind():
+    """Two rows of different padding, three columns into W = 4 (nothing lost): truncate(0) is a
+    fresh cache, every count 0, and the next call numbers its tokens from 0."""
+    model = windowed("mha", 4, 0)
+    cache = window_cache(model, 2)
+    model(random_ids(4, 2, 3), cache, attention_mask=padded(2, 3, [[0], []]))
+    assert cache.count.tolist() == [2, 3]
+    cache.truncate(0)
+    assert state(cache) == state(window_cache(model, 2))
+    ids = random_ids(5, 2, 6)
+    np.testing.assert_allclose(model(ids, cache), model(ids), rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("failure", ["float16 overflow", "before the write", "after the write"])
+def test_a_padded_wrapping_step_that_fails_in_the_last_layer_restores_every_count(failure):
+    """Rows of different counts, a step that wraps the buffer, a failure in layer 1 after layer 0
+    wrote: a refused float16 key, an error before layer 1 writes, or one after it wrote. Every
+    slot, count, column and the floor come back, and the next call is the undisturbed one's."""
+    model = windowed("mha", 4, 1)
+    ids, mask = random_ids(18, 2, 9), padded(2, 9, [[0, 1, 2], []])
+    cache = window_cache(model, 2, dtype="float16")
+    model(ids[:, :5], cache, attention_mask=mask[:, :5])
+    before = state(cache)
+    layer = cache.layers[1]
+    update = layer.update
+
+    def fails(k, v):
+        if failure == "float16 overflow":
+            return update(k + 1e5, v)  # only layer 1's keys overflow float16
+        if failure == "after the write":
+            update(k, v)
+        raise MemoryError("simulated")
+
+    layer.update = fails
+    with pytest.raises(ValueError if failure == "float16 overflow" else MemoryError):
+        model(ids[:, 5:8], cache, attention_mask=mask[:, :8])  # 3 more: rows wrap their slots
+    del layer.update
+    assert state(cache) == before
+    undisturbed = window_cache(model, 2, dtype="float16")
+    model(ids[:, :5], undisturbed, attention_mask=mask[:, :5])
+    np.testing.assert_array_equal(model(ids[:, 5:], cache, attention_mask=mask),
+                                  model(ids[:, 5:], undisturbed, attention_mask=mask))
 
 
 def test_the_floor_rises_only_when_a_key_is_lost():
