@@ -4,6 +4,7 @@ cache on random models and on the trained one."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,65 @@ def test_attention_over_the_int8_cache_stays_within_the_proved_bound(seed):
     gap = np.abs(rounded - exact)
     assert np.all(gap <= bound + 1e-12)
     assert gap.max() > 0  # int8 did round something
+
+
+def int8_gap(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """|attention over the int8 round trip of k, v - attention over k, v|, float64, no mask."""
+    k_hat, v_hat = (dequantize(*quantize(x), np.float64) for x in (k, v))
+    exact, _ = scaled_dot_product_attention(q, k, v)
+    return np.abs(scaled_dot_product_attention(q, k_hat, v_hat)[0] - exact)
+
+
+DELTA = 1e-6  # how far from a rounding tie each element sits: every error is 0.5 - 1e-6 steps
+
+
+def keys_rounded_against_the_query(a: float) -> tuple[np.ndarray, ...]:
+    """The weights' worst case, worked by hand. d = 5; element 0 holds each key's largest value,
+    127, so both scales are exactly 1 and it rounds exactly (q is 0 there). Elements 1-4 sit just
+    below (key 0) and just above (key 1) a tie, so key 0 rounds DOWN and key 1 UP by 0.5 - DELTA
+    each, and q = a on them: score 0 falls and score 1 rises by eps = 4a * 1 / (2 sqrt 5), the
+    most any score may move. The float scores differ by +eps (less 8 DELTA a / sqrt 5), the int8
+    ones by -eps: weight tanh(eps / 2) moves from key 0 to key 1. Their values, exact in int8,
+    are 127 and -127 in element 0 and 127 and 0 in the others: the gap is tanh(eps / 2) times
+    each element's spread, 254 or 127, and the bound that + s_v / 2 = 0.5, a value term nothing
+    here uses."""
+    q = np.array([[0.0, a, a, a, a]])  # (t_q, d)
+    k = np.array([[127.0, 11.5 - DELTA, 11.5 - DELTA, 10.5 - DELTA, 10.5 - DELTA],
+                  [127.0, 10.5 + DELTA, 10.5 + DELTA, 10.5 + DELTA, 10.5 + DELTA]])
+    v = np.array([[127.0] * 5, [-127.0, 0.0, 0.0, 0.0, 0.0]])
+    return q, k, v
+
+
+def values_rounded_by_half_a_step() -> tuple[np.ndarray, ...]:
+    """The values' worst case: one key (its weight is 1 either way), whose value row is 127 and
+    then elements just short of a tie: each rounds by 0.5 - DELTA of its scale, 1. The bound's
+    weight term is 0 (one key has no spread): the bound is s_v / 2 = 0.5."""
+    rng = np.random.default_rng(4)
+    q, k = rng.standard_normal((3, 4)), rng.standard_normal((1, 4))
+    v = np.array([[127.0, 3.5 - DELTA, -20.5 + DELTA, 60.5 - DELTA]])
+    return q, k, v
+
+
+@pytest.mark.parametrize("case", ["weights, eps 1", "weights, eps 2", "weights, eps 4",
+                                  "values"])
+def test_the_bound_is_reached_by_the_worst_case_it_allows(case):
+    """Right: the gap never exceeds the bound. Tight: on the worst case every element's gap comes
+    within 1% of its bound, so a bound 2x too small fails (the gap passes it), and so does one
+    1.02x too loose (the old (e^2eps - 1) max |v| was 7x to 3,000x too loose on these, and
+    2 max |v| in place of the spread is 2x too loose in four elements)."""
+    if case == "values":
+        q, k, v = values_rounded_by_half_a_step()
+    else:
+        eps = float(case.split()[-1])
+        q, k, v = keys_rounded_against_the_query(eps * math.sqrt(5) / 2)
+        expected = math.tanh(eps / 2) * np.array([[254.0, 127, 127, 127, 127]])  # by hand
+        np.testing.assert_allclose(int8_gap(q, k, v), expected, rtol=1e-4)
+        np.testing.assert_allclose(attention_error_bound(q, k, v), expected + 0.5, rtol=1e-12)
+    gap, bound = int8_gap(q, k, v), attention_error_bound(q, k, v)
+    assert gap.shape == bound.shape
+    assert np.all(gap <= bound * (1 + 1e-12))
+    reached = slice(1, None) if case == "values" else slice(None)  # a row's 127 rounds exactly
+    assert np.all(gap[..., reached] >= 0.99 * bound[..., reached]), gap / bound
 
 
 # --- the cache -----------------------------------------------------------------------------------

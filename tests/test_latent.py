@@ -216,6 +216,30 @@ def test_any_cache_of_the_latents_shape_serves_the_latent_model():
     assert two.nbytes == 2 * model.new_cache(2).nbytes
 
 
+@pytest.mark.parametrize(("model_dtype", "cache_dtype", "rtol"), [
+    ("float32", "float64", 1e-5), ("float64", "float32", 1e-5), ("float32", "float16", 3e-3),
+    ("float64", "float16", 3e-3)])
+def test_a_latent_model_decodes_into_a_cache_of_another_dtype(model_dtype, cache_dtype, rtol):
+    """The latents are cast into the cache and back to the model's dtype on the way out: a
+    prefill, a decode step and a chunk agree with the float64 model without a cache to the
+    rounding of the narrower dtype (relative to the largest logit). A float32 model with a
+    float64 cache is its float32 cache's run exactly: float32 latents are exact in float64."""
+    config = LatentConfig(**SMALL, kv_latent=8)
+    model = random_model(config, seed=2, dtype=model_dtype)
+    expected = random_model(config, seed=2, dtype=np.float64)(ids := random_ids(5, 2, 9))
+
+    def cached(cache_dtype: str | None) -> np.ndarray:
+        cache = model.new_cache(2, cache_dtype)
+        return np.concatenate([model(ids[:, :6], cache), model(ids[:, 6:7], cache),
+                               model(ids[:, 7:], cache)], axis=1)
+
+    got = cached(cache_dtype)
+    assert got.dtype == model_dtype
+    np.testing.assert_allclose(got, expected, rtol=0, atol=rtol * np.abs(expected).max())
+    if (model_dtype, cache_dtype) == ("float32", "float64"):
+        np.testing.assert_array_equal(got, cached(None))
+
+
 # --- what is refused -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [0, -3, 2.0, True, "8", None])

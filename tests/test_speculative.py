@@ -182,6 +182,22 @@ def test_the_token_after_a_bonus_or_a_fix_follows_the_target():
     assert chi_square(np.array([r.tokens[0, 2] for r in runs]), expected) < CHI2_LIMIT
 
 
+@pytest.mark.parametrize("keep_one", [{"top_k": 1}, {"top_p": 1e-9}], ids=["top_k=1", "top_p"])
+def test_keeping_only_the_top_token_samples_greedily(keep_one):
+    """top_k=1 (or a top_p that keeps one token) at temperature 1 leaves both distributions one
+    token each, so every draw is the argmax: the greedy tokens of generate_cached, for every
+    seed. A decoder that dropped the filter for the target drew other tokens (it matched greedy
+    in 2 runs of 50). The draft samples with the same filter, so each proposal had q = 1 (without
+    it the tokens stay the target's, only fewer drafts are accepted)."""
+    target, draft = tiny_pair()
+    for seed in range(12):
+        prompt = np.array([[seed % 8, (3 * seed) % 8, 1]])
+        got = spec.generate_speculative(target, draft, prompt, 8, gamma=3, temperature=1.0,
+                                        rng=np.random.default_rng(seed), **keep_one)
+        np.testing.assert_array_equal(got.tokens, generate_cached(target, prompt, 8).tokens)
+        assert all((r.q == 1.0).all() for r in got.rounds)
+
+
 def test_a_draft_equal_to_the_target_is_always_accepted():
     target = tiny_pair()[0]
     out = spec.generate_speculative(target, target, np.array([[1, 2]]), 12, gamma=4,
