@@ -178,6 +178,20 @@ def test_append_returns_the_dequantized_floats_of_every_position():
     assert cache.keys.dtype == np.int8 and len(cache) == 6
 
 
+def test_integer_keys_and_values_are_quantized_as_numbers():
+    """An int array appended (as a KVCache takes one) is read as numbers: quantized, and read back
+    in the cache's float dtype within half a step of each row's scale."""
+    kv = Int8KVCache(1, 2, 4, 3, np.float64)
+    k = np.array([[[[1, -200, 7]], [[0, 0, 0]]]])  # (1, 2, 1, 3) int64: a zero row too
+    keys, values = kv.append(k, -k)
+    assert keys.dtype == values.dtype == np.float64
+    step = np.abs(k).max(-1, keepdims=True) / 127
+    assert np.all(np.abs(keys - k) <= step / 2 * (1 + 1e-6))
+    assert np.all(np.abs(values + k) <= step / 2 * (1 + 1e-6))
+    # the largest entry is 127 steps of a float32 scale: -200 to the scale's rounding
+    assert abs(keys[0, 0, 0, 1] + 200) <= 200 * 2e-7 and not keys[0, 1].any()
+
+
 def test_refused_appends_leave_every_byte_as_it_was():
     model = small_model("mha", "float32")
     cache = int8_cache(model, 2)

@@ -240,6 +240,43 @@ def test_a_latent_model_decodes_into_a_cache_of_another_dtype(model_dtype, cache
         np.testing.assert_array_equal(got, cached(None))
 
 
+def test_latent_attention_called_directly_checks_its_door_and_runs():
+    """Outside the model the layer checks its own arguments: x (B, T, D) is taken and gives the
+    model's own layer output; a 2-D x or RoPE angles are refused by name."""
+    model = mla(8)
+    p = model.blocks[0].attn
+    x = np.random.default_rng(0).standard_normal((2, 5, 32))
+    out, weights = latent.latent_attention(x, p, causal_mask(5))
+    assert out.shape == (2, 5, 32) and weights.shape == (2, 4, 5, 5)
+    q = x @ p.w_q + p.b_q  # (2, 5, H d): the explicit form worked here, head by head
+    k, v = x @ p.w_dkv @ p.w_uk, x @ p.w_dkv @ p.w_uv
+    heads = []
+    for h in range(4):
+        cut = slice(8 * h, 8 * h + 8)
+        scores = q[..., cut] @ k[..., cut].swapaxes(-1, -2) / np.sqrt(8)  # (2, 5, 5)
+        scores = np.where(causal_mask(5), scores, -np.inf)
+        w = np.exp(scores - scores.max(-1, keepdims=True))
+        heads.append(w / w.sum(-1, keepdims=True) @ v[..., cut])
+    np.testing.assert_allclose(out, np.concatenate(heads, -1) @ p.w_o + p.b_o, rtol=0, atol=TOL)
+    with pytest.raises(ValueError, match="latent_attention: x must have 3 dimension"):
+        latent.latent_attention(x[0], p, None)
+    with pytest.raises(ValueError, match="latent_attention: x must be .* and rotate None"):
+        latent.latent_attention(x, p, None, rotate=(np.ones((2, 1, 5, 4)),) * 2)
+    with pytest.raises(ValueError, match=r"latent_attention: x must be \(B, T, 32\)"):
+        latent.latent_attention(x[..., :16], p, None)
+
+
+def test_a_latent_cache_larger_than_memory_is_refused_for_all_layers_together(monkeypatch):
+    """On a machine with 1 GiB free: one layer of 393,216 rows x 32 positions x 8 float64 is
+    0.75 GiB and would fit alone; the model's two layers need 1.5 GiB and are refused first."""
+    from parts import checks
+
+    model = mla(8)
+    monkeypatch.setattr(checks, "available_memory", lambda: 2**30)
+    with pytest.raises(ValueError, match="a latent cache for 393216 rows needs 1.5 GiB"):
+        model.new_cache(393216)
+
+
 # --- what is refused -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [0, -3, 2.0, True, "8", None])

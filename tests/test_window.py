@@ -8,6 +8,7 @@ sequence at once, no cache); what a query sees against perturbed tokens of a one
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from beyond.window import RollingKVCache, WindowCache, slot_of, window_cache
 from block import GPT, GPTConfig
 from cache import EMPTY, KVCache, ModelCache, first_step
 from generate import generate_cached, generate_naive, prefill
+from parts import checks
 from tools.references import random_model
 
 TOL = 1e-12
@@ -345,6 +347,17 @@ def test_a_padded_wrapping_step_that_fails_in_the_last_layer_restores_every_coun
                                   model(ids[:, 5:], undisturbed, attention_mask=mask))
 
 
+def test_a_chunk_one_longer_than_the_window_never_stores_its_first_key():
+    """W + 1 = 5 tokens in one chunk: the first would share a slot with the last, so it is not
+    stored, and a truncate to any length inside the chunk is refused (the floor is 5)."""
+    model = windowed("mha", 4, 0)
+    cache = window_cache(model, 1)
+    model(random_ids(13, 1, 5), cache)
+    assert cache.floor == 5 and sorted(cache.held[0].tolist()) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"length must be an int in \[5, 5\]"):
+        cache.truncate(1)
+
+
 def test_the_floor_rises_only_when_a_key_is_lost():
     """Token by token, nothing is lost until the fifth token overwrites position 0 (W = 4): up to
     then every length can be rebuilt, exactly as a cache that saw only that many."""
@@ -371,6 +384,14 @@ def test_reset_starts_again_at_position_zero():
     cache.reset()
     assert len(cache) == 0 and (cache.held == EMPTY).all() and cache.floor == 0
     np.testing.assert_allclose(model(ids, cache), model(ids), rtol=0, atol=TOL)
+
+
+def test_reset_leaves_the_bytes_of_a_new_cache():
+    model = windowed("rope", 3, 1)
+    cache = window_cache(model, 2)
+    model(random_ids(12, 2, 9), cache, attention_mask=padded(2, 9, [[0, 1], []]))
+    cache.reset()
+    assert state(cache) == state(window_cache(model, 2))
 
 
 @pytest.mark.parametrize("wrapped", [False, True])
@@ -447,6 +468,29 @@ def test_a_rolling_layer_refuses_an_update_outside_a_window_cache():
 def test_bad_window_settings_are_refused_naming_the_argument(changes, error, match):
     with pytest.raises(error, match=match):
         GPTConfig(**SMALL, **changes)
+
+
+@pytest.mark.parametrize("sinks", [-1, 1.5, True, "2"])
+def test_a_rolling_layer_refuses_sinks_that_are_not_an_int_of_at_least_zero(sinks):
+    assert RollingKVCache(2, 3, 4, 5).sinks == 0  # no sinks unless asked: W slots
+    assert RollingKVCache(2, 3, 4, 5).max_len == 4
+    with pytest.raises(ValueError, match=f"RollingKVCache sinks must be an int >= 0, got "
+                                         f"{re.escape(repr(sinks))}"):
+        RollingKVCache(2, 3, 4, 5, sinks=sinks)
+
+
+def test_a_window_cache_larger_than_memory_is_refused_before_allocating(monkeypatch):
+    """On a machine with 1 GiB free: 8,192 rows of 4 heads x 128 slots x 32 float32, K and V, is
+    1 GiB exactly and fits; one row more is refused with its size. window_cache sizes all its
+    layers together: K and V x 2 layers x 4 heads x 4 slots x 8 numbers x 8 bytes = 4 KiB a
+    row, so 262,145 rows need just over 1 GiB."""
+    monkeypatch.setattr(checks, "available_memory", lambda: 2**30)
+    assert RollingKVCache(8192, 4, 127, 32, sinks=1).nbytes == 2**30
+    with pytest.raises(ValueError, match=r"RollingKVCache \(8193, 4, 128, 32\) x 2 \(float32\) "
+                                         r"needs 1.0 GiB, more than the 1.0 GiB"):
+        RollingKVCache(8193, 4, 127, 32, sinks=1)
+    with pytest.raises(ValueError, match="a window cache for 262145 rows needs 1.0 GiB"):
+        window_cache(windowed("mha", 4, 0), 262145)
 
 
 def test_a_rolling_cache_for_another_window_is_refused_before_any_work():
