@@ -215,7 +215,7 @@ def check_mask() -> Evidence:
         shown.append(f"    t_q={t_q}, t_k={t_k} (queries are the last {t_q} positions)\n"
                      f"    scores:\n{fmt_matrix(scores)}\n"
                      f"    mask (1 = may attend):\n{fmt_matrix(mask, '{:6d}')}\n"
-                     f"    masked scores (future -> -1e9, shown as -inf):\n"
+                     f"    masked scores (future -> -inf):\n"
                      f"{fmt_matrix(np.where(mask, scores, -np.inf))}\n"
                      f"    weights after softmax (rows sum to 1, future exactly 0):\n"
                      f"{fmt_matrix(weights, '{:6.3f}')}\n"
@@ -744,7 +744,7 @@ def check_flash() -> Evidence:
     rand = rng.standard_normal
     padding = np.arange(9) >= np.array([[0], [4]])  # (2, 9): row 1's first 4 keys are padding
     blind = ref.rule_mask(6, 6)
-    blind[2] = False  # query 2 may see nothing: uniform over all 6 keys, in both paths
+    blind[2] = False  # query 2 may see nothing: zeros, in both paths (and in torch)
     cases = {  # name -> q, k, v, mask
         "6x6": (rand((2, 3, 6, 8)), rand((2, 3, 6, 8)), rand((2, 3, 6, 8)), ref.rule_mask(6, 6)),
         "3x7": (rand((2, 3, 3, 8)), rand((2, 3, 7, 8)), rand((2, 3, 7, 8)), ref.rule_mask(3, 7)),
