@@ -591,7 +591,7 @@ def test_the_trained_model_answers_every_demo_prompt(capsys):
     assert all(line.endswith(" yes") for line in answers), answers
 
 
-# --- what runs: the readable code by default, the fast path when asked -----------------------------
+# --- what runs: the readable code by default, the fast path when asked ---------------------------
 
 @pytest.mark.parametrize(("main", "argv", "readable"), [
     (lambda argv: generate.main(argv), [], True),
