@@ -58,13 +58,13 @@ if __package__ in (None, ""):  # run as `python tools/x.py` from anywhere: find 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import json
 import time
 from dataclasses import asdict
 
 import numpy as np
 
 from parts.checks import SEED, cli_int, cli_output_dir, cli_output_file
+from parts.files import write_json
 from tools import bench_decode, bench_hf, bench_profile
 from tools.bench_setup import ASSIGNMENT_SHAPE, FULL, NAMES, QUICK, SHAPES, Settings, build_pair
 from tools.cli_types import OUT_DIR
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     r["figures"] = plot_all(r, args.figures)
     r["wall_time_s"] = time.perf_counter() - t0
     print_report(r)
-    args.json.write_text(json.dumps(r, indent=1, default=_jsonable))
+    write_results(r, args.json)
     print(f"\nwrote {args.json} and {', '.join(r['figures'])} in {r['wall_time_s']:.0f} s")
     return 0 if r["correctness"]["all_passed"] else 1
 
@@ -274,9 +274,15 @@ def sections_only(s: Settings, args: argparse.Namespace) -> int:
         bench_profile.print_tricks(r["tricks"])
     r["figures"] = [bench_profile.plot_profile(r["profile"], machine_label(header),
                                  args.figures / "bench_profile.png")] if args.profile else []
-    args.json.write_text(json.dumps(r, indent=1, default=_jsonable))
+    write_results(r, args.json)
     print(f"\nwrote {', '.join([str(args.json), *r['figures']])}")
     return 0
+
+
+def write_results(r: dict, path: Path) -> Path:
+    """The results as JSON at path, whole or not at all (parts/files.py): a run that fails while
+    writing keeps the previous bench.json."""
+    return write_json(path, r, indent=1, default=_jsonable)
 
 
 def _jsonable(x: object) -> object:

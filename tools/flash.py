@@ -27,6 +27,7 @@ import numpy as np
 from attention import softmax
 from beyond.flash import flash_attention, online_softmax_step, rescale_factor
 from parts.checks import cli_int, cli_output_file
+from parts.files import save_figure
 from tools.cli_types import OUT_DIR
 from tools.measure import interleave, machine_line, peak_bytes, summary
 
@@ -120,7 +121,7 @@ def draw(steps: list[dict[str, float]], scores: np.ndarray, path: Path) -> None:
     bottom.set_xlabel(f"key j (blocks of {steps[0]['size']})")
     fig.suptitle("Online softmax: m and l after each block of keys")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, format="png")
+    save_figure(fig, path, dpi=100, format="png")
 
 
 # --- the measurement -----------------------------------------------------------------------------

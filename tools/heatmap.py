@@ -36,6 +36,7 @@ from block import GPT, GPTConfig
 from generate import generate_cached, prepare_request
 from parts import task
 from parts.checks import SEED, cli_int, cli_output_file
+from parts.files import save_figure
 from tools.cli_types import (
     add_path_flag,
     cli_float,
@@ -127,10 +128,9 @@ def heatmap_figure(maps: np.ndarray, title: str, labels: list[str] | None = None
 
 def plot_heatmaps(maps: np.ndarray, path: str | Path, title: str = "Causal attention",
                   labels: list[str] | None = None) -> Path:
-    """Write the (L, H, T, T) grid to the PNG at exactly `path`; return the path."""
-    path = Path(path)
-    heatmap_figure(maps, title, labels).savefig(path, dpi=100, format="png")
-    return path
+    """Write the (L, H, T, T) grid to the PNG at exactly `path`, whole or not at all; return the
+    path."""
+    return save_figure(heatmap_figure(maps, title, labels), path, dpi=100, format="png")
 
 
 def head_summary(maps: np.ndarray) -> list[str]:

@@ -46,6 +46,7 @@ from cache import KVCache, ModelCache, kv_cache_bytes
 from fast.model import FastGPT
 from generate import decode, greedy, prefill
 from parts.checks import cli_output_file
+from parts.files import save_figure
 from tools.cli_types import default_output
 from tools.measure import human, peak_during, tracing
 
@@ -213,8 +214,7 @@ def plot_memory(rows: list[Row], path: str | Path) -> Path:
     right.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     fig.suptitle("KV-cache memory grows linearly with context; fewer K/V heads and fewer bytes "
                  "per element shrink it")
-    fig.savefig(path, dpi=90)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 # --- the command ---------------------------------------------------------------------------------

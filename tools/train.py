@@ -44,6 +44,7 @@ from beyond.latent import LatentConfig, LatentGPT
 from block import GPT, GPTConfig, random_weights, weight_shapes
 from parts import task
 from parts.checks import SEED, cli_int, cli_output_file
+from parts.files import save_figure, write_json
 from tools import evaluate
 from tools.cli_types import REPO, cli_float, default_output, refuse_unused
 
@@ -408,8 +409,10 @@ def train(config: GPTConfig, s: Settings, log_path: Path | None = None,
 
 
 def write_log(log: dict, path: Path | None) -> None:
+    """The log as JSON at path (if given), whole or not at all: it is rewritten at every
+    measurement, and a run stopped during one keeps the previous log."""
     if path is not None:
-        path.write_text(json.dumps(log, indent=1) + "\n")
+        write_json(path, log, indent=1)
 
 
 def final_evaluation(model: TorchGPT, causal: bool, n: int, seed: int) -> dict:
@@ -455,10 +458,11 @@ def plot_ablation(masked: dict, unmasked: dict, path: Path) -> Path:
               title="greedy exact match on held-out prompts")
     right.legend(fontsize=7, loc="center right")
     fig.suptitle("With and without the causal mask: same config, steps and seed")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    try:
+        fig.tight_layout()
+        return save_figure(fig, path, dpi=90)
+    finally:
+        plt.close(fig)
 
 
 def ablation_table(masked: dict, unmasked: dict) -> str:

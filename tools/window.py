@@ -35,6 +35,7 @@ from cache import EMPTY, ModelCache, first_step
 from fast.model import FastGPT
 from parts import task
 from parts.checks import cli_int, cli_output_file
+from parts.files import save_figure
 from tools.cli_types import default_output
 from tools.evaluate import CHECKPOINT, decode_prompts, length_batches, score_by_length
 from tools.measure import interleave, machine_line, summary
@@ -173,6 +174,16 @@ def plot_accuracy(scores: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    try:
+        draw_accuracy(ax, scores)
+        fig.tight_layout()
+        return save_figure(fig, path, dpi=90)
+    finally:
+        plt.close(fig)
+
+
+def draw_accuracy(ax: object, scores: dict) -> None:
+    """plot_accuracy's axes: one line per window."""
     for name, table in scores.items():
         lengths = [L for L, (count, _) in table.items() if count]
         match = [100 * table[L][1] / table[L][0] for L in lengths]
@@ -182,10 +193,6 @@ def plot_accuracy(scores: dict, path: Path) -> Path:
     ax.set_ylabel("exact match (%)")
     ax.set_title("Trained with full attention, decoded with a sliding window of W keys")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:
