@@ -25,9 +25,9 @@ import time
 import numpy as np
 
 import generate
-from beyond.int8 import LOGIT_TOLERANCE, int8_cache
+from beyond.int8 import LOGIT_TOLERANCE, int8_cache, teacher_forced_logits
 from block import GPT
-from generate import CHECKPOINT, TOLERANCE, Generation, prepare_request
+from generate import CHECKPOINT, TOLERANCE, Generation, Rounded, prepare_request
 from tools.cli_types import add_path_flag, load_checkpoint, model_class
 from tools.speculative import versus_cached
 
@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     add_path_flag(ap)  # --fast / --readable (the default)
     ap.add_argument("--cache-dtype", choices=["int8"], default=None,
                     help="store the cache as int8 with float scales (beyond/int8.py; default: "
-                         "the model's dtype); compared within a stated logit bound, not exactly")
+                         "the model's dtype); its logits are held to a stated bound along its "
+                         "own tokens (teacher-forced), and where its tokens part from the float "
+                         "run's is reported")
     ap.add_argument("--draft", default=None, metavar="PATH",
                     help="trained model only: also decode each prompt with speculative decoding, "
                          "this draft proposing (e.g. checkpoints/reverse_draft.npz)")
@@ -125,17 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     mode = "--hf" if args.hf else "--random" if args.random else "the trained model"
     generate.check_flags(ap, args, mode, MODE_FLAGS)
     cls = model_class(args)
-    cache_for, bound = (int8_cache, (LOGIT_TOLERANCE, "int8 cache")) if args.cache_dtype else (
-        None, None)
+    rounded = Rounded(int8_cache, LOGIT_TOLERANCE, "int8 cache", teacher_forced_logits) if (
+        args.cache_dtype) else None
     if args.hf:
         args.new_tokens = args.new_tokens or generate.RANDOM_DEFAULTS["new_tokens"]
         return hugging_face(args, ap, cls)
     if args.random:
-        return generate.random_weights(args, ap, cls, cache_for, bound)
+        return generate.random_weights(args, ap, cls, rounded)
     args.checkpoint = args.checkpoint or str(CHECKPOINT)
     draft = None if args.draft is None else load_checkpoint(
         ap, args.draft, " (make train-draft writes checkpoints/reverse_draft.npz)", cls, "--draft")
-    code, model, prompts = generate.trained(args, ap, cls, cache_for, bound)
+    code, model, prompts = generate.trained(args, ap, cls, rounded)
     if draft is not None:
         code = 0 if versus_cached(model, draft, prompts, eos_id=ord(generate.task.END)) and (
             code == 0) else 1
