@@ -458,7 +458,17 @@ def trained(args: argparse.Namespace, ap: argparse.ArgumentParser,
             model_class: type[GPT] = GPT, rounded: Rounded | None = None
             ) -> tuple[int, GPT, list[np.ndarray]]:
     """The trained string-reversal model: prompts as text, answers checked. Returns the exit
-    status, the model and the prompts (tools/generate_cli.py goes on with them)."""
+    status, the model and the prompts."""
+    model, texts, prompts = load_trained(args, ap, model_class)
+    return show_trained(args, model, texts, prompts, rounded), model, prompts
+
+
+def load_trained(args: argparse.Namespace, ap: argparse.ArgumentParser,
+                 model_class: type[GPT] = GPT) -> tuple[GPT, list[str], list[np.ndarray]]:
+    """Everything `trained` checks, before it prints: the prompts' characters, the checkpoint,
+    and that the prompts and their answers fit it (a usage error otherwise). Returns the model,
+    the texts and their token ids. tools/generate_cli.py checks its own flags between this and
+    show_trained, so that nothing is printed before every input is known good."""
     texts = args.prompt or list(DEMO_PROMPTS)
     try:
         texts = [task.check_chars(text) for text in texts]
@@ -471,6 +481,12 @@ def trained(args: argparse.Namespace, ap: argparse.ArgumentParser,
         prepare_request(model, prompts, max(map(len, texts)) + 1, eos_id=ord(task.END))
     except ValueError as err:
         ap.error(f"argument --checkpoint: {args.checkpoint} cannot answer these prompts: {err}")
+    return model, texts, prompts
+
+
+def show_trained(args: argparse.Namespace, model: GPT, texts: list[str],
+                 prompts: list[np.ndarray], rounded: Rounded | None = None) -> int:
+    """load_trained's model on its prompts, naive vs cached, printed; the exit status."""
     c = model.config
     print(f"model: {args.checkpoint} (trained to reverse strings): d_model={c.d_model} "
           f"heads={c.n_heads} layers={c.n_layers} max_seq_len={c.max_seq_len}; {path_line(model)}")
@@ -484,7 +500,7 @@ def trained(args: argparse.Namespace, ap: argparse.ArgumentParser,
         answer = task.decode(tokens).split(task.END)[0] + task.END
         print(f"{task.make_prompt(text):<{task.MAX_CHARS + 2}}{answer:<{task.MAX_CHARS + 2}}"
               f"{'yes' if answer == task.expected_answer(task.make_prompt(text)) else 'NO'}")
-    return (0 if print_agreement(run, rounded) else 1), model, prompts
+    return 0 if print_agreement(run, rounded) else 1
 
 
 def random_weights(args: argparse.Namespace, ap: argparse.ArgumentParser,

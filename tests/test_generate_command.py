@@ -336,8 +336,11 @@ FLAGS = [
 
 def stub_the_runs(monkeypatch: pytest.MonkeyPatch, seen: Callable) -> None:
     """Every model's run replaced by `seen(args)`: generate.py's trained and random runs (which
-    tools/generate_cli.py calls through the generate module) and the command's own --hf run."""
+    tools/generate_cli.py calls through the generate module: the trained one as load_trained,
+    then show_trained) and the command's own --hf run."""
     monkeypatch.setattr(generate, "trained", lambda args, *a: (seen(args) or 0, None, []))
+    monkeypatch.setattr(generate, "load_trained", lambda args, *a: (None, [], []))
+    monkeypatch.setattr(generate, "show_trained", lambda args, *a: seen(args) or 0)
     monkeypatch.setattr(generate, "random_weights", lambda args, *a: seen(args) or 0)
     monkeypatch.setattr(generate_cli, "hugging_face", lambda args, *a: seen(args) or 0)
 

@@ -29,7 +29,7 @@ from beyond.int8 import LOGIT_TOLERANCE, int8_cache, teacher_forced_logits
 from block import GPT
 from generate import CHECKPOINT, TOLERANCE, Generation, Rounded, prepare_request
 from tools.cli_types import add_path_flag, load_checkpoint, model_class
-from tools.speculative import versus_cached
+from tools.speculative import check_versus_cached, versus_cached
 
 # generate.py's flags per model, and this command's: --draft for the trained model, --hf's own.
 MODE_FLAGS = {"the trained model": (*generate.MODE_FLAGS["the trained model"], "--draft"),
@@ -135,13 +135,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.random:
         return generate.random_weights(args, ap, cls, rounded)
     args.checkpoint = args.checkpoint or str(CHECKPOINT)
-    draft = None if args.draft is None else load_checkpoint(
-        ap, args.draft, " (make train-draft writes checkpoints/reverse_draft.npz)", cls, "--draft")
-    code, model, prompts = generate.trained(args, ap, cls, rounded)
+    model, texts, prompts = generate.load_trained(args, ap, cls)
+    draft = None if args.draft is None else load_draft(ap, args.draft, cls, model, prompts)
+    code = generate.show_trained(args, model, texts, prompts, rounded)
     if draft is not None:
         code = 0 if versus_cached(model, draft, prompts, eos_id=ord(generate.task.END)) and (
             code == 0) else 1
     return code
+
+
+def load_draft(ap: argparse.ArgumentParser, path: str, cls: type[GPT], target: GPT,
+               prompts: list[np.ndarray]) -> GPT:
+    """The --draft checkpoint, checked against the target and every prompt before anything is
+    printed: a file it can load, the target's vocabulary, room for each prompt and its answer.
+    Any refusal is a usage error naming --draft."""
+    draft = load_checkpoint(ap, path, " (make train-draft writes checkpoints/reverse_draft.npz)",
+                            cls, "--draft")
+    try:
+        check_versus_cached(target, draft, prompts, eos_id=ord(generate.task.END))
+    except (TypeError, ValueError) as err:
+        ap.error(f"argument --draft: {path} cannot draft for these prompts: {err}")
+    return draft
 
 
 if __name__ == "__main__":

@@ -28,7 +28,12 @@ from dataclasses import replace
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from beyond.speculative import SpeculativeGeneration, expected_speedup, generate_speculative
+from beyond.speculative import (
+    SpeculativeGeneration,
+    check_request,
+    expected_speedup,
+    generate_speculative,
+)
 from block import GPT, random_weights, weight_shapes
 from fast.model import FastGPT
 from generate import decode, generate_cached, prefill
@@ -43,6 +48,15 @@ DRAFT = ROOT / "checkpoints" / "reverse_draft.npz"
 
 
 # --- beside generate_cached, for `python generate.py --draft PATH` --------------------------------
+
+def check_versus_cached(target: GPT, draft: GPT, prompts: list[np.ndarray], eos_id: int | None,
+                        gamma: int = 4) -> None:
+    """Refuse, before anything runs or is printed, a pair or a prompt versus_cached could not
+    decode: the draft's vocabulary, and room in both models' caches for every prompt and its
+    len(prompt) new tokens (ValueError/TypeError, as generate_speculative would raise later)."""
+    for p in prompts:
+        check_request(target, draft, p[None], len(p), gamma, eos_id=eos_id)
+
 
 def versus_cached(target: GPT, draft: GPT, prompts: list[np.ndarray], eos_id: int | None,
                   gamma: int = 4, repeats: int = 5) -> bool:
