@@ -62,12 +62,24 @@ class Generation(NamedTuple):
 
 # --- checking and batching a request -------------------------------------------------------------
 
-def left_pad(prompts: Sequence[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+INT64_MAX = int(np.iinfo(np.int64).max)  # the ids array is int64
+
+
+def left_pad(prompts: Sequence[np.ndarray], pad_id: int = 0, *, vocab_size: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
     """B 1-D prompts of lengths L_b -> ids (B, P) and attention_mask (B, P), P = max L_b.
 
     Row b is P - L_b copies of pad_id, then its prompt; the mask is 0 on pads and 1 on real
     tokens. Left rather than right, so that every row's newest token is in the last column.
+    pad_id is a token id: an int >= 0, below vocab_size when it is given (a float would be cut
+    to an int by the int64 array, 2.7 padding with 2).
     """
+    if not is_int(pad_id):
+        raise TypeError(f"pad_id must be an int token id, got {pad_id!r:.40} "
+                        f"({type(pad_id).__name__})")
+    high = INT64_MAX + 1 if vocab_size is None else positive_int("vocab_size", vocab_size)
+    if not 0 <= pad_id < high:
+        raise ValueError(f"pad_id must be a token id in [0, {high}), got {pad_id!r:.40}")
     if isinstance(prompts, np.ndarray) or not isinstance(prompts, Sequence) or not prompts:
         raise TypeError(f"prompts must be a non-empty list of 1-D int arrays, got {prompts!r:.60}")
     rows = [int_array(f"prompt_ids[{b}]", p, 1) for b, p in enumerate(prompts)]
@@ -108,7 +120,7 @@ def prepare_request(
         if attention_mask is not None:
             raise ValueError("attention_mask is built from a list of prompts; pass it only with "
                              "a (B, P) prompt_ids array")
-        prompt_ids, attention_mask = left_pad(prompt_ids, pad_id)
+        prompt_ids, attention_mask = left_pad(prompt_ids, pad_id, vocab_size=V)
     ids = token_ids("prompt_ids", prompt_ids, 2, V)
     B, P = ids.shape
     limit = model.config.max_positions  # max_seq_len, or None with RoPE and a window

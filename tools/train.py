@@ -517,6 +517,25 @@ def output_paths(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     return out, args.log or out.with_name(out.stem + ".log.json")
 
 
+D_MODEL = GPTConfig().d_model  # the width every non-draft run trains
+
+
+def kv_latent(text: str) -> int:
+    """--kv-latent: d_c in [1, d_model]. The latent c = x W_dkv is a linear image of the
+    d_model-wide token vector x, so its rank is at most d_model: a wider latent holds nothing
+    more, caches more (past 2 x d_model, more than the K and V it replaces), and its weights grow
+    with it without limit."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if not 1 <= value <= D_MODEL:
+        raise argparse.ArgumentTypeError(
+            f"must be in [1, {D_MODEL}] (d_model), got {value}: the latent is a linear image of "
+            f"the {D_MODEL}-wide token vector, so a wider one holds nothing more")
+    return value
+
+
 TRAINING_FLAGS = ("--out", "--log", "--steps", "--batch", "--lr", "--warmup", "--weight-decay",
                   "--length-power", "--seed", "--threads", "--eval-every", "--final-n",
                   "--kv-latent")
@@ -551,9 +570,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads (default 1: see THREADS_NOTE in train.py)")
     ap.add_argument("--eval-every", type=cli_int(1, 10_000_000), default=None,
                     help=f"steps between held-out measurements (default {d.eval_every})")
-    ap.add_argument("--kv-latent", type=cli_int(1), default=None, metavar="D_C",
-                    help="multi-head latent attention caching a D_C-wide latent per token "
-                         "(beyond/latent.py); written to out/reverse_mla{D_C}.npz by default")
+    ap.add_argument("--kv-latent", type=kv_latent, default=None, metavar="D_C",
+                    help=f"multi-head latent attention caching a D_C-wide latent per token, D_C "
+                         f"in [1, {D_MODEL}] (beyond/latent.py; the latent is made from the "
+                         f"{D_MODEL}-wide token vector, so a wider one holds nothing more); "
+                         "written to out/reverse_mla{D_C}.npz by default")
     ap.add_argument("--no-causal-mask", dest="causal", action="store_false",
                     help="the ablation: attention without the causal mask")
     ap.add_argument("--draft", action="store_true",
