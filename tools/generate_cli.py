@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as `python tools/x.py` from anywhere: find 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -44,6 +45,7 @@ def hugging_face(args: argparse.Namespace, ap: argparse.ArgumentParser,
     compared with Hugging Face's on the same tokens."""
     if not args.prompt:
         ap.error("--hf needs --prompt TEXT")
+    refuse_what_offline_cannot_load(ap, args.hf)
     try:
         from transformers import AutoTokenizer, GPT2LMHeadModel
         from transformers.utils import logging as hf_logging
@@ -87,6 +89,30 @@ def hugging_face(args: argparse.Namespace, ap: argparse.ArgumentParser,
     return 0 if agree else 1
 
 
+def refuse_what_offline_cannot_load(ap: argparse.ArgumentParser, name: str) -> None:
+    """With HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set, as `make` sets it, a hub name is loaded
+    from the local cache or not at all; without this check transformers spends seconds trying
+    every file it might need before it says so. A name the cache does not hold is refused from
+    the cache alone (neither torch nor transformers imported), saying how to get the weights. A
+    directory is left to from_pretrained; online, a name may be downloaded."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    offline = [var for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+               if os.environ.get(var, "").upper() in constants.ENV_VARS_TRUE_VALUES]
+    if not offline or Path(name).is_dir():
+        return
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a hub name at all (e.g. "a/b/c")
+        cached = False
+    if not cached:
+        ap.error(f"argument --hf: no Hugging Face GPT-2 at {name!r} on this machine: not a "
+                 f"directory, and not in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
+                 f"and {offline[0]} is set, so nothing is downloaded. Get it once with "
+                 f"`{offline[0]}=0 hf download {name}` (or run without {offline[0]}), or give "
+                 "a directory written by save_pretrained")
+
+
 def hf_logit_difference(hf: object, prompts: list[np.ndarray], out: Generation
                         ) -> tuple[float, float]:
     """Run Hugging Face once over each finished sequence and compare the logits that chose every
@@ -109,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         "with --random, a Hugging Face GPT-2 with --hf; the readable model unless --fast. A flag "
         "the chosen model does not use is refused.")
     ap.add_argument("--hf", metavar="NAME_OR_DIR", default=None,
-                    help="a Hugging Face GPT-2 (hub name on this machine, or a directory)")
+                    help="a Hugging Face GPT-2: a directory written by save_pretrained, or a "
+                         "hub name (downloaded if need be; with HF_HUB_OFFLINE set, as make sets "
+                         "it, only one the local cache holds)")
     add_path_flag(ap)  # --fast / --readable (the default)
     ap.add_argument("--cache-dtype", choices=["int8"], default=None,
                     help="store the cache as int8 with float scales (beyond/int8.py; default: "
