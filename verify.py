@@ -62,6 +62,7 @@ from beyond import int8, latent, window
 from beyond.flash import flash_attention
 from beyond.speculative import generate_speculative
 from parts import rope
+from parts.checks import refuse_unused
 from tools import references as ref
 
 HERE = Path(__file__).resolve().parent
@@ -1181,6 +1182,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--failure-modes", action="store_true",
                     help="inject each classic bug and show which checks catch it")
     args = ap.parse_args(argv)
+    if args.failure_modes:  # a flag the run would ignore is refused, not dropped
+        refuse_unused(ap, args, ["--verbose"], "prints the data behind each check; "
+                      "--failure-modes prints one line per injected bug")
     if args.only:
         args.only = sorted(set(args.only))  # "--only 1 1" is check 1, once
 

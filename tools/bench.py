@@ -63,7 +63,14 @@ from dataclasses import asdict
 
 import numpy as np
 
-from parts.checks import SEED, cli_int, cli_output_dir, cli_output_file
+from parts.checks import (
+    SEED,
+    can_create_in,
+    cli_int,
+    cli_output_dir,
+    cli_output_file,
+    refuse_unused,
+)
 from parts.files import write_json
 from tools import bench_decode, bench_hf, bench_profile
 from tools.bench_setup import ASSIGNMENT_SHAPE, FULL, NAMES, QUICK, SHAPES, Settings, build_pair
@@ -233,13 +240,19 @@ def main(argv: list[str] | None = None) -> int:
                          f"readable path (bench.json under {TRICKS_DIR}/ unless --json says "
                          "otherwise)")
     args = ap.parse_args(argv)
+    if args.tricks and not args.profile:  # a flag the run would ignore is refused
+        refuse_unused(ap, args, ["--figures"], "takes the figures of sections 1-8 (and "
+                      "--profile's); --tricks alone draws none")
     # A smoke run or a lone section never overwrites the committed full-run figures.
     folder = (QUICK_DIR if args.quick else PROFILE_DIR if args.profile else TRICKS_DIR
               if args.tricks else FULL_DIR)
     default_dir = OUT_ROOT.parent / folder  # the repository's out/...
+    if args.json is None or args.figures is None:  # checked now, not after minutes of measuring
+        writable_default(ap, default_dir)
     args.json = args.json or default_dir / "bench.json"
     args.figures = args.figures or default_dir
-    args.json.parent.mkdir(parents=True, exist_ok=True)
+    if not args.tricks or args.profile:
+        args.figures.mkdir(exist_ok=True)  # its parent was checked writable by cli_output_dir
     if args.profile or args.tricks:
         return sections_only(QUICK if args.quick else FULL, args)
 
@@ -252,6 +265,17 @@ def main(argv: list[str] | None = None) -> int:
     write_results(r, args.json)
     print(f"\nwrote {args.json} and {', '.join(r['figures'])} in {r['wall_time_s']:.0f} s")
     return 0 if r["correctness"]["all_passed"] else 1
+
+
+def writable_default(ap: argparse.ArgumentParser, directory: Path) -> None:
+    """Create the default output directory now, or a usage error naming it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # reported just below
+    if not can_create_in(directory):
+        ap.error(f"cannot write the default output directory {str(directory)!r}; give --json "
+                 "and --figures paths you can write")
 
 
 def sections_only(s: Settings, args: argparse.Namespace) -> int:

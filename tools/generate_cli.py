@@ -32,9 +32,12 @@ from generate import CHECKPOINT, TOLERANCE, Generation, Rounded, prepare_request
 from tools.cli_types import add_path_flag, load_checkpoint, model_class
 from tools.speculative import check_versus_cached, versus_cached
 
-# generate.py's flags per model, and this command's: --draft for the trained model, --hf's own.
-MODE_FLAGS = {"the trained model": (*generate.MODE_FLAGS["the trained model"], "--draft"),
-              "--random": generate.MODE_FLAGS["--random"],
+# generate.py's flags per model, and this command's: --draft for the trained model, --hf's own;
+# --cache-dtype for the models decoded naive against cached (--hf is compared with Hugging Face,
+# on our own cache: an int8 one there would be ignored). --fast applies to all three.
+MODE_FLAGS = {"the trained model": (*generate.MODE_FLAGS["the trained model"], "--draft",
+                                    "--cache-dtype"),
+              "--random": (*generate.MODE_FLAGS["--random"], "--cache-dtype"),
               "--hf": ("--prompt", "--new-tokens")}
 
 
