@@ -64,6 +64,7 @@ from beyond.speculative import generate_speculative
 from parts import rope
 from parts.checks import refuse_unused
 from tools import references as ref
+from tools.measure import Progress
 
 HERE = Path(__file__).resolve().parent
 WIDTH = 80
@@ -1143,11 +1144,14 @@ class GalleryRow(NamedTuple):
 
 
 def run_failure_modes(numbers: list[int] | None = None) -> tuple[list[Result], list[GalleryRow]]:
-    """The clean run first (it must pass), then one run per injected bug."""
-    with one_thread():
+    """The clean run first (it must pass), then one run per injected bug; a line on stderr as
+    each begins (the gallery prints only once all have run)."""
+    with one_thread(), Progress("verify.py --failure-modes", 1 + len(FAILURE_MODES)) as progress:
+        progress.stage("the clean implementation")
         clean = run_checks(numbers)
         runs = []
         for mode in FAILURE_MODES:
+            progress.stage(f"injected: {mode.name}")
             with injected(mode.swaps()):
                 runs.append(run_checks(numbers))
     rows = []

@@ -75,7 +75,14 @@ from parts.files import write_json
 from tools import bench_decode, bench_hf, bench_profile
 from tools.bench_setup import ASSIGNMENT_SHAPE, FULL, NAMES, QUICK, SHAPES, Settings, build_pair
 from tools.cli_types import OUT_DIR
-from tools.measure import finish_header, machine_label, no_gc, print_header, start_header
+from tools.measure import (
+    Progress,
+    finish_header,
+    machine_label,
+    no_gc,
+    print_header,
+    start_header,
+)
 
 # Default outputs, all under the repository's out/ (ignored by git), from whatever directory the
 # command runs: the full run in out/bench/, --quick in out/quick/, a lone section in its own
@@ -175,17 +182,33 @@ def plot_all(r: dict, out_dir: Path) -> list[str]:
 
 # --- the command ---------------------------------------------------------------------------------
 
-def run(s: Settings, seed: int, threads: int | None = None) -> dict:
-    """Every measurement, with BLAS limited to `threads` (None: the library's default)."""
+# Each section's line in the progress shown on stderr while the benchmark runs.
+SECTION_TITLES = {
+    "latency_vs_position": "1. decode latency vs position, naive vs cached",
+    "total_time": "2. total time for N new tokens, naive vs cached",
+    "vs_hf": "3-4. this repo vs Hugging Face, and the weight-streaming floor",
+    "cache_append": "5. preallocated vs concatenating cache: appends",
+    "cache_decode": "5. preallocated vs concatenating cache: a whole decode",
+    "memory": "6. peak memory of a long decode",
+    "batched_decode": "7. batched decode, ours vs Hugging Face",
+    "profile": "8. where a decode step's and a prefill's time goes",
+    "tricks": "9. what each fast-path trick buys",
+}
+
+
+def run(s: Settings, seed: int, threads: int | None = None,
+        progress: Progress | None = None) -> dict:
+    """Every measurement, with BLAS limited to `threads` (None: the library's default); a line
+    per section on stderr (progress, or a new Progress)."""
     import threadpoolctl
 
     with threadpoolctl.threadpool_limits(limits=threads, user_api="blas"):
-        return measure_all(s, seed)
+        return measure_all(s, seed, progress or Progress("tools/bench.py", len(SECTION_TITLES)))
 
 
-def measure_all(s: Settings, seed: int) -> dict:
+def measure_all(s: Settings, seed: int, progress: Progress) -> dict:
     """Every section in turn (the collector off, but for the memory section), then the targets
-    and the guards, with the machine header around them."""
+    and the guards, with the machine header around them; progress.stage as each begins."""
     header = start_header()
     rng = np.random.default_rng(seed)
     _, small_model = build_pair(ASSIGNMENT_SHAPE, seed)  # the assignment's widths
@@ -204,6 +227,7 @@ def measure_all(s: Settings, seed: int) -> dict:
         "tricks": lambda: bench_profile.what_tricks_buy(s, seed),
     }
     for name, measure in sections.items():
+        progress.stage(SECTION_TITLES[name])
         t0 = time.perf_counter()
         if name == "memory":  # tracemalloc wants the collector on, as in a real run
             r[name] = measure()
@@ -257,9 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         return sections_only(QUICK if args.quick else FULL, args)
 
     t0 = time.perf_counter()
-    r = run(QUICK if args.quick else FULL, args.seed, args.threads)
-    r["settings"]["quick"] = args.quick
-    r["figures"] = plot_all(r, args.figures)
+    with Progress("tools/bench.py", len(SECTION_TITLES) + 1) as progress:
+        r = run(QUICK if args.quick else FULL, args.seed, args.threads, progress)
+        progress.stage("the figures")
+        r["settings"]["quick"] = args.quick
+        r["figures"] = plot_all(r, args.figures)
     r["wall_time_s"] = time.perf_counter() - t0
     print_report(r)
     write_results(r, args.json)
@@ -283,12 +309,15 @@ def sections_only(s: Settings, args: argparse.Namespace) -> int:
     JSON; the profile also plotted."""
     import threadpoolctl
 
-    with threadpoolctl.threadpool_limits(limits=args.threads, user_api="blas"):
+    with threadpoolctl.threadpool_limits(limits=args.threads, user_api="blas"), Progress(
+            "tools/bench.py", args.profile + args.tricks) as progress:
         header = start_header()
         r = {"header": header, "settings": asdict(s)}
         if args.profile:
+            progress.stage(SECTION_TITLES["profile"])
             r["profile"] = bench_profile.profile(s, args.seed)
         if args.tricks:
+            progress.stage(SECTION_TITLES["tricks"])
             r["tricks"] = bench_profile.what_tricks_buy(s, args.seed)
         finish_header(header)
     print_header(header)

@@ -33,7 +33,7 @@ from tools.bench_setup import (
     random_ids,
     save,
 )
-from tools.measure import fmt, interleave, no_gc, ratio, summary
+from tools.measure import fmt, interleave, no_gc, note, ratio, summary
 
 # --- 8. where the time of one step goes ----------------------------------------------------------
 
@@ -199,8 +199,10 @@ def profile(s: Settings, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     vocab = GPT2_SMALL_SHAPE["vocab_size"]
     with no_gc():
+        note("one decode step")
         dec = step_breakdown(model, random_ids(rng, vocab, s.batch_prompt_len), True,
                              s.profile_rounds)
+        note(f"one prefill of {s.prefill_len}")
         pre = step_breakdown(model, random_ids(rng, vocab, s.prefill_len), False,
                              max(3, s.profile_rounds // 3))
     return {"name": "gpt2_small", "description": NAMES["gpt2_small"], "parts": [*PARTS, OVERHEAD],
@@ -285,6 +287,8 @@ def what_tricks_buy(s: Settings, seed: int) -> dict:
     config = dict(vocab_size=sh["vocab_size"], max_seq_len=sh["n_positions"],
                   d_model=sh["n_embd"], n_heads=sh["n_head"], n_layers=sh["n_layer"])
     prompt = random_ids(np.random.default_rng(seed), sh["vocab_size"], s.tricks_len)
+    note(f"multi-head attention: the readable path, the fast path, and {len(fastpath.TRICKS)} "
+         "tricks off in turn")
     mha = trick_variants(GPTConfig(**config), seed, list(fastpath.TRICKS))
     with no_gc():
         out = {"description": NAMES["gpt2_small"], "prompt_len": s.tricks_len,
@@ -293,6 +297,7 @@ def what_tricks_buy(s: Settings, seed: int) -> dict:
                "mha": trick_timings(mha, prompt, s.tricks_rounds)}
     del mha  # three models of 341 MB: gone before the next three are built
     H_kv = sh["n_head"] // 3  # 4 K/V heads at GPT-2-small's 12 heads
+    note(f"grouped-query attention ({H_kv} K/V heads): shared_kv_heads off")
     gqa = trick_variants(GPTConfig(**config, n_kv_heads=H_kv), seed, ["shared_kv_heads"])
     with no_gc():
         out["gqa"] = trick_timings(gqa, prompt, s.tricks_rounds) | {"n_kv_heads": H_kv}

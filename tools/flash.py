@@ -29,7 +29,7 @@ from beyond.flash import flash_attention, online_softmax_step, rescale_factor
 from parts.checks import cli_int, cli_output_file, fits_in_memory, refuse_unused
 from parts.files import save_figure
 from tools.cli_types import OUT_DIR
-from tools.measure import interleave, machine_line, peak_bytes, summary
+from tools.measure import Progress, interleave, machine_line, peak_bytes, summary
 
 DEFAULT_PNG = OUT_DIR / "flash.png"  # --draw writes here unless --out (out/ is ignored)
 
@@ -138,7 +138,9 @@ def bench(sizes: list[int], repeats: int, blocks: list[int]) -> None:
     print()
     print(f"{'tokens':>6}  {'method':<18} {'peak extra':>12} {'median':>11}  {'vs fast':>9}  "
           f"max |diff|")
+    progress = Progress("tools/flash.py --bench", len(sizes))
     for t in sizes:
+        progress.stage(f"{t} tokens: the fast path and {len(blocks)} block sizes")
         rng = np.random.default_rng(t)
         q, k, v = (rng.standard_normal((1, 12, t, 64)).astype(np.float32) for _ in range(3))
         mask = attention.causal_mask(t)[None, None]  # (1, 1, t, t)

@@ -38,6 +38,7 @@ from parts import task
 from parts.checks import SEED, cli_int, refuse_unused
 from tools import evaluate
 from tools.cli_types import add_path_flag, load_checkpoint, model_class, path_line
+from tools.measure import Progress, note
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "reverse.npz"
 
@@ -52,7 +53,10 @@ def compare(model: GPT, n: int = 1000, seed: int = 0, batch: int = 100) -> dict[
     differ = total = 0
     worst = largest = 0.0
     eos = evaluate.EOS_ID
+    done = 0
     for rows in evaluate.length_batches(prompts, batch):
+        note(f"prompts {done + 1}-{done + len(rows)} of {n}")
+        done += len(rows)
         ids = [task.encode(prompts[i]) for i in rows]
         steps = max(len(p) for p in ids)
         runs = {name: generate_cached(model, ids, steps, eos_id=eos, cache=cache)
@@ -108,7 +112,9 @@ def key_scale_study(model: GPT, n: int = 300, seed: int = 0) -> dict[str, dict[s
              for name in [*schemes, "outliers"]}
     energy = [0.0] * c.n_layers
     channel_means = [[] for _ in range(c.n_layers)]
-    for prompt in task.random_prompts(task.prompt_rng(seed, "test"), n):
+    for k, prompt in enumerate(task.random_prompts(task.prompt_rng(seed, "test"), n)):
+        if k % 50 == 0:
+            note(f"prompts {k + 1}-{min(k + 50, n)} of {n}")
         seq = task.encode(prompt + task.expected_answer(prompt))[None]  # (1, T)
         T = seq.shape[1]
         reference = None
@@ -169,10 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     model = load_checkpoint(ap, args.checkpoint, model_class=model_class(args))
     check_model(ap, model, args)
     print(path_line(model))
-    with threadpool_limits(limits=1, user_api="blas"):  # small products on a shared machine
+    # small products on a shared machine: one BLAS thread
+    with threadpool_limits(limits=1, user_api="blas"), Progress(
+            "tools/int8.py", args.compare + args.scales) as progress:
         if args.compare:
+            progress.stage(f"--compare: {args.n or 1000} prompts, float cache and int8 cache")
             print_compare(compare(model, args.n or 1000, args.seed), model)
         if args.scales:
+            progress.stage(f"--scales: {args.n or 300} prompts, four ways of rounding the keys")
             print_scales(key_scale_study(model, args.n or 300, args.seed), args.n or 300)
     return 0
 

@@ -48,7 +48,15 @@ from parts.checks import (
     refuse_unused,
 )
 from tools.bench_profile import OVERHEAD, PARTS, step_breakdown
-from tools.measure import interleave, machine_header, no_gc, print_header, summary
+from tools.measure import (
+    Progress,
+    interleave,
+    machine_header,
+    no_gc,
+    note,
+    print_header,
+    summary,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "checkpoints" / "reverse.npz"
@@ -219,6 +227,7 @@ def speed_table(target: GPT, draft: GPT, prompts: list[np.ndarray], gammas: Sequ
         return lambda: [generate_speculative(target, draft, p[None], len(p), gamma=g,
                                              eos_id=EOS_ID) for p in prompts]
 
+    note(f"each gamma's tokens against generate_cached ({len(prompts)} prompts)")
     reference = cached()
     tokens = sum(r.tokens.shape[1] for r in reference)
     stats, same = {}, True
@@ -230,8 +239,10 @@ def speed_table(target: GPT, draft: GPT, prompts: list[np.ndarray], gammas: Sequ
         tested = accepted + sum(s.rejected for s in runs)
         stats[g] = (accepted / tested, tokens / sum(len(s.rounds) + 1 for s in runs))
     variants = {"cached": cached} | {f"gamma {g}": speculative(g) for g in gammas}
+    note(f"timing cached and {len(gammas)} gammas, {rounds} interleaved rounds")
     with no_gc():
         times = interleave(variants, rounds)
+    note("the cost of a decode step and of a verify call")
     ms = {name: summary(t)["median_ms"] for name, t in times.items()}
     cost = step_costs(target, draft, gammas, rounds)
     c = cost["draft"] / cost["target"]
@@ -274,10 +285,13 @@ def bench(args: argparse.Namespace, target: GPT, draft: GPT, big: GPT) -> int:
           f"thread; medians of {args.rounds or 5} interleaved repeats")
     print("formula: (1 - a^(gamma+1)) / ((1 - a)(gamma c + 1)); 'formula, v' puts the measured "
           "verify cost v in place of its 1\n")
-    with threadpool_limits(limits=1, user_api="blas"):
+    with threadpool_limits(limits=1, user_api="blas"), Progress(
+            "tools/speculative.py --bench", 2) as progress:
+        progress.stage("1. the shipped pair")
         print(f"1. the shipped pair: {TARGET.name} (d_model {target.config.d_model}) and "
               f"{Path(args.draft).name} (d_model {draft.config.d_model})")
         same = speed_table(target, draft, prompts, gammas, args.rounds or 5)
+        progress.stage("2. a heavier target computing the same function")
         same_fn = all(np.array_equal(
             generate_cached(big, p[None], len(p), eos_id=EOS_ID).tokens,
             generate_cached(target, p[None], len(p), eos_id=EOS_ID).tokens) for p in prompts)
@@ -321,9 +335,12 @@ def profile(args: argparse.Namespace, target: GPT, draft: GPT, big: GPT) -> int:
 
     models = {"target": target, "draft": draft, "heavier target": big}
     prompt = task.encode("abcdefghijkl=")[None]  # (1, 13)
+    progress = Progress("tools/speculative.py --profile", len(models) + 2)
     with threadpool_limits(limits=1, user_api="blas"), no_gc():
-        parts = {name: step_breakdown(m, prompt, True, args.rounds or 30)
-                 for name, m in models.items()}
+        parts = {}
+        for name, m in models.items():
+            progress.stage(f"one decode step of the {name}, part by part")
+            parts[name] = step_breakdown(m, prompt, True, args.rounds or 30)
     print("one decode step after 13 tokens, batch 1, one BLAS thread: each part timed alone with "
           "the step's own calls; the rest = measured total - parts")
     print(f"{'part':<18}" + "".join(f"{name:>24}" for name in models))
@@ -333,7 +350,9 @@ def profile(args: argparse.Namespace, target: GPT, draft: GPT, big: GPT) -> int:
             for p in parts.values()))
     print(f"{'total':<18}" + "".join(f"{p['total_ms']:>13.3f} ms {100.0:5.1f}%"
                                      for p in parts.values()))
+    progress.stage("the heavier target's MLP products, 1, 2 and 5 rows")
     print_product_times(args.d_ff, args.rounds or 30)
+    progress.stage("cProfile over 20 speculative decodes")
     text = PROFILE_TEXT
     profiler = cProfile.Profile()
     with threadpool_limits(limits=1, user_api="blas"):

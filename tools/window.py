@@ -38,7 +38,7 @@ from parts.checks import cli_int, cli_load, cli_output_file, fits_in_memory, one
 from parts.files import save_figure
 from tools.cli_types import default_output
 from tools.evaluate import CHECKPOINT, decode_prompts, length_batches, score_by_length
-from tools.measure import interleave, machine_line, summary
+from tools.measure import Progress, interleave, machine_line, note, summary
 
 
 def band_picture(T: int = 10, window: int = 4, sinks: int = 2) -> str:
@@ -87,6 +87,7 @@ def accuracy(base: GPT, n: int, seed: int, batch: int) -> dict[str, dict[int, tu
     prompts = task.random_prompts(task.prompt_rng(seed, "test"), n)
     scores = {}
     for window, sinks in ACCURACY_WINDOWS:
+        note(window_name(window, sinks))
         model = windowed_copy(base, window, sinks)
         answers = [""] * n
         for rows in length_batches(prompts, batch):
@@ -166,6 +167,7 @@ def step_times(full: GPT, window: GPT, contexts: tuple[int, ...], repeats: int
     token = np.zeros((1, 1), dtype=np.int64)
     medians = {"full": {}, "window": {}}
     for context in contexts:
+        note(f"context {context}")
         steps = {name: functools.partial(model, token, filled(model, context), last_only=True)
                  for name, model in (("full", full), ("window", window))}
         times = interleave(steps, repeats, warmup=1)
@@ -240,15 +242,21 @@ def main(argv: list[str] | None = None) -> int:
         print(band_picture())
         print()
         print(slots_picture())
+    progress = Progress("tools/window.py", args.accuracy + args.speed)
     if args.accuracy:
-        with threadpool_limits(limits=1, user_api="blas"):
+        progress.stage(f"--accuracy: {args.n} held-out prompts under {len(ACCURACY_WINDOWS)} "
+                       "windows")
+        with threadpool_limits(limits=1, user_api="blas"), progress:
             scores = accuracy(base, args.n, seed=0, batch=100)
         print(f"checkpoints/reverse.npz (trained with full attention), {args.n} held-out prompts "
               "(test stream, seed 0), greedy; exact match by prompt length:\n")
         print(accuracy_table(scores))
         print(f"wrote {plot_accuracy(scores, args.out)}")
     if args.speed:
-        full, window = step_times(full, window, SPEED_CONTEXTS, args.repeats)
+        progress.stage(f"--speed: {args.repeats} decode steps of each model at "
+                       f"{len(SPEED_CONTEXTS)} contexts")
+        with progress:
+            full, window = step_times(full, window, SPEED_CONTEXTS, args.repeats)
         print(f"decode step, GPT-2-small shapes (12 layers, d_model 768, 12 heads, vocab 512), "
               f"rope, batch 1, float32, fast path (FastGPT); median of {args.repeats} steps, "
               "full and window alternating")
