@@ -32,8 +32,9 @@ from tools import bench, bench_decode, bench_hf, bench_profile, measure
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One --quick run shared by the tests below (it takes ~20-30 s on an idle machine), from an
-    empty directory with no output paths given: a smoke run writes under out/quick/ only."""
+    """One --quick run shared by the tests below (82 s with --threads 1 on a 2-core Intel Xeon
+    shared with other jobs), from an empty directory with no output paths given: a smoke run
+    writes under out/quick/ only."""
     tmp = tmp_path_factory.mktemp("bench")
     printed, progress = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed), \

@@ -1,4 +1,5 @@
-"""What the KV cache buys, measured: `python tools/bench.py` (about 4 minutes on 2 cores).
+"""What the KV cache buys, measured: `python tools/bench.py` (about 4 minutes on the 2-core AMD
+EPYC VM of docs/environment.md; a line per section on stderr says where it is).
 
 Every comparison runs its variants side by side in one loop (A, B, A, B, ... with the order
 rotated each round) so a noisy neighbour slows both, and every number is a median of repeats with
@@ -32,9 +33,11 @@ bench-figures writes the committed figures/):
     bench_vs_hf.png            decode per token and prefill: ours, Hugging Face, the floor
     bench_batch.png            decode tokens/s vs batch size: ours, Hugging Face, the floor's bound
     bench_profile.png          section 8 as stacked bars
-`--quick` runs the same measurements at small sizes (a smoke test, under a minute) and writes
-under out/quick/; `--profile` runs section 8 alone (figure under out/profile/), `--tricks`
-section 9 alone (bench.json under out/tricks/);
+`--quick` runs the same measurements at small sizes (a smoke test, not a minute: on a 2-core Intel
+Xeon, OpenBLAS SkylakeX kernel, shared with other jobs, 82 s with --threads 1 and 254 s with the
+default two BLAS threads, section 9 the longest) and writes under out/quick/; `--profile` runs
+section 8 alone (figure under out/profile/; 63 s there with --threads 1), `--tricks` section 9
+alone (bench.json under out/tricks/);
 `--threads 1` limits BLAS and torch to one thread (on a busy machine two OpenBLAS threads on two
 cores wait for each other and medians grow 10-100x). The header names the other processes that
 held a core at start and end, this process's nice value and its session's autogroup, and how
@@ -245,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     """The command: every section (or --profile / --tricks alone), printed and written."""
     ap = argparse.ArgumentParser(description="Naive vs cached decode, this repo vs Hugging Face.")
     ap.add_argument("--quick", action="store_true",
-                    help=f"small sizes, under a minute (a smoke test); writes under {QUICK_DIR}/ "
+                    help="small sizes, a smoke test (1.5 minutes with --threads 1 on a 2-core "
+                         "Intel Xeon shared with other jobs, 4 with two BLAS threads); writes "
+                         f"under {QUICK_DIR}/ "
                          "unless --json/--figures say otherwise")
     ap.add_argument("--json", type=cli_output_file(".json"), default=None,
                     help=f"where to write results (default {FULL_DIR}/bench.json)")

@@ -175,7 +175,9 @@ def step_breakdown(model: GPT, prompt: np.ndarray, decode_step: bool, rounds: in
 
     runners = {"total": (prepare_total, run_total)} | part_runners(model, calls, ids, positions)
     times = interleave({name: run_it for name, (_, run_it) in runners.items()}, rounds,
-                       prepare={name: prepare for name, (prepare, _) in runners.items()})
+                       prepare={name: prepare for name, (prepare, _) in runners.items()},
+                       label=f"{'decode step' if decode_step else 'prefill'}, {len(runners)} "
+                             "parts")
     ms = {name: summary(t)["median_ms"] for name, t in times.items()}
     parts = {part: ms[part] for part in PARTS}
     parts[OVERHEAD] = ms["total"] - sum(parts.values())
@@ -251,6 +253,7 @@ def trick_timings(variants: dict[str, tuple[GPT, tuple[str, ...]]], prompt: np.n
     P, token = prompt.shape[1], prompt[:, 0]  # any token will do for the timed step
     timed, diffs, reference = {}, {}, None
     for name, (model, off) in variants.items():
+        note(f"{name}: its logits against the readable path's")
         with switched_off(off):
             cache = model.new_cache(1)
             logits = np.concatenate([prefill(model, prompt, cache), decode(model, token, cache)])
@@ -271,7 +274,7 @@ def trick_timings(variants: dict[str, tuple[GPT, tuple[str, ...]]], prompt: np.n
 
         timed[f"prefill {name}"], timed[f"decode {name}"] = prefill_once, decode_step
     inner = {name: DECODE_BLOCK for name in timed if name.startswith("decode")}
-    times = interleave(timed, rounds, inner)
+    times = interleave(timed, rounds, inner, label=f"timing {len(variants)} variants")
     out: dict = {"variants": list(variants), "max_rel_logit_diff": diffs}
     for step in ("prefill", "decode"):
         out[step] = {name: summary(times[f"{step} {name}"]) for name in variants}

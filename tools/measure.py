@@ -58,16 +58,19 @@ def rotated(names: list[str], r: int) -> list[str]:
 def interleave(variants: dict[str, Callable[[], object]], rounds: int,
                inner: dict[str, int] | None = None,
                prepare: dict[str, Callable[[], object]] | None = None,
-               warmup: int = 0) -> dict[str, list[float]]:
+               warmup: int = 0, label: str | None = None) -> dict[str, list[float]]:
     """Time each variant `inner[name]` times (default 1) per round, rounds interleaved: A B A B
     ..., the order rotated each round, the garbage collector off. prepare[name], if given, runs
     untimed before each timed call of that variant (to rewind a cache, copy an input). The first
-    `warmup` rounds run the same way and are not kept. Returns every single time (seconds) per
-    variant."""
+    `warmup` rounds run the same way and are not kept. With a `label`, each round is a note() of
+    the Progress the caller runs in (for rounds of seconds each). Returns every single time
+    (seconds) per variant."""
     inner, prepare = inner or {}, prepare or {}
     times: dict[str, list[float]] = {name: [] for name in variants}
     with no_gc():
         for r in range(warmup + rounds):
+            if label is not None:
+                note(f"{label}: round {r + 1} of {warmup + rounds}")
             for name in rotated(list(variants), r):
                 for _ in range(inner.get(name, 1)):
                     if name in prepare:
