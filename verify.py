@@ -64,7 +64,9 @@ from beyond import int8, latent, paged, serving, window
 from beyond.flash import flash_attention
 from beyond.speculative import generate_speculative
 from parts import rope
+from parts.checks import refuse_unused
 from tools import references as ref
+from tools.measure import Progress
 
 HERE = Path(__file__).resolve().parent
 WIDTH = 80
@@ -1210,11 +1212,14 @@ class GalleryRow(NamedTuple):
 
 
 def run_failure_modes(numbers: list[int] | None = None) -> tuple[list[Result], list[GalleryRow]]:
-    """The clean run first (it must pass), then one run per injected bug."""
-    with one_thread():
+    """The clean run first (it must pass), then one run per injected bug; a line on stderr as
+    each begins (the gallery prints only once all have run)."""
+    with one_thread(), Progress("verify.py --failure-modes", 1 + len(FAILURE_MODES)) as progress:
+        progress.stage("the clean implementation")
         clean = run_checks(numbers)
         runs = []
         for mode in FAILURE_MODES:
+            progress.stage(f"injected: {mode.name}")
             with injected(mode.swaps()):
                 runs.append(run_checks(numbers))
     rows = []
@@ -1249,6 +1254,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--failure-modes", action="store_true",
                     help="inject each classic bug and show which checks catch it")
     args = ap.parse_args(argv)
+    if args.failure_modes:  # a flag the run would ignore is refused, not dropped
+        refuse_unused(ap, args, ["--verbose"], "prints the data behind each check; "
+                      "--failure-modes prints one line per injected bug")
     if args.only:
         args.only = sorted(set(args.only))  # "--only 1 1" is check 1, once
 

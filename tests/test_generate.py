@@ -41,6 +41,27 @@ def test_left_pad_refuses_anything_but_a_non_empty_list_of_prompts(prompts):
         left_pad(prompts)
 
 
+@pytest.mark.parametrize(("pad_id", "kwargs", "error", "match"), [
+    (2.7, {}, TypeError, "got 2.7"),  # was padded with 2
+    (np.float64(1.0), {}, TypeError, "got np.float64"),
+    (True, {}, TypeError, "got True"),
+    ("0", {}, TypeError, "got '0'"),
+    (None, {}, TypeError, "got None"),
+    (-1, {}, ValueError, "got -1"),
+    (2**70, {}, ValueError, "got 1180591620717411303424"),  # past int64: np.full's OverflowError
+    (64, {"vocab_size": 64}, ValueError, r"in \[0, 64\), got 64"),
+])
+def test_left_pad_refuses_a_pad_id_that_is_no_token_id(pad_id, kwargs, error, match):
+    with pytest.raises(error, match=r"^pad_id must be .*" + match):
+        left_pad([np.array([1, 2]), np.array([3])], pad_id, **kwargs)
+
+
+@pytest.mark.parametrize("pad_id", [0, 63, np.int64(5), np.uint8(7)])
+def test_left_pad_takes_any_integer_token_id(pad_id):
+    ids, _ = left_pad([np.array([1, 2]), np.array([3])], pad_id, vocab_size=64)
+    assert ids[1, 0] == pad_id and ids.dtype == np.int64
+
+
 def test_generation_leaves_the_callers_prompts_alone():
     prompts = [np.array([1, 2]), np.array([3])]
     array = random_ids(1, 2, 5)

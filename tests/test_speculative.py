@@ -403,7 +403,33 @@ def test_generate_command_refuses_a_draft_it_cannot_use(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
         generate_cli.main(argv)
     assert exit_info.value.code == 2
-    assert "--draft" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    last = captured.err.strip().splitlines()[-1]
+    assert "--draft" in last and "--checkpoint" not in last  # the flag given, not the target's
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize(("config", "prompts", "match"), [
+    ({"vocab_size": 128}, [], "vocab_size=128"),
+    ({"max_seq_len": 16}, [], "max_seq_len=16"),
+    # long enough for the first prompt ("ab=": 3 + 3 - 1 positions), not for the second
+    ({"max_seq_len": 10}, ["--prompt", "ab", "--prompt", "abcdefgh"], "max_seq_len=10"),
+], ids=["another vocabulary", "too short for the demo", "too short for the last prompt"])
+def test_generate_command_checks_the_draft_before_printing_anything(tmp_path, capsys, model_calls,
+                                                                     config, prompts, match):
+    """Everything about the draft is checked with the target and the prompts, before the first
+    line of output and before any decoding: not after the naive and cached demo has run."""
+    from tools import generate_cli
+
+    path = GPT(GPTConfig(**config)).save(tmp_path / "draft.npz")
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli.main(["--draft", str(path), *prompts])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    last = captured.err.strip().splitlines()[-1]
+    assert "argument --draft" in last and match in last and str(path) in last
+    assert model_calls["forward"] == 0
 
 
 def test_train_draft_trains_the_small_config(tmp_path):
