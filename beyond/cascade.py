@@ -74,8 +74,9 @@ def shared_prefixes(table: np.ndarray, past: np.ndarray, mask: np.ndarray, block
         limit = int(full[rows].min())
         same = (table[rows, :limit] == table[rows[0], :limit]).all(axis=0)  # (limit,)
         s = limit if same.all() else int(np.argmin(same))  # the first column that differs
-        if mask[rows][..., :s * block_size].all():
-            groups.append((rows, s))
+        sees_all = mask[rows][..., :s * block_size].all(axis=(1, 2, 3))  # (rows,)
+        if sees_all.sum() >= 2:  # a row that may not see the whole prefix walks alone
+            groups.append((rows[sees_all], s))
     return groups
 
 

@@ -244,6 +244,7 @@ class BlockPool:
         for seq, shared, _ in reversed(done.copies):
             self.tables[seq][-1] = shared
             self.refs[shared] += 1
+            self.copies -= 1
         for seq in done.made:
             del self.tables[seq], self.lengths[seq]
         for block in reversed(done.taken):
@@ -271,7 +272,7 @@ class BlockPool:
                 else:
                     freed.append(block)
         self.give_back(freed[::-1])
-        if not self.tables:
+        if not self.tables and not self.idle:  # cached blocks still hold the model's keys
             self.filled_by = None
 
     # --- sharing ---------------------------------------------------------------------------------
@@ -432,7 +433,7 @@ class PagedBatch:
             raise ValueError(f"GPT: the block pool is {pool.keys.dtype}, the model "
                              f"{model.dtype}")
         owner = None if pool.filled_by is None else pool.filled_by()
-        if pool.tables and owner is not model:
+        if (pool.tables or pool.idle) and owner is not model:
             raise ValueError("GPT: the block pool holds keys and values this model did not "
                              "compute")
 

@@ -82,7 +82,7 @@ class PrefixIndex:
         self.idle: OrderedDict[int, None] = OrderedDict()  # held by no table, LRU first
         self.serials = itertools.count()
         self.hits = 0  # blocks a new table took from the index (counted by the pool)
-        self.refused = 0  # hash matches the comparison turned down
+        self.refused = 0  # lookups whose hash matched and whose comparison failed
 
     def confirms(self, entry: Identity, tokens: tuple[int, ...], parent_serial: int | None
                  ) -> bool:
@@ -90,11 +90,10 @@ class PrefixIndex:
         return entry.tokens == tokens and entry.parent_serial == parent_serial
 
     def find(self, h: int, tokens: tuple[int, ...], parent_serial: int | None) -> int | None:
-        """The block with hash h that confirms, or None (a collision counts as refused)."""
+        """The block with hash h that confirms, or None."""
         for block in self.buckets.get(h, ()):
             if self.confirms(self.entries[block], tokens, parent_serial):
                 return block
-            self.refused += 1
         return None
 
     def chunk(self, tokens: Sequence[int], j: int) -> tuple[int, ...]:
@@ -111,6 +110,7 @@ class PrefixIndex:
             h = self.hash(parent_hash, chunk)
             block = self.find(h, chunk, parent_serial)
             if block is None:
+                self.refused += h in self.buckets  # the hash matched, what it holds did not
                 break
             found.append(block)
             parent_hash, parent_serial = h, self.entries[block].serial
