@@ -22,9 +22,13 @@ an identity: each part's terms are brought to the common max by one factor. So
                         own part:    row b's query x row b's other blocks )     once per row
 
 A group is rows whose tables begin with the same physical blocks, full before this step (never
-written again), and which every query of the group may see all of (the mask says so; a sliding
-window hides them, and then the group is walked row by row). Each part has a visible key (the
-prefix all of them, the own part at least the query's own), so no part is empty.
+written again). The mask applies to both parts, so a part may see no key at all: a sliding window
+may hide the whole prefix from a query, and a padding query (which sits at its row's latest
+position) sees no key of its row's own blocks when the prefix ends exactly there. Such a part
+stays m = -inf, l = 0, acc = 0, and the merge gives it weight exp(-inf - m) = 0 exactly, as
+beyond/flash.py's rescale_factor measures from 0 while both maxima are -inf (never -inf + inf =
+NaN). A query that sees nothing in either part ends with l = 0 and finish_rows gives zeros, as the
+readable path does.
 
 When it does not pay: a group of one (nothing shared), a prefix short next to each row's own
 keys, or rows that each run many queries (a prefill already reads its keys once for many
@@ -48,7 +52,9 @@ Partial = tuple[np.ndarray, np.ndarray, np.ndarray]  # (m, l, acc): see beyond/f
 
 def merge(a: Partial, b: Partial) -> Partial:
     """The online-softmax merge of two partial results over disjoint keys: m, l (..., 1, n),
-    acc (..., n, d) each -> the partial result over both. Neither may be empty (m = -inf)."""
+    acc (..., n, d) each -> the partial result over both. A part that saw no visible key (m =
+    -inf, l = 0, acc = 0) contributes nothing: its factor is exp(-inf) = 0, and two empty parts
+    merge into an empty one (m = -inf, not NaN)."""
     (m_a, l_a, acc_a), (m_b, l_b, acc_b) = a, b
     m = np.maximum(m_a, m_b)  # (..., 1, n)
     f_a, f_b = rescale_factor(m_a, m), rescale_factor(m_b, m)  # each part to the common max
@@ -56,12 +62,11 @@ def merge(a: Partial, b: Partial) -> Partial:
     return m, l_a * f_a + l_b * f_b, acc
 
 
-def shared_prefixes(table: np.ndarray, past: np.ndarray, mask: np.ndarray, block_size: int
+def shared_prefixes(table: np.ndarray, past: np.ndarray, block_size: int
                     ) -> list[tuple[np.ndarray, int]]:
-    """Groups of rows that share their first s >= 1 physical blocks: [(rows, s)]. table (B,
-    n_blocks), past (B,) tokens each row held before the step (its blocks below past //
-    block_size are full), mask (B, 1, T_q, t_k). A group's shared columns must be visible to
-    every query of every row in it."""
+    """Groups of at least two rows that share their first s >= 1 physical blocks: [(rows, s)].
+    table (B, n_blocks), past (B,) tokens each row held before the step (its blocks below past
+    // block_size are full, so no row of the step writes into them)."""
     full = past // block_size  # (B,)
     by_first: dict[int, list[int]] = {}
     for b in np.flatnonzero(full > 0):
@@ -74,9 +79,7 @@ def shared_prefixes(table: np.ndarray, past: np.ndarray, mask: np.ndarray, block
         limit = int(full[rows].min())
         same = (table[rows, :limit] == table[rows[0], :limit]).all(axis=0)  # (limit,)
         s = limit if same.all() else int(np.argmin(same))  # the first column that differs
-        sees_all = mask[rows][..., :s * block_size].all(axis=(1, 2, 3))  # (rows,)
-        if sees_all.sum() >= 2:  # a row that may not see the whole prefix walks alone
-            groups.append((rows[sees_all], s))
+        groups.append((rows, s))  # s >= 1: every member's first block is the same
     return groups
 
 
@@ -98,7 +101,7 @@ def attend(layer: PagedLayer, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask:
     q_t = (q * (1.0 / math.sqrt(d))).swapaxes(-1, -2)  # scaled, -> (B, H_kv, G, d, T_q)
 
     # 1. each group's prefix, read once: every query of the group against the shared blocks
-    groups = shared_prefixes(table, layer.batch.past, mask, bs)
+    groups = shared_prefixes(table, layer.batch.past, bs)
     start = np.zeros(B, dtype=np.int64)  # each row's first block of its own
     prefix_parts = []
     for rows, s in groups:
@@ -109,7 +112,10 @@ def attend(layer: PagedLayer, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask:
         n = len(rows) * G * T_q
         # (r, H_kv, G, d, T_q) -> (H_kv, d, r, G, T_q) -> (H_kv, d, n): all queries as columns
         q_g = q_t[rows].transpose(1, 3, 0, 2, 4).reshape(H_kv, d, n)
-        m, denom, acc = fold_keys(*start_rows((H_kv,), n, d, q.dtype), q_g, k_p, v_p, None)
+        seen = mask[rows][:, 0, :, :s * bs]  # (r, T_q, s * bs): which prefix keys each query sees
+        visible = None if seen.all() else np.broadcast_to(  # usually all: no mask to apply
+            seen[:, None], (len(rows), G, T_q, s * bs)).reshape(n, s * bs)  # as q_g's columns
+        m, denom, acc = fold_keys(*start_rows((H_kv,), n, d, q.dtype), q_g, k_p, v_p, visible)
         # back to rows: m, l (H_kv, 1, n) -> (H_kv, 1, r, G, T_q) -> (r, H_kv, G, 1, T_q)
         m, denom = (x.reshape(H_kv, 1, len(rows), G, T_q).transpose(2, 0, 3, 1, 4)
                     for x in (m, denom))

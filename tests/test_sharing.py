@@ -488,23 +488,23 @@ def shared_layer_case(block_size: int, window_row: bool):
     batch.commit(step, owner)
     mask = mask_from_positions(step.positions, step.key_positions)
     if window_row:
-        mask[5, :, :, 0] = False  # as if a window hid y's first key: y leaves the group
+        mask[5, :, :, 0] = False  # as if a window hid y's first key
     rng = np.random.default_rng(block_size)
     q = rng.standard_normal((len(seqs), 4, T, 8))
     k, v = rng.standard_normal((2, len(seqs), 2, T, 8))
     return pool, batch, q, k, v, mask
 
 
-@pytest.mark.parametrize("window_row", [False, True], ids=["group of 4", "one row hidden"])
+@pytest.mark.parametrize("window_row", [False, True], ids=["group of 4", "one key hidden"])
 @pytest.mark.parametrize("block_size", [1, 2, 3, 5])
 def test_cascade_equals_the_gather(block_size, window_row):
     """Cascade (the shared prefix once per group, each row's own blocks, merged) == the readable
-    attention over the gathered keys, float64, to 1e-12; GQA; it reads fewer blocks."""
+    attention over the gathered keys, float64, to 1e-12; GQA; it reads fewer blocks. A row whose
+    mask hides a prefix key stays in the group: the mask applies to the prefix part too."""
     pool, batch, q, k, v, mask = shared_layer_case(block_size, window_row)
-    groups = cascade.shared_prefixes(pool.table_array(batch.seq_ids, 20), batch.past, mask,
-                                     block_size)
+    groups = cascade.shared_prefixes(pool.table_array(batch.seq_ids, 20), batch.past, block_size)
     assert [(list(rows), s) for rows, s in groups] == [
-        ([3, 4, 6] if window_row else [3, 4, 5, 6], (2 * block_size + 1) // block_size)]
+        ([3, 4, 5, 6], (2 * block_size + 1) // block_size)]
     keys, values = batch.layers[0].update(k, v)
     expected, _ = grouped_attention(q, keys, values, mask)
     read = pool.blocks_read
@@ -516,6 +516,68 @@ def test_cascade_equals_the_gather(block_size, window_row):
     np.testing.assert_allclose(walked, expected, rtol=0, atol=1e-12)
     assert np.abs(expected).max() > 0.1
     assert cascaded < pool.blocks_read - read - cascaded
+
+
+def test_a_part_that_sees_no_key_merges_with_zero_weight():
+    """Hand-sized, -inf as the mask gives it: merge(empty, B) is B exactly (its factor is
+    exp(-inf) = 0, never -inf + inf = NaN), and two empty parts finish as zeros."""
+    rng = np.random.default_rng(1)
+    q_t = rng.standard_normal((1, 5, 2))  # (lead, d, n)
+    k, v = rng.standard_normal((2, 1, 4, 5))
+    empty = start_rows((1,), 2, 5, np.float64)  # m = -inf, l = 0, acc = 0: no key seen
+    hidden = fold_keys(*start_rows((1,), 2, 5, np.float64), q_t, k, v,
+                       np.zeros((1, 2, 4), dtype=bool))  # every key folded, every key hidden
+    seen = fold_keys(*start_rows((1,), 2, 5, np.float64), q_t, k, v, None)
+    for none in (empty, hidden):
+        for merged in (cascade.merge(none, seen), cascade.merge(seen, none)):
+            for got, want in zip(merged, seen, strict=True):
+                np.testing.assert_array_equal(got, want)
+        m, denom, acc = cascade.merge(none, empty)
+        assert (m == -np.inf).all() and (denom == 0).all()
+        np.testing.assert_array_equal(finish_rows(denom, acc), np.zeros((1, 2, 5)))
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 4])
+def test_cascade_when_a_query_sees_nothing_in_one_part(block_size):
+    """Four rows share two full blocks that end exactly where each row's past ends. A padding
+    query sits at its row's latest position, so it sees the prefix and nothing of its row's own
+    blocks (own part empty); a window-like mask hides the prefix from another query (prefix part
+    empty); one query sees nothing at all. Cascade == the readable attention over the gathered
+    keys, float64, 1e-12, no NaN."""
+    pool, batch, *_ = ragged_layer_case(3, block_size)
+    batch.roll_back(None)
+    rng = np.random.default_rng(block_size)
+    pool.allocate({"p": 2 * block_size})
+    blocks, offsets = pool.slots("p", 0, 2 * block_size)
+    pool.keys[0, blocks, :, offsets] = rng.standard_normal((2 * block_size, 2, 8))
+    pool.values[0, blocks, :, offsets] = rng.standard_normal((2 * block_size, 2, 8))
+    pool.lengths["p"] = 2 * block_size
+    for child in ("a", "b", "c"):
+        pool.fork("p", child)
+    seqs, new = ["p", "a", "b", "c"], [1, 3, 2, 3]
+    batch = PagedBatch(pool, seqs, new, cascade=True)
+    owner = pool.filled_by()
+    step = batch.plan(owner, 4, 3, None)
+    batch.commit(step, owner)
+    mask = mask_from_positions(step.positions, step.key_positions)  # (4, 1, 3, t_k)
+    prefix_cols = slice(0, 2 * block_size)
+    mask[1, :, 2, prefix_cols] = False  # row a's last query: the prefix hidden, as by a window
+    mask[3, :, 1, :] = False  # row c's middle query sees no key at all
+    own = mask[..., 2 * block_size:]
+    assert not own[0, 0, 0].any() and mask[0, 0, 0, prefix_cols].all()  # row p's padding query
+    assert not own[2, 0, 0].any() and mask[2, 0, 0, prefix_cols].all()  # row b's: the prefix only
+    assert not mask[1, 0, 2, prefix_cols].any() and own[1, 0, 2].any()
+    groups = cascade.shared_prefixes(pool.table_array(seqs, 20), batch.past, block_size)
+    assert [(list(rows), s) for rows, s in groups] == [([0, 1, 2, 3], 2)]
+    q = rng.standard_normal((4, 4, 3, 8))
+    k, v = rng.standard_normal((2, 4, 2, 3, 8))
+    keys, values = batch.layers[0].update(k, v)
+    expected, _ = grouped_attention(q, keys, values, mask)
+    got = batch.layers[0].attend(q, k, v, mask)
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(got[3, :, 1], 0.0)  # sees nothing: zeros, as the readable path
+    assert np.abs(got[0]).max() > 0.1 and np.abs(got[1, :, 2]).max() > 0.1
 
 
 def test_the_prefix_index_alone():
