@@ -46,8 +46,8 @@ def tiny_memory(monkeypatch) -> None:
 
 RUNS = {  # name: (main, argv, make it small, lines that must be there, in this order)
     "verify.py --failure-modes": (verify.main, ["--failure-modes", "--only", "1"], None,
-                                  ["1/16 the clean implementation",
-                                   "2/16 injected: no causal mask", "16/16 injected: "]),
+                                  ["1/17 the clean implementation",
+                                   "2/17 injected: no causal mask", "17/17 injected: "]),
     "tools/window.py --speed": (window.main, ["--speed", "--repeats", "1"], tiny_speed,
                                 ["1/1 --speed: 1 decode steps of each model at 2 contexts",
                                  "  context 8", "  context 16"]),

@@ -429,12 +429,17 @@ def engine_with_a_fork() -> Engine:
 @pytest.mark.parametrize(("call", "error", "match"), [
     (lambda e: e.fork(2, 0), ValueError, "fork n must be a positive int"),
     (lambda e: e.fork(2, 1.5), ValueError, "fork n"),
+    (lambda e: e.fork(2, -1), ValueError, "fork n must be a positive int"),
+    (lambda e: e.fork(2, True), ValueError, "fork n must be a positive int, got True"),
     (lambda e: e.fork(2, 4), ValueError, "could never run together"),
     (lambda e: e.fork(0), ValueError, "already finished"),
     (lambda e: e.fork(1), ValueError, "already cancelled"),
     (lambda e: e.fork(9), ValueError, "no request has id 9"),
     (lambda e: e.submit([1, 2], 3, temperature=1.0, seed=1.5), ValueError, "seed"),
     (lambda e: e.submit([1, 2], 3, temperature=1.0, seed="1"), ValueError, "seed"),
+    (lambda e: e.submit([1, 2], 3, temperature=1.0, seed=True), ValueError, "seed"),
+    (lambda e: e.submit([1, 2], 3, temperature=1.0, seed=-1), ValueError, "int >= 0"),
+    (lambda e: e.submit([1, 2], 3, seed=2.0), ValueError, "seed"),  # greedy: still refused
 ])
 def test_bad_sharing_input_is_refused_and_changes_nothing(engine_with_a_fork, call, error, match):
     before = engine_state(engine_with_a_fork), pool_state(engine_with_a_fork.pool)
