@@ -41,8 +41,8 @@ def test_the_command_writes_only_where_told_and_every_field(run):
     code, out, err, saved, tmp = run
     assert code == 0
     assert sorted(p.name for p in tmp.iterdir()) == ["s.json", "s.png"]
-    assert out.startswith("machine: ") and "BLAS: " in out and "threads" in out.splitlines()[0]
-    assert set(saved) == {"machine", "shapes", "block_size", "rounds", "quick", "seed",
+    assert out.startswith("machine: ") and out.splitlines()[0].endswith(", 1 threads")
+    assert set(saved) == {"machine", "shapes", "block_size", "rounds", "threads", "quick", "seed",
                           "shared_system_prompt", "parallel_samples", "cascade"}
     system = saved["shared_system_prompt"]
     for name in ("no prefix caching", "prefix caching"):
@@ -96,6 +96,7 @@ def test_cascade_reads_by_hand(run):
     assert three["walk"]["bytes_read"] == 2 * 9 * 2 * 4 * 16 * 64 * 4
     for case in (one, three):
         assert case["max_abs_logit_diff"] < 1e-4  # float32: the same logits, summed otherwise
+    assert one["pays"] is False  # nothing shared, whatever the clock said
 
 
 def test_the_picture_is_drawn_from_a_real_run(model):
@@ -114,6 +115,7 @@ def test_the_picture_is_drawn_from_a_real_run(model):
 
 @pytest.mark.parametrize(("argv", "match"), [
     (["--rounds", "0"], "must be in [1, 1000]"), (["--seed", "-1"], "must be in"),
+    (["--threads", "0"], "must be in [1, 512]"),
     (["--out", "x.txt"], "must end in .png"), (["--json", "missing/x.json"], "does not exist"),
     (["--quick=yes"], "ignored explicit argument"), (["--nope"], "unrecognized arguments")])
 def test_bad_flags_are_refused_before_any_work(tmp_path, monkeypatch, capsys, argv, match):

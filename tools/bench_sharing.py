@@ -1,7 +1,7 @@
 """What sharing the cache buys: prefix caching, parallel samples, cascade attention, measured.
 
-    python tools/bench_sharing.py [--quick] [--rounds N] [--seed S] [--out PNG] [--json PATH]
-                                  (default figure: out/sharing.png in the repository)
+    python tools/bench_sharing.py [--quick] [--rounds N] [--threads N] [--seed S] [--out PNG]
+                                  [--json PATH]  (default figure: out/sharing.png in the repository)
 
 Three measurements and a picture, each from real runs of beyond/serving.py's Engine on one model
 (a random FastGPT, float32: SHAPES below; only its shapes matter for what is measured):
@@ -20,8 +20,12 @@ Three measurements and a picture, each from real runs of beyond/serving.py's Eng
 3. Cascade attention against the per-sequence walk (beyond/cascade.py, beyond/paged.py): one
    decode step of B requests sharing a prefix of P tokens, each with O tokens of its own, timed
    interleaved (the step rolled back between calls); blocks and bytes of K and V read per step;
-   the logits of the two compared. A verdict per case: cascade pays when its median step is the
-   shorter.
+   the logits of the two compared. A verdict per case: cascade pays when it reads fewer blocks
+   (a group of one shares nothing) and its median step is the shorter.
+
+BLAS runs on one thread unless --threads says otherwise: on a busy 2-core machine two OpenBLAS
+threads spend a small step's time waiting for each other (measured here: one decode step of 64
+rows took 0.77 s with two threads, 0.23 s with one), which would hide what is being measured.
 
 The picture (--out): the block tables of a shared-prefix group and of a forked group (before and
 after copy-on-write), drawn from a small real run at block size 4, shared blocks marked. The same
@@ -41,6 +45,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import threadpoolctl
 from matplotlib.figure import Figure
 
 from beyond.paged import PagedBatch
@@ -232,7 +237,8 @@ def cascade_case(model: object, rows: int, prefix: int, own: int, rounds: int, s
     for name in done:
         out[name] = {"step_ms": spread(np.array(times[name]) * 1e3), "blocks_read": read[name],
                      "bytes_read": read[name] * block_bytes}
-    out["pays"] = out["cascade"]["step_ms"]["median"] < out["walk"]["step_ms"]["median"]
+    out["pays"] = bool(read["cascade"] < read["walk"] and out["cascade"]["step_ms"]["median"]
+                       < out["walk"]["step_ms"]["median"])  # a group of one shares nothing
     return out
 
 
@@ -356,7 +362,8 @@ def report_cascade(results: list[dict]) -> str:
                      f"{human(c['bytes_read']):>10}")
     for r in results:
         w, c = r["walk"]["step_ms"], r["cascade"]["step_ms"]
-        verdict = "pays" if r["pays"] else "does not pay"
+        verdict = "pays" if r["pays"] else "does not pay" + (
+            " (nothing shared)" if r["cascade"]["blocks_read"] == r["walk"]["blocks_read"] else "")
         lines.append(f"   B {r['rows']}, P {r['prefix']}, O {r['own']}: walk {fmt(w)}, cascade "
                      f"{fmt(c)}: {w['median'] / c['median']:.2f}x faster, {verdict}")
     worst = max(r["max_abs_logit_diff"] for r in results)
@@ -371,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=cli_int(1, 1000), default=None,
                     help=f"interleaved rounds of each timing (default {FULL.rounds}; "
                          f"{QUICK.rounds} with --quick)")
+    ap.add_argument("--threads", type=cli_int(1, 512), default=1,
+                    help="BLAS threads (default 1: on a busy machine more threads wait for each "
+                         "other instead of computing)")
     ap.add_argument("--seed", type=SEED, default=0, help="draws every prompt (default 0)")
     ap.add_argument("--out", type=cli_output_file(".png"), default=None,
                     help=f"the picture of block tables (default out/{OUT} in the repository)")
@@ -381,7 +391,14 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     rounds = args.rounds or sizes.rounds
 
-    print(machine_line())
+    with threadpoolctl.threadpool_limits(limits=args.threads, user_api="blas"):
+        return measure(args, sizes, rounds)
+
+
+def measure(args: argparse.Namespace, sizes: Sizes, rounds: int) -> int:
+    """Every section, printed as it ends; the picture; the JSON."""
+    machine = machine_line()  # with the thread count this run uses
+    print(machine)
     shapes = ", ".join(f"{k} {v}" for k, v in SHAPES.items())
     print(f"model: a random FastGPT, float32 ({shapes}); blocks of {BLOCK} tokens; timings are "
           f"medians [min-max] of {rounds} interleaved round(s)\n")
@@ -400,8 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         plot(table_snapshots(model), args.out)
     print(f"wrote {args.out}")
     if args.json:
-        write_json(args.json, {"machine": machine_line(), "shapes": SHAPES, "block_size": BLOCK,
-                               "rounds": rounds, "quick": args.quick, "seed": args.seed,
+        write_json(args.json, {"machine": machine, "shapes": SHAPES, "block_size": BLOCK,
+                               "rounds": rounds, "threads": args.threads, "quick": args.quick,
+                               "seed": args.seed,
                                "shared_system_prompt": system,
                                "parallel_samples": {str(n): r for n, r in samples.items()},
                                "cascade": cascade}, indent=1)
