@@ -10,7 +10,7 @@ export TRANSFORMERS_VERBOSITY := error
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: verify test lint generate train train-draft train-ablation evaluate heatmap memory pictures bench bench-figures \
-	figures clean
+	bench-sharing figures clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ bench: $(VENV)/.installed
 bench-figures: $(VENV)/.installed
 	$(PY) tools/bench.py --figures figures --json out/bench/bench.json
 
+# Prefix caching, parallel samples and cascade attention, measured (docs/sharing.md); its picture
+# goes to out/sharing.png (make figures draws the committed one).
+bench-sharing: $(VENV)/.installed
+	$(PY) tools/bench_sharing.py --json out/bench_sharing.json
+
 # Trains the string-reversal model with torch (about 6 minutes on 1 thread) and writes
 # checkpoints/reverse.npz, the checkpoint the repo ships, and its log, on purpose: without --out,
 # tools/train.py writes out/reverse.npz. CI never trains.
@@ -65,7 +70,8 @@ train-draft: $(VENV)/.installed
 train-ablation: $(VENV)/.installed
 	$(PY) tools/train.py --no-causal-mask --log checkpoints/reverse_no_mask.log.json
 
-# Redraws the committed figures on purpose, each named with --out (about a minute). Left out:
+# Redraws the committed figures on purpose, each named with --out (about a minute; the block
+# tables of figures/sharing.png come from their own small run, the same with --quick). Left out:
 # the bench_*.png figures, which take minutes to measure (python tools/bench.py, see
 # docs/benchmarks.md).
 figures: $(VENV)/.installed
@@ -73,6 +79,7 @@ figures: $(VENV)/.installed
 	$(PY) tools/heatmap.py --random --out figures/heatmap_random.png
 	$(PY) tools/memory.py --out figures/cache_memory.png
 	$(PY) tools/bench_paged_memory.py --out figures/paged_memory.png
+	$(PY) tools/bench_sharing.py --quick --out figures/sharing.png
 	$(PY) tools/train.py --plot --figure figures/mask_ablation.png
 
 clean:

@@ -30,9 +30,12 @@ with tight tolerances prove the algebra is exact; float32 notes show what a user
    17 latent (MLA)     absorbed latent decode (beyond/latent.py) == the explicit naive path
    18 serving == alone continuous batching over a paged cache (beyond/serving.py) == every
                       request decoded alone, through preemption and a cancel
+   19 sharing == alone prefix caching, forked samples with copy-on-write and cascade attention
+                      (beyond/prefix.py, beyond/cascade.py) == every request decoded alone
 
 Every model here is the readable GPT, the code a learner reads; check 12 proves the fast path
-(fast/model.py's FastGPT), which the benchmarks use, computes the same numbers.
+(fast/model.py's FastGPT), which the benchmarks use, computes the same numbers. Check 19 runs the
+fast path too, since cascade attention lives in its attend hook.
 
 The checks look up every function through its module (attention.causal_mask, not a local copy),
 so the failure-mode gallery can swap in a broken version for one run and the checks see it.
@@ -940,6 +943,87 @@ def check_serving() -> Evidence:
     return Evidence(measures, note)
 
 
+# --- check 19: sharing the cache between requests == each request alone -------------------------
+
+SHARING_SYSTEM = 20  # tokens of the shared system prompt: 2 full blocks of 8, and 4 more
+SHARING_FORKED = 13  # the forked prompt: 1 full block and a partly full one the samples share
+
+
+def sharing_run(model: block.GPT, cascade: bool) -> tuple[serving.Engine, dict[int, tuple]]:
+    """One engine (prefix caching, 24 blocks of 8, NaN in free blocks, the free list shuffled):
+    two requests with one system prompt in the first step (computed twice, kept once), two more
+    after 2 steps (hits on its cached full blocks), and a seeded prompt forked into 3 more
+    samples before its prefill (they share its partly full last block: copy-on-write). Returns
+    the engine, run to the end, and per request (prompt, max_new_tokens, options, sample j)."""
+    engine = serving.Engine(model, num_blocks=24, block_size=8, shuffle=19, prefix_caching=True,
+                            cascade=cascade)
+    system = random_ids((SHARING_SYSTEM,), seed=190)
+    requests = {}
+
+    def submit(prompt: np.ndarray, max_new: int, seed: int | None) -> int:
+        options = {} if seed is None else {"temperature": 0.8, "top_k": 50}
+        rid = engine.submit(prompt, max_new, seed=seed, **options)
+        requests[rid] = (prompt, max_new, options | {"seed": seed}, 0)
+        return rid
+
+    def with_system(n: int) -> np.ndarray:
+        return np.concatenate([system, random_ids((n,), seed=191 + n)])
+
+    submit(with_system(3), 8, None)
+    submit(with_system(6), 8, 3)
+    forked = submit(random_ids((SHARING_FORKED,), seed=192), 6, 7)
+    for j, rid in enumerate(engine.fork(forked, 3), start=1):  # sample j: default_rng([7, j])
+        requests[rid] = requests[forked][:3] + (j,)
+    for _ in range(2):
+        engine.step()
+    submit(with_system(11), 6, None)
+    submit(system, 6, 4)  # the bare system prompt: all but its last token's block cached
+    engine.run()
+    return engine, requests
+
+
+@check(19, "sharing == alone", "cached, forked, cascaded == alone")
+def check_sharing() -> Evidence:
+    """beyond/prefix.py, the pool's copy-on-write and beyond/cascade.py, each request against
+    generate_cached on its prompt alone (sample j of a fork with default_rng([seed, j])), float64:
+    the scenario of sharing_run on the readable GPT, then on the fast path (FastGPT, the same
+    weights) walking every row's blocks, and with cascade attention (the shared prefixes read
+    once per group). The scenario must really share: prefix hits, at least one copy-on-write
+    copy (at most one per sample), cascade reading fewer blocks than the walk, and no block
+    left in use at the end."""
+    readable = ref.random_model(ASSIGNMENT_CONFIG)
+    fast = ref.random_model(ASSIGNMENT_CONFIG, fast=True)
+    runs = {"readable": sharing_run(readable, False), "fast walk": sharing_run(fast, False),
+            "fast cascade": sharing_run(fast, True)}
+    err, differ, alone = 0.0, 0, {}
+    for engine, requests in runs.values():
+        for rid, (prompt, max_new, options, j) in requests.items():
+            if rid not in alone:
+                options = dict(options)
+                seed = options.pop("seed")
+                rng = None if seed is None else np.random.default_rng(seed if j == 0 else [seed,
+                                                                                           j])
+                alone[rid] = generate.generate_cached(readable, [prompt], max_new, rng=rng,
+                                                      **options)
+            got, want = engine.result(rid), alone[rid]
+            differ += int(got.tokens.shape != want.tokens[0].shape
+                          or np.any(got.tokens != want.tokens[0]))
+            err = max(err, max_abs(got.logits, want.logits[0]))
+    stats = {name: engine.stats() for name, (engine, _) in runs.items()}
+    walked, cascaded = (runs[name][0].pool.blocks_read for name in ("fast walk", "fast cascade"))
+    samples = 3
+    unmet = sum(int(s["prefix_hit_blocks"] == 0) + int(not 1 <= s["copies_on_write"] <= samples)
+                + s["blocks_in_use"] for s in stats.values()) + int(cascaded >= walked)
+    measures = [Measure("float64 |shared - alone| logits", err, 1e-10),
+                Measure("requests whose tokens differ from alone", differ, 0),
+                Measure("scenario not met: no hit, no copy or too many, cascade read as much, "
+                        "blocks left in use", unmet, 0)]
+    s = stats["readable"]
+    note = (f"{len(alone)} requests x 3 runs: {s['prefix_hit_blocks']} hits, "
+            f"{s['copies_on_write']} copies, blocks read {cascaded} (walk {walked})")
+    return Evidence(measures, note)
+
+
 # --- running and printing ------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -1128,6 +1212,12 @@ def paged_gather_whole_blocks(self: paged.PagedLayer, k: np.ndarray, v: np.ndarr
                  for store in (pool.keys[self.i], pool.values[self.i]))
 
 
+def copy_on_write_skipped(self: paged.BlockPool, seq: object, new: int) -> bool:
+    """BUG: copy-on-write never fires: a sample appends into the partly full last block it
+    shares with its siblings, writing its keys over theirs."""
+    return False
+
+
 Swap = tuple[object, str, object]
 
 
@@ -1202,6 +1292,8 @@ FAILURE_MODES = [
                 lambda: everywhere(window.slot_of, window_slot_off_by_one), 14),
     FailureMode("paged gather reads past a row's end",
                 lambda: [(paged.PagedLayer, "update", paged_gather_whole_blocks)], 18),
+    FailureMode("copy-on-write skipped on a fork",
+                lambda: [(paged.BlockPool, "must_copy", copy_on_write_skipped)], 19),
 ]
 
 

@@ -25,6 +25,14 @@ out the way an operating system hands out pages (PagedAttention, Kwon et al., SO
 
 Only slots a sequence has written may be read. The gather zeroes the rest; the walk zeroes them
 before they meet a score or a weight (a masked NaN would still poison weights @ v: 0 * NaN is NaN).
+
+Sharing (docs/sharing.md). A block may sit in several tables: refs[p] counts them. fork(seq,
+child) gives a child every block of seq, the partly full last one included; the first of them to
+append into a shared, partly full block copies it first (copy-on-write), so no one else's keys
+change. With prefix_caching the pool keeps a PrefixIndex (beyond/prefix.py): share(seq, blocks)
+starts a table with cached full blocks, identify(seq, tokens) names the blocks that filled, and
+a block whose count falls to zero stays cached, keys and all, until its slot is needed. Only a
+block that is really freed is poisoned.
 The engine that schedules requests onto the pool is beyond/serving.py; docs/serving.md draws it.
 """
 
@@ -32,10 +40,14 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from beyond import cascade
 from beyond.flash import finish_rows, fold_keys, start_rows
+from beyond.prefix import PrefixIndex
 from cache import CACHE_DTYPES, EMPTY, Step, number_tokens
 from parts.checks import fits_in_memory, float_dtype, int_array, is_int, positive_int
 
@@ -47,6 +59,20 @@ class PoolFullError(ValueError):
     never lets it happen (it preempts first); a caller driving the pool itself sees it."""
 
 
+@dataclass
+class Allocation:
+    """What one allocate changed, in order, so that undo can put every count back: tables made,
+    blocks taken (from the free list, or evicted from the cache with what they held) and
+    copy-on-write copies."""
+
+    got: dict[object, list[int]] = field(default_factory=dict)  # seq -> blocks appended
+    made: list[object] = field(default_factory=list)  # sequences this allocation gave a table
+    copies: list[tuple[object, int, int]] = field(default_factory=list)  # (seq, shared, copy)
+    taken: list[int] = field(default_factory=list)  # every block taken, in order
+    evicted: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    index_state: tuple | None = None  # the prefix index before its first eviction
+
+
 # --- the pool ------------------------------------------------------------------------------------
 
 class BlockPool:
@@ -56,12 +82,13 @@ class BlockPool:
     def __init__(
         self, n_layers: int, n_kv_heads: int, d_head: int, num_blocks: int,
         block_size: int = BLOCK_SIZE, dtype: np.dtype | type | str = np.float32,
-        shuffle: int | None = None, poison: bool = True,
+        shuffle: int | None = None, poison: bool = True, prefix_caching: bool = False,
     ) -> None:
         """Both arrays allocated here, (n_layers, num_blocks, H_kv, block_size, d_head) each.
         shuffle: a seed to shuffle the free list, so that tables come out non-monotonic (the
-        outputs must not change); poison: fill free blocks with NaN (off: zeros). Checks its
-        arguments."""
+        outputs must not change); poison: fill free blocks with NaN (off: zeros);
+        prefix_caching: keep a PrefixIndex, and keep identified blocks cached when no table
+        holds them. Checks its arguments."""
         shape = tuple(positive_int(f"BlockPool {name}", value) for name, value in (
             ("n_layers", n_layers), ("num_blocks", num_blocks), ("n_kv_heads", n_kv_heads),
             ("block_size", block_size), ("d_head", d_head)))
@@ -71,6 +98,9 @@ class BlockPool:
                              f"{shuffle!r}")
         if not isinstance(poison, bool):
             raise TypeError(f"BlockPool poison must be True or False, got {poison!r}")
+        if not isinstance(prefix_caching, bool):
+            raise TypeError(f"BlockPool prefix_caching must be True or False, got "
+                            f"{prefix_caching!r}")
         fits_in_memory(f"BlockPool {shape} x 2 ({dtype.name})",
                        2 * math.prod(shape) * dtype.itemsize)
         self.poison = poison
@@ -83,7 +113,11 @@ class BlockPool:
         self.free = [int(p) for p in order]  # free physical blocks; the next one is the last
         self.tables: dict[object, list[int]] = {}  # sequence -> its physical blocks, in order
         self.lengths: dict[object, int] = {}  # sequence -> tokens written
+        self.refs = [0] * shape[1]  # how many tables hold each block
+        self.index = PrefixIndex(shape[3]) if prefix_caching else None
         self.peak = 0  # the most blocks ever in use at once
+        self.copies = 0  # copy-on-write copies made
+        self.blocks_read = 0  # blocks of keys and values the attend hooks read (all layers)
         self.filled_by: weakref.ref | None = None  # the model whose keys it holds
 
     @property
@@ -107,8 +141,19 @@ class BlockPool:
         return self.keys.shape[4]
 
     @property
+    def idle(self) -> int:
+        """Cached blocks no table holds: their keys kept, their slots taken when needed."""
+        return 0 if self.index is None else len(self.index.idle)
+
+    @property
+    def available(self) -> int:
+        """Blocks a step may take: the free ones, and the idle cached ones (evicted if taken)."""
+        return len(self.free) + self.idle
+
+    @property
     def blocks_in_use(self) -> int:
-        return self.num_blocks - len(self.free)
+        """Blocks some table holds (each counted once, however many tables share it)."""
+        return self.num_blocks - self.available
 
     @property
     def tokens_cached(self) -> int:
@@ -124,42 +169,169 @@ class BlockPool:
 
     def blocks_needed(self, seq: object, new: int) -> int:
         """How many more blocks sequence `seq` (new or held) needs for `new` more tokens."""
-        held = len(self.tables.get(seq, ()))
-        return self.blocks_for(self.lengths.get(seq, 0) + new) - held
+        return self.blocks_needed_all({seq: new})
+
+    def blocks_needed_all(self, wants: dict[object, int]) -> int:
+        """How many blocks allocate(wants) takes: each sequence's new blocks, and a copy for each
+        one that appends into a shared, partly full last block (in order: once all but one
+        sharer have copied, the last writes in place)."""
+        dropped: Counter[int] = Counter()  # sharers that copied away from a block, so far
+        total = 0
+        for seq, n in wants.items():
+            table, length = self.tables.get(seq, []), self.lengths.get(seq, 0)
+            total += self.blocks_for(length + n) - len(table)
+            if n and length % self.block_size and self.refs[table[-1]] - dropped[table[-1]] > 1:
+                total += 1
+                dropped[table[-1]] += 1
+        return total
+
+    def must_copy(self, seq: object, new: int) -> bool:
+        """Copy-on-write: seq appends into its last block, which is partly full and shared."""
+        table = self.tables.get(seq)
+        return bool(new and table and self.lengths[seq] % self.block_size
+                    and self.refs[table[-1]] > 1)
 
     # --- taking and giving back blocks -----------------------------------------------------------
 
-    def allocate(self, wants: dict[object, int]) -> dict[object, list[int]]:
+    def allocate(self, wants: dict[object, int]) -> Allocation:
         """Give each sequence the blocks it needs for wants[seq] more tokens (a new sequence gets
-        a table), all or nothing: PoolFullError, with every table and the free list as they were,
-        if the free blocks do not cover them all. Returns the blocks each one got."""
-        need = {seq: self.blocks_needed(seq, n) for seq, n in wants.items()}
-        if sum(need.values()) > len(self.free):
-            raise PoolFullError(f"{sum(need.values())} blocks needed, {len(self.free)} free")
-        got = {}
-        for seq, n in need.items():
-            self.tables.setdefault(seq, [])
-            self.lengths.setdefault(seq, 0)
-            got[seq] = [self.free.pop() for _ in range(n)]
-            self.tables[seq].extend(got[seq])
+        a table), copying a shared, partly full last block first (copy-on-write), all or
+        nothing: PoolFullError, with every table, count and list as they were, if the free and
+        idle blocks do not cover them all. Returns what it did, for undo."""
+        need = self.blocks_needed_all(wants)
+        if need > self.available:
+            raise PoolFullError(f"{need} blocks needed, {self.available} free")
+        done = Allocation()
+        for seq, n in wants.items():
+            if seq not in self.tables:
+                self.tables[seq], self.lengths[seq] = [], 0
+                done.made.append(seq)
+            table = self.tables[seq]
+            if self.must_copy(seq, n):  # the others keep the block as it is
+                shared, copy = table[-1], self.take(done)
+                self.keys[:, copy], self.values[:, copy] = self.keys[:, shared], self.values[
+                    :, shared]
+                table[-1] = copy
+                self.refs[shared] -= 1
+                done.copies.append((seq, shared, copy))
+                self.copies += 1
+            done.got[seq] = [self.take(done) for _ in range(self.blocks_for(
+                self.lengths[seq] + n) - len(table))]
+            table.extend(done.got[seq])
         self.peak = max(self.peak, self.blocks_in_use)
-        return got
+        return done
+
+    def take(self, done: Allocation) -> int:
+        """One block for a table: a free one, else the least recently used idle cached one,
+        which forgets its identity and is poisoned (what it held kept in `done`, for undo)."""
+        if self.free:
+            block = self.free.pop()
+        else:
+            if done.index_state is None:
+                done.index_state = self.index.snapshot()
+            block, _ = self.index.evict()
+            done.evicted[block] = (self.keys[:, block].copy(), self.values[:, block].copy())
+            self.poison_blocks([block])
+        self.refs[block] = 1
+        done.taken.append(block)
+        return block
+
+    def undo(self, done: Allocation) -> None:
+        """Put back what allocate did, in reverse: tables, counts, copies, the free list in its
+        order, evicted blocks with their keys and identities."""
+        for seq, blocks in reversed(done.got.items()):
+            del self.tables[seq][len(self.tables[seq]) - len(blocks):]
+        for seq, shared, _ in reversed(done.copies):
+            self.tables[seq][-1] = shared
+            self.refs[shared] += 1
+            self.copies -= 1
+        for seq in done.made:
+            del self.tables[seq], self.lengths[seq]
+        for block in reversed(done.taken):
+            self.refs[block] = 0
+            if block in done.evicted:
+                self.keys[:, block], self.values[:, block] = done.evicted[block]
+            else:
+                self.give_back([block])
+        if done.index_state is not None:
+            self.index.restore(done.index_state)
 
     def release(self, seq: object) -> None:
-        """A finished or cancelled sequence: its blocks back on the free list (poisoned), its
-        table and length forgotten."""
-        self.give_back(self.tables.pop(seq))
+        """A finished or cancelled sequence: its table and length forgotten, each of its blocks
+        held by one table fewer. A block no table holds any more is freed (poisoned), or, if the
+        prefix index knows it, stays cached (idle), its keys kept. The last block is let go
+        first, so a cached prefix outlives its tails (least recently used goes first)."""
+        table = self.tables.pop(seq)
         del self.lengths[seq]
-        if not self.tables:
+        freed = []
+        for block in reversed(table):
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                if self.index is not None and block in self.index.entries:
+                    self.index.park(block)
+                else:
+                    freed.append(block)
+        self.give_back(freed[::-1])
+        if not self.tables and not self.idle:  # cached blocks still hold the model's keys
             self.filled_by = None
 
+    # --- sharing ---------------------------------------------------------------------------------
+
+    def fork(self, seq: object, child: object) -> None:
+        """A new sequence `child` holding every block of `seq` (each held by one table more),
+        the partly full last one included: nothing is copied until one of them appends."""
+        if child in self.tables:
+            raise ValueError(f"BlockPool.fork: sequence {child!r} already has a table")
+        self.tables[child] = list(self.tables[seq])
+        self.lengths[child] = self.lengths[seq]
+        for block in self.tables[child]:
+            self.refs[block] += 1
+
+    def share(self, seq: object, blocks: list[int]) -> None:
+        """A new sequence whose first len(blocks) blocks are these cached full ones (a prefix
+        hit): each held by one table more, an idle one no longer idle."""
+        if seq in self.tables:
+            raise ValueError(f"BlockPool.share: sequence {seq!r} already has a table")
+        for block in blocks:
+            if self.refs[block] == 0:
+                self.index.unpark(block)
+            self.refs[block] += 1
+        self.tables[seq], self.lengths[seq] = list(blocks), len(blocks) * self.block_size
+        self.index.hits += len(blocks)
+        self.peak = max(self.peak, self.blocks_in_use)
+
+    def identify(self, seq: object, tokens: np.ndarray) -> None:
+        """Name every full block of seq not named yet (tokens: its sequence, at least its
+        length), in order. A block whose identity another block holds already is swapped for
+        that one and freed: one copy of a prefix however many computed it (two identical prompts
+        admitted in one step)."""
+        table, full = self.tables[seq], self.lengths[seq] // self.block_size
+        first = full
+        while first > 0 and table[first - 1] not in self.index.entries:  # named: a prefix
+            first -= 1
+        for j in range(first, full):
+            block = table[j]
+            same = self.index.register(block, table[j - 1] if j else None,
+                                       self.index.chunk(tokens, j))
+            if same != block and self.refs[block] == 1:  # keep the cached one, free ours
+                if self.refs[same] == 0:
+                    self.index.unpark(same)
+                self.refs[same] += 1
+                table[j] = same
+                self.refs[block] = 0
+                self.give_back([block])
+
     def give_back(self, blocks: list[int]) -> None:
-        """Blocks back on the free list, filled with NaN (or zeros without poison) in every
-        layer, so that whatever they held can never be read as a key again."""
+        """Blocks back on the free list, poisoned, so that whatever they held can never be read
+        as a key again."""
+        self.poison_blocks(blocks)
+        self.free.extend(reversed(blocks))  # the last given back is the next taken
+
+    def poison_blocks(self, blocks: list[int]) -> None:
+        """Fill blocks with NaN (or zeros without poison) in every layer."""
         if blocks:
             self.keys[:, blocks] = np.nan if self.poison else 0.0
             self.values[:, blocks] = np.nan if self.poison else 0.0
-            self.free.extend(reversed(blocks))  # the last given back is the next taken
 
     # --- where a sequence's tokens are -----------------------------------------------------------
 
@@ -195,9 +367,11 @@ class PagedBatch:
     real tokens, right-aligned in the call's (B, T) ids. Keeps cache.py's protocol (plan,
     commit, layers[i].update or attend, roll_back); built afresh for every call."""
 
-    def __init__(self, pool: BlockPool, seq_ids: list[object], new: np.ndarray | list[int]
-                 ) -> None:
-        """seq_ids: distinct sequences (held by the pool, or new ones); new (B,) >= 1 each."""
+    def __init__(self, pool: BlockPool, seq_ids: list[object], new: np.ndarray | list[int],
+                 cascade: bool = False) -> None:
+        """seq_ids: distinct sequences (held by the pool, or new ones); new (B,) >= 1 each;
+        cascade: the attend hook reads a prefix that rows share once for all of them
+        (beyond/cascade.py) instead of once per row."""
         if not isinstance(pool, BlockPool):
             raise TypeError(f"PagedBatch: pool must be a BlockPool, got {type(pool).__name__}")
         if not isinstance(seq_ids, list) or not seq_ids:
@@ -208,7 +382,9 @@ class PagedBatch:
         if new.shape != (len(seq_ids),) or (new < 1).any():
             raise ValueError(f"PagedBatch: new must hold one count >= 1 per sequence "
                              f"({len(seq_ids)}), got {new.tolist()}")
-        self.pool, self.seq_ids, self.new = pool, list(seq_ids), new
+        if not isinstance(cascade, bool):
+            raise TypeError(f"PagedBatch: cascade must be True or False, got {cascade!r}")
+        self.pool, self.seq_ids, self.new, self.cascade = pool, list(seq_ids), new, cascade
         self.layers = [PagedLayer(self, i) for i in range(pool.n_layers)]
         self.past = np.array([pool.lengths.get(s, 0) for s in seq_ids])  # (B,) tokens held
         self.writes: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -234,11 +410,11 @@ class PagedBatch:
                              f"{self.new.tolist()} new tokens to {len(self.seq_ids)} sequences")
         real = np.arange(T) >= T - self.new[:, None]  # (T,) vs (B, 1) -> (B, T): right-aligned
         positions, _ = number_tokens(self.past, real)  # past + cumsum(real) - 1
-        need = sum(self.pool.blocks_needed(seq, int(n))
-                   for seq, n in zip(self.seq_ids, self.new, strict=True))
-        if need > len(self.pool.free):
+        need = self.pool.blocks_needed_all(dict(zip(self.seq_ids, self.new.tolist(),
+                                                    strict=True)))
+        if need > self.pool.available:
             raise PoolFullError(f"PagedBatch: the step needs {need} new blocks, "
-                                f"{len(self.pool.free)} are free")
+                                f"{self.pool.available} are free")
         after = self.past + self.new  # (B,) tokens each row holds after the step
         t_k = int(self.pool.blocks_for(after).max()) * self.pool.block_size
         slot = np.arange(t_k)  # (t_k,) logical slots, in the order the layers return them
@@ -257,7 +433,7 @@ class PagedBatch:
             raise ValueError(f"GPT: the block pool is {pool.keys.dtype}, the model "
                              f"{model.dtype}")
         owner = None if pool.filled_by is None else pool.filled_by()
-        if pool.tables and owner is not model:
+        if (pool.tables or pool.idle) and owner is not model:
             raise ValueError("GPT: the block pool holds keys and values this model did not "
                              "compute")
 
@@ -265,8 +441,8 @@ class PagedBatch:
         """Take the blocks the step needs (all or nothing) and record where each real new token
         goes: row b's token t -> (physical block, offset)."""
         pool = self.pool
-        got = pool.allocate(dict(zip(self.seq_ids, self.new.tolist(), strict=True)))
-        self.undo = {"got": got, "layers": {}, "filled_by": pool.filled_by}
+        done = pool.allocate(dict(zip(self.seq_ids, self.new.tolist(), strict=True)))
+        self.undo = {"allocation": done, "layers": {}, "filled_by": pool.filled_by}
         T, self.t_k = step.real.shape[1], step.key_positions.shape[1]
         rows, cols, blocks, offsets = [], [], [], []
         for b, seq in enumerate(self.seq_ids):
@@ -281,24 +457,18 @@ class PagedBatch:
         pool.filled_by = weakref.ref(model)
 
     def roll_back(self, step: Step) -> None:
-        """Undo the committed step exactly: the blocks it took back on the free list (poisoned,
-        as they were), every slot a layer overwrote as it was, every length as it was."""
+        """Undo the committed step exactly: every slot a layer overwrote as it was, every length
+        as it was, then the allocation (blocks taken back on the free list, poisoned, as they
+        were; copies undone; evicted blocks cached again, keys and all)."""
         pool, undo = self.pool, self.undo
         if undo is None:
             return
-        for seq, blocks in reversed(undo["got"].items()):  # the free list in its old order
-            del pool.tables[seq][len(pool.tables[seq]) - len(blocks):]
-            pool.give_back(blocks)
-            if not pool.tables[seq]:  # a sequence this step brought: forgotten again
-                del pool.tables[seq]
         _, _, blocks, offsets = self.writes
         for i, (old_k, old_v) in undo["layers"].items():
             pool.keys[i, blocks, :, offsets], pool.values[i, blocks, :, offsets] = old_k, old_v
         for b, seq in enumerate(self.seq_ids):
-            if seq in pool.tables:
-                pool.lengths[seq] = int(self.past[b])
-            else:
-                pool.lengths.pop(seq, None)
+            pool.lengths[seq] = int(self.past[b])
+        pool.undo(undo["allocation"])  # a sequence this step brought: forgotten again
         pool.filled_by = undo["filled_by"]
         self.undo = self.writes = None
 
@@ -351,6 +521,8 @@ class PagedLayer:
         d_head) over every row's blocks with the online softmax, one logical block at a time
         (block j's columns of mask (B, 1, T_q, t_k) are j * bs .. (j + 1) * bs - 1). Returns
         out (B, H, T_q, d_head); no padded copy of the rows' keys is made."""
+        if self.batch.cascade:
+            return cascade.attend(self, q, k, v, mask)
         self.write(k, v)
         pool = self.batch.pool
         B, H, T_q, d = q.shape
@@ -369,5 +541,6 @@ class PagedLayer:
             v_j = np.where(held, values[blocks], 0.0)[:, :, None]
             visible = mask[:, :, None, :, cols]  # (B, 1, T_q, bs) -> (B, 1, 1, T_q, bs)
             m, denom, acc = fold_keys(m, denom, acc, q_t, k_j, v_j, visible)
+        pool.blocks_read += B * (t_k // bs)  # every row reads every one of its blocks
         out = finish_rows(denom, acc)  # (B, H_kv, G, T_q, d)
         return out.reshape(B, H, T_q, d)  # (B, H_kv, G, T_q, d) -> (B, H, T_q, d)

@@ -36,8 +36,19 @@ A request that could never fit the whole pool is refused at submit, so the oldes
 request always progresses. With token_budget, a step feeds at most that many tokens: decodes
 first, then prefills in chunks (a long prompt no longer stalls everyone's next token).
 
+Sharing (docs/sharing.md). With prefix_caching a request admitted takes every cached full block
+of its sequence from the pool's index (beyond/prefix.py) and computes only the rest, never less
+than its last token (its logits come from that row); every block that fills is identified after
+the step. fork(id, n) makes n more samples of a request's prompt: a fork of a request that has
+not emitted yet waits for its prefill and then shares every block of it, the partly full last one
+included (copy-on-write in the pool); a fork of a running request shares its blocks now. Sample
+j draws from np.random.default_rng([seed, j]) (the request itself, sample 0, from
+default_rng(seed)). With cascade, the fast path reads a prefix rows share once for all of them
+(beyond/cascade.py).
+
 Exactness: every request's tokens are generate_cached's on its prompt alone, and in float64 its
-logits agree to 1e-10 (tests/test_serving.py, and verify.py's check 18). docs/serving.md.
+logits agree to 1e-10, shared, cached or forked (tests/test_serving.py, tests/test_sharing.py,
+and verify.py's checks 18 and 19). docs/serving.md.
 """
 
 from __future__ import annotations
@@ -71,6 +82,10 @@ class Request:
     state: str = WAITING
     cached: int = 0  # tokens of its sequence held in the pool
     admitted: int = -1  # when it last became running (the newest is preempted first)
+    seed: int | None = None  # the group's seed: sample j draws from default_rng([seed, j])
+    group: int = -1  # the request its samples were forked from (itself, if none)
+    sample: int = 0  # j, its number in the group (0: the request submitted)
+    follows: int | None = None  # a fork waiting for this request's prefill, to share its blocks
 
     def sequence(self) -> np.ndarray:
         """prompt + the tokens made: what a prefill after preemption recomputes. (P + n,)"""
@@ -100,12 +115,15 @@ class Engine:
         self, model: GPT, num_blocks: int, block_size: int = BLOCK_SIZE,
         max_running: int | None = None, *, token_budget: int | None = None,
         shuffle: int | None = None, poison: bool = True, keep_logits: bool = True,
+        prefix_caching: bool = False, cascade: bool = False,
     ) -> None:
         """num_blocks blocks of block_size tokens per layer, in the model's dtype. max_running:
         the most requests in a step (None: as many as the pool holds); token_budget: the most
         tokens fed in a step (None: every prefill whole); shuffle, poison: BlockPool's options
         (a seed for a shuffled free list; NaN in free blocks); keep_logits: keep each token's
-        logits row (result(id).logits). Refused (TypeError/ValueError) before anything is
+        logits row (result(id).logits); prefix_caching: share cached full blocks between
+        requests (beyond/prefix.py); cascade: the fast path reads a shared prefix once per
+        group (beyond/cascade.py). Refused (TypeError/ValueError) before anything is
         built: a model that is not a GPT, or one whose sequences have no length limit (see
         check_pageable), and any size < 1."""
         if not isinstance(model, GPT):
@@ -116,12 +134,15 @@ class Engine:
         block_size = positive_int("Engine block_size", block_size)
         self.max_running = optional_positive_int("Engine max_running", max_running)
         self.token_budget = optional_positive_int("Engine token_budget", token_budget)
-        if not isinstance(keep_logits, bool):
-            raise TypeError(f"Engine keep_logits must be True or False, got {keep_logits!r}")
+        for name, flag in (("keep_logits", keep_logits), ("prefix_caching", prefix_caching),
+                           ("cascade", cascade)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"Engine {name} must be True or False, got {flag!r}")
         c = model.config
         self.pool = BlockPool(c.n_layers, *model.kv_shape, num_blocks, block_size, model.dtype,
-                              shuffle, poison)
-        self.model, self.keep_logits = model, keep_logits
+                              shuffle, poison, prefix_caching)
+        self.model, self.keep_logits, self.cascade = model, keep_logits, cascade
+        self.group_sizes: dict[int, int] = {}  # group -> samples made so far
         self.requests: dict[int, Request] = {}  # every request ever submitted, by id
         self.waiting: deque[Request] = deque()  # admitted from the left
         self.running: list[Request] = []  # in the order they were admitted
@@ -167,10 +188,60 @@ class Engine:
             raise ValueError(f"prompt of {prompt.size} + max_new_tokens={max_new_tokens} needs "
                              f"up to {blocks} blocks of {self.pool.block_size}; the pool has "
                              f"{self.pool.num_blocks}: it could never run")
-        request = Request(len(self.requests), prompt, max_new_tokens, eos_id, sampler)
+        request = Request(len(self.requests), prompt, max_new_tokens, eos_id, sampler,
+                          seed=None if seed is None else int(seed))
+        request.group = request.id
+        self.group_sizes[request.id] = 1
         self.requests[request.id] = request
         self.waiting.append(request)
         return request.id
+
+    def fork(self, request_id: int, n: int = 1) -> list[int]:
+        """n more samples of a waiting or running request: the same prompt, settings and
+        max_new_tokens, each its own request (ids returned, in order) with its own random stream:
+        sample j of the group draws from np.random.default_rng([seed, j]), j = 1, 2, ... in the
+        order samples are made (a greedy request's samples are greedy). A request that has not
+        emitted a token yet is forked at its first emission: its samples wait, then share every
+        block of its prompt (the partly full last one too) and choose their first token from the
+        same logits. A running request that has emitted is forked now: its samples share its
+        blocks and its tokens so far. Refused (ValueError/TypeError, the engine unchanged): an
+        unknown id, a finished or cancelled request, n < 1, or n so large that the request and
+        its samples, each at its longest and sharing only the prompt's full blocks, could never
+        be in the pool at once; RuntimeError during run()."""
+        self.refuse_in_run("fork")
+        parent = self.request(request_id)
+        if parent.state in (FINISHED, CANCELLED):
+            raise ValueError(f"fork: request {request_id} is already {parent.state}")
+        n = positive_int("fork n", n)
+        pool = self.pool
+        shared = len(parent.prompt) // pool.block_size  # full prompt blocks, held once
+        own = pool.blocks_for(len(parent.prompt) + parent.max_new_tokens - 1) - shared
+        if shared + (n + 1) * own > pool.num_blocks:
+            raise ValueError(f"fork n={n}: the request and {n} samples need up to {shared} "
+                             f"shared + {n + 1} x {own} blocks of {pool.block_size}; the pool "
+                             f"has {pool.num_blocks}: they could never run together")
+        ids = []
+        for _ in range(n):
+            j = self.group_sizes[parent.group]
+            self.group_sizes[parent.group] += 1
+            s = parent.sampler
+            rng = None if parent.seed is None else np.random.default_rng([parent.seed, j])
+            child = Request(len(self.requests), parent.prompt, parent.max_new_tokens,
+                            parent.eos_id, Sampler(s.temperature, s.top_k, s.top_p, rng),
+                            list(parent.tokens), list(parent.logits), seed=parent.seed,
+                            group=parent.group, sample=j)
+            self.requests[child.id] = child
+            if not parent.tokens:  # waits for the parent's prefill, then shares it
+                child.follows = parent.id
+                self.waiting.append(child)
+            elif parent.state == RUNNING and self.has_room():
+                pool.fork(parent.id, child.id)
+                child.cached = parent.cached
+                self.admit(child)
+            else:  # a preempted parent holds no blocks: the sample recomputes on its own
+                self.waiting.append(child)
+            ids.append(child.id)
+        return ids
 
     def cancel(self, request_id: int) -> None:
         """Drop a waiting or running request; a running one's blocks are free at once. Its
@@ -180,6 +251,9 @@ class Engine:
         request = self.request(request_id)
         if request.state in (FINISHED, CANCELLED):
             raise ValueError(f"cancel: request {request_id} is already {request.state}")
+        for follower in self.waiting:  # its forks no longer wait for it: they prefill alone
+            if follower.follows == request.id:
+                follower.follows = None
         if request.state == WAITING:
             self.waiting.remove(request)
         else:
@@ -237,15 +311,36 @@ class Engine:
         for b, (request, take) in enumerate(rows):
             ids[b, T - take:] = request.sequence()[request.cached:request.cached + take]
         batch = PagedBatch(self.pool, [request.id for request, _ in rows],
-                           [take for _, take in rows])
+                           [take for _, take in rows], self.cascade)
         logits = self.model(ids, batch, last_only=True)[:, -1]  # (B, 1, V) -> (B, V)
         self.steps += 1
         made = {}
         for (request, take), row in zip(rows, logits, strict=True):
             request.cached += take
+            if self.pool.index is not None:  # name the blocks that filled (prefix caching)
+                self.pool.identify(request.id, request.sequence())
             if request.pending == 0:  # its whole sequence is in: the last row chooses
-                made[request.id] = self.emit(request, row)
+                samples = self.attach_followers(request)  # they share its blocks first
+                for sample in [request, *samples]:
+                    made[sample.id] = self.emit(sample, row)
         return made
+
+    def attach_followers(self, parent: Request) -> list[Request]:
+        """The forks waiting for this request's prefill, now running on its blocks (each table
+        holding every block, the partly full last one too); a fork max_running leaves out
+        prefills on its own later."""
+        attached, parents = [], [parent]
+        for p in parents:  # a fork of a waiting fork joins when that one does
+            for child in [r for r in self.waiting if r.follows == p.id]:
+                child.follows = None
+                if self.has_room():
+                    self.waiting.remove(child)
+                    self.pool.fork(p.id, child.id)
+                    child.cached = p.cached
+                    self.admit(child)
+                    attached.append(child)
+                    parents.append(child)
+        return attached
 
     def emit(self, request: Request, logits: np.ndarray) -> int:
         """The request's next token from its logits (V,), by its own sampler (one draw, if it
@@ -265,29 +360,53 @@ class Engine:
     def schedule(self) -> list[tuple[Request, int]]:
         """This step's rows, (request, tokens it feeds), in admission order: the running
         requests (the newest preempted until the blocks they need are free), then the waiting
-        ones that fit, oldest first; none are admitted in a step that preempted."""
+        ones that fit, oldest first (a fork waiting for its parent's prefill is not admitted:
+        it joins at its parent's first token); none are admitted in a step that preempted."""
         preempted = False
         while True:
             rows = self.feed(self.running, self.token_budget)
-            need = sum(self.pool.blocks_needed(r.id, take) for r, take in rows)
-            if need <= len(self.pool.free):
+            need = self.pool.blocks_needed_all({r.id: take for r, take in rows})
+            if need <= self.pool.available:
                 break
             self.preempt(max(self.running, key=lambda r: r.admitted))
             preempted = True
-        free = len(self.pool.free) - need
+        free = self.pool.available - need
         budget = None if self.token_budget is None else self.token_budget - sum(
             take for _, take in rows)
-        while self.waiting and not preempted and (budget is None or budget > 0) and (
-                self.max_running is None or len(self.running) < self.max_running):
-            request = self.waiting[0]
-            take = request.pending if budget is None else min(request.pending, budget)
-            if self.pool.blocks_for(take) > free:
+        for request in [r for r in self.waiting if r.follows is None]:
+            if preempted or (budget is not None and budget <= 0) or not self.has_room():
+                break
+            hits = self.cached_prefix(request)
+            cached = len(hits) * self.pool.block_size
+            pending = len(request.sequence()) - cached
+            take = pending if budget is None else min(pending, budget)
+            # its new blocks, and the idle cached ones it takes out of the available ones
+            cost = self.pool.blocks_for(cached + take) - len(hits) + sum(
+                self.pool.refs[b] == 0 for b in hits)
+            if cost > free:
                 break  # first come, first served: no one overtakes the head of the queue
-            self.admit(self.waiting.popleft())
+            self.waiting.remove(request)
+            if hits:
+                self.pool.share(request.id, hits)
+                request.cached = cached
+            self.admit(request)
             rows.append((request, take))
-            free -= self.pool.blocks_for(take)
+            free -= cost
             budget = None if budget is None else budget - take
         return rows
+
+    def cached_prefix(self, request: Request) -> list[int]:
+        """The cached blocks holding the first full blocks of the request's sequence (none
+        without prefix caching), never all of it: its last token is always computed, since its
+        logits choose the next token."""
+        if self.pool.index is None:
+            return []
+        sequence = request.sequence()
+        return self.pool.index.lookup(sequence, (len(sequence) - 1) // self.pool.block_size)
+
+    def has_room(self) -> bool:
+        """max_running allows one more running request."""
+        return self.max_running is None or len(self.running) < self.max_running
 
     @staticmethod
     def feed(running: list[Request], budget: int | None) -> list[tuple[Request, int]]:
@@ -323,6 +442,8 @@ class Engine:
         states = [r.state for r in self.requests.values()]
         return {"blocks_total": pool.num_blocks, "block_size": pool.block_size,
                 "blocks_in_use": pool.blocks_in_use, "peak_blocks_in_use": pool.peak,
+                "blocks_cached_idle": pool.idle, "copies_on_write": pool.copies,
+                "prefix_hit_blocks": 0 if pool.index is None else pool.index.hits,
                 "tokens_cached": pool.tokens_cached, "requests_waiting": len(self.waiting),
                 "requests_running": len(self.running),
                 "requests_finished": states.count(FINISHED),

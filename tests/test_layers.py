@@ -23,6 +23,7 @@ TYPE_ONLY = {  # (importer, imported): why a type hint names a module it never i
     ("attention", "cache"): "multi_head_attention's cache is any cache.LayerCache: duck-typed",
     ("beyond.int8", "block"): "int8_cache(model) takes a GPT, and reads only its config",
     ("beyond.latent", "cache"): "latent_attention's cache is any cache.LayerCache",
+    ("beyond.cascade", "beyond.paged"): "cascade.attend reads a PagedLayer, which calls it",
 }
 
 

@@ -28,8 +28,9 @@ def pool_for(model, num_blocks: int, block_size: int, **options) -> BlockPool:
 def pool_state(pool: BlockPool) -> tuple:
     """Everything a refused or rolled-back step must leave as it was, byte for byte (NaN
     included: its bytes compare equal where == would not)."""
-    return (pool.keys.tobytes(), pool.values.tobytes(), list(pool.free),
-            {s: list(t) for s, t in pool.tables.items()}, dict(pool.lengths), pool.filled_by)
+    return (pool.keys.tobytes(), pool.values.tobytes(), list(pool.free), list(pool.refs),
+            {s: list(t) for s, t in pool.tables.items()}, dict(pool.lengths), pool.filled_by,
+            None if pool.index is None else pool.index.snapshot(), pool.copies)
 
 
 def right_aligned(prompts: list[np.ndarray]) -> np.ndarray:
@@ -103,9 +104,9 @@ def test_an_allocation_that_fails_changes_nothing():
 
 def test_a_shuffled_free_list_gives_tables_out_of_order():
     pool = BlockPool(1, 1, 2, 32, 1, shuffle=0)
-    got = pool.allocate({"a": 10})["a"]
+    got = pool.allocate({"a": 10}).got["a"]
     assert sorted(got) != got and len(set(got)) == 10
-    assert BlockPool(1, 1, 2, 32, 1).allocate({"a": 4})["a"] == [0, 1, 2, 3]
+    assert BlockPool(1, 1, 2, 32, 1).allocate({"a": 4}).got["a"] == [0, 1, 2, 3]
 
 
 # --- the batch view: numbering ragged rows -------------------------------------------------------

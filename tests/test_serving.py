@@ -325,47 +325,93 @@ def tiny(fast: bool):
 
 @functools.cache
 def tiny_alone(fast: bool, prompt: tuple[int, ...], max_new_tokens: int, eos_id: int | None,
-               seed: int | None):
-    options = {"temperature": 1.0, "seed": seed} if seed is not None else {}
-    return alone(tiny(fast), prompt, max_new_tokens, eos_id=eos_id, **options)
+               seed: int | None, j: int = 0):
+    """generate_cached alone, with sample j's stream (Engine.fork: default_rng([seed, j]))."""
+    if seed is None:
+        return alone(tiny(fast), prompt, max_new_tokens, eos_id=eos_id)
+    rng = np.random.default_rng(seed if j == 0 else [seed, j])
+    return generate_cached(tiny(fast), [np.asarray(prompt)], max_new_tokens, eos_id=eos_id,
+                           temperature=1.0, rng=rng)
+
+
+SYSTEMS = ((3, 1, 4, 1, 5), (9, 2, 6))  # prompts that share a prefix start with one of these
 
 
 class ServingMachine(RuleBasedStateMachine):
-    """Random submits, steps and cancels on a random pool; the pool checked after every step,
-    every finished request against its alone-run, and at the end every request done."""
+    """Random submits (some sharing a system prompt), forks, steps and cancels (of a sample
+    while its siblings run too) on a random pool, with or without prefix caching and cascade;
+    the pool checked after every step, every finished request against its alone-run, and at
+    the end every request done."""
 
-    @initialize(num_blocks=st.integers(1, 6), block_size=st.integers(1, 3) | st.integers(1, 16),
+    @initialize(num_blocks=st.integers(1, 10), block_size=st.integers(1, 3) | st.integers(1, 16),
                 fast=st.booleans(), shuffle=st.none() | st.integers(0, 3),
                 max_running=st.none() | st.integers(1, 3),
-                budget=st.none() | st.integers(1, 6))
-    def start(self, num_blocks, block_size, fast, shuffle, max_running, budget):
+                budget=st.none() | st.integers(1, 6), prefix_caching=st.booleans(),
+                cascade=st.booleans())
+    def start(self, num_blocks, block_size, fast, shuffle, max_running, budget, prefix_caching,
+              cascade):
         self.fast = fast
         self.engine = Engine(tiny(fast), num_blocks, block_size, max_running,
-                             token_budget=budget, shuffle=shuffle)
-        self.specs: dict[int, tuple] = {}
+                             token_budget=budget, shuffle=shuffle,
+                             prefix_caching=prefix_caching, cascade=cascade and fast)
+        self.specs: dict[int, tuple] = {}  # id -> (prompt, max_new, eos, seed, j, head)
         self.checked: set[int] = set()
         self.preempted: set[int] = set()
         preempt = self.engine.preempt
         self.engine.preempt = lambda r: (self.preempted.add(r.id), preempt(r))[1]
 
     @rule(length=st.integers(1, 6), max_new_tokens=st.integers(1, 8), seed=st.integers(0, 9),
-          sampled=st.sampled_from([True, True, False]), eos=st.none() | st.integers(0, 15))
-    def submit(self, length, max_new_tokens, seed, sampled, eos):
+          sampled=st.sampled_from([True, True, False]), eos=st.none() | st.integers(0, 15),
+          system=st.sampled_from([None, None, 0, 1]))
+    def submit(self, length, max_new_tokens, seed, sampled, eos, system):
         prompt = tuple(np.random.default_rng(seed).integers(0, 16, length).tolist())
+        if system is not None:
+            prompt = SYSTEMS[system] + prompt[:3]
         pool = self.engine.pool
         options = {"eos_id": eos, "seed": seed if sampled else None}
-        if pool.blocks_for(length + max_new_tokens - 1) > pool.num_blocks:
+        if pool.blocks_for(len(prompt) + max_new_tokens - 1) > pool.num_blocks:
             with pytest.raises(ValueError, match="could never run"):
                 self.engine.submit(prompt, max_new_tokens, eos, temperature=1.0, seed=seed)
             return
         rid = self.engine.submit(list(prompt), max_new_tokens, eos,
                                  temperature=1.0 if sampled else None, seed=options["seed"])
-        self.specs[rid] = (prompt, max_new_tokens, eos, options["seed"])
+        self.specs[rid] = (prompt, max_new_tokens, eos, options["seed"], 0, ())
+
+    @rule(length=st.integers(1, 4), seed=st.integers(0, 9), n=st.integers(1, 2))
+    def submit_samples(self, length, seed, n):
+        """Parallel sampling, the usual way: submit a seeded prompt and fork it at once."""
+        self.submit(length, 3, seed, True, None, None)
+        if self.specs and self.engine.requests[max(self.specs)].state == WAITING:
+            self.fork_one(max(self.specs), n)
+
+    @precondition(lambda self: self.specs)
+    @rule(data=st.data(), n=st.integers(1, 2))
+    def fork(self, data, n):
+        self.fork_one(data.draw(st.sampled_from(sorted(self.specs))), n)
+
+    def fork_one(self, rid: int, n: int) -> None:
+        parent = self.engine.requests[rid]
+        if parent.state in (FINISHED, CANCELLED):
+            with pytest.raises(ValueError, match="already"):
+                self.engine.fork(rid, n)
+            return
+        try:
+            ids = self.engine.fork(rid, n)
+        except ValueError as e:
+            assert "could never run together" in str(e)
+            return
+        prompt, max_new, eos, seed, _, _ = self.specs[rid]
+        for child in ids:
+            request = self.engine.requests[child]
+            self.specs[child] = (prompt, max_new, eos, seed, request.sample, tuple(parent.tokens))
+        event(f"fork of a {parent.state} request" + (" that has emitted" if parent.tokens
+                                                     else ""))
 
     @rule()
     def step(self):
         self.engine.step()
         self.check_the_pool_holds_each_sequences_keys()
+        self.check_every_cached_identity()
 
     @precondition(lambda self: self.specs)
     @rule(data=st.data())
@@ -375,18 +421,70 @@ class ServingMachine(RuleBasedStateMachine):
             with pytest.raises(ValueError, match="already"):
                 self.engine.cancel(rid)
         else:
+            if self.engine.requests[rid].sample or any(
+                    r.group == self.engine.requests[rid].group and r.id != rid
+                    for r in self.engine.running):
+                event("a cancel while samples of its group run")
             self.engine.cancel(rid)
             assert rid not in self.engine.pool.tables
 
     @invariant()
     def blocks_are_a_partition_of_the_pool(self):
         pool = self.engine.pool
-        used = [p for table in pool.tables.values() for p in table]
-        assert len(used) == len(set(used))  # no block in two tables, nor twice in one
-        assert sorted(used + pool.free) == list(range(pool.num_blocks))
+        held = [p for table in pool.tables.values() for p in table]
+        idle = [] if pool.index is None else list(pool.index.idle)
+        assert sorted([*set(held), *idle, *pool.free]) == list(range(pool.num_blocks))
         assert pool.blocks_in_use <= pool.num_blocks and pool.peak <= pool.num_blocks
         for rid, table in pool.tables.items():
-            assert len(table) == pool.blocks_for(pool.lengths[rid])  # no block taken early
+            assert len(table) == len(set(table)) == pool.blocks_for(pool.lengths[rid])
+
+    @invariant()
+    def every_count_is_the_number_of_tables_holding_the_block(self):
+        pool = self.engine.pool
+        held = [p for table in pool.tables.values() for p in table]
+        assert pool.refs == [held.count(p) for p in range(pool.num_blocks)]
+
+    @invariant()
+    def a_block_in_two_tables_is_full_and_named_or_an_unwritten_shared_tail(self):
+        pool, bs = self.engine.pool, self.engine.pool.block_size
+        holders: dict[int, list[tuple[object, int]]] = {}  # block -> (seq, logical index)
+        for seq, table in pool.tables.items():
+            for j, p in enumerate(table):
+                holders.setdefault(p, []).append((seq, j))
+        for p, where in holders.items():
+            if len(where) < 2:
+                continue
+            full = all(j < pool.lengths[seq] // bs for seq, j in where)
+            if full:
+                assert pool.index is None or p in pool.index.entries
+                continue
+            event("a shared, partly full tail")
+            lengths = {pool.lengths[seq] for seq, _ in where}
+            assert len(lengths) == 1 and all(j == len(pool.tables[seq]) - 1 for seq, j in where)
+
+    def check_every_cached_identity(self):
+        """Every identity names a block holding exactly the keys of its prefix: the tokens of
+        its chain of parents (each link intact), computed alone in a KVCache, to 1e-12."""
+        e = self.engine
+        index = e.pool.index
+        if index is None:
+            return
+        for block, entry in index.entries.items():
+            path, node = [], entry
+            while True:  # up the chain of parents, each link checked by its serial
+                path.append(node.tokens)
+                if node.parent_serial is None:
+                    break
+                parent = index.entries.get(node.parent)
+                assert parent is not None and parent.serial == node.parent_serial
+                node = parent
+            tokens = [t for chunk in reversed(path) for t in chunk]
+            cache = e.model.new_cache(1)
+            e.model(np.array([tokens]), cache)
+            bs = e.pool.block_size
+            for i, layer in enumerate(cache.layers):
+                want = layer.keys[0, :, len(tokens) - bs:len(tokens)]  # (H_kv, bs, d)
+                np.testing.assert_allclose(e.pool.keys[i, block], want, rtol=0, atol=1e-12)
 
     @invariant()
     def no_request_is_lost(self):
@@ -408,14 +506,18 @@ class ServingMachine(RuleBasedStateMachine):
     def finished_requests_equal_their_alone_run(self):
         for rid, request in self.engine.requests.items():
             if request.state == FINISHED and rid not in self.checked:
-                want = tiny_alone(self.fast, *self.specs[rid])
+                prompt, max_new, eos, seed, j, head = self.specs[rid]
+                want = tiny_alone(self.fast, prompt + head, max_new - len(head), eos, seed, j)
                 got = self.engine.result(rid)
-                np.testing.assert_array_equal(got.tokens, want.tokens[0])
-                np.testing.assert_allclose(got.logits, want.logits[0], rtol=0, atol=TOL)
+                np.testing.assert_array_equal(got.tokens, [*head, *want.tokens[0]])
+                np.testing.assert_allclose(got.logits[len(head):], want.logits[0], rtol=0,
+                                           atol=TOL)
                 self.checked.add(rid)
                 if rid in self.preempted:
                     event("a preempted request finished: " + (
-                        "seeded" if self.specs[rid][3] is not None else "greedy"))
+                        "seeded" if seed is not None else "greedy"))
+                if j:
+                    event("a sample finished" + (" (forked after tokens)" if head else ""))
 
     def check_the_pool_holds_each_sequences_keys(self):
         """Every table's blocks hold exactly that sequence's keys and values: a KVCache filled
@@ -432,12 +534,16 @@ class ServingMachine(RuleBasedStateMachine):
     def teardown(self):
         if hasattr(self, "engine"):
             self.engine.run()
+            if self.engine.pool.copies:
+                event("copy-on-write fired")
+            if self.engine.pool.index is not None and self.engine.pool.index.hits:
+                event("a prefix hit")
             assert self.engine.pool.blocks_in_use == 0
             assert all(r.state in (FINISHED, CANCELLED) for r in self.engine.requests.values())
             self.finished_requests_equal_their_alone_run()
 
 
 ServingMachine.TestCase.settings = settings(
-    max_examples=200, stateful_step_count=10, deadline=None,
+    max_examples=200, stateful_step_count=20, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 test_serving_machine = ServingMachine.TestCase
