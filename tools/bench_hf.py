@@ -115,7 +115,7 @@ def prefill_side_by_side(model: GPT, hf: object, prompt: np.ndarray, rounds: int
     position only; Hugging Face is asked for the same with logits_to_keep=1. Each side's time
     includes making and dropping its cache, as a user's first call does: ours allocates all
     max_len positions up front (the OS backs a page when it is first written: see
-    fastpath.zeros_in_small_pages for why that page is 4 KB), Hugging Face's grows to the P it
+    fastpath.zeros_without_huge_pages for why that page is 4 KB), Hugging Face's grows to the P it
     holds."""
     import torch
 
