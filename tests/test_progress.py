@@ -44,10 +44,12 @@ def tiny_memory(monkeypatch) -> None:
     monkeypatch.setattr(memory, "CONTEXTS", (16, 32))
 
 
+RUNS_OF_VERIFY = 1 + len(verify.FAILURE_MODES)  # the clean run, then one per mode
 RUNS = {  # name: (main, argv, make it small, lines that must be there, in this order)
     "verify.py --failure-modes": (verify.main, ["--failure-modes", "--only", "1"], None,
-                                  ["1/15 the clean implementation",
-                                   "2/15 injected: no causal mask", "15/15 injected: "]),
+                                  [f"1/{RUNS_OF_VERIFY} the clean implementation",
+                                   f"2/{RUNS_OF_VERIFY} injected: no causal mask",
+                                   f"{RUNS_OF_VERIFY}/{RUNS_OF_VERIFY} injected: "]),
     "tools/window.py --speed": (window.main, ["--speed", "--repeats", "1"], tiny_speed,
                                 ["1/1 --speed: 1 decode steps of each model at 2 contexts",
                                  "  context 8", "  context 16"]),
