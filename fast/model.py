@@ -44,7 +44,7 @@ TRICKS = {"flat_products": True, "fused_qkv": True, "in_place": True, "query_blo
           "last_position_only": True, "no_huge_pages": True, "shared_kv_heads": True,
           "flash": True}
 QUERY_BLOCK = 128  # query rows per block in query_blocks
-FLASH_FROM = 1024  # query rows from which `flash` runs (a tie at 512: docs/flash.md)
+FLASH_FROM = 1024  # query rows from which `flash` runs (a tie at 512: docs/benchmarks-ideas.md)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 

@@ -6,7 +6,8 @@ round's table, the benchmark, the profile, and the comparison `python generate.p
     python tools/speculative.py --profile   where a decode step's time goes (target and draft)
 
 Every timing uses tools/measure.py's harness; --profile splits a step as
-tools/bench_profile.py's step_breakdown does. docs/speculative.md shows all three.
+tools/bench_profile.py's step_breakdown does. docs/speculative.md shows the round;
+docs/benchmarks-speculative.md the benchmark and the profile.
 """
 
 from __future__ import annotations
