@@ -183,7 +183,7 @@ class GPT:
     the new tokens and reads earlier keys and values from the cache."""
 
     config_class = GPTConfig  # the config a checkpoint of this class holds
-    zeros = staticmethod(np.zeros)  # how this model's caches allocate (FastGPT: small pages)
+    zeros = staticmethod(np.zeros)  # how this model's caches allocate (FastGPT: no huge pages)
 
     def __init__(
         self, config: GPTConfig, seed: int = 0, dtype: np.dtype | type | str = np.float32,

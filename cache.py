@@ -115,7 +115,7 @@ class KVCache:
         dtype: np.dtype | type | str = np.float32, zeros: Callable[..., np.ndarray] = np.zeros,
     ) -> None:
         """Both buffers are allocated here, zeroed, at full length. zeros(shape, dtype) makes
-        them (the fast path passes one that backs memory in small pages). Checks its arguments."""
+        them (the fast path passes one that avoids huge pages). Checks its arguments."""
         shape = tuple(positive_int(f"KVCache {name}", value) for name, value in (
             ("batch_size", batch_size), ("n_kv_heads", n_kv_heads), ("max_len", max_len),
             ("d_head", d_head)))

@@ -799,8 +799,8 @@ def check_window() -> Evidence:
     err = max_abs(np.concatenate(chunks, axis=1), model(ids))
     measures = [Measure("float64 |cached in chunks of 7 - naive band|", err, 1e-12),
                 Measure("distinct cache sizes while decoding 40 tokens", len(nbytes) - 1, 0)]
-    note = (f"40 tokens past max_seq_len 32, W=4 + 2 sinks, cache {nbytes.pop()} bytes "
-            "throughout")
+    # the whole cache (both layers' K and V), the same size after every chunk
+    note = f"40 tokens, past max_seq_len 32; W=4+2 sinks; all layers: {nbytes.pop()} bytes, fixed"
     return Evidence(measures, note)
 
 
@@ -820,8 +820,8 @@ def check_speculative() -> Evidence:
                  for name, w in target.named_weights().items()}
     drafts = {"random draft": block.GPT(block.GPTConfig(d_model=32, n_heads=2, n_layers=1,
                                                         init_std=0.2), seed=7, dtype=np.float64),
-              "target + noise": block.GPT(ASSIGNMENT_CONFIG, dtype=np.float64, weights=perturbed),
-              "draft = target": target}
+              "target+noise": block.GPT(ASSIGNMENT_CONFIG, dtype=np.float64, weights=perturbed),
+              "itself": target}
     prompt = random_ids((1, 7), seed=13)  # (1, P): speculative decoding runs one prompt
     want = generate.generate_cached(target, prompt, 24)
     mismatch, err, rates = 0, 0.0, {}
@@ -838,14 +838,15 @@ def check_speculative() -> Evidence:
                          f"{got.acceptance_rate:>10.2f}  {diff:.1e}")
     measures = [Measure("float64 |speculative - cached| logits", err, 1e-10),
                 Measure("gammas whose tokens differ from cached", mismatch, 0)]
-    note = "acceptance at gamma 5: " + ", ".join(f"{name.split()[0]} {rate:.2f}"
-                                                 for name, rate in rates.items())
+    # the share of drafted tokens the target accepted, for each draft, when it drafts 5 at a time
+    note = "target accepts at gamma 5: " + ", ".join(f"{name} {rate:.2f}"
+                                                     for name, rate in rates.items())
     return Evidence(measures, note, "\n".join(shown))
 
 
 # --- check 16: the int8 cache, within its proved and stated bounds --------------------------------
 
-@check(16, "int8 cache", "int8 K/V within the proved bound")
+@check(16, "int8 cache", "logits in 5%; proved bound holds")
 def check_int8() -> Evidence:
     """beyond/int8.py stores K and V as int8 with a float scale per token and head. One attention
     call over the dequantized K, V must stay within int8.attention_error_bound of the float one
@@ -857,17 +858,19 @@ def check_int8() -> Evidence:
     mask = attention.causal_mask(3, 20)
     gap = np.abs(attention.scaled_dot_product_attention(q, k_hat, v_hat, mask)[0]
                  - attention.scaled_dot_product_attention(q, k, v, mask)[0])
-    excess = max(float(np.max(gap - int8.attention_error_bound(q, k, v))), 0.0)
+    over_bound = int(np.sum(gap > int8.attention_error_bound(q, k, v)))  # a count, not an error
     model = ref.random_model(ASSIGNMENT_CONFIG)
     run = generate.generate_cached(model, RAGGED_PROMPTS, 8,
                                    cache=int8.int8_cache(model, len(RAGGED_PROMPTS)))
     rel = max_rel(run.logits, int8.teacher_forced_logits(model, RAGGED_PROMPTS, run.tokens))
-    measures = [Measure("attention: excess over the proved bound", excess, 0),
-                Measure("logits: max |int8 - float| / max |logit|", rel, int8.LOGIT_TOLERANCE)]
+    # The headline is the logits' error (its tolerance is the stated 5%); the bound is a proof,
+    # so what is measured against it is how many attention outputs break it: none may.
+    measures = [Measure("logits: max |int8 - float| / max |logit|", rel, int8.LOGIT_TOLERANCE),
+                Measure("attention outputs past the proved bound (a count)", over_bound, 0)]
     kv = int8.int8_cache(model, 1)
     ratio = kv.nbytes / model.new_cache(1, dtype="float32").nbytes
-    return Evidence(measures, f"logits within {rel:.1%} of the largest; bytes {ratio:.3f}x "
-                              "float32's, scales counted")
+    return Evidence(measures, f"{over_bound} of {gap.size} outputs past the bound; bytes "
+                              f"{ratio:.3f}x float32's, scales counted")
 
 
 # --- check 17: the latent (MLA) cache: absorbed decode == explicit --------------------------------

@@ -24,8 +24,8 @@ row has seen only hidden keys, m' is -inf: it subtracts 0 instead (every term ex
 exp(-inf + inf) = NaN), and a row that never sees a key ends with l = 0 and acc = 0, divided by 1:
 zeros, as in the readable path. The online softmax is Milakov and Gimelshein (2018);
 computing attention this way in tiles that fit a GPU's on-chip SRAM is FlashAttention (Dao et al.,
-2022). docs/flash.md has the picture and the measurements (`python tools/flash.py --show`,
-`--bench`).
+2022). docs/flash.md has the picture (`python tools/flash.py --show`), docs/benchmarks-ideas.md the
+measurements (`--bench`).
 
 Extra memory is O(t_q): the output, plus per query tile of block_size rows the (tile, block)
 scores and m, l, acc; never a (t_q, t_k) array.
@@ -40,7 +40,7 @@ import numpy as np
 from attention import NEG_INF, check_attention_inputs
 from parts.checks import positive_int
 
-BLOCK_SIZE = 128  # query rows per tile and keys per block (measured: docs/flash.md)
+BLOCK_SIZE = 128  # query rows per tile and keys per block (measured: docs/benchmarks-ideas.md)
 
 
 # --- the recurrence ------------------------------------------------------------------------------

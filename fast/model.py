@@ -15,7 +15,7 @@ The tricks, and why each helps on a CPU (figures measured by `python tools/bench
                         whole block: 3/8 of the score work at 512 tokens
     last_position_only  when only the last logits are read (prefill, each naive step), the last
                         block runs queries, attention, W_O and the MLP for the last position alone
-    small_pages         cache buffers backed in 4 KB pages, not NumPy's 2 MB huge pages
+    no_huge_pages       cache buffers backed in 4 KB pages, not NumPy's 2 MB huge pages
     flash               from FLASH_FROM query rows on, when the weights are not returned,
                         attention is the online softmax of beyond/flash.py: no (T, t_k)
                         weights (0.74x the time at 1024 tokens, 0.15x at 4096)
@@ -41,10 +41,10 @@ from cache import Cache, LayerCache
 from parts.rope import rotate_pairs
 
 TRICKS = {"flat_products": True, "fused_qkv": True, "in_place": True, "query_blocks": True,
-          "last_position_only": True, "small_pages": True, "shared_kv_heads": True,
+          "last_position_only": True, "no_huge_pages": True, "shared_kv_heads": True,
           "flash": True}
 QUERY_BLOCK = 128  # query rows per block in query_blocks
-FLASH_FROM = 1024  # query rows from which `flash` runs (a tie at 512: docs/flash.md)
+FLASH_FROM = 1024  # query rows from which `flash` runs (a tie at 512: docs/benchmarks-ideas.md)
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
@@ -67,7 +67,7 @@ class FastGPT(GPT):
 
     @staticmethod
     def zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        return zeros_in_small_pages(shape, dtype)
+        return zeros_without_huge_pages(shape, dtype)
 
     def forward(
         self, ids: np.ndarray, positions: np.ndarray, mask: np.ndarray,
@@ -281,7 +281,7 @@ def query_blocks(mask: np.ndarray, t_q: int, t_k: int) -> list[tuple[slice, int]
 
 # --- the cache's memory --------------------------------------------------------------------------
 
-def zeros_in_small_pages(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def zeros_without_huge_pages(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """np.zeros(shape, dtype), without NumPy's request for 2 MB huge pages.
 
     Why: the zeros cost nothing until written (the OS backs a page on its first write), and a
@@ -294,7 +294,7 @@ def zeros_in_small_pages(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     # NumPy's own switch (the env variable NUMPY_MADVISE_HUGEPAGE sets it for every array). It is
     # private: should a later NumPy drop it, the cache gets plain zeros, only slower to fill.
     set_hugepage = getattr(np._core.multiarray, "_set_madvise_hugepage", None)
-    if set_hugepage is None or not TRICKS["small_pages"]:
+    if set_hugepage is None or not TRICKS["no_huge_pages"]:
         return np.zeros(shape, dtype=dtype)
     was = set_hugepage(False)
     try:

@@ -453,7 +453,7 @@ PROBES = {
         seen.append(x.shape[1]) if w.shape[1] == 512 else None)), list,
         [300, 1, 1, 1, 300, 300], [300, 300, 1, 1, 300, 300]),
     # NumPy's huge-page request is switched off (and back) for each cache buffer: 2 per layer
-    "small_pages": (spy_on_pages, lambda seen: seen.count(False), 2 * 2, 0),
+    "no_huge_pages": (spy_on_pages, lambda seen: seen.count(False), 2 * 2, 0),
     # K as attention gets it: (B, H_kv, 1, t, d), broadcast over each group, or (B, H, t, d)
     "shared_kv_heads": (lambda mp, seen: spy(mp, fastpath, "attention", lambda q, k, v, m: (
         seen.append(k.shape[1:3]))), set, {(2, 1)}, {(4, 300), (4, 301)}),

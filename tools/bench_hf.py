@@ -115,7 +115,7 @@ def prefill_side_by_side(model: GPT, hf: object, prompt: np.ndarray, rounds: int
     position only; Hugging Face is asked for the same with logits_to_keep=1. Each side's time
     includes making and dropping its cache, as a user's first call does: ours allocates all
     max_len positions up front (the OS backs a page when it is first written: see
-    fastpath.zeros_in_small_pages for why that page is 4 KB), Hugging Face's grows to the P it
+    fastpath.zeros_without_huge_pages for why that page is 4 KB), Hugging Face's grows to the P it
     holds."""
     import torch
 
@@ -223,6 +223,7 @@ def batched_decode(s: Settings, seed: int) -> dict:
 def print_versus_hf(vs_hf: dict) -> None:
     """Sections 3 and 4: one block per model shape."""
     print("\n3-4. this repo vs Hugging Face (same weights, float32); the weight-streaming floor")
+    print("  a/b = a's time / b's time: below 1, a is faster (ours/HF, decode/floor)")
     for v in vs_hf.values():
         d, sh = v["decode_per_token"], v["shape"]
         print(f"  {v['description']}: {sh['n_layer']} layers, d_model {sh['n_embd']}, "
@@ -244,7 +245,7 @@ def print_batched(b: dict) -> None:
     print(f"\n7. batched cached decode, {b['description']}: prompt {b['prompt_len']}, "
           f"{b['new_tokens']} new tokens per row; decode steps only (prefill below)")
     print(f"{'B':>4} {'ours step':>27} {'HF step':>27} {'ours tok/s':>11} {'HF tok/s':>9} "
-          f"{'ours/HF':>8} {'floor bound':>12} {'ours/bound':>11}")
+          f"{'HF/ours':>8} {'floor bound':>12} {'bound/ours':>11}")
     for row in b["rows"]:
         t, st = row["tokens_per_s"], row["step"]
         print(f"{row['batch']:>4} {fmt(st['ours']):>27} {fmt(st['hf']):>27} {t['ours']:>11.0f} "
@@ -252,6 +253,8 @@ def print_batched(b: dict) -> None:
               f"{row['ours_over_floor_bound']:>11.2f}")
     print(f"  floor bound = B tokens per bare pass over the {b['floor_bytes'] / 1e6:.0f} MB of "
           "weights, measured in the same loop")
+    print("  a/b = a's time per token / b's: HF/ours above 1, ours is faster; "
+          "bound/ours at most 1, 1 = at the floor")
     for row in b["rows"]:
         p = row["prefill"]
         print(f"  prefill (B={row['batch']}, {b['prompt_len']})  ours {fmt(p['ours'])}  "

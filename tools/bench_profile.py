@@ -247,7 +247,7 @@ def trick_timings(variants: dict[str, tuple[GPT, tuple[str, ...]]], prompt: np.n
                   rounds: int) -> dict:
     """For each variant: a prefill of prompt (1, P) into a fresh cache, and one decode step at
     position P (the cache rewound to P each time), all in ONE interleaved loop, each variant's
-    switches off only while it runs; caches are made with them off too (small_pages acts
+    switches off only while it runs; caches are made with them off too (no_huge_pages acts
     there). First every variant's prefill and decode logits are checked against the readable
     path's: a broken switch stops the benchmark before anything is timed."""
     P, token = prompt.shape[1], prompt[:, 0]  # any token will do for the timed step

@@ -7,7 +7,7 @@
 l before and after every block, and checks the result against the full softmax and against both
 attention functions (--draw or --out also draws it). --bench times flash_attention at GPT-2-small
 shapes beside fast/model.py's attention, with tools/measure.py's harness and peak memory.
-docs/flash.md shows both.
+docs/flash.md shows the row; docs/benchmarks-ideas.md the measurement.
 """
 
 from __future__ import annotations

@@ -41,9 +41,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from threadpoolctl import threadpool_limits
 
+from beyond import flash
 from block import GPT, GPTConfig
 from cache import KVCache, ModelCache, kv_cache_bytes
-from fast.model import FastGPT
+from fast.model import FLASH_FROM, QUERY_BLOCK, FastGPT
 from generate import decode, greedy, prefill
 from parts.checks import cli_output_file
 from parts.files import save_figure
@@ -256,17 +257,18 @@ def main(argv: list[str] | None = None) -> int:
 
     mha, T = models[4], max(CONTEXTS)
     cache = kv_cache_bytes(mha.config.n_layers, BATCH, 4, mha.config.d_head, T, np.float32)
-    scores = BATCH * mha.config.n_heads * T * T * 4
+    H, block, chunk = mha.config.n_heads, flash.BLOCK_SIZE, 256
+    tile, rows_of_keys = BATCH * H * block * block * 4, BATCH * H * QUERY_BLOCK * T * 4
     print(f"\nPrefill of {T} tokens, MHA float32 (cache {human(cache)} included):")
-    print(table(["prefill", "largest score matrix", "tracemalloc peak", "peak / matrix"],
-                [["one shot", f"(1, 4, {T}, {T}) = {human(scores)}", human(one_shot),
-                  f"{one_shot / scores:.1f}"],
-                 ["chunks of 256", f"(1, 4, 256, {T}) = {human(scores * 256 // T)}",
-                  human(chunked), f"{chunked / (scores * 256 // T):.1f}"]]))
-    print("(the score matrix a prefill of that many queries would form; from 1,024 queries on the"
-          "\nfast path runs online-softmax attention (beyond/flash.py), which never forms it, so"
-          " the one-shot\npeak is below it; chunks of 256 form one (256, T) array, masked and"
-          " normalised in place)")
+    print(table(["prefill", "attention on the fast path", "largest score array",
+                 "tracemalloc peak"],
+                [["one shot", f"online softmax ({T} >= {FLASH_FROM} queries)",
+                  f"(1, {H}, {block}, {block}) = {human(tile)}", human(one_shot)],
+                 [f"chunks of {chunk}", f"query blocks of {QUERY_BLOCK} rows",
+                  f"(1, {H}, {QUERY_BLOCK}, {T}) = {human(rows_of_keys)}", human(chunked)]]))
+    print(f"(neither forms the (1, {H}, {T}, {T}) = {human(BATCH * H * T * T * 4)} score matrix "
+          f"of a one-shot prefill without flash;\nthe one-shot peak holds the activations of "
+          f"all {T} positions at once, a chunk's those of {chunk})")
     relative = np.abs(a - b).max() / np.abs(a).max()
     same = relative <= TOLERANCE
     print(f"same last logits: max |difference| = {np.abs(a - b).max():.2e} = {relative:.1e} x "

@@ -6,7 +6,8 @@ round's table, the benchmark, the profile, and the comparison `python generate.p
     python tools/speculative.py --profile   where a decode step's time goes (target and draft)
 
 Every timing uses tools/measure.py's harness; --profile splits a step as
-tools/bench_profile.py's step_breakdown does. docs/speculative.md shows all three.
+tools/bench_profile.py's step_breakdown does. docs/speculative.md shows the round;
+docs/benchmarks-speculative.md the benchmark and the profile.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ if __package__ in (None, ""):  # run as `python tools/x.py` from anywhere: find 
 
 import argparse
 import cProfile
-import io
 import pstats
 from collections.abc import Sequence
 from dataclasses import replace
@@ -359,13 +359,16 @@ def profile(args: argparse.Namespace, target: GPT, draft: GPT, big: GPT) -> int:
         profiler.runcall(lambda: [generate_speculative(target, draft, task.encode(text)[None],
                                                        len(text), eos_id=EOS_ID)
                                   for _ in range(20)])
-    stream = io.StringIO()
-    pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(8)
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, ncalls, tottime, cumtime, _)
+    busiest = sorted(stats.items(), key=lambda item: -item[1][2])[:8]
     print(f"\ncProfile, 20 speculative decodes of {text!r} (shipped pair, gamma 4), the 8 "
-          "functions with the most time of their own:")
-    lines = stream.getvalue().splitlines()
-    start = next(i for i, line in enumerate(lines) if "ncalls" in line)
-    print("\n".join(line.replace(str(ROOT) + "/", "") for line in lines[start:start + 9]))
+          "functions with the most time of their own (named by module and function, not line):")
+    print(f"{'calls':>8} {'own s':>7} {'with callees s':>15}  function")
+    for (file, _, name), (_, ncalls, own, cumulative, _) in busiest:
+        where = (Path(file).resolve().relative_to(ROOT).as_posix() if file.startswith(str(ROOT))
+                 else file.split("site-packages/")[-1])  # a library's file from its package on
+        print(f"{ncalls:>8} {own:>7.3f} {cumulative:>15.3f}  "
+              f"{where + ':' if where != '~' else ''}{name}")
     return 0
 
 

@@ -9,7 +9,7 @@ slots from a real WindowCache fed one token at a time. --accuracy decodes tools/
 out prompts with the trained model's weights under each window (and a figure,
 out/window_accuracy.png unless --out). --speed times one decode step at GPT-2-small shapes with
 tools/measure.py's harness.
-docs/window.md shows all three.
+docs/window.md shows the picture and the accuracy; docs/benchmarks-ideas.md the speed.
 """
 
 from __future__ import annotations
