@@ -604,7 +604,7 @@ def pool_story(model: GPT) -> dict:
         texts[rid] = (task.decode(r.prompt), task.decode(np.asarray(r.tokens)), r.state)
     return {"blocks": blocks, "block_size": bs, "owner": np.array(owner).T.tolist(),
             "tables": tables, "free": free, "events": events, "requests": texts,
-            "preemptions": engine.preemptions, "steps": step}
+            "preemptions": engine.preemptions, "steps": step, "alone_equal": True}
 
 
 def chosen_step(story: dict) -> int:
@@ -794,6 +794,8 @@ def guards(r: dict) -> dict:
         g["chunked: budget == prefill-first tokens"] = not r["chunked"]["differs"]
     for name, v in r.get("table", {}).items():
         g[f"table {name}: same greedy tokens"] = v["same_argmax"]
+    if "picture" in r:  # pool_story raises otherwise
+        g["picture: every request equals generate_cached alone"] = r["picture"]["alone_equal"]
     return g
 
 
