@@ -46,7 +46,8 @@ pictures: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) tools/bench.py
 
-# The full benchmark (about 4 minutes), writing the committed figures/bench_*.png on purpose.
+# The full benchmark (about 4 minutes on the AMD EPYC VM of docs/environment.md; a line per
+# section on stderr), writing the committed figures/bench_*.png on purpose.
 bench-figures: $(VENV)/.installed
 	$(PY) tools/bench.py --figures figures --json out/bench/bench.json
 

@@ -41,11 +41,13 @@ from parts.rope import apply_rope
 if TYPE_CHECKING:  # only for type hints: a layer's cache is whatever keeps cache.LayerCache
     from cache import LayerCache
 
-# A finite "minus infinity" for masked logits (the block exercise's choice). exp(-1e9 - max) is
-# exactly 0.0 in float32 and float64, so masked keys get zero probability; and a row whose every
-# key is masked becomes uniform (the mean of the values) instead of 0/0 = NaN, which -inf would
-# give. PyTorch >= 2.5 returns zeros for such a row instead; either way it is padding nobody reads.
-NEG_INF = -1e9
+# A hidden key's score. exp(-inf) is exactly 0, so a hidden key gets exactly zero weight whatever
+# the visible scores are. A finite constant is not enough: with the block exercise's -1e9, a row
+# whose every visible score is below -1e9 (activations near 1e5) puts its weight on the hidden
+# keys, the future or padding. The course's reason for a finite constant, that a row whose every
+# key is hidden must not become 0/0 = NaN, is kept by softmax itself: such a row (a pad query
+# before any real token, which nobody reads) comes out as zeros, as PyTorch >= 2.5 gives.
+NEG_INF = -np.inf
 EMPTY = -1  # the position of a key slot that holds nothing (padding, or a slot not yet written)
 
 
@@ -95,9 +97,14 @@ def mask_from_positions(query_pos: np.ndarray, key_pos: np.ndarray, window: int 
 @door
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """exp(x) / sum(exp(x)) along axis; same shape in and out. Subtracting the max first keeps
-    every exp() <= 1, so logits of 1e4 or -1e9 never overflow."""
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    every exp() <= 1, so logits of 1e4 never overflow; a -inf (a hidden key) gets exactly 0.
+
+    A row of nothing but -inf (a query that may see no key) comes out as zeros, not NaN: it
+    subtracts 0 instead of its max of -inf, and divides by 1 instead of its sum of 0."""
+    top = x.max(axis=axis, keepdims=True)
+    e = np.exp(x - np.where(top == -np.inf, 0, top))
+    total = e.sum(axis=axis, keepdims=True)
+    return e / np.where(total == 0, 1, total)
 
 
 # --- 3. One attention step -----------------------------------------------------------------------
@@ -114,9 +121,10 @@ def scaled_dot_product_attention(
     Returns out (..., t_q, d_v) in v's dtype and weights (..., t_q, t_k). float16 is scored in
     float32, as torch does on a CPU.
 
-    The mask goes on the scores BEFORE softmax: a masked score becomes NEG_INF, so softmax gives it
-    exactly zero probability and renormalises over the visible keys. Zeroing probabilities after
-    softmax would leave rows that no longer sum to one (and the future already in the max).
+    The mask goes on the scores BEFORE softmax: a masked score becomes NEG_INF (-inf), so softmax
+    gives it exactly zero probability, whatever the other scores, and renormalises over the
+    visible keys. Zeroing probabilities after softmax would leave rows that no longer sum to one
+    (and the future already in the max). A query that may see no key gets zeros.
     """
     dtype = v.dtype
     q, k, v = (a.astype(np.result_type(a, np.float32), copy=False) for a in (q, k, v))
@@ -206,11 +214,19 @@ def causal_self_attention_block(
 
     project -> split heads -> masked scaled scores (-1e9) -> softmax -> weighted sum -> merge heads
     -> output projection -> + x -> LayerNorm (eps 1e-5, no learned scale or shift).
+
+    The exercise masks with the finite -1e9, so its masking is written out here rather than taken
+    from scaled_dot_product_attention (which uses -inf). What that costs: a query whose every
+    visible score is below -1e9 (activations near 1e5) puts its weight on the future instead.
+    At the exercise's scales the two give the same numbers. float16 is scored in float32.
     """
-    q = split_heads(x @ w_q, num_heads)  # (N, T, D) -> (N, H, T, d_head)
-    k = split_heads(x @ w_k, num_heads)  # (N, T, D) -> (N, H, T, d_head)
-    v = split_heads(x @ w_v, num_heads)  # (N, T, D) -> (N, H, T, d_head)
-    per_head, _ = scaled_dot_product_attention(q, k, v, causal_mask(x.shape[1]))
+    work = np.result_type(x, np.float32)  # float16 scores would overflow, and -1e9 with them
+    q = split_heads(x @ w_q, num_heads).astype(work, copy=False)  # (N, T, D) -> (N, H, T, d)
+    k = split_heads(x @ w_k, num_heads).astype(work, copy=False)  # (N, T, D) -> (N, H, T, d)
+    v = split_heads(x @ w_v, num_heads).astype(work, copy=False)  # (N, T, D) -> (N, H, T, d)
+    scores = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1])  # (N, H, T, T)
+    scores = np.where(causal_mask(x.shape[1]), scores, -1e9)  # the exercise's finite mask
+    per_head = (softmax(scores, axis=-1) @ v).astype(x.dtype)  # (N, H, T, T) -> (N, H, T, d)
     concat = merge_heads(per_head)  # (N, H, T, d_head) -> (N, T, D)
     return layer_norm(concat @ w_o + x)
 
@@ -335,36 +351,38 @@ def check_scaled_dot_product_attention(q: np.ndarray, k: np.ndarray, v: np.ndarr
 
 
 def check_attention_inputs(q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                           mask: np.ndarray | None) -> None:
-    """Raise ValueError/TypeError naming the argument unless q, k, v are float arrays of one
-    dtype with matching time and feature axes, and the mask, if any, is a bool array that
-    broadcasts to the scores (..., t_q, t_k) without enlarging them."""
+                           mask: np.ndarray | None, who: str = "attention") -> None:
+    """Raise ValueError/TypeError naming the argument (and `who`, the function asking) unless
+    q, k, v are float arrays of one dtype with matching time and feature axes, at least one key
+    and one feature, and the mask, if any, is a bool array that broadcasts to the scores
+    (..., t_q, t_k) without enlarging them. An empty query axis (t_q = 0) is accepted: nothing
+    is asked, and nothing is answered."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if type(x) is not np.ndarray or x.dtype.kind != "f":  # float16, 32, 64, longdouble
-            raise TypeError(f"attention: {name} must be a float array (a plain ndarray), got "
+            raise TypeError(f"{who}: {name} must be a float array (a plain ndarray), got "
                             f"{type(x).__name__} of {getattr(x, 'dtype', None)}")
         if x.ndim < 2:
-            raise ValueError(f"attention: {name} must be (..., time, features), got shape "
+            raise ValueError(f"{who}: {name} must be (..., time, features), got shape "
                              f"{x.shape}")
     if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, "
+        raise TypeError(f"{who}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, "
                         f"{v.dtype}")
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"attention: need q (..., t_q, d), k (..., t_k, d), v (..., t_k, d_v), "
+        raise ValueError(f"{who}: need q (..., t_q, d), k (..., t_k, d), v (..., t_k, d_v), "
                          f"got q {q.shape}, k {k.shape}, v {v.shape}")
     if k.shape[-2] == 0 or q.shape[-1] == 0:
-        raise ValueError(f"attention: need at least one key (t_k >= 1) and one feature (d >= 1): "
+        raise ValueError(f"{who}: need at least one key (t_k >= 1) and one feature (d >= 1): "
                          f"a query with nothing to score has no answer, got q {q.shape}, "
                          f"k {k.shape}")
     try:
         lead = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     except ValueError:
-        raise ValueError(f"attention: the leading axes of q {q.shape}, k {k.shape}, v {v.shape} "
+        raise ValueError(f"{who}: the leading axes of q {q.shape}, k {k.shape}, v {v.shape} "
                          "do not broadcast") from None
     if mask is None:
         return
     if type(mask) is not np.ndarray or mask.dtype != bool:
-        raise TypeError(f"attention: mask must be bool (a plain ndarray, True = may attend), got "
+        raise TypeError(f"{who}: mask must be bool (a plain ndarray, True = may attend), got "
                         f"{type(mask).__name__} of {getattr(mask, 'dtype', None)}")
     scores = (*lead, q.shape[-2], k.shape[-2])
     try:
@@ -372,7 +390,7 @@ def check_attention_inputs(q: np.ndarray, k: np.ndarray, v: np.ndarray,
     except ValueError:
         fits = False
     if not fits:
-        raise ValueError(f"attention: mask of shape {mask.shape} does not broadcast to the "
+        raise ValueError(f"{who}: mask of shape {mask.shape} does not broadcast to the "
                          f"scores {scores} (..., t_q, t_k)")
 
 
@@ -392,7 +410,7 @@ def check_grouped_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray,
     fits = np.ndim(q) == np.ndim(k) == np.ndim(v) == 4 and np.shape(k)[1] >= 1
     if not fits or np.shape(q)[1] % np.shape(k)[1] or np.shape(v)[1] != np.shape(k)[1]:
         raise ValueError(f"grouped_attention: need q (B, H, t_q, d) and k, v (B, H_kv, t_k, d) "
-                         f"with H_kv dividing H, got q {np.shape(q)}, k {np.shape(k)}, "
+                         f"with H_kv dividing H (H_kv >= 1), got q {np.shape(q)}, k {np.shape(k)}, "
                          f"v {np.shape(v)}")
 
 
@@ -404,6 +422,9 @@ def check_single_head_causal_attention(x: np.ndarray, w_q: np.ndarray, w_k: np.n
 def check_layer_norm(x: np.ndarray, gamma: np.ndarray | None = None,
                      beta: np.ndarray | None = None, eps: float = 1e-5) -> tuple:
     x = float_array("layer_norm: x", x, min_ndim=1)
+    if x.shape[-1] == 0:
+        raise ValueError(f"layer_norm: x of shape {x.shape} has no features on its last axis: "
+                         "there is no mean or variance to normalise by")
     finite_number("layer_norm eps", eps, above=0)
     for name, p in (("gamma", gamma), ("beta", beta)):
         if p is not None and np.shape(p) != x.shape[-1:]:

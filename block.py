@@ -78,8 +78,9 @@ class GPTConfig:
         self.n_kv_heads = int(self.n_kv_heads)
         self.d_ff = positive_int("GPTConfig.d_ff", 4 * self.d_model if self.d_ff is None
                                  else self.d_ff)
-        if not isinstance(self.rope, bool):
+        if not isinstance(self.rope, (bool, np.bool_)):
             raise TypeError(f"GPTConfig.rope must be True or False, got {self.rope!r}")
+        self.rope = bool(self.rope)  # every field a plain Python value: a checkpoint is JSON
         self.rope_base = finite_number("GPTConfig.rope_base", self.rope_base, above=0)
         self.ln_eps = finite_number("GPTConfig.ln_eps", self.ln_eps, above=0)
         self.init_std = finite_number("GPTConfig.init_std", self.init_std, at_least=0)

@@ -62,12 +62,24 @@ class Generation(NamedTuple):
 
 # --- checking and batching a request -------------------------------------------------------------
 
-def left_pad(prompts: Sequence[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+INT64_MAX = int(np.iinfo(np.int64).max)  # the ids array is int64
+
+
+def left_pad(prompts: Sequence[np.ndarray], pad_id: int = 0, *, vocab_size: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
     """B 1-D prompts of lengths L_b -> ids (B, P) and attention_mask (B, P), P = max L_b.
 
     Row b is P - L_b copies of pad_id, then its prompt; the mask is 0 on pads and 1 on real
     tokens. Left rather than right, so that every row's newest token is in the last column.
+    pad_id is a token id: an int >= 0, below vocab_size when it is given (a float would be cut
+    to an int by the int64 array, 2.7 padding with 2).
     """
+    if not is_int(pad_id):
+        raise TypeError(f"pad_id must be an int token id, got {pad_id!r:.40} "
+                        f"({type(pad_id).__name__})")
+    high = INT64_MAX + 1 if vocab_size is None else positive_int("vocab_size", vocab_size)
+    if not 0 <= pad_id < high:
+        raise ValueError(f"pad_id must be a token id in [0, {high}), got {pad_id!r:.40}")
     if isinstance(prompts, np.ndarray) or not isinstance(prompts, Sequence) or not prompts:
         raise TypeError(f"prompts must be a non-empty list of 1-D int arrays, got {prompts!r:.60}")
     rows = [int_array(f"prompt_ids[{b}]", p, 1) for b, p in enumerate(prompts)]
@@ -108,7 +120,7 @@ def prepare_request(
         if attention_mask is not None:
             raise ValueError("attention_mask is built from a list of prompts; pass it only with "
                              "a (B, P) prompt_ids array")
-        prompt_ids, attention_mask = left_pad(prompt_ids, pad_id)
+        prompt_ids, attention_mask = left_pad(prompt_ids, pad_id, vocab_size=V)
     ids = token_ids("prompt_ids", prompt_ids, 2, V)
     B, P = ids.shape
     limit = model.config.max_positions  # max_seq_len, or None with RoPE and a window
@@ -294,23 +306,46 @@ SHOW_ROWS = 6  # longer batches are abbreviated when printed
 # position or cache slot is off by far more (1e-2 and up).
 TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
 CacheFor = Callable[[GPT, int], Cache]  # builds the cache of B rows a cached run uses
+# (model, prompts, tokens (B, N)) -> the model's logits (B, N, V) along those tokens, no cache
+Reference = Callable[[GPT, list[np.ndarray], np.ndarray], np.ndarray]
+
+
+class Rounded(NamedTuple):
+    """A cache that rounds what it stores (beyond/int8.py), and how its run is judged. Not by the
+    float run's tokens: where two logits nearly tie, the rounding may tip the choice, and from
+    there on the run decodes another sequence, whose logits belong to it alone. So the rounded
+    run's logits are held to `tolerance` x the largest |logit| of the float model on the rounded
+    run's own tokens (teacher-forced: `reference`), and the tokens are reported apart."""
+
+    cache_for: CacheFor  # the rounding cache of B rows
+    tolerance: float  # a fraction of the largest |logit|
+    name: str  # what the output calls it: "int8 cache"
+    reference: Reference  # e.g. beyond.int8.teacher_forced_logits
 
 
 class SideBySide(NamedTuple):
-    """The same request decoded both ways, and how long each took."""
+    """The same request decoded both ways, how long each took, and (for a rounding cache) the
+    float model's logits along the cached run's own tokens."""
 
     naive: Generation
     cached: Generation
     naive_s: float
     cached_s: float
+    reference: np.ndarray | None = None  # (B, N_cached, V), teacher-forced
 
     @property
     def same_tokens(self) -> bool:
         return bool(np.array_equal(self.naive.tokens, self.cached.tokens))
 
     @property
+    def steps_in_common(self) -> int:
+        """Steps both runs took: with eos_id, runs that part may stop at different steps."""
+        return min(self.naive.tokens.shape[1], self.cached.tokens.shape[1])
+
+    @property
     def logit_diff(self) -> float:
-        return float(np.max(np.abs(self.naive.logits - self.cached.logits)))
+        n = self.steps_in_common
+        return float(np.max(np.abs(self.naive.logits[:, :n] - self.cached.logits[:, :n])))
 
     @property
     def relative_diff(self) -> float:
@@ -327,22 +362,25 @@ class SideBySide(NamedTuple):
 
 
 def side_by_side(model: GPT, prompts: np.ndarray | list[np.ndarray], max_new_tokens: int,
-                 seed: int, prefill_chunk: int | None = None, cache_for: CacheFor | None = None,
+                 seed: int, prefill_chunk: int | None = None, rounded: Rounded | None = None,
                  **options: object) -> SideBySide:
-    """generate_naive, then generate_cached (in cache_for(model, B), default model.new_cache), on
-    the same request; sampling (if asked) draws from a fresh generator of the same seed for
-    each, so both see the same random numbers."""
+    """generate_naive, then generate_cached (in rounded.cache_for(model, B) if given, else
+    model.new_cache), on the same request; sampling (if asked) draws from a fresh generator of
+    the same seed for each, so both see the same random numbers. With `rounded`, also the float
+    model's logits along the cached run's tokens (after the timing)."""
     def rng() -> np.random.Generator | None:
         return np.random.default_rng(seed) if options.get("temperature") else None
 
-    cache = None if cache_for is None else cache_for(model, len(prompts))
+    cache = None if rounded is None else rounded.cache_for(model, len(prompts))
     t0 = time.perf_counter()
     naive = generate_naive(model, prompts, max_new_tokens, rng=rng(), **options)
     t1 = time.perf_counter()
     cached = generate_cached(model, prompts, max_new_tokens, prefill_chunk, rng=rng(),
                              cache=cache, **options)
     t2 = time.perf_counter()
-    return SideBySide(naive, cached, t1 - t0, t2 - t1)
+    reference = None if rounded is None else rounded.reference(model, list(prompts),
+                                                               cached.tokens)
+    return SideBySide(naive, cached, t1 - t0, t2 - t1, reference)
 
 
 def rows(lines: list[str]) -> list[str]:
@@ -371,19 +409,23 @@ def print_steps(run: SideBySide, show: Callable[[np.ndarray], str]) -> None:
         print(f"{n:>4}  {length:>12}  {show(run.cached.tokens[:, n])}")
 
 
-def print_agreement(run: SideBySide, bound: tuple[float, str] | None = None) -> bool:
+def print_agreement(run: SideBySide, rounded: Rounded | None = None) -> bool:
     """naive == cached (tokens, and logits within TOLERANCE of the largest), the cache's growth,
-    and the speed of each; True if all three checks hold. bound = (fraction, why) holds a cache
-    that rounds (int8) to its stated bound on the logits instead."""
+    and the speed of each; True if all three checks hold. A cache that rounds (`rounded`, with
+    run.reference) is held to its own bound on the logits along its own tokens instead, and
+    where its tokens part from the float run's is reported, not failed."""
     B, N = run.cached.tokens.shape
     tolerance = TOLERANCE[run.naive.logits.dtype]
     print(f"\ntokens identical (naive vs cached): {run.same_tokens}")
-    if bound is not None:  # rounded K and V: held to the cache's stated bound
-        limit = bound[0] * float(np.abs(run.naive.logits).max())
-        agree = run.logit_diff <= limit
-        print(f"largest |logit difference|:         {run.logit_diff:.3e}, {bound[1]} bound "
-              f"{limit:.3e} ({bound[0]:.0%} of the largest |logit|): "
-              f"{'pass' if agree else 'FAIL'}")
+    if rounded is not None:
+        for line in rows(parting_lines(run, rounded.name)):
+            print(line)
+        diff = float(np.max(np.abs(run.cached.logits - run.reference)))
+        limit = rounded.tolerance * float(np.abs(run.reference).max())
+        agree = diff <= limit
+        print(f"largest |logit difference|:         {diff:.3e} along the {rounded.name.split()[0]} "
+              f"run's own tokens, bound {limit:.3e} ({rounded.tolerance:.0%} of the largest "
+              f"|logit|): {'pass' if agree else 'FAIL'}")
     else:
         agree = run.same_tokens and run.logits_close
         print(f"largest |logit difference|:         {run.logit_diff:.3e} = "
@@ -397,6 +439,26 @@ def print_agreement(run: SideBySide, bound: tuple[float, str] | None = None) -> 
     return agree and run.grew_by_one
 
 
+def parting_lines(run: SideBySide, name: str) -> list[str]:
+    """One line per row whose rounded run takes another token than the float run: the first step
+    where it does, and the float model's logits there for both tokens (a near-tie the rounding
+    tipped). From that step on the row decodes another sequence."""
+    lines = []
+    n = run.steps_in_common
+    for b, (mine, theirs) in enumerate(zip(run.cached.tokens, run.naive.tokens, strict=True)):
+        differ = np.flatnonzero(mine[:n] != theirs[:n])
+        if differ.size:
+            step, logits = int(differ[0]), run.reference[b, differ[0]]
+            lines.append(f"  row {b} parts from the float run at step {step}: float logits "
+                         f"{logits[theirs[step]]:.4f} for the float run's token "
+                         f"{theirs[step]}, {logits[mine[step]]:.4f} for the {name.split()[0]} "
+                         f"run's {mine[step]}")
+        elif run.naive.tokens.shape != run.cached.tokens.shape:
+            lines.append(f"  row {b}: the two runs took {run.naive.tokens.shape[1]} and "
+                         f"{run.cached.tokens.shape[1]} steps")
+    return lines
+
+
 def path_line(model: GPT) -> str:
     """Which code ran: the readable path (this file, block.py, attention.py) or another one."""
     kind = type(model)
@@ -405,10 +467,20 @@ def path_line(model: GPT) -> str:
 
 
 def trained(args: argparse.Namespace, ap: argparse.ArgumentParser,
-            model_class: type[GPT] = GPT, cache_for: CacheFor | None = None,
-            bound: tuple[float, str] | None = None) -> tuple[int, GPT, list[np.ndarray]]:
+            model_class: type[GPT] = GPT, rounded: Rounded | None = None
+            ) -> tuple[int, GPT, list[np.ndarray]]:
     """The trained string-reversal model: prompts as text, answers checked. Returns the exit
-    status, the model and the prompts (tools/generate_cli.py goes on with them)."""
+    status, the model and the prompts."""
+    model, texts, prompts = load_trained(args, ap, model_class)
+    return show_trained(args, model, texts, prompts, rounded), model, prompts
+
+
+def load_trained(args: argparse.Namespace, ap: argparse.ArgumentParser,
+                 model_class: type[GPT] = GPT) -> tuple[GPT, list[str], list[np.ndarray]]:
+    """Everything `trained` checks, before it prints: the prompts' characters, the checkpoint,
+    and that the prompts and their answers fit it (a usage error otherwise). Returns the model,
+    the texts and their token ids. tools/generate_cli.py checks its own flags between this and
+    show_trained, so that nothing is printed before every input is known good."""
     texts = args.prompt or list(DEMO_PROMPTS)
     try:
         texts = [task.check_chars(text) for text in texts]
@@ -421,25 +493,30 @@ def trained(args: argparse.Namespace, ap: argparse.ArgumentParser,
         prepare_request(model, prompts, max(map(len, texts)) + 1, eos_id=ord(task.END))
     except ValueError as err:
         ap.error(f"argument --checkpoint: {args.checkpoint} cannot answer these prompts: {err}")
+    return model, texts, prompts
+
+
+def show_trained(args: argparse.Namespace, model: GPT, texts: list[str],
+                 prompts: list[np.ndarray], rounded: Rounded | None = None) -> int:
+    """load_trained's model on its prompts, naive vs cached, printed; the exit status."""
     c = model.config
     print(f"model: {args.checkpoint} (trained to reverse strings): d_model={c.d_model} "
           f"heads={c.n_heads} layers={c.n_layers} max_seq_len={c.max_seq_len}; {path_line(model)}")
     print("prompts, left-padded into one batch (pads shown as _), each with its attention_mask:")
     show_padded(*left_pad(prompts), token=chr, pad="_")
     run = side_by_side(model, prompts, max(map(len, texts)) + 1, args.seed, args.prefill_chunk,
-                       cache_for, eos_id=ord(task.END))
+                       rounded, eos_id=ord(task.END))
     print_steps(run, lambda tokens: " ".join(repr(chr(t)) for t in tokens))
     print(f"\n{'prompt':<{task.MAX_CHARS + 2}}{'answer':<{task.MAX_CHARS + 2}}right")
     for text, tokens in zip(texts, run.cached.tokens, strict=True):
         answer = task.decode(tokens).split(task.END)[0] + task.END
         print(f"{task.make_prompt(text):<{task.MAX_CHARS + 2}}{answer:<{task.MAX_CHARS + 2}}"
               f"{'yes' if answer == task.expected_answer(task.make_prompt(text)) else 'NO'}")
-    return (0 if print_agreement(run, bound) else 1), model, prompts
+    return 0 if print_agreement(run, rounded) else 1
 
 
 def random_weights(args: argparse.Namespace, ap: argparse.ArgumentParser,
-                   model_class: type[GPT] = GPT, cache_for: CacheFor | None = None,
-                   bound: tuple[float, str] | None = None) -> int:
+                   model_class: type[GPT] = GPT, rounded: Rounded | None = None) -> int:
     """The assignment's config with random weights, on random token ids (what the assignment
     asks the decode loops to show: naive and cached agree, the cache grows by one per step)."""
     config = GPTConfig(n_layers=args.layers, init_std=0.2)  # d_model 128, 4 heads, max_seq_len 128
@@ -467,14 +544,14 @@ def random_weights(args: argparse.Namespace, ap: argparse.ArgumentParser,
     show_padded(ids, mask, token=lambda t: f"{t:>3}", pad="  .", sep=" ")
     print(f"sampling: temperature={args.temperature} top_k={args.top_k} top_p={args.top_p} "
           f"seed={args.seed}" if args.temperature else "decoding: greedy")
-    run = side_by_side(model, prompts, args.new_tokens, args.seed, args.prefill_chunk, cache_for,
+    run = side_by_side(model, prompts, args.new_tokens, args.seed, args.prefill_chunk, rounded,
                        **options)
     print_steps(run, lambda tokens: str(tokens[:SHOW_ROWS].tolist())[:-1]
                 + (", ...]" if len(tokens) > SHOW_ROWS else "]"))
     if args.eos_id is not None:
         print(f"\nsteps taken: {run.cached.tokens.shape[1]} of max {args.new_tokens} "
               f"(eos_id={args.eos_id}; finished rows repeat it)")
-    return 0 if print_agreement(run, bound) else 1
+    return 0 if print_agreement(run, rounded) else 1
 
 
 def _prompt_lens(text: str) -> list[int]:

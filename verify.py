@@ -64,7 +64,9 @@ from beyond import int8, latent, paged, serving, window
 from beyond.flash import flash_attention
 from beyond.speculative import generate_speculative
 from parts import rope
+from parts.checks import refuse_unused
 from tools import references as ref
+from tools.measure import Progress
 
 HERE = Path(__file__).resolve().parent
 WIDTH = 80
@@ -215,7 +217,7 @@ def check_mask() -> Evidence:
         shown.append(f"    t_q={t_q}, t_k={t_k} (queries are the last {t_q} positions)\n"
                      f"    scores:\n{fmt_matrix(scores)}\n"
                      f"    mask (1 = may attend):\n{fmt_matrix(mask, '{:6d}')}\n"
-                     f"    masked scores (future -> -1e9, shown as -inf):\n"
+                     f"    masked scores (future -> -inf):\n"
                      f"{fmt_matrix(np.where(mask, scores, -np.inf))}\n"
                      f"    weights after softmax (rows sum to 1, future exactly 0):\n"
                      f"{fmt_matrix(weights, '{:6.3f}')}\n"
@@ -744,7 +746,7 @@ def check_flash() -> Evidence:
     rand = rng.standard_normal
     padding = np.arange(9) >= np.array([[0], [4]])  # (2, 9): row 1's first 4 keys are padding
     blind = ref.rule_mask(6, 6)
-    blind[2] = False  # query 2 may see nothing: uniform over all 6 keys, in both paths
+    blind[2] = False  # query 2 may see nothing: zeros, in both paths (and in torch)
     cases = {  # name -> q, k, v, mask
         "6x6": (rand((2, 3, 6, 8)), rand((2, 3, 6, 8)), rand((2, 3, 6, 8)), ref.rule_mask(6, 6)),
         "3x7": (rand((2, 3, 3, 8)), rand((2, 3, 7, 8)), rand((2, 3, 7, 8)), ref.rule_mask(3, 7)),
@@ -1210,11 +1212,14 @@ class GalleryRow(NamedTuple):
 
 
 def run_failure_modes(numbers: list[int] | None = None) -> tuple[list[Result], list[GalleryRow]]:
-    """The clean run first (it must pass), then one run per injected bug."""
-    with one_thread():
+    """The clean run first (it must pass), then one run per injected bug; a line on stderr as
+    each begins (the gallery prints only once all have run)."""
+    with one_thread(), Progress("verify.py --failure-modes", 1 + len(FAILURE_MODES)) as progress:
+        progress.stage("the clean implementation")
         clean = run_checks(numbers)
         runs = []
         for mode in FAILURE_MODES:
+            progress.stage(f"injected: {mode.name}")
             with injected(mode.swaps()):
                 runs.append(run_checks(numbers))
     rows = []
@@ -1249,6 +1254,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--failure-modes", action="store_true",
                     help="inject each classic bug and show which checks catch it")
     args = ap.parse_args(argv)
+    if args.failure_modes:  # a flag the run would ignore is refused, not dropped
+        refuse_unused(ap, args, ["--verbose"], "prints the data behind each check; "
+                      "--failure-modes prints one line per injected bug")
     if args.only:
         args.only = sorted(set(args.only))  # "--only 1 1" is check 1, once
 

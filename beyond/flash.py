@@ -3,7 +3,7 @@
 attention.scaled_dot_product_attention forms every score of a call, (..., t_q, t_k), then
 normalises each row. Here the keys are read in blocks of `block_size`, and each query row keeps
 three running numbers instead of a row of weights. For one row with scores s_j (a hidden key's
-score is NEG_INF, as in the readable path):
+score is NEG_INF = -inf, as in the readable path):
 
     m   = the largest score seen so far                      (starts at -inf)
     l   = sum over the keys seen of exp(s_j - m)             (starts at 0)
@@ -19,7 +19,10 @@ so
 This is an identity, not an approximation. After the last block m is the row's max, l is the
 softmax's denominator and acc / l is the readable path's output row, up to the order in which
 the terms were added (float64: 1e-15). exp(m - m') <= 1 because m' >= m, so nothing overflows, and
-the first block's factor is exp(-inf) = 0. The online softmax is Milakov and Gimelshein (2018);
+the first block's factor is exp(-inf) = 0. A hidden key adds exp(-inf - m') = 0 exactly. While a
+row has seen only hidden keys, m' is -inf: it subtracts 0 instead (every term exp(-inf) = 0, not
+exp(-inf + inf) = NaN), and a row that never sees a key ends with l = 0 and acc = 0, divided by 1:
+zeros, as in the readable path. The online softmax is Milakov and Gimelshein (2018);
 computing attention this way in tiles that fit a GPU's on-chip SRAM is FlashAttention (Dao et al.,
 2022). docs/flash.md has the picture and the measurements (`python tools/flash.py --show`,
 `--bench`).
@@ -42,10 +45,17 @@ BLOCK_SIZE = 128  # query rows per tile and keys per block (measured: docs/flash
 
 # --- the recurrence ------------------------------------------------------------------------------
 
+def shift(m: np.ndarray) -> np.ndarray:
+    """What a row's terms are measured from: its running max m, or 0 while m is -inf (the row has
+    seen only hidden keys), so that exp(-inf - shift) is 0 rather than exp(-inf + inf) = NaN."""
+    return np.where(m == -np.inf, 0, m)
+
+
 def rescale_factor(m_old: np.ndarray, m_new: np.ndarray) -> np.ndarray:
     """exp(m_old - m_new): what every earlier term is multiplied by when the max rises from m_old
-    to m_new. At most 1, since m_new >= m_old; exactly 1 when the block did not raise it."""
-    return np.exp(m_old - m_new)
+    to m_new. At most 1, since m_new >= m_old; exactly 1 when the block did not raise it (0 while
+    both are -inf: there is nothing to rescale yet)."""
+    return np.exp(m_old - shift(m_new))
 
 
 def online_softmax_step(m: np.ndarray, denom: np.ndarray, acc: np.ndarray,
@@ -61,7 +71,7 @@ def online_softmax_step(m: np.ndarray, denom: np.ndarray, acc: np.ndarray,
     """
     m_new = np.maximum(m, scores.max(axis=-2, keepdims=True))  # (..., 1, n)
     rescale = rescale_factor(m, m_new)  # (..., 1, n): brings the old terms to the new max
-    scores -= m_new
+    scores -= shift(m_new)
     p = np.exp(scores, out=scores)  # (..., b, n): exp(s_j - m_new) <= 1, in the scores' place
     denom = denom * rescale + p.sum(axis=-2, keepdims=True)
     acc *= rescale.swapaxes(-1, -2)  # (..., 1, n) -> (..., n, 1): one factor per query row
@@ -81,7 +91,7 @@ def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarra
     (tile, block) array of scores exists at a time. float16 is computed in float32, as the
     readable path does. Checks its own arguments (as the readable path does, and block_size).
     """
-    check_attention_inputs(q, k, v, mask)
+    check_attention_inputs(q, k, v, mask, "flash_attention")
     block_size = positive_int("flash_attention block_size", block_size)
     return attention_in_tiles(q, k, v, mask, block_size)
 
@@ -142,6 +152,7 @@ def fold_keys(m: np.ndarray, denom: np.ndarray, acc: np.ndarray, q_t: np.ndarray
 
 def finish_rows(denom: np.ndarray, acc: np.ndarray) -> np.ndarray:
     """acc / l: the output rows (..., n, d_v) once every key has been folded in."""
+    denom = np.where(denom == 0, 1, denom)  # a row that saw no key: acc = 0, and 0 / 1 = 0
     return acc / denom.swapaxes(-1, -2)  # (..., 1, n) -> (..., n, 1): each row by its own l
 
 
@@ -150,9 +161,8 @@ def key_blocks(mask: np.ndarray | None, t_k: int, block_size: int) -> list[tuple
     from any of the tile's queries; mask (..., n, t_k) is read, never assumed causal.
 
     A block hidden from every query of the tile (in every batch row and head) is skipped: a hidden
-    key's weight is exp(NEG_INF - m) = 0.0 exactly once the row has seen a real score. A query
-    that sees no key at all is, in the readable path, uniform over ALL t_k keys (softmax of equal
-    NEG_INF scores), so a tile holding one visits every block, and the recurrence gives the same.
+    key's weight is exp(-inf) = 0 exactly, visited or not. A tile whose queries see no key at all
+    visits no block, and its rows are zeros, as in the readable path.
     """
     blocks = [slice(j, min(j + block_size, t_k)) for j in range(0, t_k, block_size)]
     if mask is None:
@@ -160,7 +170,5 @@ def key_blocks(mask: np.ndarray | None, t_k: int, block_size: int) -> list[tuple
     over_rows = tuple(range(mask.ndim - 1))  # every axis but the keys: batch, heads, queries
     seen = mask.any(axis=over_rows)  # (t_k,): some query of the tile may see the key
     seen_by_all = mask.all(axis=over_rows)  # (t_k,): every query of the tile may see it
-    blind = not mask.any(axis=-1).all()  # some query sees no key (in some batch row or head)
-    return [(keys, not seen_by_all[keys].all()) for keys in blocks
-            if blind or seen[keys].any()]
+    return [(keys, not seen_by_all[keys].all()) for keys in blocks if seen[keys].any()]
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from attention import check_attention_inputs
 from cache import KVCache, ModelCache
 from parts.checks import fits_in_memory, float_array, float_dtype, positive_int
 
@@ -55,15 +56,28 @@ def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     scale = max |row| / 127, so the largest element maps to +-127; an all-zero row gets scale 0
     and q = 0. Rounding to nearest makes |x - q * scale| <= scale / 2. Checks its own door
-    (finite floats)."""
+    (finite floats, rows of at least one number, scales that fit float32)."""
     x = float_array("quantize: x", x, min_ndim=1)
-    if not np.isfinite(x).all():
-        raise ValueError("quantize: x holds NaN or inf; int8 with a finite scale cannot store it")
+    if x.shape[-1] == 0:
+        raise ValueError(f"quantize: x of shape {x.shape} has empty rows (last axis 0): there is "
+                         "no largest element to scale by")
+    check_storable("quantize: x", x)
     work = np.result_type(x, np.float32)
     scale = (np.abs(x).max(axis=-1, keepdims=True) / QMAX).astype(SCALE_DTYPE)  # (..., 1)
     safe = np.where(scale > 0, scale, 1).astype(work)  # an all-zero row divides by 1, gives 0
     q = np.clip(np.rint(x.astype(work, copy=False) / safe), -QMAX, QMAX).astype(INT8)
     return q, scale
+
+
+def check_storable(name: str, x: np.ndarray) -> None:
+    """ValueError naming `name` unless x is finite and its largest |value| / 127 fits the float32
+    scale (about 4.3e40 and below): a NaN, an inf or an overflowing scale has no int8 form."""
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or inf; int8 with a finite scale cannot store it")
+    largest = float(np.abs(x).max()) if x.size else 0.0
+    if largest / QMAX > float(np.finfo(SCALE_DTYPE).max):
+        raise ValueError(f"{name} holds values up to {largest:.3g}, whose scale ({largest:.3g} / "
+                         f"{QMAX}) overflows the float32 scale")
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, dtype: np.dtype | type | str = np.float32
@@ -110,13 +124,7 @@ class Int8KVCache(KVCache):
     def narrowed(self, name: str, x: np.ndarray) -> np.ndarray:
         """x as floats to quantize, refusing NaN or inf (no finite scale stores them) and values
         whose scale, max |x| / 127, would overflow the float32 scale (about 4.3e40)."""
-        if x.dtype.kind == "f" and not np.isfinite(x).all():
-            raise ValueError(f"Int8KVCache.append: {name} holds NaN or inf; an int8 cache "
-                             "stores finite values only")
-        largest = float(np.abs(x).max()) if x.size else 0.0
-        if largest / QMAX > float(np.finfo(SCALE_DTYPE).max):
-            raise ValueError(f"Int8KVCache.append: {name} holds values up to {largest:.3g}, whose "
-                             f"scale ({largest:.3g} / {QMAX}) overflows the float32 scale")
+        check_storable(f"Int8KVCache.append: {name}", x)
         return x if x.dtype.kind == "f" else x.astype(self.read_dtype)
 
     def update(self, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -164,21 +172,26 @@ def int8_cache(model: GPT, batch_size: int) -> ModelCache:
 
 def attention_error_bound(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     """How far attention over the int8 cache's K and V can be from attention over the float ones:
-    a bound on |out_int8 - out_float| per element, (..., t_q, d) for q (..., t_q, d) and k, v
-    (..., t_k, d), whatever the mask.
+    a bound on |out_int8 - out_float| per element, (..., t_q, d_v) for q (..., t_q, d) and k, v
+    (..., t_k, d) and (..., t_k, d_v), whatever the mask, in exact arithmetic. It is reached:
+    tests/test_int8.py builds keys rounded against the query, and values that round by half a
+    step, whose errors come within 1% of it.
 
     Each key element moves by at most s_k / 2, so a score q . k / sqrt(d) moves by at most
-    eps = ||q||_1 * max s_k / (2 sqrt(d)). Moving every score by at most eps multiplies each
-    softmax weight by a factor in [e^-2eps, e^2eps], so sum_j |p_hat_j - p_j| <= e^2eps - 1.
-    Then out_hat - out = sum_j (p_hat_j - p_j) v_j + sum_j p_hat_j (v_hat_j - v_j), at most
-    (e^2eps - 1) max |v| + max s_v / 2 per element.
+    eps = ||q||_1 max s_k / (2 sqrt(d)). Then every weight's ratio p_hat_j / p_j lies within a
+    factor e^2eps, and two distributions so related are at most tanh(eps / 2) apart in total
+    variation (the extreme: two groups of keys, their ratios at the two ends; half the weights
+    moved, sum_j |p_hat_j - p_j| / 2). As sum_j (p_hat_j - p_j) = 0, sum_j (p_hat_j - p_j) v_j
+    moves by at most tanh(eps / 2) (max_j v_j - min_j v_j) per element; the values' own rounding,
+    sum_j p_hat_j (v_hat_j - v_j), adds at most max s_v / 2.
     """
+    check_attention_inputs(q, k, v, None, "attention_error_bound")
     d = q.shape[-1]
     s_k = quantize(k)[1].max(axis=-2, keepdims=True)  # (..., 1, 1): the largest key scale
     s_v = quantize(v)[1].max(axis=-2, keepdims=True)  # (..., 1, 1)
     eps = np.abs(q).sum(axis=-1, keepdims=True) * s_k / (2 * math.sqrt(d))  # (..., t_q, 1)
-    v_max = np.abs(v).max(axis=-2, keepdims=True)  # (..., 1, d)
-    return np.expm1(2 * eps) * v_max + s_v / 2  # (..., t_q, d)
+    spread = v.max(axis=-2, keepdims=True) - v.min(axis=-2, keepdims=True)  # (..., 1, d_v)
+    return np.tanh(eps / 2) * spread + s_v / 2  # (..., t_q, d_v)
 
 
 # --- the float reference the int8 logits are measured against ------------------------------------

@@ -112,6 +112,27 @@ def check_room(name: str, model: GPT, need: int, P: int, max_new_tokens: int) ->
                          f"prompt of {P} + max_new_tokens={max_new_tokens} needs {need}")
 
 
+def check_request(
+    target: GPT, draft: GPT, prompt_ids: np.ndarray | Sequence[np.ndarray], max_new_tokens: int,
+    gamma: int = 4, attention_mask: np.ndarray | None = None, pad_id: int = 0,
+    eos_id: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """generate_speculative's door without the decoding: the pair (check_pair), the request as
+    generate_cached checks it, batch 1, and room in both models' caches. Returns ids (1, P) and
+    the mask (1, P); raises TypeError/ValueError naming the argument. A command checks every
+    request with it before printing anything."""
+    check_pair(target, draft, gamma)
+    ids, mask = prepare_request(target, prompt_ids, max_new_tokens, attention_mask, pad_id, eos_id)
+    B, P = ids.shape
+    if B != 1:
+        raise ValueError(f"prompt_ids: generate_speculative decodes one prompt at a time (the "
+                         f"rounds of different rows accept different numbers of tokens), got a "
+                         f"batch of {B}")
+    check_room("target", target, P + max_new_tokens, P, max_new_tokens)
+    check_room("draft", draft, P + max_new_tokens - 1, P, max_new_tokens)  # not the last one
+    return ids, mask
+
+
 # --- one round -----------------------------------------------------------------------------------
 
 def propose(draft: GPT, cache: ModelCache, unseen: np.ndarray, g: int, sampler: Sampler
@@ -200,16 +221,10 @@ def generate_speculative(
     Checks its own door, all before any model runs: target and draft GPTs of one vocabulary, gamma
     an int >= 1, the request as generate_cached checks it, batch 1, the draft long enough.
     """
-    check_pair(target, draft, gamma)
     sampler = Sampler(temperature, top_k, top_p, rng)
-    ids, mask = prepare_request(target, prompt_ids, max_new_tokens, attention_mask, pad_id, eos_id)
-    B, P = ids.shape
-    if B != 1:
-        raise ValueError(f"prompt_ids: generate_speculative decodes one prompt at a time (the "
-                         f"rounds of different rows accept different numbers of tokens), got a "
-                         f"batch of {B}")
-    check_room("target", target, P + max_new_tokens, P, max_new_tokens)
-    check_room("draft", draft, P + max_new_tokens - 1, P, max_new_tokens)  # not the last one
+    ids, mask = check_request(target, draft, prompt_ids, max_new_tokens, gamma, attention_mask,
+                              pad_id, eos_id)
+    P = ids.shape[1]
     target_cache, draft_cache = target.new_cache(1), draft.new_cache(1)
 
     seq = np.empty(P + max_new_tokens, dtype=np.int64)  # the prompt, then every token emitted

@@ -248,11 +248,15 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, hidden: np.ndarray,
     n_keys = k.shape[-2]
     scores = weights[..., :n_keys]  # a view: the scores become the weights in place
     np.matmul(q, k.swapaxes(-1, -2), out=scores)  # (..., rows, d) @ (..., d, n_keys)
-    np.copyto(scores, NEG_INF, where=hidden)  # the mask, BEFORE softmax
-    if TRICKS["in_place"]:
-        scores -= scores.max(axis=-1, keepdims=True)
+    np.copyto(scores, NEG_INF, where=hidden)  # the mask, BEFORE softmax: -inf, exactly 0 after
+    if TRICKS["in_place"]:  # attention.softmax, guards included, on (..., rows, 1) arrays
+        top = scores.max(axis=-1, keepdims=True)
+        top[top == -np.inf] = 0  # a row that sees nothing: exp(-inf - 0) = 0, not NaN
+        scores -= top
         np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
+        total = scores.sum(axis=-1, keepdims=True)
+        total[total == 0] = 1  # ... and 0 / 1 = 0, not 0 / 0
+        scores /= total
     else:
         scores[...] = softmax(scores)
     weights[..., n_keys:] = 0.0  # keys no query of the block may see: exactly 0
@@ -263,14 +267,14 @@ def query_blocks(mask: np.ndarray, t_q: int, t_k: int) -> list[tuple[slice, int]
     """Cut the t_q queries into blocks of QUERY_BLOCK rows, each with the number of leading keys
     it needs: up to the last key any of its queries may see (read off the mask, never assumed,
     so a wrong mask gives the same wrong weights as without blocks). A query that may see no key
-    at all is uniform over all t_k keys, so its block keeps every key."""
+    at all needs none (its row is zeros): a block of such queries keeps one key, so that no
+    array is empty."""
     if t_q <= QUERY_BLOCK or not TRICKS["query_blocks"]:
         return [(slice(0, t_q), t_k)]
     mask = np.broadcast_to(mask, (*mask.shape[:-2], t_q, t_k))
     sees = mask.reshape(-1, t_q, t_k).any(axis=0)  # (..., t_q, t_k) -> (t_q, t_k): any row/head
-    needs = t_k - np.argmax(sees[:, ::-1], axis=1)  # (t_q,): one past the last key it may see
-    blind = ~mask.any(axis=-1).reshape(-1, t_q).all(axis=0)  # (t_q,): blind in some row/head
-    needs[blind] = t_k
+    last = t_k - np.argmax(sees[:, ::-1], axis=1)  # (t_q,): one past the last key it may see
+    needs = np.where(sees.any(axis=1), last, 1)  # (t_q,): one key for a query that sees none
     return [(slice(i, min(i + QUERY_BLOCK, t_q)), int(needs[i:i + QUERY_BLOCK].max()))
             for i in range(0, t_q, QUERY_BLOCK)]
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from parts.checks import fits_in_memory, positive_int
+from parts.files import replacing
 
 CONFIG_KEY = "config"
 # A GPTConfig is ~250 characters of JSON, 4 bytes each in a .npy string: 64 KiB is far beyond any
@@ -105,16 +106,38 @@ def float_weights(what: str, w: object) -> None:
 # --- .npz checkpoints ----------------------------------------------------------------------------
 
 def write_npz(path: str | Path, config: dict, named: dict[str, np.ndarray]) -> Path:
-    """Write config (a JSON-able dict) and the named arrays to exactly `path`, a .npz file in an
-    existing directory; return the path."""
+    """Write config (a dict of plain values) and the named arrays to exactly `path`, a .npz file
+    in an existing directory; return the path.
+
+    Whole or not at all: the config is serialised first (a value JSON cannot hold is refused
+    before the file is touched), and the archive is written to a temporary file beside `path`
+    that replaces it only once complete (parts/files.py). A save that fails, for any reason,
+    leaves an existing checkpoint at `path` as it was."""
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"checkpoint path must end in .npz, got {str(path)!r}")
     if not path.parent.is_dir():
         raise ValueError(f"checkpoint directory {str(path.parent)!r} does not exist")
-    with open(path, "wb") as f:  # a file object: np.savez would append .npz to a bare name
-        np.savez(f, **{CONFIG_KEY: np.array(json.dumps(config))}, **named)
+    text = config_json(config)
+    with replacing(path) as temporary, open(temporary, "wb") as f:  # a file object: np.savez
+        np.savez(f, **{CONFIG_KEY: np.array(text)}, **named)  # would append .npz to a bare name
     return path
+
+
+def config_json(config: dict) -> str:
+    """The config as one JSON object of plain values. A NumPy number (a field assigned after the
+    config was built: a dataclass does not stop it) is written as the Python number it holds;
+    anything else JSON cannot hold exactly (a list, an object, NaN) is refused by field name."""
+    plain = {}
+    for name, value in config.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if not (value is None or isinstance(value, (bool, int, float, str))) or not finite:
+            raise TypeError(f"checkpoint config field {name} must be an int, float, bool, str or "
+                            f"None to be saved, got {type(value).__name__} {value!r:.40}")
+        plain[name] = value
+    return json.dumps(plain)
 
 
 def read_npz(path: str | Path, shapes_for: Callable[[dict], dict[str, tuple[int, ...]]]

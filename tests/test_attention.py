@@ -117,7 +117,9 @@ def test_softmax_is_stable_for_huge_logits(dtype):
     x = np.array([[1e4, 0.0, -1e4],
                   [1e4, 1e4, 0.0],
                   [-1e9, 0.0, -1e9],
-                  [-1e9, -1e9, -1e9]], dtype=dtype)
+                  [-1e9, -1e9, -1e9],
+                  [-np.inf, 0.0, -np.inf],
+                  [-np.inf, -np.inf, -np.inf]], dtype=dtype)
     # Underflow to 0 is the point (masked keys); overflow or 0/0 would raise here.
     with np.errstate(over="raise", divide="raise", invalid="raise", under="ignore"):
         got = softmax(x)
@@ -125,7 +127,9 @@ def test_softmax_is_stable_for_huge_logits(dtype):
     expected = np.array([[1.0, 0.0, 0.0],
                          [0.5, 0.5, 0.0],
                          [0.0, 1.0, 0.0],
-                         [1 / 3, 1 / 3, 1 / 3]])  # an all-masked row is uniform, not NaN
+                         [1 / 3, 1 / 3, 1 / 3],  # equal finite scores: uniform
+                         [0.0, 1.0, 0.0],  # -inf: exactly 0
+                         [0.0, 0.0, 0.0]])  # nothing but -inf: zeros, not 0/0 = NaN
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
 
 
@@ -187,9 +191,21 @@ def test_attention_keeps_float32():
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
 
 
-def test_masked_constant_is_finite():
-    # The block exercise's choice: a finite large negative, so an all-masked row cannot become NaN.
-    assert NEG_INF == -1e9
+def test_a_hidden_score_is_minus_infinity_and_the_block_exercise_keeps_its_minus_1e9():
+    """The model's attention hides a key with -inf (exactly zero weight at any scale); the block
+    exercise masks with its literal -1e9, as torch's version of it does (tools/references.py), and
+    pays for it as its docstring says: token 0's only visible score is -5e9, below -1e9, so its
+    hidden future (score 0) takes the weight and token 0 reads token 1's value."""
+    assert NEG_INF == -np.inf
+    x = np.eye(4)[None, :2]  # (1, 2, 4): token 0 is e0, token 1 is e1
+    w_q, w_k, w_v, w_o = 1e5 * np.eye(4), -1e5 * np.eye(4), np.eye(4), np.eye(4)
+    got = causal_self_attention_block(x, w_q, w_k, w_v, w_o, 1)
+    np.testing.assert_allclose(got, torch_block_exercise(x, w_q, w_k, w_v, w_o, 1), rtol=0,
+                               atol=1e-12)
+    read_future = layer_norm(x[0, 0] + x[0, 1])  # v_1 = e1 added to token 0's residual
+    np.testing.assert_allclose(got[0, 0], read_future, rtol=0, atol=1e-12)
+    out, _ = scaled_dot_product_attention(x @ w_q, x @ w_k, x @ w_v, causal_mask(2))
+    np.testing.assert_array_equal(out[0, 0], x[0, 0])  # -inf: token 0 reads its own value
 
 
 # --- split_heads / merge_heads -------------------------------------------------------------------
@@ -423,15 +439,17 @@ def test_a_torch_style_additive_mask_would_have_been_inverted():
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_a_fully_masked_row_is_uniform_in_every_float_dtype(dtype):
-    """A row whose every key is masked (a pad query) averages the values uniformly rather than
-    becoming NaN; -1e9 would be -inf in float16, so float16 inputs are scored in float32."""
+def test_a_fully_masked_row_is_zeros_in_every_float_dtype(dtype):
+    """A row whose every key is masked (a pad query) reads nothing: zeros, as torch >= 2.5 gives,
+    never NaN, and with no invalid operation on the way (0/0 or -inf + inf would raise here)."""
     rng = np.random.default_rng(7)
     q, k, v = (rng.standard_normal((1, 1, 2, 4)).astype(dtype) for _ in range(3))
     mask = np.array([[False, False], [True, False]])  # query 0 sees nothing
-    out, w = scaled_dot_product_attention(q, k, v, mask)
+    with np.errstate(invalid="raise", divide="raise"):
+        out, w = scaled_dot_product_attention(q, k, v, mask)
     assert out.dtype == dtype and np.isfinite(out).all()
-    np.testing.assert_array_equal(w[0, 0, 0], [0.5, 0.5])
+    np.testing.assert_array_equal(w[0, 0, 0], [0.0, 0.0])
+    np.testing.assert_array_equal(out[0, 0, 0], np.zeros(4))
     np.testing.assert_array_equal(w[0, 0, 1], [1.0, 0.0])
 
 
@@ -482,9 +500,9 @@ def test_query_blocks_give_each_block_the_keys_its_last_query_sees():
                                                         (slice(128, 129), 129)]
 
 
-def test_query_blocks_read_every_batch_row_and_keep_all_keys_for_a_blind_query():
+def test_query_blocks_read_every_batch_row_and_need_no_key_for_a_blind_query():
     """Keys are counted over every batch row and head (the widest row decides); a query that sees
-    no key at all is uniform over all t_k keys, so its block keeps every key."""
+    no key at all needs none (its row is zeros), and a block of only such queries keeps one."""
     from fast.model import query_blocks
 
     mask = np.broadcast_to(causal_mask(260), (2, 1, 260, 260)).copy()
@@ -492,8 +510,10 @@ def test_query_blocks_read_every_batch_row_and_keep_all_keys_for_a_blind_query()
     assert query_blocks(mask, 260, 260)[0] == (slice(0, 128), 260)
     assert query_blocks(mask, 260, 260)[1] == (slice(128, 256), 256)
     blind = np.broadcast_to(causal_mask(260), (3, 1, 260, 260)).copy()
-    blind[2, 0, 140, :] = False  # row 2, query 140 sees nothing: block 1 keeps every key
-    assert query_blocks(blind, 260, 260)[1] == (slice(128, 256), 260)
+    blind[:, 0, 255, :] = False  # query 255 sees nothing in any row: block 1 needs 255 keys
+    assert query_blocks(blind, 260, 260)[1] == (slice(128, 256), 255)
+    blind[:, 0, 128:256, :] = False  # the whole block blind: one key, so nothing is empty
+    assert query_blocks(blind, 260, 260)[1] == (slice(128, 256), 1)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
@@ -507,13 +527,12 @@ def test_attention_in_several_query_blocks_matches_torch(dtype):
     mask[1, 0, :40, :] = False  # whose queries see nothing
     out, w = scaled_dot_product_attention(q, k, v, mask)
     assert out.dtype == dtype and np.isfinite(out).all()
-    np.testing.assert_array_equal(w[np.broadcast_to(~mask, w.shape) & ~np.broadcast_to(
-        ~mask.any(-1, keepdims=True), w.shape)], 0.0)
-    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
-    seen = mask.any(-1)[:, 0]  # (B, t_q): torch gives 0 or NaN for a blind row; compare the rest
+    np.testing.assert_array_equal(w[np.broadcast_to(~mask, w.shape)], 0.0)
+    seen = mask.any(-1)[:, 0]  # (B, t_q): a blind row's weights sum to 0, the others to 1
+    np.testing.assert_allclose(w.sum(-1), np.broadcast_to(seen[:, None], w.shape[:-1]), rtol=1e-6)
     ref_out, ref_w = torch_attention(q.astype(np.float64), k.astype(np.float64),
                                      v.astype(np.float64), mask)
     tol = {np.float16: 2e-2, np.float32: 1e-5, np.float64: 1e-12}[dtype]
-    for b in range(2):
+    np.testing.assert_allclose(out, ref_out, atol=tol)  # torch's blind rows are zeros too
+    for b in range(2):  # torch's softmax of a row of -inf is NaN: compare weights where seen
         np.testing.assert_allclose(w[b][:, seen[b]], ref_w[b][:, seen[b]], atol=tol)
-        np.testing.assert_allclose(out[b][:, seen[b]], ref_out[b][:, seen[b]], atol=tol)

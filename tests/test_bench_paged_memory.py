@@ -13,7 +13,6 @@ import pytest
 
 from parts import task
 from tools import bench_paged_memory as bench
-from tools.cli_types import write_whole
 
 # --- a tiny trace, by hand -----------------------------------------------------------------------
 # Three requests (P prompt tokens, n answer tokens; final keys F = P + n - 1), two at once,
@@ -153,18 +152,3 @@ def test_the_command_refuses_bad_arguments(tmp_path, monkeypatch, capsys, argv, 
         bench.main(argv)
     assert exit_info.value.code == 2 and match in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
-
-
-def test_a_file_is_written_whole_or_left_as_it_was(tmp_path):
-    path = tmp_path / "a.json"
-    path.write_text("old")
-
-    def half(tmp):
-        tmp.write_text("ne")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        write_whole(path, half)
-    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
-    write_whole(path, lambda tmp: tmp.write_text("new"))
-    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["a.json"]

@@ -59,7 +59,7 @@ def cases() -> dict[str, tuple[np.ndarray, ...]]:
     add("padded", *qkv(9, 9), padded_causal([9, 5], 9))
     add("no mask", *qkv(5, 11), None)
     blind = rule_mask(6, 6).copy()
-    blind[2] = False  # query 2 may see nothing: uniform over all 6 keys in the readable path
+    blind[2] = False  # query 2 may see nothing: zeros in the readable path
     add("all-masked row", *qkv(6, 6), blind)
     # grouped-query: 2 K/V heads, each shared by 3 query heads through a broadcast axis, against
     # the readable grouped_attention (which repeats the K/V heads)
@@ -88,12 +88,16 @@ def test_equals_the_readable_attention_in_float64(name, size):
     assert np.abs(out - expected).max() <= TOL64
 
 
-def test_all_masked_row_is_the_mean_of_the_values_as_in_the_readable_path():
-    # -1e9 is finite: softmax over six equal scores is 1/6 each, not 0/0 and not zeros
+def test_all_masked_row_is_zeros_as_in_the_readable_path_and_torch():
+    # every score -inf: the recurrence keeps m = -inf, l = 0, acc = 0, and 0 / 1 = 0, never NaN
     q, k, v, mask, _ = CASES["all-masked row"]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        *(torch.from_numpy(a) for a in (q, k, v)), attn_mask=torch.from_numpy(mask)).numpy()
+    assert (expected[:, :, 2] == 0).all()
     for size in (1, 4, 6):
         out = flash_attention(q, k, v, mask, block_size=size)
-        assert np.abs(out[:, :, 2] - v.mean(axis=-2)).max() <= TOL64
+        assert (out[:, :, 2] == 0).all()
+        assert np.abs(out - expected).max() <= TOL64
 
 
 def test_hidden_keys_get_exactly_zero_weight_in_a_mixed_row():
@@ -204,10 +208,15 @@ def test_blocks_hidden_by_the_causal_mask_are_skipped(monkeypatch):
     # 0..5 (3 blocks), tile {6} keys 0..6 (4 blocks) -> 7 of 8
     assert visits(monkeypatch, q[..., :3, :], k[..., :7, :], v[..., :7, :], rule_mask(3, 7),
                   2) == 7
-    # a tile holding a query that sees nothing visits every block (its row is uniform)
+    # a query that sees nothing needs no block (its row is zeros): tile {0, 1} visits the one
+    # block query 1 needs; with query 1 blind too, tile 0 visits none
     blind = rule_mask(8, 8).copy()
     blind[0] = False
-    assert visits(monkeypatch, q, k, v, blind, 2) == 4 + 2 + 3 + 4
+    assert visits(monkeypatch, q, k, v, blind, 2) == 1 + 2 + 3 + 4
+    blind[1] = False
+    assert visits(monkeypatch, q, k, v, blind, 2) == 0 + 2 + 3 + 4
+    out = flash_attention(q, k, v, blind, block_size=2)
+    assert (out[..., :2, :] == 0).all() and np.isfinite(out).all()
 
 
 # --- memory --------------------------------------------------------------------------------------

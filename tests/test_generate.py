@@ -41,6 +41,27 @@ def test_left_pad_refuses_anything_but_a_non_empty_list_of_prompts(prompts):
         left_pad(prompts)
 
 
+@pytest.mark.parametrize(("pad_id", "kwargs", "error", "match"), [
+    (2.7, {}, TypeError, "got 2.7"),  # was padded with 2
+    (np.float64(1.0), {}, TypeError, "got np.float64"),
+    (True, {}, TypeError, "got True"),
+    ("0", {}, TypeError, "got '0'"),
+    (None, {}, TypeError, "got None"),
+    (-1, {}, ValueError, "got -1"),
+    (2**70, {}, ValueError, "got 1180591620717411303424"),  # past int64: np.full's OverflowError
+    (64, {"vocab_size": 64}, ValueError, r"in \[0, 64\), got 64"),
+])
+def test_left_pad_refuses_a_pad_id_that_is_no_token_id(pad_id, kwargs, error, match):
+    with pytest.raises(error, match=r"^pad_id must be .*" + match):
+        left_pad([np.array([1, 2]), np.array([3])], pad_id, **kwargs)
+
+
+@pytest.mark.parametrize("pad_id", [0, 63, np.int64(5), np.uint8(7)])
+def test_left_pad_takes_any_integer_token_id(pad_id):
+    ids, _ = left_pad([np.array([1, 2]), np.array([3])], pad_id, vocab_size=64)
+    assert ids[1, 0] == pad_id and ids.dtype == np.int64
+
+
 def test_generation_leaves_the_callers_prompts_alone():
     prompts = [np.array([1, 2]), np.array([3])]
     array = random_ids(1, 2, 5)
@@ -103,17 +124,23 @@ def run_ragged_with_cache(model) -> tuple[np.ndarray, object]:
     return np.concatenate(logits, axis=1), cache
 
 
+def softmax_without_the_guard(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
 def test_fully_masked_pad_rows_stay_finite(monkeypatch: pytest.MonkeyPatch):
-    # With -inf, a pad query whose every key is masked computes exp(-inf - (-inf)) = NaN, the NaN
-    # becomes that slot's key/value in the next layer, and 0 * NaN spreads it to real rows.
+    # Hidden scores are -inf. Without softmax's guard, a pad query whose every key is masked
+    # computes exp(-inf - (-inf)) = NaN, the NaN becomes that slot's key/value in the next layer,
+    # and 0 * NaN spreads it to real rows.
     model = small_model()
-    monkeypatch.setattr(attention, "NEG_INF", -np.inf)
+    monkeypatch.setattr(attention, "softmax", softmax_without_the_guard)
     with np.errstate(invalid="ignore"):
         naive_logits, naive_cache = run_ragged_with_cache(model)
     assert np.isnan(naive_logits).any()
     assert any(np.isnan(kv.keys[:, :, :len(kv)]).any() for kv in naive_cache.layers)
     monkeypatch.undo()
-    with np.errstate(invalid="raise"):  # the real constant: no invalid operation at all
+    with np.errstate(invalid="raise"):  # the real softmax: no invalid operation at all
         logits, cache = run_ragged_with_cache(model)
     assert np.isfinite(logits).all()
     for kv in cache.layers:

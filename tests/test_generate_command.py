@@ -283,6 +283,53 @@ def test_hf_refusals_are_one_line(tiny_hf_dir, capsys, argv, match):
     assert exit_info.value.code == 2 and match in err and "Traceback" not in err
 
 
+@pytest.fixture
+def nothing_loads_or_connects(monkeypatch):
+    """transformers cannot be imported and no socket can connect: whatever the command does
+    before its refusal, it neither loads a model nor waits for the network."""
+    import socket
+    import sys
+    import types
+
+    def refuse(*args, **kwargs):  # noqa: ANN202
+        raise AssertionError("tried to load a Hugging Face model or reach the network")
+
+    fake = types.ModuleType("transformers")
+    fake.__getattr__ = lambda name: refuse()
+    for name in ("transformers", "transformers.utils"):
+        monkeypatch.setitem(sys.modules, name, fake)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_hf_offline_without_the_weights_is_refused_at_once_saying_how_to_get_them(
+        tmp_path, capsys, monkeypatch, nothing_loads_or_connects, offline):
+    """`make` sets HF_HUB_OFFLINE: a hub name this machine has never downloaded is refused from
+    the local cache alone (no model load, no retries), and the message says how to get it."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv(offline, "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli.main(["--hf", "gpt2", "--prompt", "hello"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""
+    last = captured.err.strip().splitlines()[-1]
+    assert "argument --hf: no Hugging Face GPT-2 at 'gpt2'" in last
+    assert f"{offline} is set" in last and str(tmp_path / "hub") in last
+    assert "hf download gpt2" in last and "save_pretrained" in last
+
+
+def test_hf_offline_with_a_directory_does_not_ask_the_cache(tiny_hf_dir, capsys, monkeypatch):
+    """A save_pretrained directory is read as it is, offline or not."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out = run(["--hf", str(tiny_hf_dir), "--prompt", "the cat", "--new-tokens", "2"],
+                    capsys)
+    assert code == 0 and "pass" in out
+
+
 # --- bad arguments -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("argv", "match"), [
@@ -336,8 +383,11 @@ FLAGS = [
 
 def stub_the_runs(monkeypatch: pytest.MonkeyPatch, seen: Callable) -> None:
     """Every model's run replaced by `seen(args)`: generate.py's trained and random runs (which
-    tools/generate_cli.py calls through the generate module) and the command's own --hf run."""
+    tools/generate_cli.py calls through the generate module: the trained one as load_trained,
+    then show_trained) and the command's own --hf run."""
     monkeypatch.setattr(generate, "trained", lambda args, *a: (seen(args) or 0, None, []))
+    monkeypatch.setattr(generate, "load_trained", lambda args, *a: (None, [], []))
+    monkeypatch.setattr(generate, "show_trained", lambda args, *a: seen(args) or 0)
     monkeypatch.setattr(generate, "random_weights", lambda args, *a: seen(args) or 0)
     monkeypatch.setattr(generate_cli, "hugging_face", lambda args, *a: seen(args) or 0)
 

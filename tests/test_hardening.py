@@ -7,6 +7,8 @@ before any work, so a cache that refuses is left byte for byte as it was.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,8 @@ from attention import (
     softmax,
     split_heads,
 )
+from beyond.flash import flash_attention
+from beyond.int8 import attention_error_bound, quantize
 from block import GPT
 from cache import KVCache, ModelCache
 from generate import generate_cached, generate_naive, prefill
@@ -126,9 +130,9 @@ def test_one_kv_cache_given_for_two_layers_is_refused():
 def test_a_logits_buffer_larger_than_memory_is_refused_before_any_work(monkeypatch, model_calls):
     """The (B, N, V) logits of a generation are sized up front, with the repo's own refusal
     rather than a raw MemoryError half-way."""
+    model = small_model()  # built first: alone, the test would refuse the model itself
     monkeypatch.setattr(checks, "available_memory", lambda: 10_000)
     monkeypatch.setattr(checks, "SMALL_ALLOCATION", 0)  # every size asks
-    model = small_model()
     for generate in (generate_naive, generate_cached):
         with pytest.raises(ValueError, match="logits of 3 rows x 20 steps x 64 tokens needs"):
             generate(model, random_ids(5, 3, 4), 20)
@@ -298,6 +302,21 @@ def test_appending_a_view_of_the_cache_itself_stores_what_the_view_held():
     np.testing.assert_array_equal(values[:, :, 3:5], expected_v)
 
 
+def test_appending_a_v_that_views_the_very_slots_k_is_written_to_stores_what_v_held():
+    """v a view of keys [2, 4) while k is written into [3, 5): writing k first would change what
+    v reads (slot 3 held nothing; v would read k's first key there). v is read as it was."""
+    rng = np.random.default_rng(7)
+    kv = KVCache(1, 2, 6, 3, np.float64)
+    kv.append(rng.standard_normal((1, 2, 3, 3)), rng.standard_normal((1, 2, 3, 3)))
+    k = rng.standard_normal((1, 2, 2, 3))
+    v = kv.keys[:, :, 2:4]  # key 2, then the empty slot k's first key is about to fill
+    expected_v = v.copy()
+    keys, values = kv.append(k, v)
+    np.testing.assert_array_equal(keys[:, :, 3:5], k)
+    np.testing.assert_array_equal(values[:, :, 3:5], expected_v)
+    assert not values[:, :, 4].any()  # the empty slot v read: zeros, not k's first key
+
+
 def test_the_views_append_returns_see_a_truncate():
     """append returns views, not copies: after truncate the dropped slots read as zeros, as in a
     new cache, so nobody reads stale keys through an old view by mistake."""
@@ -331,3 +350,58 @@ def test_the_scores_lead_axes_come_from_q_k_and_v_together():
     with pytest.raises(ValueError, match="do not broadcast"):
         scaled_dot_product_attention(rng.standard_normal((2, 4, 8)), rng.standard_normal((3, 4, 8)),
                                      rng.standard_normal((4, 8)))
+
+
+def test_a_causal_mask_larger_than_memory_is_refused_by_name_not_a_memory_error(monkeypatch):
+    """A 10^6 x 10^6 mask is 931 GiB of bools: refused with its size before NumPy tries (it
+    raised a raw MemoryError). The machine is given 16 GiB free, so the test holds anywhere."""
+    monkeypatch.setattr(checks, "available_memory", lambda: 16 * 2**30)
+    with pytest.raises(ValueError, match=r"causal_mask\(1000000, 1000000\) needs 931.3 GiB, more "
+                                         r"than the 16.0 GiB"):
+        causal_mask(10**6, 10**6)
+
+
+# --- degenerate shapes: refused by name, never NaN, a NumPy reduction error or 0/0 ---------------
+
+def z(*shape: int) -> np.ndarray:
+    return np.zeros(shape)
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda: softmax(z(2, 0)), r"softmax: x of shape \(2, 0\) has no entries along axis -1"),
+    (lambda: softmax(z(0)), r"softmax: x of shape \(0,\) has no entries"),
+    (lambda: softmax(z(0, 3), axis=0), "softmax: .* has no entries along axis 0"),
+    (lambda: scaled_dot_product_attention(z(1, 1, 2, 4), z(1, 1, 0, 4), z(1, 1, 0, 4)),
+     r"attention: need at least one key \(t_k >= 1\)"),
+    (lambda: scaled_dot_product_attention(z(1, 1, 2, 0), z(1, 1, 3, 0), z(1, 1, 3, 4)),
+     r"attention: .* one feature \(d >= 1\)"),
+    (lambda: flash_attention(z(1, 1, 2, 4), z(1, 1, 0, 4), z(1, 1, 0, 4)),
+     r"flash_attention: need at least one key \(t_k >= 1\)"),
+    (lambda: flash_attention(z(1, 1, 2, 0), z(1, 1, 3, 0), z(1, 1, 3, 4), block_size=2),
+     r"flash_attention: .* one feature \(d >= 1\)"),
+    (lambda: grouped_attention(z(1, 2, 2, 4), z(1, 0, 3, 4), z(1, 0, 3, 4), None),
+     r"grouped_attention: .* H_kv dividing H \(H_kv >= 1\), got .* k \(1, 0, 3, 4\)"),
+    (lambda: layer_norm(z(2, 0)), r"layer_norm: x of shape \(2, 0\) has no features"),
+    (lambda: quantize(z(2, 0)), r"quantize: x of shape \(2, 0\) has empty rows"),
+    (lambda: attention_error_bound(z(1, 2, 4), z(1, 0, 4), z(1, 0, 4)),
+     r"attention_error_bound: need at least one key"),
+    (lambda: attention_error_bound(z(1, 2, 0), z(1, 3, 0), z(1, 3, 0)),
+     r"attention_error_bound: .* one feature"),
+])
+def test_an_empty_axis_that_leaves_nothing_to_compute_is_refused_by_name(call, match):
+    """No row of keys, no feature, no K/V head, a softmax over nothing: each refused by its own
+    name before any arithmetic (a NumPy warning or error on the way would surface here too)."""
+    with np.errstate(all="raise"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_no_query_is_accepted_and_answers_nothing():
+    """t_q = 0: nothing is asked, so the answer is an empty (..., 0, d_v), from either path."""
+    q, k, v = z(1, 2, 0, 4), z(1, 2, 3, 4), z(1, 2, 3, 5)
+    with np.errstate(all="raise"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, weights = scaled_dot_product_attention(q, k, v, causal_mask(3)[:0])
+        assert out.shape == (1, 2, 0, 5) and weights.shape == (1, 2, 0, 3)
+        assert flash_attention(q, k, v, block_size=2).shape == (1, 2, 0, 5)

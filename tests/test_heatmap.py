@@ -198,3 +198,40 @@ def test_a_checkpoint_too_small_for_the_prompt_is_refused_before_decoding(tmp_pa
                       str(tmp_path / "h.png")])
     assert exit_info.value.code == 2 and "max_seq_len=16" in capsys.readouterr().err
     assert not (tmp_path / "h.png").exists()
+
+
+def stops_at_once(tmp_path: Path) -> Path:
+    """A checkpoint whose every answer is END at once: wte[END] is long and the final LayerNorm
+    writes it into every position (gamma 0, beta = wte[END]), so its logit wins everywhere."""
+    from block import random_weights
+    from parts import task
+
+    config = GPTConfig()
+    weights = random_weights(config, seed=0)
+    end = ord(task.END)
+    weights["wte"][end] *= 10
+    weights["ln_f.gamma"][:] = 0.0
+    weights["ln_f.beta"][:] = weights["wte"][end]
+    return GPT(config, weights=weights).save(tmp_path / "stops.npz")
+
+
+def test_an_answer_shorter_than_the_prompt_is_pictured_not_an_index_error(tmp_path, capsys
+                                                                          ) -> None:
+    """The sequence is the prompt and the model's own answer; mirror_weights read answer
+    positions that a short answer does not have. Only the ones it has are read, and the output
+    says the answer was short."""
+    path = stops_at_once(tmp_path)
+    out = tmp_path / "h.png"
+    assert heatmap.main(["--checkpoint", str(path), "--prompt", "attention", "--out",
+                         str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "sequence: 'attention=.'" in printed and out.is_file()
+    assert "answer of 1 token" in printed
+
+
+def test_mirror_weights_reads_only_the_answer_positions_there_are() -> None:
+    """Prompt of 3 characters and "=": the full answer would put queries at 3, 4, 5; with an
+    answer of one token the sequence has 5 positions and only queries 3 and 4 exist: keys 3, 2."""
+    maps = np.zeros((1, 1, 5, 5))
+    maps[0, 0, 3, 3] = maps[0, 0, 4, 2] = 1.0
+    np.testing.assert_allclose(heatmap.mirror_weights(maps, 3), [[1.0]])

@@ -216,6 +216,67 @@ def test_any_cache_of_the_latents_shape_serves_the_latent_model():
     assert two.nbytes == 2 * model.new_cache(2).nbytes
 
 
+@pytest.mark.parametrize(("model_dtype", "cache_dtype", "rtol"), [
+    ("float32", "float64", 1e-5), ("float64", "float32", 1e-5), ("float32", "float16", 3e-3),
+    ("float64", "float16", 3e-3)])
+def test_a_latent_model_decodes_into_a_cache_of_another_dtype(model_dtype, cache_dtype, rtol):
+    """The latents are cast into the cache and back to the model's dtype on the way out: a
+    prefill, a decode step and a chunk agree with the float64 model without a cache to the
+    rounding of the narrower dtype (relative to the largest logit). A float32 model with a
+    float64 cache is its float32 cache's run exactly: float32 latents are exact in float64."""
+    config = LatentConfig(**SMALL, kv_latent=8)
+    model = random_model(config, seed=2, dtype=model_dtype)
+    expected = random_model(config, seed=2, dtype=np.float64)(ids := random_ids(5, 2, 9))
+
+    def cached(cache_dtype: str | None) -> np.ndarray:
+        cache = model.new_cache(2, cache_dtype)
+        return np.concatenate([model(ids[:, :6], cache), model(ids[:, 6:7], cache),
+                               model(ids[:, 7:], cache)], axis=1)
+
+    got = cached(cache_dtype)
+    assert got.dtype == model_dtype
+    np.testing.assert_allclose(got, expected, rtol=0, atol=rtol * np.abs(expected).max())
+    if (model_dtype, cache_dtype) == ("float32", "float64"):
+        np.testing.assert_array_equal(got, cached(None))
+
+
+def test_latent_attention_called_directly_checks_its_door_and_runs():
+    """Outside the model the layer checks its own arguments: x (B, T, D) is taken and gives the
+    model's own layer output; a 2-D x or RoPE angles are refused by name."""
+    model = mla(8)
+    p = model.blocks[0].attn
+    x = np.random.default_rng(0).standard_normal((2, 5, 32))
+    out, weights = latent.latent_attention(x, p, causal_mask(5))
+    assert out.shape == (2, 5, 32) and weights.shape == (2, 4, 5, 5)
+    q = x @ p.w_q + p.b_q  # (2, 5, H d): the explicit form worked here, head by head
+    k, v = x @ p.w_dkv @ p.w_uk, x @ p.w_dkv @ p.w_uv
+    heads = []
+    for h in range(4):
+        cut = slice(8 * h, 8 * h + 8)
+        scores = q[..., cut] @ k[..., cut].swapaxes(-1, -2) / np.sqrt(8)  # (2, 5, 5)
+        scores = np.where(causal_mask(5), scores, -np.inf)
+        w = np.exp(scores - scores.max(-1, keepdims=True))
+        heads.append(w / w.sum(-1, keepdims=True) @ v[..., cut])
+    np.testing.assert_allclose(out, np.concatenate(heads, -1) @ p.w_o + p.b_o, rtol=0, atol=TOL)
+    with pytest.raises(ValueError, match="latent_attention: x must have 3 dimension"):
+        latent.latent_attention(x[0], p, None)
+    with pytest.raises(ValueError, match="latent_attention: x must be .* and rotate None"):
+        latent.latent_attention(x, p, None, rotate=(np.ones((2, 1, 5, 4)),) * 2)
+    with pytest.raises(ValueError, match=r"latent_attention: x must be \(B, T, 32\)"):
+        latent.latent_attention(x[..., :16], p, None)
+
+
+def test_a_latent_cache_larger_than_memory_is_refused_for_all_layers_together(monkeypatch):
+    """On a machine with 1 GiB free: one layer of 393,216 rows x 32 positions x 8 float64 is
+    0.75 GiB and would fit alone; the model's two layers need 1.5 GiB and are refused first."""
+    from parts import checks
+
+    model = mla(8)
+    monkeypatch.setattr(checks, "available_memory", lambda: 2**30)
+    with pytest.raises(ValueError, match="a latent cache for 393216 rows needs 1.5 GiB"):
+        model.new_cache(393216)
+
+
 # --- what is refused -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [0, -3, 2.0, True, "8", None])

@@ -13,6 +13,7 @@ import pytest
 from conftest import TOL64
 
 import beyond.speculative as spec
+from beyond.window import window_cache
 from block import GPT, GPTConfig
 from generate import generate_cached, prefill
 from parts import task
@@ -181,6 +182,22 @@ def test_the_token_after_a_bonus_or_a_fix_follows_the_target():
     assert chi_square(np.array([r.tokens[0, 2] for r in runs]), expected) < CHI2_LIMIT
 
 
+@pytest.mark.parametrize("keep_one", [{"top_k": 1}, {"top_p": 1e-9}], ids=["top_k=1", "top_p"])
+def test_keeping_only_the_top_token_samples_greedily(keep_one):
+    """top_k=1 (or a top_p that keeps one token) at temperature 1 leaves both distributions one
+    token each, so every draw is the argmax: the greedy tokens of generate_cached, for every
+    seed. A decoder that dropped the filter for the target drew other tokens (it matched greedy
+    in 2 runs of 50). The draft samples with the same filter, so each proposal had q = 1 (without
+    it the tokens stay the target's, only fewer drafts are accepted)."""
+    target, draft = tiny_pair()
+    for seed in range(12):
+        prompt = np.array([[seed % 8, (3 * seed) % 8, 1]])
+        got = spec.generate_speculative(target, draft, prompt, 8, gamma=3, temperature=1.0,
+                                        rng=np.random.default_rng(seed), **keep_one)
+        np.testing.assert_array_equal(got.tokens, generate_cached(target, prompt, 8).tokens)
+        assert all((r.q == 1.0).all() for r in got.rounds)
+
+
 def test_a_draft_equal_to_the_target_is_always_accepted():
     target = tiny_pair()[0]
     out = spec.generate_speculative(target, target, np.array([[1, 2]]), 12, gamma=4,
@@ -248,6 +265,43 @@ def test_eos_ends_the_answer_as_in_cached(same_draft):
                                     eos_id=eos)
     np.testing.assert_array_equal(got.tokens, want)
     assert got.tokens[0, -1] == eos and eos not in got.tokens[0, :-1]
+
+
+# --- sliding windows: the models' full caches and the band mask ---------------------------------
+
+def windowed_tiny(window: int | None, seed: int, **changes: object) -> GPT:
+    return random_model(GPTConfig(**(TINY | {"max_seq_len": 32, "sliding_window": window}
+                                     | changes)), seed=seed)
+
+
+@pytest.mark.parametrize(("target_window", "draft_window"), [(3, None), (None, 2), (3, 2)])
+def test_a_windowed_target_or_draft_gives_generate_cacheds_tokens(target_window, draft_window):
+    """Both caches are full KVCaches; the window comes from the mask, so rejected drafts are cut
+    back as anywhere else. 20 tokens after 5, far past the window, with rejections (a random
+    draft): the target's own tokens, and its logits to 1e-10 (generate_cached reads a windowed
+    target through a rolling buffer)."""
+    target = windowed_tiny(target_window, 1)
+    draft = windowed_tiny(draft_window, 2)
+    prompt = np.array([[1, 2, 3, 4, 5]])
+    got = spec.generate_speculative(target, draft, prompt, 20, gamma=3)
+    cache = None if target_window is None else window_cache(target, 1)
+    expected = generate_cached(target, prompt, 20, cache=cache)
+    np.testing.assert_array_equal(got.tokens, expected.tokens)
+    np.testing.assert_allclose(got.logits, expected.logits, rtol=0, atol=TOL64)
+    assert got.rejected > 0 and got.accepted > 0  # both ways through a round were taken
+
+
+@pytest.mark.parametrize("which", ["target", "draft"])
+def test_a_rope_window_model_past_max_seq_len_is_refused_up_front(no_work, which):
+    """generate_cached runs a RoPE + window model past max_seq_len in a rolling buffer, which
+    cannot take rejected drafts back; speculative decoding keeps full caches, so the request is
+    refused before any work, naming max_seq_len (it ran, and failed half-way)."""
+    long = GPT(GPTConfig(**(TINY | {"rope": True, "sliding_window": 4})), dtype="float64")
+    other = GPT(GPTConfig(**(TINY | {"max_seq_len": 64})), dtype="float64")
+    target, draft = (long, other) if which == "target" else (other, long)
+    need = 20 if which == "target" else 19  # the draft never sees the last token
+    with pytest.raises(ValueError, match=f"{which} has max_seq_len=16.*needs {need}"):
+        spec.generate_speculative(target, draft, np.ones((1, 10), dtype=np.int64), 10)
 
 
 # --- refusals, before any work -------------------------------------------------------------------
@@ -349,7 +403,33 @@ def test_generate_command_refuses_a_draft_it_cannot_use(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
         generate_cli.main(argv)
     assert exit_info.value.code == 2
-    assert "--draft" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    last = captured.err.strip().splitlines()[-1]
+    assert "--draft" in last and "--checkpoint" not in last  # the flag given, not the target's
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize(("config", "prompts", "match"), [
+    ({"vocab_size": 128}, [], "vocab_size=128"),
+    ({"max_seq_len": 16}, [], "max_seq_len=16"),
+    # long enough for the first prompt ("ab=": 3 + 3 - 1 positions), not for the second
+    ({"max_seq_len": 10}, ["--prompt", "ab", "--prompt", "abcdefgh"], "max_seq_len=10"),
+], ids=["another vocabulary", "too short for the demo", "too short for the last prompt"])
+def test_generate_command_checks_the_draft_before_printing_anything(tmp_path, capsys, model_calls,
+                                                                     config, prompts, match):
+    """Everything about the draft is checked with the target and the prompts, before the first
+    line of output and before any decoding: not after the naive and cached demo has run."""
+    from tools import generate_cli
+
+    path = GPT(GPTConfig(**config)).save(tmp_path / "draft.npz")
+    with pytest.raises(SystemExit) as exit_info:
+        generate_cli.main(["--draft", str(path), *prompts])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    last = captured.err.strip().splitlines()[-1]
+    assert "argument --draft" in last and match in last and str(path) in last
+    assert model_calls["forward"] == 0
 
 
 def test_train_draft_trains_the_small_config(tmp_path):

@@ -263,6 +263,9 @@ def garbage_logs(tmp_path: Path) -> list[str]:
     (["--plot", "--logs", "BAD", "BAD"], "cannot read the loss log"),
     (["--plot", "--logs", "EMPTY", "EMPTY"], "is not a loss log written by train.py"),
     (["--plot", "--logs", "missing.json", "missing.json"], "cannot read the loss log"),
+    (["--kv-latent", "1000000"], "argument --kv-latent: must be in [1, 128] (d_model)"),
+    (["--kv-latent", "129"], "argument --kv-latent: must be in [1, 128] (d_model)"),
+    (["--kv-latent", "0"], "argument --kv-latent: must be in [1, 128] (d_model)"),
 ])
 def test_every_path_and_flag_is_checked_before_step_one(tmp_path, monkeypatch, capsys, argv,
                                                         match) -> None:
@@ -281,6 +284,16 @@ def test_every_path_and_flag_is_checked_before_step_one(tmp_path, monkeypatch, c
     assert match in err.strip().splitlines()[-1]
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["bad.json",
                                                                           "empty.json"]
+
+
+def test_the_widest_latent_is_d_model(tmp_path, monkeypatch) -> None:
+    """--kv-latent d_model is trained: a latent as wide as the token vector it is made from."""
+    def reached(config, *args, **kwargs):  # noqa: ANN001, ANN202
+        raise SystemExit(f"train reached with kv_latent={config.kv_latent}")
+
+    monkeypatch.setattr(train, "train", reached)
+    with pytest.raises(SystemExit, match="train reached with kv_latent=128"):
+        train.main(["--kv-latent", "128", "--quick", "--out", str(tmp_path / "m.npz")])
 
 
 def test_an_unwritable_default_output_is_refused_before_training(monkeypatch, capsys) -> None:

@@ -8,6 +8,7 @@ sequence at once, no cache); what a query sees against perturbed tokens of a one
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from beyond.window import RollingKVCache, WindowCache, slot_of, window_cache
 from block import GPT, GPTConfig
 from cache import EMPTY, KVCache, ModelCache, first_step
 from generate import generate_cached, generate_naive, prefill
+from parts import checks
 from tools.references import random_model
 
 TOL = 1e-12
@@ -282,9 +284,10 @@ def test_truncate_works_until_the_buffer_wraps_then_is_refused_below_what_it_hol
     assert state(cache) == before
 
 
-def test_a_chunk_longer_than_the_window_cannot_be_truncated_into():
+@pytest.mark.parametrize("length", [7, 3, 0])
+def test_a_chunk_longer_than_the_window_cannot_be_truncated_into(length):
     """A 10-token prefill into W = 4 stores only the last 4: a truncate inside it would need keys
-    that were never stored, so it is refused (it was accepted, and the logits were off by 0.96);
+    that were never stored, so it is refused (7 was accepted, and the logits were off by 0.96);
     truncate(0) too (it left a row's count at 6, so the next token took position 6)."""
     cfg = GPTConfig(vocab_size=32, max_seq_len=16, d_model=16, n_heads=4, n_layers=2,
                     init_std=0.3, sliding_window=4)
@@ -293,12 +296,66 @@ def test_a_chunk_longer_than_the_window_cannot_be_truncated_into():
     cache = window_cache(model, 1)
     model(x[:, :10], cache)
     before = state(cache)
-    for length in (7, 3, 0):
-        with pytest.raises(ValueError, match=r"truncate: length must be an int in \[10, 10\]"):
-            cache.truncate(length)
-        assert state(cache) == before
+    with pytest.raises(ValueError, match=r"truncate: length must be an int in \[10, 10\]"):
+        cache.truncate(length)
+    assert state(cache) == before
     cache.reset()
     np.testing.assert_allclose(model(x[:, :9], cache), model(x[:, :9]), rtol=0, atol=TOL)
+
+
+def test_truncate_to_zero_before_any_key_is_lost_leaves_no_count_behind():
+    """Two rows of different padding, three columns into W = 4 (nothing lost): truncate(0) is a
+    fresh cache, every count 0, and the next call numbers its tokens from 0."""
+    model = windowed("mha", 4, 0)
+    cache = window_cache(model, 2)
+    model(random_ids(4, 2, 3), cache, attention_mask=padded(2, 3, [[0], []]))
+    assert cache.count.tolist() == [2, 3]
+    cache.truncate(0)
+    assert state(cache) == state(window_cache(model, 2))
+    ids = random_ids(5, 2, 6)
+    np.testing.assert_allclose(model(ids, cache), model(ids), rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("failure", ["float16 overflow", "before the write", "after the write"])
+def test_a_padded_wrapping_step_that_fails_in_the_last_layer_restores_every_count(failure):
+    """Rows of different counts, a step that wraps the buffer, a failure in layer 1 after layer 0
+    wrote: a refused float16 key, an error before layer 1 writes, or one after it wrote. Every
+    slot, count, column and the floor come back, and the next call is the undisturbed one's."""
+    model = windowed("mha", 4, 1)
+    ids, mask = random_ids(18, 2, 9), padded(2, 9, [[0, 1, 2], []])
+    cache = window_cache(model, 2, dtype="float16")
+    model(ids[:, :5], cache, attention_mask=mask[:, :5])
+    before = state(cache)
+    layer = cache.layers[1]
+    update = layer.update
+
+    def fails(k, v):
+        if failure == "float16 overflow":
+            return update(k + 1e5, v)  # only layer 1's keys overflow float16
+        if failure == "after the write":
+            update(k, v)
+        raise MemoryError("simulated")
+
+    layer.update = fails
+    with pytest.raises(ValueError if failure == "float16 overflow" else MemoryError):
+        model(ids[:, 5:8], cache, attention_mask=mask[:, :8])  # 3 more: rows wrap their slots
+    del layer.update
+    assert state(cache) == before
+    undisturbed = window_cache(model, 2, dtype="float16")
+    model(ids[:, :5], undisturbed, attention_mask=mask[:, :5])
+    np.testing.assert_array_equal(model(ids[:, 5:], cache, attention_mask=mask),
+                                  model(ids[:, 5:], undisturbed, attention_mask=mask))
+
+
+def test_a_chunk_one_longer_than_the_window_never_stores_its_first_key():
+    """W + 1 = 5 tokens in one chunk: the first would share a slot with the last, so it is not
+    stored, and a truncate to any length inside the chunk is refused (the floor is 5)."""
+    model = windowed("mha", 4, 0)
+    cache = window_cache(model, 1)
+    model(random_ids(13, 1, 5), cache)
+    assert cache.floor == 5 and sorted(cache.held[0].tolist()) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"length must be an int in \[5, 5\]"):
+        cache.truncate(1)
 
 
 def test_the_floor_rises_only_when_a_key_is_lost():
@@ -327,6 +384,14 @@ def test_reset_starts_again_at_position_zero():
     cache.reset()
     assert len(cache) == 0 and (cache.held == EMPTY).all() and cache.floor == 0
     np.testing.assert_allclose(model(ids, cache), model(ids), rtol=0, atol=TOL)
+
+
+def test_reset_leaves_the_bytes_of_a_new_cache():
+    model = windowed("rope", 3, 1)
+    cache = window_cache(model, 2)
+    model(random_ids(12, 2, 9), cache, attention_mask=padded(2, 9, [[0, 1], []]))
+    cache.reset()
+    assert state(cache) == state(window_cache(model, 2))
 
 
 @pytest.mark.parametrize("wrapped", [False, True])
@@ -403,6 +468,29 @@ def test_a_rolling_layer_refuses_an_update_outside_a_window_cache():
 def test_bad_window_settings_are_refused_naming_the_argument(changes, error, match):
     with pytest.raises(error, match=match):
         GPTConfig(**SMALL, **changes)
+
+
+@pytest.mark.parametrize("sinks", [-1, 1.5, True, "2"])
+def test_a_rolling_layer_refuses_sinks_that_are_not_an_int_of_at_least_zero(sinks):
+    assert RollingKVCache(2, 3, 4, 5).sinks == 0  # no sinks unless asked: W slots
+    assert RollingKVCache(2, 3, 4, 5).max_len == 4
+    with pytest.raises(ValueError, match=f"RollingKVCache sinks must be an int >= 0, got "
+                                         f"{re.escape(repr(sinks))}"):
+        RollingKVCache(2, 3, 4, 5, sinks=sinks)
+
+
+def test_a_window_cache_larger_than_memory_is_refused_before_allocating(monkeypatch):
+    """On a machine with 1 GiB free: 8,192 rows of 4 heads x 128 slots x 32 float32, K and V, is
+    1 GiB exactly and fits; one row more is refused with its size. window_cache sizes all its
+    layers together: K and V x 2 layers x 4 heads x 4 slots x 8 numbers x 8 bytes = 4 KiB a
+    row, so 262,145 rows need just over 1 GiB."""
+    monkeypatch.setattr(checks, "available_memory", lambda: 2**30)
+    assert RollingKVCache(8192, 4, 127, 32, sinks=1).nbytes == 2**30
+    with pytest.raises(ValueError, match=r"RollingKVCache \(8193, 4, 128, 32\) x 2 \(float32\) "
+                                         r"needs 1.0 GiB, more than the 1.0 GiB"):
+        RollingKVCache(8193, 4, 127, 32, sinks=1)
+    with pytest.raises(ValueError, match="a window cache for 262145 rows needs 1.0 GiB"):
+        window_cache(windowed("mha", 4, 0), 262145)
 
 
 def test_a_rolling_cache_for_another_window_is_refused_before_any_work():

@@ -1,4 +1,5 @@
-"""What the KV cache buys, measured: `python tools/bench.py` (about 4 minutes on 2 cores).
+"""What the KV cache buys, measured: `python tools/bench.py` (about 4 minutes on the 2-core AMD
+EPYC VM of docs/environment.md; a line per section on stderr says where it is).
 
 Every comparison runs its variants side by side in one loop (A, B, A, B, ... with the order
 rotated each round) so a noisy neighbour slows both, and every number is a median of repeats with
@@ -32,9 +33,11 @@ bench-figures writes the committed figures/):
     bench_vs_hf.png            decode per token and prefill: ours, Hugging Face, the floor
     bench_batch.png            decode tokens/s vs batch size: ours, Hugging Face, the floor's bound
     bench_profile.png          section 8 as stacked bars
-`--quick` runs the same measurements at small sizes (a smoke test, under a minute) and writes
-under out/quick/; `--profile` runs section 8 alone (figure under out/profile/), `--tricks`
-section 9 alone (bench.json under out/tricks/);
+`--quick` runs the same measurements at small sizes (a smoke test, not a minute: on a 2-core Intel
+Xeon, OpenBLAS SkylakeX kernel, shared with other jobs, 82 s with --threads 1 and 254 s with the
+default two BLAS threads, section 9 the longest) and writes under out/quick/; `--profile` runs
+section 8 alone (figure under out/profile/; 63 s there with --threads 1), `--tricks` section 9
+alone (bench.json under out/tricks/);
 `--threads 1` limits BLAS and torch to one thread (on a busy machine two OpenBLAS threads on two
 cores wait for each other and medians grow 10-100x). The header names the other processes that
 held a core at start and end, this process's nice value and its session's autogroup, and how
@@ -58,17 +61,31 @@ if __package__ in (None, ""):  # run as `python tools/x.py` from anywhere: find 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
-import json
 import time
 from dataclasses import asdict
 
 import numpy as np
 
-from parts.checks import SEED, cli_int, cli_output_dir, cli_output_file
+from parts.checks import (
+    SEED,
+    can_create_in,
+    cli_int,
+    cli_output_dir,
+    cli_output_file,
+    refuse_unused,
+)
+from parts.files import write_json
 from tools import bench_decode, bench_hf, bench_profile
 from tools.bench_setup import ASSIGNMENT_SHAPE, FULL, NAMES, QUICK, SHAPES, Settings, build_pair
 from tools.cli_types import OUT_DIR
-from tools.measure import finish_header, machine_label, no_gc, print_header, start_header
+from tools.measure import (
+    Progress,
+    finish_header,
+    machine_label,
+    no_gc,
+    print_header,
+    start_header,
+)
 
 # Default outputs, all under the repository's out/ (ignored by git), from whatever directory the
 # command runs: the full run in out/bench/, --quick in out/quick/, a lone section in its own
@@ -168,17 +185,33 @@ def plot_all(r: dict, out_dir: Path) -> list[str]:
 
 # --- the command ---------------------------------------------------------------------------------
 
-def run(s: Settings, seed: int, threads: int | None = None) -> dict:
-    """Every measurement, with BLAS limited to `threads` (None: the library's default)."""
+# Each section's line in the progress shown on stderr while the benchmark runs.
+SECTION_TITLES = {
+    "latency_vs_position": "1. decode latency vs position, naive vs cached",
+    "total_time": "2. total time for N new tokens, naive vs cached",
+    "vs_hf": "3-4. this repo vs Hugging Face, and the weight-streaming floor",
+    "cache_append": "5. preallocated vs concatenating cache: appends",
+    "cache_decode": "5. preallocated vs concatenating cache: a whole decode",
+    "memory": "6. peak memory of a long decode",
+    "batched_decode": "7. batched decode, ours vs Hugging Face",
+    "profile": "8. where a decode step's and a prefill's time goes",
+    "tricks": "9. what each fast-path trick buys",
+}
+
+
+def run(s: Settings, seed: int, threads: int | None = None,
+        progress: Progress | None = None) -> dict:
+    """Every measurement, with BLAS limited to `threads` (None: the library's default); a line
+    per section on stderr (progress, or a new Progress)."""
     import threadpoolctl
 
     with threadpoolctl.threadpool_limits(limits=threads, user_api="blas"):
-        return measure_all(s, seed)
+        return measure_all(s, seed, progress or Progress("tools/bench.py", len(SECTION_TITLES)))
 
 
-def measure_all(s: Settings, seed: int) -> dict:
+def measure_all(s: Settings, seed: int, progress: Progress) -> dict:
     """Every section in turn (the collector off, but for the memory section), then the targets
-    and the guards, with the machine header around them."""
+    and the guards, with the machine header around them; progress.stage as each begins."""
     header = start_header()
     rng = np.random.default_rng(seed)
     _, small_model = build_pair(ASSIGNMENT_SHAPE, seed)  # the assignment's widths
@@ -197,6 +230,7 @@ def measure_all(s: Settings, seed: int) -> dict:
         "tricks": lambda: bench_profile.what_tricks_buy(s, seed),
     }
     for name, measure in sections.items():
+        progress.stage(SECTION_TITLES[name])
         t0 = time.perf_counter()
         if name == "memory":  # tracemalloc wants the collector on, as in a real run
             r[name] = measure()
@@ -214,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     """The command: every section (or --profile / --tricks alone), printed and written."""
     ap = argparse.ArgumentParser(description="Naive vs cached decode, this repo vs Hugging Face.")
     ap.add_argument("--quick", action="store_true",
-                    help=f"small sizes, under a minute (a smoke test); writes under {QUICK_DIR}/ "
+                    help="small sizes, a smoke test (1.5 minutes with --threads 1 on a 2-core "
+                         "Intel Xeon shared with other jobs, 4 with two BLAS threads); writes "
+                         f"under {QUICK_DIR}/ "
                          "unless --json/--figures say otherwise")
     ap.add_argument("--json", type=cli_output_file(".json"), default=None,
                     help=f"where to write results (default {FULL_DIR}/bench.json)")
@@ -233,25 +269,44 @@ def main(argv: list[str] | None = None) -> int:
                          f"readable path (bench.json under {TRICKS_DIR}/ unless --json says "
                          "otherwise)")
     args = ap.parse_args(argv)
+    if args.tricks and not args.profile:  # a flag the run would ignore is refused
+        refuse_unused(ap, args, ["--figures"], "takes the figures of sections 1-8 (and "
+                      "--profile's); --tricks alone draws none")
     # A smoke run or a lone section never overwrites the committed full-run figures.
     folder = (QUICK_DIR if args.quick else PROFILE_DIR if args.profile else TRICKS_DIR
               if args.tricks else FULL_DIR)
     default_dir = OUT_ROOT.parent / folder  # the repository's out/...
+    if args.json is None or args.figures is None:  # checked now, not after minutes of measuring
+        writable_default(ap, default_dir)
     args.json = args.json or default_dir / "bench.json"
     args.figures = args.figures or default_dir
-    args.json.parent.mkdir(parents=True, exist_ok=True)
+    if not args.tricks or args.profile:
+        args.figures.mkdir(exist_ok=True)  # its parent was checked writable by cli_output_dir
     if args.profile or args.tricks:
         return sections_only(QUICK if args.quick else FULL, args)
 
     t0 = time.perf_counter()
-    r = run(QUICK if args.quick else FULL, args.seed, args.threads)
-    r["settings"]["quick"] = args.quick
-    r["figures"] = plot_all(r, args.figures)
+    with Progress("tools/bench.py", len(SECTION_TITLES) + 1) as progress:
+        r = run(QUICK if args.quick else FULL, args.seed, args.threads, progress)
+        progress.stage("the figures")
+        r["settings"]["quick"] = args.quick
+        r["figures"] = plot_all(r, args.figures)
     r["wall_time_s"] = time.perf_counter() - t0
     print_report(r)
-    args.json.write_text(json.dumps(r, indent=1, default=_jsonable))
+    write_results(r, args.json)
     print(f"\nwrote {args.json} and {', '.join(r['figures'])} in {r['wall_time_s']:.0f} s")
     return 0 if r["correctness"]["all_passed"] else 1
+
+
+def writable_default(ap: argparse.ArgumentParser, directory: Path) -> None:
+    """Create the default output directory now, or a usage error naming it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # reported just below
+    if not can_create_in(directory):
+        ap.error(f"cannot write the default output directory {str(directory)!r}; give --json "
+                 "and --figures paths you can write")
 
 
 def sections_only(s: Settings, args: argparse.Namespace) -> int:
@@ -259,12 +314,15 @@ def sections_only(s: Settings, args: argparse.Namespace) -> int:
     JSON; the profile also plotted."""
     import threadpoolctl
 
-    with threadpoolctl.threadpool_limits(limits=args.threads, user_api="blas"):
+    with threadpoolctl.threadpool_limits(limits=args.threads, user_api="blas"), Progress(
+            "tools/bench.py", args.profile + args.tricks) as progress:
         header = start_header()
         r = {"header": header, "settings": asdict(s)}
         if args.profile:
+            progress.stage(SECTION_TITLES["profile"])
             r["profile"] = bench_profile.profile(s, args.seed)
         if args.tricks:
+            progress.stage(SECTION_TITLES["tricks"])
             r["tricks"] = bench_profile.what_tricks_buy(s, args.seed)
         finish_header(header)
     print_header(header)
@@ -274,9 +332,15 @@ def sections_only(s: Settings, args: argparse.Namespace) -> int:
         bench_profile.print_tricks(r["tricks"])
     r["figures"] = [bench_profile.plot_profile(r["profile"], machine_label(header),
                                  args.figures / "bench_profile.png")] if args.profile else []
-    args.json.write_text(json.dumps(r, indent=1, default=_jsonable))
+    write_results(r, args.json)
     print(f"\nwrote {', '.join([str(args.json), *r['figures']])}")
     return 0
+
+
+def write_results(r: dict, path: Path) -> Path:
+    """The results as JSON at path, whole or not at all (parts/files.py): a run that fails while
+    writing keeps the previous bench.json."""
+    return write_json(path, r, indent=1, default=_jsonable)
 
 
 def _jsonable(x: object) -> object:

@@ -22,7 +22,7 @@ from block import GPT
 from cache import KVCache, ModelCache, kv_cache_bytes
 from generate import decode, generate_cached, generate_naive, greedy, prefill
 from tools.bench_setup import NAMES, PROMPT_LEN, Settings, random_ids, save
-from tools.measure import fmt, interleave, peak_during, summary
+from tools.measure import fmt, interleave, note, peak_during, summary
 
 # --- 1. per-step latency vs position -------------------------------------------------------------
 
@@ -32,6 +32,7 @@ def latency_vs_position(model: GPT, s: Settings, rng: np.random.Generator) -> di
     out = {"positions": [], "naive": [], "cached": [], "max_abs_logit_diff": 0.0,
            "argmax_equal": True}
     for p in s.positions:
+        note(f"position {p}")
         ids = random_ids(rng, model.config.vocab_size, p + 1)  # (1, p + 1)
         cache = model.new_cache(1)
         prefill(model, ids[:, :p], cache)
@@ -59,6 +60,7 @@ def total_times(model: GPT, s: Settings, rng: np.random.Generator) -> list[dict]
     """generate_naive vs generate_cached from the same prompt; they must pick the same tokens."""
     rows = []
     for n_new, rounds in zip(s.total_tokens, s.total_rounds, strict=True):
+        note(f"{n_new} new tokens, {rounds} round{'s' * (rounds > 1)}")
         prompt = random_ids(rng, model.config.vocab_size, PROMPT_LEN)
         results = {}
 

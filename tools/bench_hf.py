@@ -32,7 +32,7 @@ from tools.bench_setup import (
     random_ids,
     save,
 )
-from tools.measure import fmt, interleave, ratio, summary
+from tools.measure import fmt, interleave, note, ratio, summary
 
 # --- 3 and 4. this repo vs Hugging Face, and the weight-streaming floor --------------------------
 
@@ -161,8 +161,11 @@ def versus_hf(name: str, shape: dict, steps: int, rounds: int, s: Settings, seed
     prompt = random_ids(rng, shape["vocab_size"], PROMPT_LEN)
     long_prompt = random_ids(rng, shape["vocab_size"], s.prefill_len)
     with torch.inference_mode():
+        note(f"{SHORT[name]}: decode per token")
         dec = decode_side_by_side(model, hf, prompt, steps, rounds)
+        note(f"{SHORT[name]}: prefill of {s.prefill_len}")
         pre = prefill_side_by_side(model, hf, long_prompt, s.prefill_rounds)
+        note(f"{SHORT[name]}: generate {steps} tokens")
         gen = generate_side_by_side(model, hf, prompt, steps, rounds)
     d, p, g = ({who: summary(t) for who, t in x["times"].items()} for x in (dec, pre, gen))
     return {
@@ -195,6 +198,7 @@ def batched_decode(s: Settings, seed: int) -> dict:
     rows = []
     with torch.inference_mode():
         for B in s.batch_sizes:
+            note(f"batch {B}")
             prompt = rng.integers(0, GPT2_SMALL_SHAPE["vocab_size"], (B, s.batch_prompt_len))
             dec = decode_side_by_side(model, hf, prompt, s.batch_new_tokens, s.batch_rounds)
             pre = prefill_side_by_side(model, hf, prompt, max(2, s.batch_rounds))

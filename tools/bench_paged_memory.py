@@ -61,7 +61,8 @@ from matplotlib.figure import Figure
 from cache import kv_cache_bytes
 from parts import task
 from parts.checks import SEED, cli_int, cli_output_file
-from tools.cli_types import default_output, write_whole
+from parts.files import save_figure, write_text
+from tools.cli_types import default_output
 from tools.measure import human
 from tools.memory import table
 
@@ -272,7 +273,7 @@ def plot(results: dict[str, tuple[Workload, list[Split]]], running: int, path: P
         lines.legend(fontsize=7, ncol=2)
     fig.suptitle("Where KV-cache memory goes: token state, reserved for later, never used\n"
                  + PAPER, fontsize=9)
-    write_whole(path, lambda tmp: fig.savefig(tmp, dpi=90))
+    save_figure(fig, path, dpi=90)
 
 
 def as_json(results: dict[str, tuple[Workload, list[Split]]], running: int, seed: int) -> dict:
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {args.out}")
     if args.json:
         text = json.dumps(as_json(results, args.running, args.seed), indent=1)
-        write_whole(args.json, lambda tmp: tmp.write_text(text))
+        write_text(args.json, text)
         print(f"wrote {args.json}")
     return 0
 

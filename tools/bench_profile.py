@@ -33,7 +33,7 @@ from tools.bench_setup import (
     random_ids,
     save,
 )
-from tools.measure import fmt, interleave, no_gc, ratio, summary
+from tools.measure import fmt, interleave, no_gc, note, ratio, summary
 
 # --- 8. where the time of one step goes ----------------------------------------------------------
 
@@ -175,7 +175,9 @@ def step_breakdown(model: GPT, prompt: np.ndarray, decode_step: bool, rounds: in
 
     runners = {"total": (prepare_total, run_total)} | part_runners(model, calls, ids, positions)
     times = interleave({name: run_it for name, (_, run_it) in runners.items()}, rounds,
-                       prepare={name: prepare for name, (prepare, _) in runners.items()})
+                       prepare={name: prepare for name, (prepare, _) in runners.items()},
+                       label=f"{'decode step' if decode_step else 'prefill'}, {len(runners)} "
+                             "parts")
     ms = {name: summary(t)["median_ms"] for name, t in times.items()}
     parts = {part: ms[part] for part in PARTS}
     parts[OVERHEAD] = ms["total"] - sum(parts.values())
@@ -199,8 +201,10 @@ def profile(s: Settings, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     vocab = GPT2_SMALL_SHAPE["vocab_size"]
     with no_gc():
+        note("one decode step")
         dec = step_breakdown(model, random_ids(rng, vocab, s.batch_prompt_len), True,
                              s.profile_rounds)
+        note(f"one prefill of {s.prefill_len}")
         pre = step_breakdown(model, random_ids(rng, vocab, s.prefill_len), False,
                              max(3, s.profile_rounds // 3))
     return {"name": "gpt2_small", "description": NAMES["gpt2_small"], "parts": [*PARTS, OVERHEAD],
@@ -249,6 +253,7 @@ def trick_timings(variants: dict[str, tuple[GPT, tuple[str, ...]]], prompt: np.n
     P, token = prompt.shape[1], prompt[:, 0]  # any token will do for the timed step
     timed, diffs, reference = {}, {}, None
     for name, (model, off) in variants.items():
+        note(f"{name}: its logits against the readable path's")
         with switched_off(off):
             cache = model.new_cache(1)
             logits = np.concatenate([prefill(model, prompt, cache), decode(model, token, cache)])
@@ -269,7 +274,7 @@ def trick_timings(variants: dict[str, tuple[GPT, tuple[str, ...]]], prompt: np.n
 
         timed[f"prefill {name}"], timed[f"decode {name}"] = prefill_once, decode_step
     inner = {name: DECODE_BLOCK for name in timed if name.startswith("decode")}
-    times = interleave(timed, rounds, inner)
+    times = interleave(timed, rounds, inner, label=f"timing {len(variants)} variants")
     out: dict = {"variants": list(variants), "max_rel_logit_diff": diffs}
     for step in ("prefill", "decode"):
         out[step] = {name: summary(times[f"{step} {name}"]) for name in variants}
@@ -285,6 +290,8 @@ def what_tricks_buy(s: Settings, seed: int) -> dict:
     config = dict(vocab_size=sh["vocab_size"], max_seq_len=sh["n_positions"],
                   d_model=sh["n_embd"], n_heads=sh["n_head"], n_layers=sh["n_layer"])
     prompt = random_ids(np.random.default_rng(seed), sh["vocab_size"], s.tricks_len)
+    note(f"multi-head attention: the readable path, the fast path, and {len(fastpath.TRICKS)} "
+         "tricks off in turn")
     mha = trick_variants(GPTConfig(**config), seed, list(fastpath.TRICKS))
     with no_gc():
         out = {"description": NAMES["gpt2_small"], "prompt_len": s.tricks_len,
@@ -293,6 +300,7 @@ def what_tricks_buy(s: Settings, seed: int) -> dict:
                "mha": trick_timings(mha, prompt, s.tricks_rounds)}
     del mha  # three models of 341 MB: gone before the next three are built
     H_kv = sh["n_head"] // 3  # 4 K/V heads at GPT-2-small's 12 heads
+    note(f"grouped-query attention ({H_kv} K/V heads): shared_kv_heads off")
     gqa = trick_variants(GPTConfig(**config, n_kv_heads=H_kv), seed, ["shared_kv_heads"])
     with no_gc():
         out["gqa"] = trick_timings(gqa, prompt, s.tricks_rounds) | {"n_kv_heads": H_kv}

@@ -15,6 +15,7 @@ import numpy as np
 
 from block import GPT
 from fast.model import FastGPT
+from parts.files import save_figure
 
 # The two model shapes measured. Both are GPT-2 models with random weights built from a local
 # config (nothing is downloaded); ours is loaded from the very same state_dict.
@@ -95,11 +96,14 @@ def random_ids(rng: np.random.Generator, vocab: int, length: int) -> np.ndarray:
 
 
 def save(fig: object, path: Path) -> str:
-    """A pyplot figure written as a PNG at path, then closed; returns the path."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    """A pyplot figure written as a PNG at path, whole or not at all (parts/files.py), then
+    closed, whether or not the write succeeded; returns the path."""
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        save_figure(fig, path, dpi=100)
+    finally:
+        plt.close(fig)
     return str(path)
 

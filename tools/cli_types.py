@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 from block import GPT
@@ -21,7 +19,7 @@ from generate import path_line
 from parts.checks import can_create_in, cli_float, cli_load, one_line, refuse_unused
 
 __all__ = ["OUT_DIR", "REPO", "add_path_flag", "cli_float", "default_output", "load_checkpoint",
-           "model_class", "one_line", "path_line", "refuse_unused", "umask", "write_whole"]
+           "model_class", "one_line", "path_line", "refuse_unused", "umask"]
 
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "out"  # every default output of a command goes under here
@@ -70,21 +68,3 @@ def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def write_whole(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """write(tmp) into a temporary file beside `path` (same directory, same suffix), then rename
-    it onto `path`: a reader finds the whole new file, or the old one, never half of either. If
-    write fails, the temporary file is removed and `path` is left as it was."""
-    path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        tmp.chmod(0o666 & ~umask())  # mkstemp makes it private; give it a plain file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path

@@ -27,6 +27,7 @@ from generate import generate_cached, generate_naive, prepare_request
 from parts import task
 from parts.checks import SEED, cli_int
 from tools.cli_types import add_path_flag, load_checkpoint, model_class, path_line
+from tools.measure import Progress
 
 EOS_ID = ord(task.END)
 CHECKPOINT = str(Path(__file__).resolve().parents[1] / "checkpoints" / "reverse.npz")
@@ -104,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
 
     prompts = task.random_prompts(task.prompt_rng(args.seed, "test"), args.n)
     answers, same, seconds = [""] * args.n, True, {"cached": 0.0, "naive": 0.0}
+    progress, done = Progress("tools/evaluate.py"), 0
     for rows in length_batches(prompts, args.batch):
+        progress.stage(f"prompts {done + 1}-{done + len(rows)} of {args.n}, cached then naive")
+        done += len(rows)
         batch = [prompts[i] for i in rows]
         t0 = time.perf_counter()
         got, cached = decode_prompts(model, batch)

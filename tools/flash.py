@@ -26,9 +26,10 @@ import numpy as np
 
 from attention import softmax
 from beyond.flash import flash_attention, online_softmax_step, rescale_factor
-from parts.checks import cli_int, cli_output_file
+from parts.checks import cli_int, cli_output_file, fits_in_memory, refuse_unused
+from parts.files import save_figure
 from tools.cli_types import OUT_DIR
-from tools.measure import interleave, machine_line, peak_bytes, summary
+from tools.measure import Progress, interleave, machine_line, peak_bytes, summary
 
 DEFAULT_PNG = OUT_DIR / "flash.png"  # --draw writes here unless --out (out/ is ignored)
 
@@ -120,7 +121,7 @@ def draw(steps: list[dict[str, float]], scores: np.ndarray, path: Path) -> None:
     bottom.set_xlabel(f"key j (blocks of {steps[0]['size']})")
     fig.suptitle("Online softmax: m and l after each block of keys")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, format="png")
+    save_figure(fig, path, dpi=100, format="png")
 
 
 # --- the measurement -----------------------------------------------------------------------------
@@ -137,7 +138,9 @@ def bench(sizes: list[int], repeats: int, blocks: list[int]) -> None:
     print()
     print(f"{'tokens':>6}  {'method':<18} {'peak extra':>12} {'median':>11}  {'vs fast':>9}  "
           f"max |diff|")
+    progress = Progress("tools/flash.py --bench", len(sizes))
     for t in sizes:
+        progress.stage(f"{t} tokens: the fast path and {len(blocks)} block sizes")
         rng = np.random.default_rng(t)
         q, k, v = (rng.standard_normal((1, 12, t, 64)).astype(np.float32) for _ in range(3))
         mask = attention.causal_mask(t)[None, None]  # (1, 1, t, t)
@@ -155,6 +158,15 @@ def bench(sizes: list[int], repeats: int, blocks: list[int]) -> None:
         print()
 
 
+def bench_bytes(t: int, block: int) -> int:
+    """About the most memory one size of the bench holds at once (GPT-2-small attention, 12
+    heads of 64, float32): q, k, v and the (t, t) bool mask, plus the larger of the fast path's
+    (12, t, t) weights (it returns them) and flash's (12, b, b) tile of scores with its exp, at
+    twice each for the temporaries beside them."""
+    b = min(block, t)
+    return 3 * 12 * t * 64 * 4 + t * t + 2 * max(12 * t * t * 4, 2 * 12 * b * b * 4)
+
+
 def outputs(result: np.ndarray | tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """The output of either method: the fast path returns (out, weights), flash out alone."""
     return result[0] if isinstance(result, tuple) else result
@@ -170,21 +182,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=cli_output_file(".png"), default=None,
                     help="--show draws to this PNG (implies --draw)")
     ap.add_argument("--bench", action="store_true", help="peak memory and time vs the fast path")
-    ap.add_argument("--sizes", type=cli_int(1, 8192), nargs="+", default=[512, 2048, 4096],
+    ap.add_argument("--sizes", type=cli_int(1, 8192), nargs="+", default=None,
                     help="--bench: token counts (default 512 2048 4096)")
-    ap.add_argument("--blocks", type=cli_int(1, 8192), nargs="+", default=[64, 128, 256],
+    ap.add_argument("--blocks", type=cli_int(1, 8192), nargs="+", default=None,
                     help="--bench: flash block sizes (default 64 128 256)")
-    ap.add_argument("--repeats", type=cli_int(1, 100), default=5,
+    ap.add_argument("--repeats", type=cli_int(1, 100), default=None,
                     help="--bench: timed repeats per method (default 5)")
     ap.add_argument("--threads", type=cli_int(1, 64), default=None,
                     help="--bench: BLAS threads (default: BLAS's own)")
     args = ap.parse_args(argv)
-    if args.bench:
+    show_too = args.show or not args.bench
+    if not args.bench:  # a flag the run would ignore is refused, not dropped
+        refuse_unused(ap, args, ["--sizes", "--blocks", "--repeats", "--threads"],
+                      "applies only to --bench")
+    if not show_too:
+        refuse_unused(ap, args, ["--draw", "--out"], "draws --show's row: give --show too")
+    args.sizes, args.blocks = args.sizes or [512, 2048, 4096], args.blocks or [64, 128, 256]
+    args.repeats = args.repeats or 5
+    if args.bench:  # the largest size must fit, before the first line is printed
+        try:
+            fits_in_memory(f"--bench at {max(args.sizes)} tokens with blocks of "
+                           f"{max(args.blocks)}", bench_bytes(max(args.sizes), max(args.blocks)))
+        except ValueError as err:
+            ap.error(f"argument --sizes/--blocks: {err}")
         from threadpoolctl import threadpool_limits
 
         with threadpool_limits(args.threads):
             bench(args.sizes, args.repeats, args.blocks)
-    if args.show or not args.bench:
+    if show_too:
         out = args.out or (DEFAULT_PNG if args.draw else None)
         show(out)
     return 0

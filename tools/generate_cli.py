@@ -20,20 +20,24 @@ if __package__ in (None, ""):  # run as `python tools/x.py` from anywhere: find 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import os
 import time
 
 import numpy as np
 
 import generate
-from beyond.int8 import LOGIT_TOLERANCE, int8_cache
+from beyond.int8 import LOGIT_TOLERANCE, int8_cache, teacher_forced_logits
 from block import GPT
-from generate import CHECKPOINT, TOLERANCE, Generation, prepare_request
+from generate import CHECKPOINT, TOLERANCE, Generation, Rounded, prepare_request
 from tools.cli_types import add_path_flag, load_checkpoint, model_class
-from tools.speculative import versus_cached
+from tools.speculative import check_versus_cached, versus_cached
 
-# generate.py's flags per model, and this command's: --draft for the trained model, --hf's own.
-MODE_FLAGS = {"the trained model": (*generate.MODE_FLAGS["the trained model"], "--draft"),
-              "--random": generate.MODE_FLAGS["--random"],
+# generate.py's flags per model, and this command's: --draft for the trained model, --hf's own;
+# --cache-dtype for the models decoded naive against cached (--hf is compared with Hugging Face,
+# on our own cache: an int8 one there would be ignored). --fast applies to all three.
+MODE_FLAGS = {"the trained model": (*generate.MODE_FLAGS["the trained model"], "--draft",
+                                    "--cache-dtype"),
+              "--random": (*generate.MODE_FLAGS["--random"], "--cache-dtype"),
               "--hf": ("--prompt", "--new-tokens")}
 
 
@@ -44,6 +48,7 @@ def hugging_face(args: argparse.Namespace, ap: argparse.ArgumentParser,
     compared with Hugging Face's on the same tokens."""
     if not args.prompt:
         ap.error("--hf needs --prompt TEXT")
+    refuse_what_offline_cannot_load(ap, args.hf)
     try:
         from transformers import AutoTokenizer, GPT2LMHeadModel
         from transformers.utils import logging as hf_logging
@@ -87,6 +92,30 @@ def hugging_face(args: argparse.Namespace, ap: argparse.ArgumentParser,
     return 0 if agree else 1
 
 
+def refuse_what_offline_cannot_load(ap: argparse.ArgumentParser, name: str) -> None:
+    """With HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set, as `make` sets it, a hub name is loaded
+    from the local cache or not at all; without this check transformers spends seconds trying
+    every file it might need before it says so. A name the cache does not hold is refused from
+    the cache alone (neither torch nor transformers imported), saying how to get the weights. A
+    directory is left to from_pretrained; online, a name may be downloaded."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    offline = [var for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+               if os.environ.get(var, "").upper() in constants.ENV_VARS_TRUE_VALUES]
+    if not offline or Path(name).is_dir():
+        return
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a hub name at all (e.g. "a/b/c")
+        cached = False
+    if not cached:
+        ap.error(f"argument --hf: no Hugging Face GPT-2 at {name!r} on this machine: not a "
+                 f"directory, and not in the Hugging Face cache ({constants.HF_HUB_CACHE}), "
+                 f"and {offline[0]} is set, so nothing is downloaded. Get it once with "
+                 f"`{offline[0]}=0 hf download {name}` (or run without {offline[0]}), or give "
+                 "a directory written by save_pretrained")
+
+
 def hf_logit_difference(hf: object, prompts: list[np.ndarray], out: Generation
                         ) -> tuple[float, float]:
     """Run Hugging Face once over each finished sequence and compare the logits that chose every
@@ -109,11 +138,15 @@ def main(argv: list[str] | None = None) -> int:
         "with --random, a Hugging Face GPT-2 with --hf; the readable model unless --fast. A flag "
         "the chosen model does not use is refused.")
     ap.add_argument("--hf", metavar="NAME_OR_DIR", default=None,
-                    help="a Hugging Face GPT-2 (hub name on this machine, or a directory)")
+                    help="a Hugging Face GPT-2: a directory written by save_pretrained, or a "
+                         "hub name (downloaded if need be; with HF_HUB_OFFLINE set, as make sets "
+                         "it, only one the local cache holds)")
     add_path_flag(ap)  # --fast / --readable (the default)
     ap.add_argument("--cache-dtype", choices=["int8"], default=None,
                     help="store the cache as int8 with float scales (beyond/int8.py; default: "
-                         "the model's dtype); compared within a stated logit bound, not exactly")
+                         "the model's dtype); its logits are held to a stated bound along its "
+                         "own tokens (teacher-forced), and where its tokens part from the float "
+                         "run's is reported")
     ap.add_argument("--draft", default=None, metavar="PATH",
                     help="trained model only: also decode each prompt with speculative decoding, "
                          "this draft proposing (e.g. checkpoints/reverse_draft.npz)")
@@ -125,21 +158,35 @@ def main(argv: list[str] | None = None) -> int:
     mode = "--hf" if args.hf else "--random" if args.random else "the trained model"
     generate.check_flags(ap, args, mode, MODE_FLAGS)
     cls = model_class(args)
-    cache_for, bound = (int8_cache, (LOGIT_TOLERANCE, "int8 cache")) if args.cache_dtype else (
-        None, None)
+    rounded = Rounded(int8_cache, LOGIT_TOLERANCE, "int8 cache", teacher_forced_logits) if (
+        args.cache_dtype) else None
     if args.hf:
         args.new_tokens = args.new_tokens or generate.RANDOM_DEFAULTS["new_tokens"]
         return hugging_face(args, ap, cls)
     if args.random:
-        return generate.random_weights(args, ap, cls, cache_for, bound)
+        return generate.random_weights(args, ap, cls, rounded)
     args.checkpoint = args.checkpoint or str(CHECKPOINT)
-    draft = None if args.draft is None else load_checkpoint(
-        ap, args.draft, " (make train-draft writes checkpoints/reverse_draft.npz)", cls, "--draft")
-    code, model, prompts = generate.trained(args, ap, cls, cache_for, bound)
+    model, texts, prompts = generate.load_trained(args, ap, cls)
+    draft = None if args.draft is None else load_draft(ap, args.draft, cls, model, prompts)
+    code = generate.show_trained(args, model, texts, prompts, rounded)
     if draft is not None:
         code = 0 if versus_cached(model, draft, prompts, eos_id=ord(generate.task.END)) and (
             code == 0) else 1
     return code
+
+
+def load_draft(ap: argparse.ArgumentParser, path: str, cls: type[GPT], target: GPT,
+               prompts: list[np.ndarray]) -> GPT:
+    """The --draft checkpoint, checked against the target and every prompt before anything is
+    printed: a file it can load, the target's vocabulary, room for each prompt and its answer.
+    Any refusal is a usage error naming --draft."""
+    draft = load_checkpoint(ap, path, " (make train-draft writes checkpoints/reverse_draft.npz)",
+                            cls, "--draft")
+    try:
+        check_versus_cached(target, draft, prompts, eos_id=ord(generate.task.END))
+    except (TypeError, ValueError) as err:
+        ap.error(f"argument --draft: {path} cannot draft for these prompts: {err}")
+    return draft
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from block import GPT, GPTConfig
 from generate import generate_cached, prepare_request
 from parts import task
 from parts.checks import SEED, cli_int, cli_output_file
+from parts.files import save_figure
 from tools.cli_types import (
     add_path_flag,
     cli_float,
@@ -127,10 +128,9 @@ def heatmap_figure(maps: np.ndarray, title: str, labels: list[str] | None = None
 
 def plot_heatmaps(maps: np.ndarray, path: str | Path, title: str = "Causal attention",
                   labels: list[str] | None = None) -> Path:
-    """Write the (L, H, T, T) grid to the PNG at exactly `path`; return the path."""
-    path = Path(path)
-    heatmap_figure(maps, title, labels).savefig(path, dpi=100, format="png")
-    return path
+    """Write the (L, H, T, T) grid to the PNG at exactly `path`, whole or not at all; return the
+    path."""
+    return save_figure(heatmap_figure(maps, title, labels), path, dpi=100, format="png")
 
 
 def head_summary(maps: np.ndarray) -> list[str]:
@@ -154,9 +154,11 @@ def mirror_weights(maps: np.ndarray, n_chars: int) -> np.ndarray:
     "=" for k = 0) predicts a_k = c_{n-1-k}. A two-layer model reads that character one position
     late: a layer-0 head copies each token's predecessor into it (previous_token_weights), so
     c_{n-1-k} is readable at position n - k, and the key a layer-1 head must find for query q is
-    2n - q."""
-    queries = np.arange(n_chars, 2 * n_chars)  # "=" and the answer characters but the last
-    return maps[:, :, queries, 2 * n_chars - queries].mean(axis=-1)  # (L, H, n) -> (L, H)
+    2n - q. The answer is the model's own: one that stops early (or a wrong model's) has fewer
+    positions, and only those it has are read."""
+    T = maps.shape[-1]
+    queries = np.arange(n_chars, min(2 * n_chars, T))  # "=" and the answer characters there are
+    return maps[:, :, queries, 2 * n_chars - queries].mean(axis=-1)  # (L, H, q) -> (L, H)
 
 
 def previous_token_weights(maps: np.ndarray) -> np.ndarray:
@@ -247,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.ascii_layer is None and args.ascii_head is None:
             layer, head = int(best[0]), int(best[1])
         print(f"sequence: {''.join(labels)!r} (the prompt, then the model's own answer)")
+        answer = len(labels) - len(chars) - 1  # tokens after the prompt's "="
+        if answer < len(chars) + 1:
+            print(f"(an answer of {answer} token{'s' * (answer != 1)}, shorter than the "
+                  f"{len(chars) + 1} a reversal takes: the mirror is read on the answer "
+                  "positions there are)")
         print("mean weight on the previous token / on the mirrored character's key:")
         for lay in range(config.n_layers):
             print(f"  layer {lay}: " + "  ".join(

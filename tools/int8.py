@@ -33,11 +33,12 @@ from attention import (
 )
 from beyond.int8 import LOGIT_TOLERANCE, dequantize, int8_cache, quantize, teacher_forced_logits
 from block import GPT, mlp
-from generate import generate_cached
+from generate import generate_cached, prepare_request
 from parts import task
-from parts.checks import SEED, cli_int
+from parts.checks import SEED, cli_int, refuse_unused
 from tools import evaluate
 from tools.cli_types import add_path_flag, load_checkpoint, model_class, path_line
+from tools.measure import Progress, note
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "reverse.npz"
 
@@ -52,7 +53,10 @@ def compare(model: GPT, n: int = 1000, seed: int = 0, batch: int = 100) -> dict[
     differ = total = 0
     worst = largest = 0.0
     eos = evaluate.EOS_ID
+    done = 0
     for rows in evaluate.length_batches(prompts, batch):
+        note(f"prompts {done + 1}-{done + len(rows)} of {n}")
+        done += len(rows)
         ids = [task.encode(prompts[i]) for i in rows]
         steps = max(len(p) for p in ids)
         runs = {name: generate_cached(model, ids, steps, eos_id=eos, cache=cache)
@@ -108,7 +112,9 @@ def key_scale_study(model: GPT, n: int = 300, seed: int = 0) -> dict[str, dict[s
              for name in [*schemes, "outliers"]}
     energy = [0.0] * c.n_layers
     channel_means = [[] for _ in range(c.n_layers)]
-    for prompt in task.random_prompts(task.prompt_rng(seed, "test"), n):
+    for k, prompt in enumerate(task.random_prompts(task.prompt_rng(seed, "test"), n)):
+        if k % 50 == 0:
+            note(f"prompts {k + 1}-{min(k + 50, n)} of {n}")
         seq = task.encode(prompt + task.expected_answer(prompt))[None]  # (1, T)
         T = seq.shape[1]
         reference = None
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="int8 against the float cache on held-out prompts")
     ap.add_argument("--scales", action="store_true",
                     help="per-token against per-channel key scales")
-    ap.add_argument("--n", type=cli_int(1), default=None,
+    ap.add_argument("--n", type=cli_int(1, 1_000_000), default=None,
                     help="held-out prompts (default 1000 for --compare, 300 for --scales)")
     ap.add_argument("--seed", type=SEED, default=0, help="seed of the test stream (default 0)")
     ap.add_argument("--checkpoint", type=Path, default=CHECKPOINT, help="a trained .npz")
@@ -163,14 +169,39 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not (args.compare or args.scales):
         ap.error("give --compare or --scales")
+    if not args.compare:  # --scales computes its forward by hand: no path to choose
+        refuse_unused(ap, args, ["--fast"], "applies only to --compare (--scales runs its own "
+                                            "forward, written out in key_scale_study)")
     model = load_checkpoint(ap, args.checkpoint, model_class=model_class(args))
+    check_model(ap, model, args)
     print(path_line(model))
-    with threadpool_limits(limits=1, user_api="blas"):  # small products on a shared machine
+    # small products on a shared machine: one BLAS thread
+    with threadpool_limits(limits=1, user_api="blas"), Progress(
+            "tools/int8.py", args.compare + args.scales) as progress:
         if args.compare:
+            progress.stage(f"--compare: {args.n or 1000} prompts, float cache and int8 cache")
             print_compare(compare(model, args.n or 1000, args.seed), model)
         if args.scales:
+            progress.stage(f"--scales: {args.n or 300} prompts, four ways of rounding the keys")
             print_scales(key_scale_study(model, args.n or 300, args.seed), args.n or 300)
     return 0
+
+
+def check_model(ap: argparse.ArgumentParser, model: GPT, args: argparse.Namespace) -> None:
+    """Before anything is printed: the checkpoint answers the longest held-out prompt within its
+    vocabulary and max_seq_len (as tools/evaluate.py checks), and for --scales it is the kind
+    key_scale_study writes out: learned positions and one K/V head per query head."""
+    longest = task.encode(task.make_prompt("z" * task.MAX_CHARS))
+    try:
+        prepare_request(model, [longest], len(longest), eos_id=evaluate.EOS_ID)
+    except ValueError as err:
+        ap.error(f"argument --checkpoint: {args.checkpoint} cannot answer the task: {err}")
+    c = model.config
+    if args.scales and (c.rope or c.n_kv_heads != c.n_heads or c.sliding_window is not None):
+        ap.error(f"argument --checkpoint: --scales measures a model with learned positions, "
+                 f"full attention and one K/V head per query head (the trained model's kind); "
+                 f"{args.checkpoint} has rope={c.rope}, n_kv_heads={c.n_kv_heads} of "
+                 f"n_heads={c.n_heads}, sliding_window={c.sliding_window}")
 
 
 def print_compare(r: dict[str, float], model: GPT) -> None:

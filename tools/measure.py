@@ -10,6 +10,7 @@ tools/window.py, tools/speculative.py, tools/memory.py) import these; none times
     machine_header the same and more as a dict for bench.json (torch, transformers, the load, who
                    else held a core, how the CPU time was spent); print_header prints it
     peak_during    tracemalloc's peak while a call runs; tracing() keeps one session open
+    Progress       where a long command is: a line per stage on stderr, never on stdout
 
 Why side by side: a noisy neighbour on a shared machine slows every variant of a round alike, so
 the ratios survive noise that would ruin two separate loops.
@@ -17,9 +18,11 @@ the ratios survive noise that would ruin two separate loops.
 
 from __future__ import annotations
 
+import contextvars
 import gc
 import os
 import platform
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -55,16 +58,19 @@ def rotated(names: list[str], r: int) -> list[str]:
 def interleave(variants: dict[str, Callable[[], object]], rounds: int,
                inner: dict[str, int] | None = None,
                prepare: dict[str, Callable[[], object]] | None = None,
-               warmup: int = 0) -> dict[str, list[float]]:
+               warmup: int = 0, label: str | None = None) -> dict[str, list[float]]:
     """Time each variant `inner[name]` times (default 1) per round, rounds interleaved: A B A B
     ..., the order rotated each round, the garbage collector off. prepare[name], if given, runs
     untimed before each timed call of that variant (to rewind a cache, copy an input). The first
-    `warmup` rounds run the same way and are not kept. Returns every single time (seconds) per
-    variant."""
+    `warmup` rounds run the same way and are not kept. With a `label`, each round is a note() of
+    the Progress the caller runs in (for rounds of seconds each). Returns every single time
+    (seconds) per variant."""
     inner, prepare = inner or {}, prepare or {}
     times: dict[str, list[float]] = {name: [] for name in variants}
     with no_gc():
         for r in range(warmup + rounds):
+            if label is not None:
+                note(f"{label}: round {r + 1} of {warmup + rounds}")
             for name in rotated(list(variants), r):
                 for _ in range(inner.get(name, 1)):
                     if name in prepare:
@@ -313,3 +319,51 @@ def human(n: float) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n:.0f} B"
+
+
+# --- progress ------------------------------------------------------------------------------------
+# A command that runs for more than a few seconds says where it is. On stderr: stdout is what the
+# docs' output blocks show (and a test compares), and stays exactly what it was. Plain lines, not a
+# bar redrawn with carriage returns: they read the same in a terminal, a log file and CI, and cost
+# no dependency (tqdm draws bars; a line per stage is all these commands need).
+
+_ACTIVE: contextvars.ContextVar[Progress | None] = contextvars.ContextVar("progress", default=None)
+
+
+class Progress:
+    """`with Progress("tools/bench.py", stages=9) as progress:` then progress.stage("...") as
+    each stage starts: `tools/bench.py [  12 s] 3/9 this repo vs Hugging Face` on stderr. Inside
+    the block, note("...") from any function it calls adds an indented line for a part of a long
+    stage; outside one, note() prints nothing (a library call stays quiet)."""
+
+    def __init__(self, command: str, stages: int | None = None) -> None:
+        self.command, self.stages, self.done = command, stages, 0
+        self.start = time.perf_counter()
+        self._token: contextvars.Token | None = None
+
+    def __enter__(self) -> Progress:
+        self._token = _ACTIVE.set(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _ACTIVE.reset(self._token)
+
+    def stage(self, what: str) -> None:
+        """A new stage begins."""
+        self.done += 1
+        self._line(f"{self.done}/{self.stages} {what}" if self.stages else what)
+
+    def note(self, what: str) -> None:
+        """A part of the current stage begins."""
+        self._line(f"  {what}")
+
+    def _line(self, text: str) -> None:
+        print(f"{self.command} [{time.perf_counter() - self.start:5.0f} s] {text}",
+              file=sys.stderr, flush=True)
+
+
+def note(what: str) -> None:
+    """A line of the Progress the caller runs in, if any."""
+    progress = _ACTIVE.get()
+    if progress is not None:
+        progress.note(what)

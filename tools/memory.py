@@ -46,8 +46,9 @@ from cache import KVCache, ModelCache, kv_cache_bytes
 from fast.model import FastGPT
 from generate import decode, greedy, prefill
 from parts.checks import cli_output_file
+from parts.files import save_figure
 from tools.cli_types import default_output
-from tools.measure import human, peak_during, tracing
+from tools.measure import Progress, human, peak_during, tracing
 
 CONTEXTS = (128, 512, 2048)
 VARIANTS = (("MHA", 4), ("GQA", 2), ("MQA", 1))  # name, n_kv_heads, for 4 query heads
@@ -213,8 +214,7 @@ def plot_memory(rows: list[Row], path: str | Path) -> Path:
     right.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     fig.suptitle("KV-cache memory grows linearly with context; fewer K/V heads and fewer bytes "
                  "per element shrink it")
-    fig.savefig(path, dpi=90)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -233,9 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     models = {n_kv: assignment_model(n_kv) for _, n_kv in VARIANTS}
     # One BLAS thread: the bytes do not depend on it, and on a shared machine a multi-threaded
     # BLAS competing for busy cores makes these small matmuls many times slower.
+    progress = Progress("tools/memory.py", len(VARIANTS) * len(CACHE_DTYPES) + 1)
     with threadpool_limits(limits=1, user_api="blas"):
-        rows = [measure(models[n_kv], variant, ctx, dtype, decode_steps)
-                for variant, n_kv in VARIANTS for dtype in CACHE_DTYPES for ctx in CONTEXTS]
+        rows = []
+        for (variant, n_kv), dtype in product(VARIANTS, CACHE_DTYPES):
+            progress.stage(f"{variant}, {dtype.name} cache: contexts "
+                           f"{', '.join(map(str, CONTEXTS))}")
+            rows += [measure(models[n_kv], variant, ctx, dtype, decode_steps) for ctx in CONTEXTS]
+        progress.stage(f"a prefill of {max(CONTEXTS)} tokens, one shot and in chunks of 256")
         one_shot, a = prefill_peak(models[4], max(CONTEXTS), None)
         chunked, b = prefill_peak(models[4], max(CONTEXTS), 256)
     print(f"KV cache of the assignment's config (d_model 128, 4 query heads, d_head 32, 2 layers, "

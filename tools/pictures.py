@@ -121,7 +121,7 @@ def padding_picture(lengths: tuple[int, ...] = (3, 5)) -> str:
                      + "\n".join(grid(labels, mask[b, 0], 0)))
     return ("\n\n".join(parts)
             + "\n\nA row's first real token is position 0; no query sees a pad key. A pad query"
-              "\nsees nothing at all: its row is uniform (-1e9, not -inf), and never read.")
+              "\nsees nothing at all: its weights are zeros (not NaN), and never read.")
 
 
 def gqa_picture(H: int = 4, H_kv: int = 2) -> str:

@@ -20,7 +20,6 @@ if __package__ in (None, ""):  # run as `python tools/x.py` from anywhere: find 
 import argparse
 import cProfile
 import io
-import math
 import pstats
 from collections.abc import Sequence
 from dataclasses import replace
@@ -28,14 +27,36 @@ from dataclasses import replace
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from beyond.speculative import SpeculativeGeneration, expected_speedup, generate_speculative
-from block import GPT, random_weights, weight_shapes
+from beyond.speculative import (
+    SpeculativeGeneration,
+    check_pair,
+    check_request,
+    expected_speedup,
+    generate_speculative,
+)
+from block import GPT, count_weights, random_weights, weight_shapes
 from fast.model import FastGPT
 from generate import decode, generate_cached, prefill
 from parts import task
-from parts.checks import SEED, cli_int
+from parts.checks import (
+    SEED,
+    cli_float,
+    cli_int,
+    cli_load,
+    fits_in_memory,
+    one_line,
+    refuse_unused,
+)
 from tools.bench_profile import OVERHEAD, PARTS, step_breakdown
-from tools.measure import interleave, machine_header, no_gc, print_header, summary
+from tools.measure import (
+    Progress,
+    interleave,
+    machine_header,
+    no_gc,
+    note,
+    print_header,
+    summary,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = ROOT / "checkpoints" / "reverse.npz"
@@ -43,6 +64,15 @@ DRAFT = ROOT / "checkpoints" / "reverse_draft.npz"
 
 
 # --- beside generate_cached, for `python generate.py --draft PATH` --------------------------------
+
+def check_versus_cached(target: GPT, draft: GPT, prompts: list[np.ndarray], eos_id: int | None,
+                        gamma: int = 4) -> None:
+    """Refuse, before anything runs or is printed, a pair or a prompt versus_cached could not
+    decode: the draft's vocabulary, and room in both models' caches for every prompt and its
+    len(prompt) new tokens (ValueError/TypeError, as generate_speculative would raise later)."""
+    for p in prompts:
+        check_request(target, draft, p[None], len(p), gamma, eos_id=eos_id)
+
 
 def versus_cached(target: GPT, draft: GPT, prompts: list[np.ndarray], eos_id: int | None,
                   gamma: int = 4, repeats: int = 5) -> bool:
@@ -109,11 +139,10 @@ def print_rounds(out: SpeculativeGeneration, gamma: int) -> None:
                   f"{show(r.token)} drawn from p (all {len(r.drafts)} accepted)")
 
 
-def round_table(args: argparse.Namespace) -> int:
+def round_table(args: argparse.Namespace, target: GPT, draft: GPT) -> int:
     """--round: every round of one sampled reversal, then the same prompt greedy, checked
-    against generate_cached."""
+    against generate_cached (target and draft in float64; main checked the request)."""
 
-    target, draft = GPT.load(TARGET, dtype="float64"), GPT.load(args.draft, dtype="float64")
     prompt = task.make_prompt(args.prompt)
     ids = task.encode(prompt)[None]  # (1, P)
     print(f"target {TARGET.name} (d_model {target.config.d_model}), draft {Path(args.draft).name} "
@@ -142,6 +171,10 @@ def heavier(target: GPT, extra_layers: int, d_ff: int) -> GPT:
     output projections and biases are zero (the residual stream passes through unchanged)."""
 
     c = replace(target.config, n_layers=target.config.n_layers + extra_layers, d_ff=d_ff)
+    # The weights are drawn in float64 and then copied into the model: all must fit, checked
+    # before the draw (GPT's own check comes only after it).
+    fits_in_memory(f"a heavier target of {c.n_layers} layers and d_ff {d_ff}",
+                   count_weights(c) * (8 + 2 * target.dtype.itemsize))
     shapes = weight_shapes(c)
     named = random_weights(c, seed=1)  # the extra blocks do real work...
     for name, shape in shapes.items():
@@ -194,6 +227,7 @@ def speed_table(target: GPT, draft: GPT, prompts: list[np.ndarray], gammas: Sequ
         return lambda: [generate_speculative(target, draft, p[None], len(p), gamma=g,
                                              eos_id=EOS_ID) for p in prompts]
 
+    note(f"each gamma's tokens against generate_cached ({len(prompts)} prompts)")
     reference = cached()
     tokens = sum(r.tokens.shape[1] for r in reference)
     stats, same = {}, True
@@ -205,8 +239,10 @@ def speed_table(target: GPT, draft: GPT, prompts: list[np.ndarray], gammas: Sequ
         tested = accepted + sum(s.rejected for s in runs)
         stats[g] = (accepted / tested, tokens / sum(len(s.rounds) + 1 for s in runs))
     variants = {"cached": cached} | {f"gamma {g}": speculative(g) for g in gammas}
+    note(f"timing cached and {len(gammas)} gammas, {rounds} interleaved rounds")
     with no_gc():
         times = interleave(variants, rounds)
+    note("the cost of a decode step and of a verify call")
     ms = {name: summary(t)["median_ms"] for name, t in times.items()}
     cost = step_costs(target, draft, gammas, rounds)
     c = cost["draft"] / cost["target"]
@@ -230,23 +266,32 @@ def speed_table(target: GPT, draft: GPT, prompts: list[np.ndarray], gammas: Sequ
     return same
 
 
-def bench(args: argparse.Namespace) -> int:
-    """--bench: the shipped pair, then the same target made heavier (same tokens)."""
+BENCH_GAMMAS = range(1, 7)
+
+
+def bench_prompts(n: int) -> list[np.ndarray]:
+    """--bench's n held-out reversal prompts (test stream, seed 0), as token ids."""
+    return [task.encode(p) for p in task.random_prompts(task.prompt_rng(0, "test"), n)]
+
+
+def bench(args: argparse.Namespace, target: GPT, draft: GPT, big: GPT) -> int:
+    """--bench: the shipped pair, then the same target made heavier (`big`, same tokens); the
+    models on the fast path, float32, checked by main."""
 
     print_header(machine_header())
-    target, draft = FastGPT.load(TARGET), FastGPT.load(args.draft)  # float32, the fast path
-    texts = task.random_prompts(task.prompt_rng(0, "test"), args.n)
-    prompts = [task.encode(p) for p in texts]
-    gammas = range(1, 7)
+    prompts = bench_prompts(args.n)
+    gammas = BENCH_GAMMAS
     print(f"greedy, batch 1, {args.n} held-out reversal prompts (test stream, seed 0), one BLAS "
           f"thread; medians of {args.rounds or 5} interleaved repeats")
     print("formula: (1 - a^(gamma+1)) / ((1 - a)(gamma c + 1)); 'formula, v' puts the measured "
           "verify cost v in place of its 1\n")
-    with threadpool_limits(limits=1, user_api="blas"):
+    with threadpool_limits(limits=1, user_api="blas"), Progress(
+            "tools/speculative.py --bench", 2) as progress:
+        progress.stage("1. the shipped pair")
         print(f"1. the shipped pair: {TARGET.name} (d_model {target.config.d_model}) and "
               f"{Path(args.draft).name} (d_model {draft.config.d_model})")
         same = speed_table(target, draft, prompts, gammas, args.rounds or 5)
-        big = heavier(target, args.extra_layers, args.d_ff)
+        progress.stage("2. a heavier target computing the same function")
         same_fn = all(np.array_equal(
             generate_cached(big, p[None], len(p), eos_id=EOS_ID).tokens,
             generate_cached(target, p[None], len(p), eos_id=EOS_ID).tokens) for p in prompts)
@@ -279,19 +324,23 @@ def print_product_times(d_ff: int, rounds: int) -> None:
           "a matrix-matrix product also packs it into blocks)")
 
 
-def profile(args: argparse.Namespace) -> int:
+PROFILE_TEXT = "abcdefghijklmnopqrstuvwx="  # cProfile's speculative decodes
+
+
+def profile(args: argparse.Namespace, target: GPT, draft: GPT, big: GPT) -> int:
     """--profile: one decode step of each model split into matrix products, attention,
     elementwise work, cache writes and the Python around them (tools/bench.py's breakdown), and
     cProfile's busiest functions over one speculative decode."""
 
 
-    target, draft = FastGPT.load(TARGET), FastGPT.load(args.draft)  # the fast path
-    models = {"target": target, "draft": draft,
-              "heavier target": heavier(target, args.extra_layers, args.d_ff)}
+    models = {"target": target, "draft": draft, "heavier target": big}
     prompt = task.encode("abcdefghijkl=")[None]  # (1, 13)
+    progress = Progress("tools/speculative.py --profile", len(models) + 2)
     with threadpool_limits(limits=1, user_api="blas"), no_gc():
-        parts = {name: step_breakdown(m, prompt, True, args.rounds or 30)
-                 for name, m in models.items()}
+        parts = {}
+        for name, m in models.items():
+            progress.stage(f"one decode step of the {name}, part by part")
+            parts[name] = step_breakdown(m, prompt, True, args.rounds or 30)
     print("one decode step after 13 tokens, batch 1, one BLAS thread: each part timed alone with "
           "the step's own calls; the rest = measured total - parts")
     print(f"{'part':<18}" + "".join(f"{name:>24}" for name in models))
@@ -301,8 +350,10 @@ def profile(args: argparse.Namespace) -> int:
             for p in parts.values()))
     print(f"{'total':<18}" + "".join(f"{p['total_ms']:>13.3f} ms {100.0:5.1f}%"
                                      for p in parts.values()))
+    progress.stage("the heavier target's MLP products, 1, 2 and 5 rows")
     print_product_times(args.d_ff, args.rounds or 30)
-    text = "abcdefghijklmnopqrstuvwx="
+    progress.stage("cProfile over 20 speculative decodes")
+    text = PROFILE_TEXT
     profiler = cProfile.Profile()
     with threadpool_limits(limits=1, user_api="blas"):
         profiler.runcall(lambda: [generate_speculative(target, draft, task.encode(text)[None],
@@ -332,29 +383,72 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--profile", action="store_true",
                       help="where a decode step's time goes, target and draft")
     ap.add_argument("--draft", default=str(DRAFT), help=f"the draft checkpoint (default {DRAFT})")
-    ap.add_argument("--prompt", default="speculative decoding",
-                    help="--round: the characters to reverse")
-    ap.add_argument("--gamma", type=cli_int(1, 64), default=4, help="--round: drafts per round")
-    ap.add_argument("--temperature", type=float, default=1.0, help="--round: default 1.0")
-    ap.add_argument("--seed", type=SEED, default=0, help="--round: the sampling seed")
-    ap.add_argument("--n", type=cli_int(1), default=40, help="--bench: prompts (default 40)")
-    ap.add_argument("--rounds", type=cli_int(1), default=None,
-                    help="interleaved repeats (default: 5 with --bench, 30 with --profile)")
-    ap.add_argument("--extra-layers", type=cli_int(0, 64), default=10,
+    ap.add_argument("--prompt", default=None,
+                    help="--round: the characters to reverse (default 'speculative decoding')")
+    ap.add_argument("--gamma", type=cli_int(1, 64), default=None,
+                    help="--round: drafts per round (default 4)")
+    ap.add_argument("--temperature", type=cli_float(0), default=None,
+                    help="--round: default 1.0")
+    ap.add_argument("--seed", type=SEED, default=None, help="--round: the sampling seed (0)")
+    ap.add_argument("--n", type=cli_int(1, 10_000), default=None,
+                    help="--bench: prompts (default 40)")
+    ap.add_argument("--rounds", type=cli_int(1, 10_000), default=None,
+                    help="--bench, --profile: interleaved repeats (default: 5 with --bench, 30 "
+                         "with --profile)")
+    ap.add_argument("--extra-layers", type=cli_int(0, 64), default=None,
                     help="--bench, --profile: blocks added to the heavier target (default 10)")
-    ap.add_argument("--d-ff", type=cli_int(1, 1 << 16), default=2048,
+    ap.add_argument("--d-ff", type=cli_int(1, 1 << 16), default=None,
                     help="--bench, --profile: the heavier target's MLP width (default 2048)")
     args = ap.parse_args(argv)
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        ap.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    action = "--round" if args.round else "--bench" if args.bench else "--profile"
+    for flags, users in ((["--prompt", "--gamma", "--temperature", "--seed"], ["--round"]),
+                         (["--n"], ["--bench"]),
+                         (["--rounds", "--extra-layers", "--d-ff"], ["--bench", "--profile"])):
+        if action not in users:  # a flag the run would ignore is refused, not dropped
+            refuse_unused(ap, args, flags, f"applies only to {' and '.join(users)}")
+    for name, value in (("prompt", "speculative decoding"), ("gamma", 4), ("temperature", 1.0),
+                        ("seed", 0), ("n", 40), ("extra_layers", 10), ("d_ff", 2048)):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    # Every input is checked before the first line of output: the models, and every request the
+    # action will make of them.
+    if args.round:
+        target, draft = load_pair(ap, args, action, GPT, "float64")
+        try:
+            check_request(target, draft, task.encode(task.make_prompt(args.prompt))[None],
+                          len(task.make_prompt(args.prompt)), args.gamma, eos_id=EOS_ID)
+        except ValueError as err:
+            ap.error(f"--round cannot decode --prompt {args.prompt!r} with the target and "
+                     f"--draft {args.draft}: {one_line(err)}")
+        return round_table(args, target, draft)
+    target, draft = load_pair(ap, args, action, FastGPT, "float32")  # the fast path
+    prompts = (bench_prompts(args.n) if args.bench
+               else [task.encode(PROFILE_TEXT), task.encode("abcdefghijkl=")])
     try:
-        if args.round:
-            return round_table(args)
-        return bench(args) if args.bench else profile(args)
-    except (OSError, ValueError) as err:
-        ap.error(str(err))
-    return 2
+        check_versus_cached(target, draft, prompts, EOS_ID, gamma=max(BENCH_GAMMAS))
+    except ValueError as err:
+        ap.error(f"argument --draft: {args.draft} cannot draft for these prompts: "
+                 f"{one_line(err)}")
+    try:
+        big = heavier(target, args.extra_layers, args.d_ff)
+    except ValueError as err:
+        ap.error(f"argument --extra-layers/--d-ff: the heavier target: {one_line(err)}")
+    return bench(args, target, draft, big) if args.bench else profile(args, target, draft, big)
 
+
+def load_pair(ap: argparse.ArgumentParser, args: argparse.Namespace, action: str,
+              cls: type[GPT], dtype: str) -> tuple[GPT, GPT]:
+    """The shipped target (which `action` needs) and the --draft checkpoint as cls in dtype, a
+    pair of one vocabulary, or a usage error naming the path."""
+    target = cli_load(ap, TARGET, lambda path: cls.load(path, dtype=dtype),
+                      " (make train writes it)", flag=action)
+    draft = cli_load(ap, args.draft, lambda path: cls.load(path, dtype=dtype),
+                     " (make train-draft writes checkpoints/reverse_draft.npz)", flag="--draft")
+    try:
+        check_pair(target, draft, 1)
+    except ValueError as err:
+        ap.error(f"argument --draft: {args.draft}: {one_line(err)}")
+    return target, draft
 
 if __name__ == "__main__":
     raise SystemExit(main())

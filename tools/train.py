@@ -44,6 +44,7 @@ from beyond.latent import LatentConfig, LatentGPT
 from block import GPT, GPTConfig, random_weights, weight_shapes
 from parts import task
 from parts.checks import SEED, cli_int, cli_output_file
+from parts.files import save_figure, write_json
 from tools import evaluate
 from tools.cli_types import REPO, cli_float, default_output, refuse_unused
 
@@ -408,8 +409,10 @@ def train(config: GPTConfig, s: Settings, log_path: Path | None = None,
 
 
 def write_log(log: dict, path: Path | None) -> None:
+    """The log as JSON at path (if given), whole or not at all: it is rewritten at every
+    measurement, and a run stopped during one keeps the previous log."""
     if path is not None:
-        path.write_text(json.dumps(log, indent=1) + "\n")
+        write_json(path, log, indent=1)
 
 
 def final_evaluation(model: TorchGPT, causal: bool, n: int, seed: int) -> dict:
@@ -455,10 +458,11 @@ def plot_ablation(masked: dict, unmasked: dict, path: Path) -> Path:
               title="greedy exact match on held-out prompts")
     right.legend(fontsize=7, loc="center right")
     fig.suptitle("With and without the causal mask: same config, steps and seed")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    try:
+        fig.tight_layout()
+        return save_figure(fig, path, dpi=90)
+    finally:
+        plt.close(fig)
 
 
 def ablation_table(masked: dict, unmasked: dict) -> str:
@@ -513,6 +517,25 @@ def output_paths(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     return out, args.log or out.with_name(out.stem + ".log.json")
 
 
+D_MODEL = GPTConfig().d_model  # the width every non-draft run trains
+
+
+def kv_latent(text: str) -> int:
+    """--kv-latent: d_c in [1, d_model]. The latent c = x W_dkv is a linear image of the
+    d_model-wide token vector x, so its rank is at most d_model: a wider latent holds nothing
+    more, caches more (past 2 x d_model, more than the K and V it replaces), and its weights grow
+    with it without limit."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if not 1 <= value <= D_MODEL:
+        raise argparse.ArgumentTypeError(
+            f"must be in [1, {D_MODEL}] (d_model), got {value}: the latent is a linear image of "
+            f"the {D_MODEL}-wide token vector, so a wider one holds nothing more")
+    return value
+
+
 TRAINING_FLAGS = ("--out", "--log", "--steps", "--batch", "--lr", "--warmup", "--weight-decay",
                   "--length-power", "--seed", "--threads", "--eval-every", "--final-n",
                   "--kv-latent")
@@ -547,9 +570,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads (default 1: see THREADS_NOTE in train.py)")
     ap.add_argument("--eval-every", type=cli_int(1, 10_000_000), default=None,
                     help=f"steps between held-out measurements (default {d.eval_every})")
-    ap.add_argument("--kv-latent", type=cli_int(1), default=None, metavar="D_C",
-                    help="multi-head latent attention caching a D_C-wide latent per token "
-                         "(beyond/latent.py); written to out/reverse_mla{D_C}.npz by default")
+    ap.add_argument("--kv-latent", type=kv_latent, default=None, metavar="D_C",
+                    help=f"multi-head latent attention caching a D_C-wide latent per token, D_C "
+                         f"in [1, {D_MODEL}] (beyond/latent.py; the latent is made from the "
+                         f"{D_MODEL}-wide token vector, so a wider one holds nothing more); "
+                         "written to out/reverse_mla{D_C}.npz by default")
     ap.add_argument("--no-causal-mask", dest="causal", action="store_false",
                     help="the ablation: attention without the causal mask")
     ap.add_argument("--draft", action="store_true",

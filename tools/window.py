@@ -31,13 +31,14 @@ from threadpoolctl import threadpool_limits
 from attention import mask_from_positions
 from beyond.window import WindowCache, slot_of, window_cache
 from block import GPT, GPTConfig
-from cache import EMPTY, ModelCache, first_step
+from cache import EMPTY, ModelCache, first_step, kv_cache_bytes
 from fast.model import FastGPT
 from parts import task
-from parts.checks import cli_int, cli_output_file
+from parts.checks import cli_int, cli_load, cli_output_file, fits_in_memory, one_line, refuse_unused
+from parts.files import save_figure
 from tools.cli_types import default_output
 from tools.evaluate import CHECKPOINT, decode_prompts, length_batches, score_by_length
-from tools.measure import interleave, machine_line, summary
+from tools.measure import Progress, interleave, machine_line, note, summary
 
 
 def band_picture(T: int = 10, window: int = 4, sinks: int = 2) -> str:
@@ -80,13 +81,13 @@ def windowed_copy(model: GPT, window: int | None, sinks: int = 0) -> GPT:
 ACCURACY_WINDOWS = ((4, 0), (8, 0), (16, 0), (32, 0), (64, 0), (16, 4), (None, 0))
 
 
-def accuracy(n: int, seed: int, batch: int) -> dict[str, dict[int, tuple[int, int]]]:
-    """Exact match by prompt length of the trained reversal model, for every window in
+def accuracy(base: GPT, n: int, seed: int, batch: int) -> dict[str, dict[int, tuple[int, int]]]:
+    """Exact match by prompt length of the trained reversal model `base`, for every window in
     ACCURACY_WINDOWS: tools/evaluate.py's prompts, decoder and scoring, with a window."""
-    base = GPT.load(CHECKPOINT)
     prompts = task.random_prompts(task.prompt_rng(seed, "test"), n)
     scores = {}
     for window, sinks in ACCURACY_WINDOWS:
+        note(window_name(window, sinks))
         model = windowed_copy(base, window, sinks)
         answers = [""] * n
         for rows in length_batches(prompts, batch):
@@ -147,15 +148,26 @@ def filled(model: GPT, context: int) -> ModelCache:
     return cache
 
 
-def step_times(contexts: tuple[int, ...], repeats: int) -> tuple[dict, dict]:
-    """Median seconds of one decode step at each context, full attention and W=SPEED_WINDOW,
+def speed_models(contexts: tuple[int, ...], repeats: int) -> tuple[GPT, GPT]:
+    """GPT-2-small shapes on the fast path with room for the longest context and the timed
+    steps, full attention and W=SPEED_WINDOW (the same weights). ValueError if the weights or a
+    full cache would not fit in memory: found before anything is printed."""
+    full = FastGPT(GPTConfig(**GPT2_SMALL, max_seq_len=max(contexts) + repeats + 2), seed=0)
+    c = full.config
+    fits_in_memory("--speed: a full cache of GPT-2-small shapes", kv_cache_bytes(
+        c.n_layers, 1, c.n_kv_heads, c.d_head, c.max_seq_len, full.dtype))
+    return full, windowed_copy(full, SPEED_WINDOW)
+
+
+def step_times(full: GPT, window: GPT, contexts: tuple[int, ...], repeats: int
+               ) -> tuple[dict, dict]:
+    """Median seconds of one decode step at each context, `full` against `window` (speed_models),
     timed alternately (one step of each, `repeats` times, after one round that warms up) so both
     see the same machine."""
-    full = FastGPT(GPTConfig(**GPT2_SMALL, max_seq_len=max(contexts) + repeats + 2), seed=0)
-    window = windowed_copy(full, SPEED_WINDOW)
     token = np.zeros((1, 1), dtype=np.int64)
     medians = {"full": {}, "window": {}}
     for context in contexts:
+        note(f"context {context}")
         steps = {name: functools.partial(model, token, filled(model, context), last_only=True)
                  for name, model in (("full", full), ("window", window))}
         times = interleave(steps, repeats, warmup=1)
@@ -173,6 +185,16 @@ def plot_accuracy(scores: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    try:
+        draw_accuracy(ax, scores)
+        fig.tight_layout()
+        return save_figure(fig, path, dpi=90)
+    finally:
+        plt.close(fig)
+
+
+def draw_accuracy(ax: object, scores: dict) -> None:
+    """plot_accuracy's axes: one line per window."""
     for name, table in scores.items():
         lengths = [L for L, (count, _) in table.items() if count]
         match = [100 * table[L][1] / table[L][0] for L in lengths]
@@ -182,10 +204,6 @@ def plot_accuracy(scores: dict, path: Path) -> Path:
     ax.set_ylabel("exact match (%)")
     ax.set_title("Trained with full attention, decoded with a sliding window of W keys")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,29 +215,48 @@ def main(argv: list[str] | None = None) -> int:
                     help="exact match of the reversal model with windows 4 .. 64")
     ap.add_argument("--speed", action="store_true",
                     help="decode step time vs context, full attention vs a window of 256")
-    ap.add_argument("--n", type=cli_int(1), default=1000, help="held-out prompts (default 1000)")
-    ap.add_argument("--repeats", type=cli_int(1), default=9,
-                    help="timed steps per context and model (default 9)")
+    ap.add_argument("--n", type=cli_int(1, 1_000_000), default=None,
+                    help="--accuracy: held-out prompts (default 1000)")
+    ap.add_argument("--repeats", type=cli_int(1, 1000), default=None,
+                    help="--speed: timed steps per context and model (default 9)")
     ap.add_argument("--out", type=cli_output_file(".png"), default=None,
-                    help="the accuracy figure (default out/window_accuracy.png)")
+                    help="--accuracy: the figure (default out/window_accuracy.png)")
     args = ap.parse_args(argv)
     if not (args.picture or args.accuracy or args.speed):
         ap.error("say what to run: --picture, --accuracy and/or --speed")
-    if args.accuracy:  # the figure's place is checked before any work
+    if not args.accuracy:  # a flag the run would ignore is refused, not dropped
+        refuse_unused(ap, args, ["--n", "--out"], "applies only to --accuracy")
+    if not args.speed:
+        refuse_unused(ap, args, ["--repeats"], "applies only to --speed")
+    args.n, args.repeats = args.n or 1000, args.repeats or 9
+    # Every input of every action is checked before the first line is printed.
+    if args.accuracy:
         args.out = args.out or default_output(ap, "window_accuracy.png")
+        base = cli_load(ap, CHECKPOINT, GPT.load, " (make train writes it)", flag="--accuracy")
+    if args.speed:
+        try:
+            full, window = speed_models(SPEED_CONTEXTS, args.repeats)
+        except ValueError as err:
+            ap.error(f"--speed cannot run on this machine: {one_line(err)}")
     if args.picture:
         print(band_picture())
         print()
         print(slots_picture())
+    progress = Progress("tools/window.py", args.accuracy + args.speed)
     if args.accuracy:
-        with threadpool_limits(limits=1, user_api="blas"):
-            scores = accuracy(args.n, seed=0, batch=100)
+        progress.stage(f"--accuracy: {args.n} held-out prompts under {len(ACCURACY_WINDOWS)} "
+                       "windows")
+        with threadpool_limits(limits=1, user_api="blas"), progress:
+            scores = accuracy(base, args.n, seed=0, batch=100)
         print(f"checkpoints/reverse.npz (trained with full attention), {args.n} held-out prompts "
               "(test stream, seed 0), greedy; exact match by prompt length:\n")
         print(accuracy_table(scores))
         print(f"wrote {plot_accuracy(scores, args.out)}")
     if args.speed:
-        full, window = step_times(SPEED_CONTEXTS, args.repeats)
+        progress.stage(f"--speed: {args.repeats} decode steps of each model at "
+                       f"{len(SPEED_CONTEXTS)} contexts")
+        with progress:
+            full, window = step_times(full, window, SPEED_CONTEXTS, args.repeats)
         print(f"decode step, GPT-2-small shapes (12 layers, d_model 768, 12 heads, vocab 512), "
               f"rope, batch 1, float32, fast path (FastGPT); median of {args.repeats} steps, "
               "full and window alternating")
