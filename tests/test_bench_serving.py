@@ -9,6 +9,8 @@ where it is told (or under out/), refusing bad flags before any work.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -22,17 +24,30 @@ from tools.bench_serving import QUICK
 def quick(tmp_path_factory):
     """One --quick run of every section, written into a folder of its own."""
     folder = tmp_path_factory.mktemp("serving")
-    code = bench.main(["--quick", "--threads", "1", "--json", str(folder / "r.json"),
-                       "--figures", str(folder)])
-    return code, folder, json.loads((folder / "r.json").read_text())
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = bench.main(["--quick", "--threads", "1", "--json", str(folder / "r.json"),
+                           "--figures", str(folder)])
+    return code, folder, json.loads((folder / "r.json").read_text()), (out.getvalue(),
+                                                                      err.getvalue())
 
 
 def test_the_quick_run_passes_its_guards_and_writes_only_where_told(quick):
-    code, folder, r = quick
+    code, folder, r, _ = quick
     assert code == 0 and all(r["guards"].values()) and len(r["guards"]) >= 6
     assert sorted(p.name for p in folder.iterdir()) == ["r.json", bench.FIGURE]
     assert r["sections"] == list(bench.SECTIONS) and r["settings"]["quick"] is True
     assert r["header"]["blas_threads"] == 1 and r["header"]["torch_threads"] == 1
+
+
+def test_each_section_says_on_stderr_when_it_starts_and_stdout_is_the_report(quick):
+    out, err = quick[3]
+    stages = [line.split("] ", 1)[1] for line in err.splitlines()
+              if line.startswith("tools/bench_serving.py [")]
+    assert [line for line in stages if not line.startswith(" ")] == [
+        f"{i}/5 {bench.TITLES[name]}" for i, name in enumerate(bench.SECTIONS, 1)]
+    assert any("round 1 of" in line for line in stages)
+    assert " s] " not in out and "Correctness guards: PASS" in out
 
 
 def test_throughput_fields(quick):
@@ -168,10 +183,10 @@ def test_the_picture_run_shows_a_cancel_a_preemption_and_one_owner_per_block():
 
 def test_a_lone_section_writes_under_out_in_a_folder_of_its_own(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "OUT_DIR", tmp_path / "out")
-    assert bench.main(["--quick", "--picture"]) == 0
+    assert bench.main(["--picture"]) == 0
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
-    assert written == ["out/serving/quick/picture/bench_serving.json",
-                       f"out/serving/quick/picture/{bench.FIGURE}"]
+    assert written == ["out/serving/picture/bench_serving.json",
+                       f"out/serving/picture/{bench.FIGURE}"]
 
 
 @pytest.mark.parametrize(("argv", "match"), [
@@ -181,6 +196,9 @@ def test_a_lone_section_writes_under_out_in_a_folder_of_its_own(tmp_path, monkey
     (["--threads", "0"], "must be in [1, 512]"),
     (["--seed", "-1"], "must be in [0, 4294967295]"),
     (["--quick=yes"], "ignored explicit argument"),
+    (["--table", "--figures", "figs"], "--figures is where the picture goes"),
+    (["--picture", "--seed", "1"], "--seed is not read by --picture alone"),
+    (["--picture", "--quick"], "--quick is not read by --picture alone"),
 ])
 def test_the_command_refuses_bad_arguments_before_measuring(tmp_path, monkeypatch, capsys, argv,
                                                             match):

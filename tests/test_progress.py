@@ -46,8 +46,10 @@ def tiny_memory(monkeypatch) -> None:
 
 RUNS = {  # name: (main, argv, make it small, lines that must be there, in this order)
     "verify.py --failure-modes": (verify.main, ["--failure-modes", "--only", "1"], None,
-                                  ["1/15 the clean implementation",
-                                   "2/15 injected: no causal mask", "15/15 injected: "]),
+                                  [f"1/{1 + len(verify.FAILURE_MODES)} the clean implementation",
+                                   f"2/{1 + len(verify.FAILURE_MODES)} injected: no causal mask",
+                                   f"{1 + len(verify.FAILURE_MODES)}/"
+                                   f"{1 + len(verify.FAILURE_MODES)} injected: "]),
     "tools/window.py --speed": (window.main, ["--speed", "--repeats", "1"], tiny_speed,
                                 ["1/1 --speed: 1 decode steps of each model at 2 contexts",
                                  "  context 8", "  context 16"]),

@@ -6,8 +6,9 @@ chunked prefill, the price of a block table, and a picture of the pool from a re
 
 No section flag runs sections 1-4 and the picture (about 25 minutes on the 2-core Xeon of
 docs/benchmarks-serving.md at 1 thread, under other engineers' test suites; --quick: small
-sizes, about 30 seconds, a smoke test of every field). Each section prints a line to stderr as it
-starts. Every comparison is timed with tools/measure.py: variants interleaved, A B A B, the order
+sizes, about 30 seconds, a smoke test of every field). Each section says on stderr when it
+starts, and each timed round as it begins (tools/measure.Progress); stdout is the report alone.
+Every comparison is timed with tools/measure.py: variants interleaved, A B A B, the order
 rotated each round, the collector off; a figure is the median of the rounds with its spread
 (min-max). B, the most requests running at once, is the same for every side of a comparison.
 
@@ -37,7 +38,12 @@ comparison (greedy) and, on the trained model, the right answers; any request th
 named with the gap between its top two logits where it parted (a float32 near-tie, or a bug).
 The exit code is 1 if a guard that must hold fails (ours against ours, the answers). Writes the
 JSON under out/serving/ (a lone section or --quick under a folder of its own) and the picture as
-serving_pool.png there (--figures DIR: `make serving-figure` writes the committed figures/).
+serving_pool.png there (--figures DIR: `make figures` writes the committed figures/).
+
+Inputs are checked before any work: the trained checkpoint (if a chosen section uses it),
+transformers' continuous batching (--versus-hf), the output folders; a flag the chosen sections
+do not read is refused (--figures without the picture; --quick, --seed, --threads with the
+picture alone, which times nothing and draws the same run at any size).
 """
 
 from __future__ import annotations
@@ -51,7 +57,6 @@ if __package__ in (None, ""):  # run as `python tools/x.py` from anywhere: find 
 import argparse
 import cProfile
 import io
-import json
 import pstats
 import time
 from collections.abc import Callable
@@ -65,10 +70,27 @@ from block import GPT
 from fast.model import FastGPT
 from generate import decode, generate_cached, greedy, prefill
 from parts import task
-from parts.checks import SEED, cli_int, cli_output_dir, cli_output_file
+from parts.checks import (
+    SEED,
+    can_create_in,
+    cli_int,
+    cli_load,
+    cli_output_dir,
+    cli_output_file,
+    one_line,
+    refuse_unused,
+)
+from parts.files import save_figure, write_json
 from tools.bench_setup import GPT2_SMALL_SHAPE, build_pair
-from tools.cli_types import OUT_DIR, write_whole
-from tools.measure import finish_header, interleave, machine_label, print_header, start_header
+from tools.cli_types import OUT_DIR
+from tools.measure import (
+    Progress,
+    finish_header,
+    interleave,
+    machine_label,
+    print_header,
+    start_header,
+)
 
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "reverse.npz"
 EOS_ID = ord(task.END)
@@ -184,9 +206,12 @@ class Models:
     readable), and the GPT-2-shaped model with random weights as Hugging Face's GPT2LMHeadModel,
     our FastGPT with the same weights, and the readable GPT with them."""
 
-    def __init__(self, s: Settings, seed: int) -> None:
+    def __init__(self, s: Settings, seed: int, trained: FastGPT | None = None) -> None:
         self.s, self.seed = s, seed
         self.built: dict[str, object] = {}
+        if trained is not None:  # loaded (and so checked) by the command before any work
+            self.built |= {"trained": trained, "trained_readable": GPT(
+                trained.config, dtype=trained.dtype, weights=trained.named_weights())}
 
     def get(self, name: str) -> object:
         if name not in self.built:
@@ -336,7 +361,7 @@ def throughput(model: FastGPT, w: Workload, B: int, block_size: int, rounds: int
     useful = sum(t.size for t in cont)
     times = interleave({"static": lambda: run_static(model, w, B),
                         "continuous": lambda: run_engine(model, w, B, block_size)},
-                       rounds, warmup=warmup)
+                       rounds, warmup=warmup, label=f"{w.name}, static and continuous")
     rate = {who: per_second(useful, t) for who, t in times.items()}
     dry = w.eos_id is None  # then the schedule is the same whatever the tokens
     rows = {"static": static_rows(w, B) if dry else token_rows(
@@ -411,7 +436,8 @@ def chunked_prefill(model: FastGPT, a: Arrivals, s: Settings) -> dict:
     runs: dict[str, list[dict]] = {name: [] for name in budgets}
     check = {name: serve_arrivals(model, a, B, bs, b) for name, b in budgets.items()}
     interleave({name: (lambda name=name, b=b: runs[name].append(
-        serve_arrivals(model, a, B, bs, b))) for name, b in budgets.items()}, s.chunk_rounds)
+        serve_arrivals(model, a, B, bs, b))) for name, b in budgets.items()}, s.chunk_rounds,
+        label="prefill-first and token budget")
     tokens = sum(n for _, _, n in a.requests)
     out = {}
     for name, rs in runs.items():
@@ -465,7 +491,7 @@ def versus_hf(model: FastGPT, hf: object, w: Workload, s: Settings) -> dict:
     engine, run = ours(keep_logits=True), theirs()  # checked once, untimed: a warm-up
     for kept in times.values():
         kept.clear()
-    interleave({"ours": ours, "hf": theirs}, s.hf_rounds)
+    interleave({"ours": ours, "hf": theirs}, s.hf_rounds, label="ours and transformers'")
     mine = [engine.result(i).tokens for i in range(len(w.prompts))]
     useful = sum(w.new_tokens)
     rate = {who: per_second(useful, times[who]) for who in ("ours", "hf")}
@@ -690,7 +716,7 @@ def draw_pool(story: dict, path: Path, machine: str = "") -> Path:
     fig.suptitle("Continuous batching over a paged KV cache: a real Engine run (trained "
                  f"reverser, {story['preemptions']} preemption(s), 1 cancel)"
                  + (f"; {machine}" if machine else ""), fontsize=10)
-    write_whole(path, lambda tmp: fig.savefig(tmp, dpi=90))
+    save_figure(fig, path, dpi=90)
     return path
 
 
@@ -801,40 +827,52 @@ def guards(r: dict) -> dict:
 
 # --- the command ---------------------------------------------------------------------------------
 
-def measure(s: Settings, chosen: list[str], seed: int, figures: Path) -> dict:
-    """The chosen sections in order, with the machine header around them."""
+TITLES = {"throughput": "1. continuous against static batching",
+          "chunked": "2. chunked prefill against prefill-first",
+          "versus_hf": "3. against transformers' continuous batching",
+          "table": "4. the price of the table", "picture": "5. the picture of the pool"}
+USES_CHECKPOINT = ("throughput", "table", "picture")
+
+
+def measure(s: Settings, chosen: list[str], seed: int, figures: Path,
+            trained: FastGPT | None = None) -> dict:
+    """The chosen sections in order, with the machine header around them; a stage line on
+    stderr as each starts."""
     header = start_header()
-    models = Models(s, seed)
+    models = Models(s, seed, trained)
     r: dict = {"header": header, "settings": asdict(s), "sections": chosen,
                "section_seconds": {}}
-    for name in chosen:
-        print(f"bench_serving: section {name} ...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        if name == "throughput":
-            r[name] = {"trained reverser": throughput(
-                models.get("trained"), reversal_workload(s.trained_requests, seed), s.running,
-                s.block_size, s.trained_rounds, s.warmup)}
-            print(f"bench_serving:   ... long prompts, {s.shape_name}", file=sys.stderr,
-                  flush=True)
-            r[name][f"long prompts ({s.shape_name})"] = throughput(
-                models.get("shaped"), long_workload(s, seed), s.running, s.block_size,
-                s.long_rounds, 0)
-        elif name == "chunked":
-            r[name] = chunked_prefill(models.get("shaped"), arrivals_workload(s, seed), s)
-        elif name == "versus_hf":
-            r[name] = versus_hf(models.get("shaped"), models.get("hf"), long_workload(s, seed), s)
-        elif name == "table":
-            r[name] = {
-                s.shape_name: step_price(models.get("shaped"), models.get("shaped_readable"),
-                                         s.table_batch, s.table_length, s.block_size,
-                                         s.table_steps, s.warmup, seed),
-                "trained reverser (2 layers, d_model 128, 4 heads)": step_price(
+    with Progress("tools/bench_serving.py", len(chosen)) as progress:
+        for name in chosen:
+            progress.stage(TITLES[name])
+            t0 = time.perf_counter()
+            if name == "throughput":
+                progress.note("the trained reverser")
+                r[name] = {"trained reverser": throughput(
+                    models.get("trained"), reversal_workload(s.trained_requests, seed),
+                    s.running, s.block_size, s.trained_rounds, s.warmup)}
+                progress.note(f"long prompts, {s.shape_name}")
+                r[name][f"long prompts ({s.shape_name})"] = throughput(
+                    models.get("shaped"), long_workload(s, seed), s.running, s.block_size,
+                    s.long_rounds, 0)
+            elif name == "chunked":
+                r[name] = chunked_prefill(models.get("shaped"), arrivals_workload(s, seed), s)
+            elif name == "versus_hf":
+                r[name] = versus_hf(models.get("shaped"), models.get("hf"),
+                                    long_workload(s, seed), s)
+            elif name == "table":
+                progress.note(s.shape_name)
+                r[name] = {s.shape_name: step_price(
+                    models.get("shaped"), models.get("shaped_readable"), s.table_batch,
+                    s.table_length, s.block_size, s.table_steps, s.warmup, seed)}
+                progress.note("the trained reverser")
+                r[name]["trained reverser (2 layers, d_model 128, 4 heads)"] = step_price(
                     models.get("trained"), models.get("trained_readable"), s.table_batch,
-                    s.trained_table_length, s.block_size, s.table_steps, s.warmup, seed)}
-        elif name == "picture":
-            story = pool_story(models.get("trained"))
-            r[name] = story | {"figure": str(draw_pool(story, figures / FIGURE))}
-        r["section_seconds"][name] = time.perf_counter() - t0
+                    s.trained_table_length, s.block_size, s.table_steps, s.warmup, seed)
+            elif name == "picture":
+                story = pool_story(models.get("trained"))
+                r[name] = story | {"figure": str(draw_pool(story, figures / FIGURE))}
+            r["section_seconds"][name] = time.perf_counter() - t0
     finish_header(header)
     r["targets"] = targets(r)
     r["guards"] = guards(r)
@@ -879,35 +917,66 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=cli_int(1, 512), default=None,
                     help="BLAS and torch threads (default: the BLAS library's own); 1 on a "
                          "shared machine")
-    ap.add_argument("--seed", type=SEED, default=0, help="weights and requests (default 0)")
+    ap.add_argument("--seed", type=SEED, default=None, help="weights and requests (default 0)")
     ap.add_argument("--json", type=cli_output_file(".json"), default=None,
                     help="results (default out/serving/[quick/][sections/]bench_serving.json)")
     ap.add_argument("--figures", type=cli_output_dir, default=None,
                     help=f"folder of the picture, {FIGURE} (default: the JSON's folder)")
     args = ap.parse_args(argv)
     chosen = [name for name in SECTIONS if getattr(args, name)] or list(SECTIONS)
+    if "picture" not in chosen:
+        refuse_unused(ap, args, ["--figures"], "is where the picture goes; add --picture")
+    if chosen == ["picture"]:
+        refuse_unused(ap, args, ["--quick", "--seed", "--threads"],
+                      "is not read by --picture alone: it times nothing and draws the same "
+                      "run of the trained model at any size")
+    seed = 0 if args.seed is None else args.seed
     folder = OUT_DIR / "serving"
     if args.quick:
         folder /= "quick"
     if chosen != list(SECTIONS):
         folder /= "-".join(chosen)
+    if args.json is None or ("picture" in chosen and args.figures is None):
+        writable(ap, folder)
     args.json = args.json or folder / "bench_serving.json"
     args.figures = args.figures or args.json.parent
-    for path in (args.json.parent, args.figures):
-        path.mkdir(parents=True, exist_ok=True)
+    if "picture" in chosen:
+        args.figures.mkdir(exist_ok=True)  # its parent was checked writable by cli_output_dir
+    trained = None
+    if any(name in chosen for name in USES_CHECKPOINT):
+        flag = "--" + next(n for n in chosen if n in USES_CHECKPOINT)
+        trained = cli_load(ap, CHECKPOINT, FastGPT.load, " (make train writes it)", flag=flag)
+    if "versus_hf" in chosen:
+        try:
+            from transformers.generation.configuration_utils import (  # noqa: F401 (the check)
+                ContinuousBatchingConfig,
+            )
+        except ImportError as err:
+            ap.error(f"--versus-hf needs transformers' continuous batching (transformers 5.23 of "
+                     f"requirements.txt): {one_line(err)}")
 
     import threadpoolctl
 
     t0 = time.perf_counter()
     with threadpoolctl.threadpool_limits(limits=args.threads, user_api="blas"):
-        r = measure(QUICK if args.quick else FULL, chosen, args.seed, args.figures)
+        r = measure(QUICK if args.quick else FULL, chosen, seed, args.figures, trained)
     r["settings"]["quick"] = args.quick
     r["wall_time_s"] = time.perf_counter() - t0
     report(r)
-    text = json.dumps(r, indent=1, default=jsonable)
-    write_whole(args.json, lambda tmp: tmp.write_text(text))
+    write_json(args.json, r, indent=1, default=jsonable)
     print(f"\nwrote {args.json} in {r['wall_time_s']:.0f} s; {machine_label(r['header'])}")
     return 0 if all(r["guards"].values()) else 1
+
+
+def writable(ap: argparse.ArgumentParser, folder: Path) -> None:
+    """Create the default output folder now, or a usage error naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # reported just below
+    if not can_create_in(folder):
+        ap.error(f"cannot write the default output folder {str(folder)!r}; give --json (and "
+                 "--figures) paths you can write")
 
 
 def jsonable(x: object) -> object:
