@@ -112,7 +112,7 @@ def test_a_spread_wider_than_the_median_allows_is_void():
     assert bench.spread([1.0, 1.1, 1.2])["void"] is False
     st = bench.spread([1.0, 1.0, 2.0])
     assert st["void"] is True and (st["median"], st["min"], st["max"]) == (1.0, 1.0, 2.0)
-    assert "VOID" in bench.show(st)
+    assert "VOID" in bench.show(st, " s")
 
 
 def test_differences_name_the_request_the_step_and_the_near_tie():

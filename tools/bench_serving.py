@@ -147,8 +147,8 @@ QUICK = Settings(shape=TINY_SHAPE, shape_name="a tiny GPT-2 (2 layers, d_model 6
                  long_answer=(2, 10), long_rounds=1, hf_rounds=1, chunk_decoders=2,
                  chunk_decoder_prompt=4, chunk_decoder_tokens=10, chunk_long_prompts=(60,),
                  chunk_arrivals=(2,), chunk_long_tokens=3, token_budget=16, chunk_rounds=1,
-                 table_batch=4, table_length=40, trained_table_length=30, table_steps=2,
-                 warmup=0)
+                 table_batch=4, table_length=40, trained_table_length=30, table_steps=1,
+                 warmup=0)  # one round of everything: no spread, so no VOID that a rerun drops
 
 
 # --- spreads and guards --------------------------------------------------------------------------
@@ -162,10 +162,11 @@ def spread(values: list[float]) -> dict:
             "void": bool(med > 0 and (v.max() - v.min()) / med > VOID_SPREAD)}
 
 
-def show(st: dict, unit: str = "", digits: int = 3) -> str:
-    """'12.3 [11.9-13.0]' (and VOID when the spread is too wide)."""
+def show(st: dict, unit: str, digits: int = 3) -> str:
+    """'12.3 ms [11.9 ms-13.0 ms]' (and VOID when the spread is too wide): every timed number
+    carries its unit, so a rerun of a docs output block knows it for a time (tests/test_readme)."""
     g = f".{digits}g"
-    return (f"{st['median']:{g}}{unit} [{st['min']:{g}}-{st['max']:{g}}]"
+    return (f"{st['median']:{g}}{unit} [{st['min']:{g}}{unit}-{st['max']:{g}}{unit}]"
             + (" VOID" if st["void"] else ""))
 
 
@@ -722,66 +723,72 @@ def draw_pool(story: dict, path: Path, machine: str = "") -> Path:
 
 # --- printing ------------------------------------------------------------------------------------
 
+# Every line below is either a count (the same on any machine) or times, each with its unit; a
+# ratio of times stands on a line of its own. A docs output block can then quote every line but
+# those ratios and the machine's header (tests/test_readme.py skips numbers followed by a unit).
+
 def print_throughput(r: dict) -> None:
-    print("\n1. throughput: continuous (Engine) / static (batches of B, generate_cached) useful "
-          "tokens/s; above 1, continuous is faster")
+    print("\n1. throughput: continuous (Engine) against static (batches of B, generate_cached), "
+          "useful tokens/s")
     for name, v in r.items():
         print(f"  {name}: {v['workload']}; B = {v['running']} running at once, blocks of "
               f"{v['block_size']}, pool {v['pool_blocks']} blocks; {v['rounds']} rounds")
         rows, needed = v["token_rows_computed"], v["needed_token_rows"]
         for who in ("static", "continuous"):
-            print(f"    {who:<11} {show(v['tokens_per_s'][who], ' tok/s', 4)}   time "
-                  f"{show(v['seconds'][who], ' s')}   token rows computed {rows[who]:,} "
-                  f"({rows[who] / needed:.2f}x the {needed:,} needed)")
-        print(f"    continuous / static: {v['continuous_over_static']:.2f}x "
-              f"({v['useful_tokens']} useful tokens, engine {v['engine_steps']} steps)"
+            print(f"    {who:<11} {show(v['tokens_per_s'][who], ' tokens/s', 4)}   time "
+                  f"{show(v['seconds'][who], ' s')}")
+        print("    token rows computed: " + ", ".join(
+            f"{who} {rows[who]:,} ({rows[who] / needed:.2f}x the {needed:,} needed)"
+            for who in ("static", "continuous")))
+        print(f"    {v['useful_tokens']} useful tokens, engine {v['engine_steps']} steps"
               + ("" if v["answers_right"] is None else
                  f"; answers right {v['answers_right']}/{v['requests']}")
               + f"; requests differing from static: {len(v['static_differs'])}")
+        print(f"    continuous / static tokens/s: {v['continuous_over_static']:.2f}x (above 1, "
+              "continuous is faster)")
 
 
 def print_chunked(r: dict) -> None:
     print("\n2. chunked prefill: " + r["workload"] + f"; B = {r['running']}; {r['rounds']} "
           "rounds")
-    print(f"  {'':<20} {'tokens/s':>26} {'worst gap between two tokens':>32} "
-          f"{'median gap':>24} {'worst first token':>26}")
     for name, v in r["variants"].items():
-        print(f"  {name:<20} {show(v['tokens_per_s'], '', 4):>26} "
-              f"{show(v['worst_gap_s'], ' s'):>32} {show(v['median_gap_s'], ' s'):>24} "
-              f"{show(v['worst_first_token_s'], ' s'):>26}  ({v['steps']} steps)")
+        print(f"  {name} ({v['steps']} steps): {show(v['tokens_per_s'], ' tokens/s', 4)}")
+        print(f"    gap between two tokens of one request: worst {show(v['worst_gap_s'], ' s')}, "
+              f"median {show(v['median_gap_s'], ' s')}")
+        print(f"    worst wait for a first token: {show(v['worst_first_token_s'], ' s')}")
+    print(f"  requests differing between the two: {len(r['differs'])}")
     print(f"  budget / prefill-first: tokens/s {r['chunked_over_prefill_first_tokens_per_s']:.2f}x,"
-          f" worst gap {r['chunked_over_prefill_first_worst_gap']:.2f}x; requests differing: "
-          f"{len(r['differs'])}")
+          f" worst gap {r['chunked_over_prefill_first_worst_gap']:.2f}x")
 
 
 def print_versus_hf(r: dict) -> None:
     print(f"\n3. versus transformers' continuous batching: {r['workload']}; B = {r['running']}, "
           f"pages of {r['block_size']}, {r['pool_blocks']} pages both; {r['rounds']} rounds")
-    print(f"    ours {show(r['tokens_per_s']['ours'], ' tok/s', 4)}   setup "
-          f"{show(r['setup_s']['ours'], ' s')}")
-    print(f"    HF   {show(r['tokens_per_s']['hf'], ' tok/s', 4)}   setup "
-          f"{show(r['setup_s']['hf'], ' s')}   ({r['hf_settings']})")
-    print(f"    ours / HF tokens/s: {r['ours_over_hf']:.2f}x (above 1, ours is faster); "
-          f"requests differing: {len(r['differs'])}")
+    print(f"    HF settings: {r['hf_settings']}")
+    for who, label in (("ours", "ours"), ("hf", "HF  ")):
+        print(f"    {label} {show(r['tokens_per_s'][who], ' tokens/s', 4)}   setup "
+              f"{show(r['setup_s'][who], ' s')}")
+    print(f"    requests differing: {len(r['differs'])}")
     for d in r["differs"]:
         print(f"      request {d['request']}: from token {d['first_differing_token']}, ours "
               f"{d['ours']} theirs {d['theirs']}, our top-two gap "
               f"{d.get('top_two_gap_relative', float('nan')):.1e} of the largest logit")
+    print(f"    ours / HF tokens/s: {r['ours_over_hf']:.2f}x (above 1, ours is faster)")
 
 
 def print_table(r: dict) -> None:
-    print("\n4. the price of the table: one decode step, paged / contiguous (below 1, paged is "
-          "cheaper)")
+    print("\n4. the price of the table: one decode step, paged against contiguous")
     for name, v in r.items():
         print(f"  {name}: B = {v['batch']} sequences of {v['length']} tokens, blocks of "
               f"{v['block_size']}; {v['steps']} steps each")
         for variant, st in v["step_s"].items():
             print(f"    {variant:<28} {show(scaled(st, 1e3), ' ms')}")
+        print(f"    same greedy tokens: {v['same_argmax']}; fast paged against contiguous logits "
+              f"within {v['max_abs_logit_diff_fast_paged_vs_contiguous']:.1e}")
         ok = v["fast_paged_over_contiguous"] <= GOAL_TABLE
         print(f"    readable gather / contiguous {v['readable_paged_over_contiguous']:.2f}x; fast "
               f"block walk / contiguous {v['fast_paged_over_contiguous']:.2f}x "
-              f"(goal <= {GOAL_TABLE}: {'met' if ok else 'MISSED'}); same tokens: "
-              f"{v['same_argmax']}")
+              f"(goal <= {GOAL_TABLE}: {'met' if ok else 'MISSED'})")
         if not ok:
             for variant, lines in v["profile"].items():
                 print(f"    cProfile, {variant}: {lines[0]}")
@@ -827,10 +834,10 @@ def guards(r: dict) -> dict:
 
 # --- the command ---------------------------------------------------------------------------------
 
-TITLES = {"throughput": "1. continuous against static batching",
-          "chunked": "2. chunked prefill against prefill-first",
-          "versus_hf": "3. against transformers' continuous batching",
-          "table": "4. the price of the table", "picture": "5. the picture of the pool"}
+TITLES = {"throughput": "continuous against static batching",
+          "chunked": "chunked prefill against prefill-first",
+          "versus_hf": "against transformers' continuous batching",
+          "table": "the price of the table", "picture": "the picture of the pool"}
 USES_CHECKPOINT = ("throughput", "table", "picture")
 
 
@@ -881,6 +888,8 @@ def measure(s: Settings, chosen: list[str], seed: int, figures: Path,
 
 def report(r: dict) -> None:
     print_header(r["header"])
+    print("Here: each timed figure is the median of its rounds [min-max]; VOID where max - min "
+          f"passes {VOID_SPREAD:.0%} of the median.")
     for name, printer in (("throughput", print_throughput), ("chunked", print_chunked),
                           ("versus_hf", print_versus_hf), ("table", print_table)):
         if name in r:
@@ -898,7 +907,7 @@ def report(r: dict) -> None:
     bad = [k for k, ok in r["guards"].items() if not ok]
     print(f"\nCorrectness guards: {'PASS' if not bad else 'FAIL ' + '; '.join(bad)} "
           f"({len(r['guards'])} checks); section seconds: "
-          + ", ".join(f"{k} {v:.0f}" for k, v in r["section_seconds"].items()))
+          + ", ".join(f"{k} {v:.0f} s" for k, v in r["section_seconds"].items()))
 
 
 def main(argv: list[str] | None = None) -> int:
