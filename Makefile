@@ -51,8 +51,8 @@ bench: $(VENV)/.installed
 bench-figures: $(VENV)/.installed
 	$(PY) tools/bench.py --figures figures --json out/bench/bench.json
 
-# The serving measurements (about 25 minutes at 1 thread, docs/benchmarks-serving.md), under
-# out/serving/; the committed figures/serving_pool.png is redrawn by `make figures`.
+# The serving measurements (33 minutes at 1 thread on a busy 2-core VM: docs/benchmarks-serving.md),
+# under out/serving/; the committed figures/serving_pool.png is redrawn by `make figures`.
 bench-serving: $(VENV)/.installed
 	$(PY) tools/bench_serving.py --threads 1
 

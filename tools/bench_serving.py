@@ -4,7 +4,7 @@ chunked prefill, the price of a block table, and a picture of the pool from a re
     python tools/bench_serving.py [--throughput] [--chunked] [--versus-hf] [--table] [--picture]
                                   [--quick] [--threads N] [--seed S] [--json PATH] [--figures DIR]
 
-No section flag runs sections 1-4 and the picture (about 25 minutes on the 2-core Xeon of
+No section flag runs sections 1-4 and the picture (33 minutes on the 2-core Xeon of
 docs/benchmarks-serving.md at 1 thread, under other engineers' test suites; --quick: small
 sizes, about 30 seconds, a smoke test of every field). Each section says on stderr when it
 starts, and each timed round as it begins (tools/measure.Progress); stdout is the report alone.
