@@ -10,7 +10,7 @@ export TRANSFORMERS_VERBOSITY := error
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: verify test lint generate train train-draft train-ablation evaluate heatmap memory pictures bench bench-figures \
-	bench-sharing figures clean
+	bench-serving bench-sharing figures clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,11 @@ bench-figures: $(VENV)/.installed
 bench-sharing: $(VENV)/.installed
 	$(PY) tools/bench_sharing.py --json out/bench_sharing.json
 
+# The serving measurements (33 minutes at 1 thread on a busy 2-core VM: docs/benchmarks-serving.md),
+# under out/serving/; the committed figures/serving_pool.png is redrawn by `make figures`.
+bench-serving: $(VENV)/.installed
+	$(PY) tools/bench_serving.py --threads 1
+
 # Trains the string-reversal model with torch (about 6 minutes on 1 thread) and writes
 # checkpoints/reverse.npz, the checkpoint the repo ships, and its log, on purpose: without --out,
 # tools/train.py writes out/reverse.npz. CI never trains.
@@ -80,6 +85,7 @@ figures: $(VENV)/.installed
 	$(PY) tools/memory.py --out figures/cache_memory.png
 	$(PY) tools/bench_paged_memory.py --out figures/paged_memory.png
 	$(PY) tools/bench_sharing.py --quick --out figures/sharing.png
+	$(PY) tools/bench_serving.py --picture --figures figures
 	$(PY) tools/train.py --plot --figure figures/mask_ablation.png
 
 clean:

@@ -23,6 +23,7 @@ import verify
 from block import GPT, GPTConfig
 from tools import (
     bench,
+    bench_serving,
     cli_types,
     evaluate,
     flash,
@@ -67,6 +68,14 @@ COMMANDS = {
          ("--json", ["TMP/b.json"], {"all", "quick", "profile", "tricks", "profile+tricks"}),
          ("--seed", ["1"], {"all", "quick", "profile", "tricks", "profile+tricks"}),
          ("--threads", ["1"], {"all", "quick", "profile", "tricks", "profile+tricks"})]),
+    "tools/bench_serving.py": Command(
+        bench_serving.main, [(bench_serving, "measure")],
+        {"all": [], "quick": ["--quick"], "throughput": ["--throughput"],
+         "picture": ["--picture"], "table+picture": ["--table", "--picture"]},
+        [("--figures", ["TMP/figs"], {"all", "quick", "picture", "table+picture"}),
+         ("--json", ["TMP/s.json"], {"all", "quick", "throughput", "picture", "table+picture"}),
+         ("--seed", ["1"], {"all", "quick", "throughput", "table+picture"}),
+         ("--threads", ["1"], {"all", "quick", "throughput", "table+picture"})]),
     "tools/window.py": Command(
         window.main, [(window, "band_picture"), (window, "accuracy"), (window, "speed_models")],
         {"picture": ["--picture"], "accuracy": ["--accuracy"], "speed": ["--speed"]},
@@ -140,6 +149,7 @@ def stubbed(monkeypatch, tmp_path):
     """Default outputs under tmp_path; every command's work replaced by `reach`."""
     monkeypatch.setattr(cli_types, "OUT_DIR", tmp_path / "out")
     monkeypatch.setattr(bench, "OUT_ROOT", tmp_path / "out")
+    monkeypatch.setattr(bench_serving, "OUT_DIR", tmp_path / "out")
     for command in COMMANDS.values():
         for owner, name in command.stubs:
             monkeypatch.setattr(owner, name, reach, raising=False)  # as the code was, too
@@ -207,6 +217,14 @@ LATE = {  # command: (main, argv with TMP/ and SHORT (a 16-position checkpoint),
     "tools/bench.py": (bench.main, ["--quick"],
                        lambda mp: mp.setattr(bench, "OUT_ROOT", Path("/proc/no/out")),
                        "cannot write the default output directory"),
+    "tools/bench_serving.py": (bench_serving.main, ["--table"],
+                               lambda mp: mp.setattr(bench_serving, "CHECKPOINT",
+                                                     Path("/no/x.npz")),
+                               "argument --table: no checkpoint at"),
+    "tools/bench_serving.py, default folder": (bench_serving.main, ["--chunked"],
+                                               lambda mp: mp.setattr(bench_serving, "OUT_DIR",
+                                                                     Path("/proc/no/out")),
+                                               "cannot write the default output folder"),
     "tools/heatmap.py": (heatmap.main, ["--checkpoint", "SHORT"], None, "max_seq_len=16"),
     "tools/evaluate.py": (evaluate.main, ["--checkpoint", "SHORT"], None, "max_seq_len=16"),
     "tools/memory.py": (memory.main, [],
@@ -229,6 +247,7 @@ def test_every_input_is_checked_before_the_first_line_of_output(monkeypatch, tmp
         setup(monkeypatch)
     work = [(verify, "run_failure_modes"), (window, "step_times"), (window, "accuracy"),
             (int8, "compare"), (int8, "key_scale_study"), (bench, "run"),
+            (bench_serving, "measure"),
             (fast.model, "attention"), (flash, "flash_attention"), (train, "train"),
             (memory, "measure"), (evaluate, "decode_prompts"), (heatmap, "trained_maps"),
             (speculative, "step_breakdown"), (speculative, "speed_table")]

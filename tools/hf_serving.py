@@ -9,8 +9,8 @@ transformers (5.23) ships a continuous-batching engine over a paged KV cache. It
 which builds a manager, sizes and allocates the paged cache, starts a background thread that
 schedules the requests, and returns {request id: GenerationOutput}, whose `generated_tokens` are
 one request's new tokens. generate_batch times none of it, so `continuous_batching` below takes
-the same steps itself (init_continuous_batching, warmup, start, add_requests, get_result, stop)
-and times setup apart from generation.
+the same steps itself (init_continuous_batching, warmup, start, add_request for each prompt with
+its own max_new_tokens, get_result, stop) and times setup apart from generation.
 
 What must be given on a CPU. Left to itself the engine sizes its buffers from the free memory of
 "the device": on a CPU (psutil absent) 60% of the machine's memory, shared between the paged
@@ -57,43 +57,50 @@ class ServingRun:
     settings: dict  # what the engine ran with, after it resolved its config
 
 
-def continuous_batching(hf, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                        page_size: int = 16, num_blocks: int | None = None,
-                        max_batch_tokens: int | None = None, eos_id: int | None = None,
+def continuous_batching(hf, prompts: Sequence[Sequence[int]],
+                        max_new_tokens: int | Sequence[int], page_size: int = 16,
+                        num_blocks: int | None = None, max_batch_tokens: int | None = None,
+                        eos_id: int | None = None, max_requests_per_batch: int | None = None,
                         ) -> ServingRun:
     """Greedy decoding of every prompt (lists of token ids) by `hf` (a transformers causal LM,
     such as tools/references.hf_gpt2's) through transformers' continuous batching: max_new_tokens
-    each (fewer if eos_id is given and chosen). num_blocks defaults to enough pages for every
-    request at full length, max_batch_tokens to the sum of the prompt lengths. Raises
-    ValueError/TypeError for bad arguments before any work; RuntimeError if a request fails."""
+    each, or one count per prompt (fewer if eos_id is given and chosen). num_blocks defaults to
+    enough pages for every request at full length, max_batch_tokens to the sum of the prompt
+    lengths, max_requests_per_batch (the most requests in one forward) to the engine's own
+    choice. Raises ValueError/TypeError for bad arguments before any work; RuntimeError if a
+    request fails."""
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
     from transformers.generation.continuous_batching.utils import WorkloadHints
 
     prompts = check_prompts(prompts, hf.config.vocab_size)
-    for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("page_size", page_size,
-                                                                      PAGE_MIN)):
-        if not is_int(value) or value < low:
-            raise ValueError(f"continuous_batching: {name} must be an int >= {low}, got "
-                             f"{value!r}")
-    longest = max(map(len, prompts)) + max_new_tokens
+    counts = new_token_counts(max_new_tokens, len(prompts))
+    if not is_int(page_size) or page_size < PAGE_MIN:
+        raise ValueError(f"continuous_batching: page_size must be an int >= {PAGE_MIN}, got "
+                         f"{page_size!r}")
+    longest = max(len(p) + n for p, n in zip(prompts, counts, strict=True))
     if longest > hf.config.n_positions:
         raise ValueError(f"continuous_batching: a request of {longest} tokens is past the "
                          f"model's n_positions={hf.config.n_positions}")
     if num_blocks is None:  # every request at full length, at once: nobody waits for a page
-        num_blocks = sum(math.ceil((len(p) + max_new_tokens) / page_size) for p in prompts)
+        num_blocks = sum(math.ceil((len(p) + n) / page_size)
+                         for p, n in zip(prompts, counts, strict=True))
     if max_batch_tokens is None:  # every prompt fits one forward
         max_batch_tokens = sum(map(len, prompts))
-    for name, value in (("num_blocks", num_blocks), ("max_batch_tokens", max_batch_tokens)):
-        if not is_int(value) or value < 1:
+    for name, value in (("num_blocks", num_blocks), ("max_batch_tokens", max_batch_tokens),
+                        ("max_requests_per_batch", max_requests_per_batch)):
+        if (value is not None or name != "max_requests_per_batch") and (
+                not is_int(value) or value < 1):
             raise ValueError(f"continuous_batching: {name} must be an int >= 1, got {value!r}")
 
-    generation = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
-                                  eos_token_id=-1 if eos_id is None else eos_id, pad_token_id=0)
+    eos = -1 if eos_id is None else eos_id
+    generation = GenerationConfig(do_sample=False, max_new_tokens=max(counts), eos_token_id=eos,
+                                  pad_token_id=0)
     paged = ContinuousBatchingConfig(page_size=page_size, num_blocks=num_blocks,
-                                     max_batch_tokens=max_batch_tokens)
+                                     max_batch_tokens=max_batch_tokens,
+                                     max_requests_per_batch=max_requests_per_batch)
     hints = WorkloadHints(max_prompt_length=max(map(len, prompts)),
-                          max_generated_length=max_new_tokens, num_requests=len(prompts))
+                          max_generated_length=max(counts), num_requests=len(prompts))
     with quiet_engine():
         start = time.perf_counter()
         manager = hf.init_continuous_batching(generation_config=generation,
@@ -104,7 +111,8 @@ def continuous_batching(hf, prompts: Sequence[Sequence[int]], max_new_tokens: in
             setup = time.perf_counter() - start
             manager.start()
             start = time.perf_counter()
-            ids = manager.add_requests(inputs=prompts, max_new_tokens=max_new_tokens)
+            ids = [manager.add_request(input_ids=p, max_new_tokens=n, eos_token_id=eos)
+                   for p, n in zip(prompts, counts, strict=True)]
             results = collect(manager, ids)
             generate = time.perf_counter() - start
             resolved = manager.continuous_batching_config
@@ -118,6 +126,16 @@ def continuous_batching(hf, prompts: Sequence[Sequence[int]], max_new_tokens: in
             manager.destroy()
     return ServingRun([list(results[i].generated_tokens) for i in ids], setup, generate,
                       settings)
+
+
+def new_token_counts(max_new_tokens: object, n: int) -> list[int]:
+    """One count >= 1 per prompt: an int for all n, or a sequence of n ints; ValueError else."""
+    counts = [max_new_tokens] * n if is_int(max_new_tokens) else max_new_tokens
+    if (isinstance(counts, (str, bytes)) or not isinstance(counts, Sequence)
+            or len(counts) != n or not all(is_int(c) and c >= 1 for c in counts)):
+        raise ValueError(f"continuous_batching: max_new_tokens must be an int >= 1 or one per "
+                         f"prompt ({n}), got {max_new_tokens!r:.60}")
+    return [int(c) for c in counts]
 
 
 def check_prompts(prompts: object, vocab_size: int) -> list[list[int]]:
