@@ -19,10 +19,12 @@ One step, whiteboard order:
                   If the blocks they need are not free, the newest running request is preempted
                   until they are. Then waiting requests are admitted, oldest first, while their
                   prefill's blocks are free (and max_running allows).
-    2. batch      the rows' new tokens, right-aligned in one (B, T) array (left padding);
-                  a PagedBatch over their sequences says which tokens are real.
-    3. call       ONE forward: model(ids, batch, last_only=True). At this model size a step's
-                  time is mostly fixed cost per call, so prefills ride along with the decodes.
+    2. batch      the rows' new tokens, right-aligned in a (B, T) array (left padding); a
+                  PagedBatch over their sequences says which tokens are real. The decoding rows
+                  (one token each) and the prefilling rows go in two arrays: in one, every
+                  decoding row would be padded to the widest prompt admitted with it.
+    3. call       model(ids, batch, last_only=True): one forward for the decodes and one for
+                  the prefills (a step that admits nothing makes one call).
     4. emit       a row whose sequence is now all cached picks its next token from its logits,
                   with its own sampler; a request that emits eos_id or reaches max_new_tokens
                   is finished and gives its blocks back.
@@ -306,6 +308,18 @@ class Engine:
             if self.waiting:  # submit's checks make this impossible: say so loudly if not
                 raise RuntimeError("Engine: requests wait but none can be scheduled")
             return {}
+        self.steps += 1
+        made = {}
+        decodes = [row for row in rows if row[1] == 1]  # one new token each: never padded
+        prefills = [row for row in rows if row[1] > 1]  # padded only to each other's width
+        for group in (decodes, prefills):
+            if group:
+                made.update(self.forward(group))
+        return made
+
+    def forward(self, rows: list[tuple[Request, int]]) -> dict[int, int]:
+        """One call of the model on rows of (request, tokens it feeds), right-aligned in one
+        (B, T) array; each request whose sequence is then all cached emits its next token."""
         T = max(take for _, take in rows)
         ids = np.zeros((len(rows), T), dtype=np.int64)  # left padding: pad id 0, never real
         for b, (request, take) in enumerate(rows):
@@ -313,7 +327,6 @@ class Engine:
         batch = PagedBatch(self.pool, [request.id for request, _ in rows],
                            [take for _, take in rows], self.cascade)
         logits = self.model(ids, batch, last_only=True)[:, -1]  # (B, 1, V) -> (B, V)
-        self.steps += 1
         made = {}
         for (request, take), row in zip(rows, logits, strict=True):
             request.cached += take

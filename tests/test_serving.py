@@ -162,19 +162,33 @@ def test_a_latent_model_pages_its_latents():
 
 # --- one forward per step, and the scheduler's promises -------------------------------------------
 
-def test_prefills_and_decodes_share_one_forward(model_calls):
+def test_a_step_makes_one_forward_for_its_decodes_and_one_for_its_prefills(model_calls):
+    """Decoding rows are never padded to a prompt's width: a step that admits calls the model
+    twice (every decode in one (B, 1) call, every prefill in another), a step that admits none
+    once."""
     model = small_model("mha")
     engine = Engine(model, num_blocks=20, block_size=4)
     first = engine.submit(prompts_of([3])[0], 6)
-    engine.step()  # its prefill
+    takes, real = [], engine.forward
+
+    def forward(rows):
+        takes.append(sorted(take for _, take in rows))
+        return real(rows)
+
+    engine.forward = forward
+    engine.step()  # its prefill alone
     for p in prompts_of([5, 2], seed=1):
         engine.submit(p, 4)
     calls = model_calls["forward"]
     made = engine.step()  # one decode and two prefills
-    assert model_calls["forward"] == calls + 1
+    assert model_calls["forward"] == calls + 2 and takes[-2:] == [[1], [2, 5]]
     assert set(made) == {first, 1, 2}
+    calls = model_calls["forward"]
+    engine.step()  # three decodes
+    assert model_calls["forward"] == calls + 1 and takes[-1] == [1, 1, 1]
     engine.run()
-    assert model_calls["forward"] == engine.stats()["steps"]
+    for rid, p in enumerate([prompts_of([3])[0], *prompts_of([5, 2], seed=1)]):
+        assert_alone(engine, rid, p, 6 if rid == first else 4)
 
 
 def test_max_running_and_the_token_budget_are_kept():
