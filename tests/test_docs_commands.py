@@ -40,6 +40,8 @@ QUICK = {
     "python tools/flash.py --bench --sizes 512 1024 2048 4096 --repeats 7 --threads 1":
         "python tools/flash.py --bench --sizes 64 --blocks 32 --repeats 1 --threads 1",
     "python tools/speculative.py --profile": "python tools/speculative.py --profile --rounds 1",
+    "python tools/bench_sharing.py --quick --out figures/sharing.png":
+        "python tools/bench_sharing.py --quick --out OUT/sharing.png",  # never over the figure
 }
 
 FLAGS_ONLY = {
@@ -52,6 +54,8 @@ FLAGS_ONLY = {
     "python tools/bench.py --tricks --threads 1": "every trick switched off in turn: minutes",
     "python tools/bench.py --threads N": "every section at full size: minutes",
     "python tools/speculative.py --bench": "about 30 s even with 2 prompts and 1 round",
+    "python tools/bench_sharing.py": "5 rounds of a 64-request trace: minutes (the quick form is "
+                                     "an output block of sharing.md)",
     "python tools/window.py --speed --repeats 21": "fills GPT-2-small caches to 4,096 "
                                                    "positions: over a minute even at 1 repeat",
 }
@@ -60,6 +64,7 @@ SKIPPED = {
     "make test": "runs this suite",
     "make verify": "python verify.py behind a venv; tests/test_readme.py runs python verify.py",
     "make bench-figures": "the whole benchmark, minutes, and it rewrites the committed figures",
+    "make bench-sharing": "python tools/bench_sharing.py (minutes) writing out/bench_sharing.json",
     "make train-draft": "trains for minutes and rewrites checkpoints/reverse_draft.npz",
     "python tools/train.py": "trains for minutes",
     "python tools/train.py --draft --out checkpoints/reverse_draft.npz":
