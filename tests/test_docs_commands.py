@@ -40,6 +40,10 @@ QUICK = {
     "python tools/flash.py --bench --sizes 512 1024 2048 4096 --repeats 7 --threads 1":
         "python tools/flash.py --bench --sizes 64 --blocks 32 --repeats 1 --threads 1",
     "python tools/speculative.py --profile": "python tools/speculative.py --profile --rounds 1",
+    "python tools/bench_serving.py --picture --figures figures":
+        "python tools/bench_serving.py --picture --figures OUT",  # never over the figure
+    "python tools/bench_serving.py --quick --threads 1":
+        "python tools/bench_serving.py --quick --threads 1 --json OUT/s.json --figures OUT",
     "python tools/bench_sharing.py --quick --out figures/sharing.png":
         "python tools/bench_sharing.py --quick --out OUT/sharing.png",  # never over the figure
 }
@@ -56,6 +60,10 @@ FLAGS_ONLY = {
     "python tools/speculative.py --bench": "about 30 s even with 2 prompts and 1 round",
     "python tools/bench_sharing.py": "5 rounds of a 64-request trace: minutes (the quick form is "
                                      "an output block of sharing.md)",
+    "python tools/bench_serving.py": "every section at full size: over half an hour at 1 thread",
+    "python tools/bench_serving.py --threads 1": "the same full run, at 1 thread",
+    "python tools/bench_serving.py --throughput --threads 1": "two workloads, 7 and 3 rounds: "
+                                                              "about 4 minutes",
     "python tools/window.py --speed --repeats 21": "fills GPT-2-small caches to 4,096 "
                                                    "positions: over a minute even at 1 repeat",
 }
@@ -64,6 +72,8 @@ SKIPPED = {
     "make test": "runs this suite",
     "make verify": "python verify.py behind a venv; tests/test_readme.py runs python verify.py",
     "make bench-figures": "the whole benchmark, minutes, and it rewrites the committed figures",
+    "make bench-serving": "python tools/bench_serving.py --threads 1: over half an hour",
+    "make figures": "redraws every committed figure, training-free but minutes long",
     "make bench-sharing": "python tools/bench_sharing.py (minutes) writing out/bench_sharing.json",
     "make train-draft": "trains for minutes and rewrites checkpoints/reverse_draft.npz",
     "python tools/train.py": "trains for minutes",

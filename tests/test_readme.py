@@ -2,7 +2,6 @@
 
 - Every block marked `<!-- output: CMD -->` is rerun here, and each of its lines must come out of
   CMD, in order (a block may leave lines out; timings are the only numbers allowed to differ).
-- Every block marked `<!-- lines of: FILE -->` quotes lines of a recorded output in FILE.
 - Every command the README shows exists with its flags; every file, link, anchor and image
   resolves; the README stays at most 3,500 words.
 - The 4x4 mask example is worked again here by hand, independently of the code.
@@ -30,7 +29,6 @@ MAX_WORDS = 3500
 FENCE = r"```(?:text|bash|python)?\n(.*?)```"
 OUTPUT_BLOCK = re.compile(r"<!-- output(?: \(numbers within (\d+)%\))?: (.*?) -->\n" + FENCE,
                           flags=re.S)
-QUOTE_BLOCK = re.compile(r"<!-- lines of: (.*?) -->\n" + FENCE, flags=re.S)
 NUMBER = re.compile(r"(-?\d+(?:\.\d+)?(?:e[-+]?\d+)?)")
 TIME_UNIT = re.compile(r"\s?(ms|s|tokens/s|x faster)\b")
 
@@ -102,14 +100,6 @@ def test_the_readme_shows_the_outputs_it_must():
                 ("mask", "heads", "cache", "padding", "gqa", "timeline")}
     assert pictures | {"python generate.py", "python verify.py", "python tools/evaluate.py",
                        "python verify.py --failure-modes"} <= commands
-
-
-@pytest.mark.parametrize(("page", "source", "block"),
-                         [(p.name, *m) for p in PAGES for m in QUOTE_BLOCK.findall(p.read_text())])
-def test_quoted_lines_are_in_the_recorded_output(page, source, block):
-    recorded = "\n".join(re.findall(FENCE, (ROOT / source).read_text(), flags=re.S))
-    missing = missing_lines(block, recorded)
-    assert not missing, f"{page} quotes lines {source} does not hold:\n" + "\n".join(missing)
 
 
 def test_a_drifted_number_is_caught():
