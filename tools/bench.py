@@ -68,7 +68,6 @@ import numpy as np
 
 from parts.checks import (
     SEED,
-    can_create_in,
     cli_int,
     cli_output_dir,
     cli_output_file,
@@ -77,7 +76,7 @@ from parts.checks import (
 from parts.files import write_json
 from tools import bench_decode, bench_hf, bench_profile
 from tools.bench_setup import ASSIGNMENT_SHAPE, FULL, NAMES, QUICK, SHAPES, Settings, build_pair
-from tools.cli_types import OUT_DIR
+from tools.cli_types import OUT_DIR, writable_folder
 from tools.measure import (
     Progress,
     finish_header,
@@ -277,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
               if args.tricks else FULL_DIR)
     default_dir = OUT_ROOT.parent / folder  # the repository's out/...
     if args.json is None or args.figures is None:  # checked now, not after minutes of measuring
-        writable_default(ap, default_dir)
+        writable_folder(ap, default_dir, f"the default output directory {str(default_dir)!r}",
+                        "--json and --figures paths")
     args.json = args.json or default_dir / "bench.json"
     args.figures = args.figures or default_dir
     if not args.tricks or args.profile:
@@ -296,17 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     write_results(r, args.json)
     print(f"\nwrote {args.json} and {', '.join(r['figures'])} in {r['wall_time_s']:.0f} s")
     return 0 if r["correctness"]["all_passed"] else 1
-
-
-def writable_default(ap: argparse.ArgumentParser, directory: Path) -> None:
-    """Create the default output directory now, or a usage error naming it."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        pass  # reported just below
-    if not can_create_in(directory):
-        ap.error(f"cannot write the default output directory {str(directory)!r}; give --json "
-                 "and --figures paths you can write")
 
 
 def sections_only(s: Settings, args: argparse.Namespace) -> int:

@@ -72,7 +72,6 @@ from generate import decode, generate_cached, greedy, prefill
 from parts import task
 from parts.checks import (
     SEED,
-    can_create_in,
     cli_int,
     cli_load,
     cli_output_dir,
@@ -82,7 +81,7 @@ from parts.checks import (
 )
 from parts.files import save_figure, write_json
 from tools.bench_setup import GPT2_SMALL_SHAPE, build_pair
-from tools.cli_types import OUT_DIR
+from tools.cli_types import OUT_DIR, writable_folder
 from tools.measure import (
     Progress,
     finish_header,
@@ -946,7 +945,8 @@ def main(argv: list[str] | None = None) -> int:
     if chosen != list(SECTIONS):
         folder /= "-".join(chosen)
     if args.json is None or ("picture" in chosen and args.figures is None):
-        writable(ap, folder)
+        writable_folder(ap, folder, f"the default output folder {str(folder)!r}",
+                        "--json (and --figures) paths")
     args.json = args.json or folder / "bench_serving.json"
     args.figures = args.figures or args.json.parent
     if "picture" in chosen:
@@ -976,16 +976,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {args.json} in {r['wall_time_s']:.0f} s; {machine_label(r['header'])}")
     return 0 if all(r["guards"].values()) else 1
 
-
-def writable(ap: argparse.ArgumentParser, folder: Path) -> None:
-    """Create the default output folder now, or a usage error naming it."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        pass  # reported just below
-    if not can_create_in(folder):
-        ap.error(f"cannot write the default output folder {str(folder)!r}; give --json (and "
-                 "--figures) paths you can write")
 
 
 def jsonable(x: object) -> object:

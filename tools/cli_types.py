@@ -19,7 +19,7 @@ from generate import path_line
 from parts.checks import can_create_in, cli_float, cli_load, one_line, refuse_unused
 
 __all__ = ["OUT_DIR", "REPO", "add_path_flag", "cli_float", "default_output", "load_checkpoint",
-           "model_class", "one_line", "path_line", "refuse_unused", "umask"]
+           "model_class", "one_line", "path_line", "refuse_unused", "umask", "writable_folder"]
 
 REPO = Path(__file__).resolve().parents[1]
 OUT_DIR = REPO / "out"  # every default output of a command goes under here
@@ -36,14 +36,19 @@ def default_output(ap: argparse.ArgumentParser, relative: str) -> Path:
     """OUT_DIR / relative, its folder created now, before any work; a usage error if it cannot
     be written there. Whatever the current directory, the file lands inside the repository."""
     path = OUT_DIR / relative
+    writable_folder(ap, path.parent, f"the default output {str(path)!r}", "--out a path")
+    return path
+
+
+def writable_folder(ap: argparse.ArgumentParser, folder: Path, what: str, give: str) -> None:
+    """Create folder now, before any work, or a usage error: cannot write `what`; give `give`
+    you can write."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         pass  # reported just below, with the path
-    if not can_create_in(path.parent):
-        ap.error(f"cannot write the default output {str(path)!r}; give --out a path you can "
-                 "write")
-    return path
+    if not can_create_in(folder):
+        ap.error(f"cannot write {what}; give {give} you can write")
 
 
 def add_path_flag(ap: argparse.ArgumentParser, fast: bool = False) -> None:
